@@ -1,0 +1,97 @@
+//! Node-to-node payloads: what shard actors, session routers and cluster agents tell each other.
+//!
+//! These travel as versioned bincode ([`crate::codec`]). Rules: never rename or reorder a variant or
+//! field of an enum here (bincode encodes variants by index) — only append; no `#[serde(tag)]`,
+//! `flatten` or `skip_serializing_if` (bincode cannot decode them).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::frames::{MessageView, ReceiptKind};
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
+
+/// A send, as a session hands it to the shard that owns the conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendCommand {
+    /// Always the authenticated user: sessions fill it in, clients cannot.
+    pub sender: UserId,
+    pub client_msg_id: ClientMsgId,
+    pub conversation_id: ConversationId,
+    /// Every member, sender included. For a direct chat: the two users.
+    pub members: Vec<UserId>,
+    pub body: String,
+}
+
+/// What became of a send.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendOutcome {
+    /// Durably stored (now or, when `duplicate`, by an earlier attempt with the same client id).
+    Stored(StoredAck),
+    /// Refused; nothing was stored.
+    Refused(ErrorCode),
+}
+
+/// The durable facts about a stored message that its sender needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAck {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+    pub sent_at_ms: i64,
+    pub duplicate: bool,
+}
+
+/// A delivered/read acknowledgement from one device of `user`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptCommand {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub conversation_id: ConversationId,
+    pub kind: ReceiptKind,
+    pub seq: Seq,
+}
+
+/// Reconnect sync: messages of these conversations that `device` has not acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub conversations: Vec<ConversationId>,
+    pub per_conversation_limit: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// Grouped by conversation, ascending seq within each.
+    pub messages: Vec<MessageView>,
+    /// Conversations with more unacknowledged messages than the limit.
+    pub truncated: Vec<ConversationId>,
+}
+
+/// An event for the live sessions of some users, pushed by a shard to every node's router.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserEvent {
+    Message(MessageView),
+    Receipt {
+        conversation_id: ConversationId,
+        user_id: UserId,
+        kind: ReceiptKind,
+        seq: Seq,
+    },
+}
+
+/// Everything nodes send each other. Append-only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodePayload {
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    /// Deliver `event` to the live sessions of `users` on the receiving node.
+    Deliver { users: Vec<UserId>, event: UserEvent },
+    Send(SendCommand),
+    SendResult(SendOutcome),
+    Receipt(ReceiptCommand),
+    Sync(SyncRequest),
+    SyncResult(SyncReply),
+    /// A node announces which shards it serves and under which epochs.
+    ShardsServed { node: String, boot_id: String, shards: Vec<(ShardId, Epoch)> },
+}

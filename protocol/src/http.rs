@@ -1,0 +1,121 @@
+//! JSON bodies of the HTTP API: account endpoints, the native message API, and the seed systems'
+//! REST shapes (`/api/...`) kept path- and field-compatible so their clients keep working.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::frames::MessageView;
+use crate::ids::{ClientMsgId, ConversationId, MessageId, Seq, UserId};
+
+/// `POST /v1/register` and `POST /v1/login`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// Answer to register/login: an opaque bearer token and when it expires.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub token: String,
+    pub user_id: UserId,
+    pub username: String,
+    pub expires_at_ms: i64,
+}
+
+/// A user as listed by `GET /v1/users` and `GET /api/users`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    pub id: UserId,
+    pub username: String,
+}
+
+/// `POST /v1/messages`: the HTTP equivalent of the `send` frame.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub client_msg_id: ClientMsgId,
+    #[serde(default)]
+    pub to: Option<UserId>,
+    #[serde(default)]
+    pub conversation_id: Option<ConversationId>,
+    pub body: String,
+}
+
+/// Answer to a send: the same facts as the `ack` frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub client_msg_id: ClientMsgId,
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+    pub sent_at_ms: i64,
+    pub duplicate: bool,
+}
+
+/// `GET /v1/conversations/:id/messages` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub conversation_id: ConversationId,
+    pub messages: Vec<MessageView>,
+    pub has_more: bool,
+}
+
+/// Every HTTP error body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorCode,
+    pub message: String,
+}
+
+/// Seed API: `POST /api/messages` body. `from_user_id` must equal the token's user.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeedSendRequest {
+    pub from_user_id: String,
+    pub to_user_id: String,
+    pub content: String,
+    /// Not in the seed; optional here. Without it each POST is a new message (the seed's
+    /// behaviour); with it, retries are idempotent.
+    #[serde(default)]
+    pub client_msg_id: Option<ClientMsgId>,
+}
+
+/// Seed API: a message row as the seed's `messages` table had it, plus our seq and conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedMessage {
+    pub id: MessageId,
+    pub from_user_id: UserId,
+    pub to_user_id: UserId,
+    pub content: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub shard_id: u16,
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+}
+
+/// Seed API: answer to `POST /api/messages`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SeedSendResponse {
+    pub success: bool,
+    pub id: MessageId,
+    pub shard_id: u16,
+    pub message: SeedMessage,
+}
+
+/// One shard as `GET /api/shards` and `GET /api/health/shards` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardView {
+    pub shard_id: u16,
+    /// Node holding the lease, if any.
+    pub owner: Option<String>,
+    pub epoch: u64,
+    /// `healthy` when a live owner serves it, else `unowned`.
+    pub status: String,
+}
+
+/// Answer of `GET /health` and `/healthz`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub status: String,
+    pub node: String,
+}

@@ -1,0 +1,36 @@
+//! Every limit a client can hit, as a named constant with the reason for its value. The node's config
+//! may tighten some of them; none may be loosened past what is written here without changing
+//! `PROTOCOL.md`.
+
+/// Largest WebSocket text frame the server accepts. A chat message body is at most
+/// [`MAX_BODY_BYTES`]; the rest is room for the JSON envelope. Larger frames are refused with
+/// `frame_too_large` before they are parsed, so a client cannot make the server buffer megabytes.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Largest message body, in bytes of UTF-8. WhatsApp's own limit is about 65k characters; 16 KiB
+/// keeps a full history page (100 messages) under 2 MiB.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// Longest client message id or device id. Enough for a UUID with a prefix.
+pub const MAX_CLIENT_ID_LEN: usize = 64;
+
+/// Usernames: 3 to 32 characters of `[a-z0-9_.-]`. Short enough to show in a list, restricted so
+/// that two names cannot look alike.
+pub const MIN_USERNAME_LEN: usize = 3;
+pub const MAX_USERNAME_LEN: usize = 32;
+
+/// Passwords: at least 8 bytes (anything shorter is guessable offline) and at most 256 (argon2 cost
+/// is per byte; an unbounded password is a CPU amplification attack).
+pub const MIN_PASSWORD_LEN: usize = 8;
+pub const MAX_PASSWORD_LEN: usize = 256;
+
+/// Largest history page a client can ask for. Default when the client gives none: [`DEFAULT_PAGE`].
+pub const MAX_PAGE: u32 = 500;
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// How many messages per conversation one reconnect sync pushes before it reports `has_more`;
+/// the client then pages the rest with `history`. Bounds the burst a reconnecting device receives.
+pub const MAX_SYNC_PER_CONVERSATION: u32 = 1000;
+
+/// Largest HTTP request body (JSON) the REST API accepts.
+pub const MAX_HTTP_BODY_BYTES: u64 = 64 * 1024;
