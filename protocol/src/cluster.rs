@@ -20,6 +20,9 @@ pub struct SendCommand {
     /// Every member, sender included. For a direct chat: the two users.
     pub members: Vec<UserId>,
     pub body: String,
+    /// The sending session (random per connection), so fan-out skips the device that already
+    /// has the message. 0 = none (HTTP sends).
+    pub origin_session: u64,
 }
 
 /// What became of a send.
@@ -45,6 +48,9 @@ pub struct StoredAck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiptCommand {
     pub user: UserId,
+    /// Every member of the conversation (the session checked `user` is one), so the shard can
+    /// tell the others without a lookup.
+    pub members: Vec<UserId>,
     pub device: DeviceId,
     pub conversation_id: ConversationId,
     pub kind: ReceiptKind,

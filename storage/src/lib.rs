@@ -1,1 +1,159 @@
-//! placeholder
+//! Parley persistence: the only crate that speaks SQL (or, later, Redis).
+//!
+//! Two traits split persistence by who writes it:
+//! - [`Directory`] — cluster-wide facts written rarely: accounts, tokens, the user → conversation
+//!   index. Any node may call it.
+//! - [`ShardStore`] — one shard's messages, sequence counters, delivery cursors and its lease. Only
+//!   that shard's store actor calls it, and every write names the lease epoch it was issued under;
+//!   the store refuses it **in the same transaction** when the epoch is no longer current (fencing).
+//!
+//! Two backends implement both and pass one conformance suite (`tests/tests/storage_conformance.rs`):
+//! [`sqlite`] (embedded, zero setup, shareable by several processes on one machine) and [`pg`]
+//! (Postgres through deadpool). [`open`] picks one from a [`StoreConfig`].
+
+pub mod error;
+pub mod model;
+pub mod pg;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parley_protocol::cluster::{SyncReply, SyncRequest};
+use parley_protocol::frames::{ConversationKind, MessageView};
+use parley_protocol::http::UserView;
+use parley_protocol::{ConversationId, Epoch, Seq, ShardId, UserId};
+
+pub use error::StorageError;
+pub use model::*;
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Cluster-wide, rarely written facts.
+#[async_trait]
+pub trait Directory: Send + Sync + 'static {
+    /// Create a user; `UsernameTaken` if the name exists.
+    async fn create_user(&self, user: &UserRecord) -> Result<()>;
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>>;
+    /// The subset of `ids` that exist, with their names.
+    async fn users_by_id(&self, ids: &[UserId]) -> Result<Vec<UserView>>;
+    /// Users ordered by username, at most `limit`.
+    async fn list_users(&self, limit: u32) -> Result<Vec<UserView>>;
+    /// Store a token (by its hash, see [`token_hash`]) for `user` until `expires_at_ms`.
+    async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()>;
+    /// The user of a token that exists and has not expired at `now_ms`.
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>>;
+    async fn delete_token(&self, token_hash: &str) -> Result<()>;
+    /// Record a conversation and index it under each member. Idempotent.
+    async fn add_conversation(
+        &self,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        members: &[UserId],
+        now_ms: i64,
+    ) -> Result<()>;
+    /// The conversations `user` belongs to.
+    async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>>;
+    async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>>;
+}
+
+/// One shard's persistence. Only the shard's store actor calls the writing methods.
+#[async_trait]
+pub trait ShardStore: Send + Sync + 'static {
+    fn shard(&self) -> ShardId;
+
+    /// Try to take the shard's lease for `owner` (a node's boot identity) for `ttl_ms`.
+    /// Succeeds when the lease is free, expired, already `owner`'s, or when this process obtains the
+    /// shard's session lock (a lock the database or kernel drops the instant its holder dies — the
+    /// fast path after a crash). On success the epoch is bumped. `Ok(None)`: someone else holds it.
+    async fn acquire_lease(&self, owner: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>>;
+    /// Extend the lease; `StaleEpoch` if `epoch` is no longer current or `owner` no longer holds it.
+    async fn renew_lease(&self, owner: &str, epoch: Epoch, ttl_ms: u64) -> Result<LeaseGrant>;
+    /// Give the lease up (hand-off or shutdown): it becomes free immediately.
+    async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()>;
+    async fn lease_info(&self) -> Result<LeaseInfo>;
+
+    /// Commit a batch in one transaction, under `epoch`. Messages get the next seqs of their
+    /// conversations in batch order; a (sender, client_msg_id) seen before is answered with the
+    /// original; cursors only move forward. `StaleEpoch`: nothing was written.
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>>;
+
+    /// Up to `limit` messages before `before_seq` (exclusive; `None` = from the end), returned in
+    /// ascending seq, and whether older ones exist.
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Vec<MessageView>, bool)>;
+    /// Messages of each conversation after the device's delivery cursor.
+    async fn sync(&self, request: &SyncRequest) -> Result<SyncReply>;
+    /// Last message, last seq, the user's read seq and unread count per conversation.
+    async fn summaries(
+        &self,
+        user: UserId,
+        conversations: &[ConversationId],
+    ) -> Result<Vec<ShardSummary>>;
+    /// The member-level cursor of `user` (max over devices): (delivered_seq, read_seq).
+    async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)>;
+}
+
+/// Which backend, and where.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// Embedded SQLite files under this directory (one per shard plus `directory.db`).
+    Embedded { dir: std::path::PathBuf },
+    /// Postgres at this URL (`postgres://user:pass@host:port/db`); `pool_size` connections.
+    Postgres { url: String, pool_size: usize },
+}
+
+/// An opened backend: the directory plus a constructor for shard stores.
+#[derive(Clone)]
+pub struct Stores {
+    pub directory: Arc<dyn Directory>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::SqliteBackend),
+    Pg(pg::PgBackend),
+}
+
+impl Stores {
+    /// The store of one shard. Cheap; opens files/locks lazily for SQLite, shares the pool for Postgres.
+    pub async fn shard(&self, shard: ShardId) -> Result<Arc<dyn ShardStore>> {
+        match &self.backend {
+            Backend::Sqlite(b) => Ok(Arc::new(b.shard(shard).await?)),
+            Backend::Pg(b) => Ok(Arc::new(b.shard(shard))),
+        }
+    }
+
+    /// Human-readable backend name for logs and `/api/shards`.
+    pub fn kind(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite(_) => "embedded",
+            Backend::Pg(_) => "postgres",
+        }
+    }
+}
+
+/// Open (and migrate) the configured backend.
+pub async fn open(config: &StoreConfig) -> Result<Stores> {
+    match config {
+        StoreConfig::Embedded { dir } => {
+            let b = sqlite::SqliteBackend::open(dir).await?;
+            Ok(Stores { directory: Arc::new(b.directory()), backend: Backend::Sqlite(b) })
+        }
+        StoreConfig::Postgres { url, pool_size } => {
+            let b = pg::PgBackend::open(url, *pool_size).await?;
+            Ok(Stores { directory: Arc::new(b.directory()), backend: Backend::Pg(b) })
+        }
+    }
+}
+
+/// Tokens are stored only as their SHA-256, so a leaked table does not leak live sessions.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}

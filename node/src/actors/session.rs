@@ -1,0 +1,311 @@
+//! `SessionActor`: one per WebSocket connection. It owns the connection's protocol state
+//! (authenticated user, device, what it has pushed) and turns client frames into node requests.
+//!
+//! The socket itself is pumped by two tasks in `api/ws.rs`: the reader casts `Text`/`Binary` here;
+//! everything the session sends goes into a bounded outbox that the writer drains. A full outbox
+//! means the client does not read: chat messages are never dropped to make room — the session is
+//! closed as `slow_consumer` instead, and the client's reconnect sync delivers what it missed.
+//!
+//! Ordering: frames are handled one at a time, and a send is handed to its shard inside the
+//! handler, so one client's messages reach the shard in the order it sent them. Only the wait for
+//! the durable ack runs in a spawned task (so a client can pipeline sends).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
+use parley_protocol::frames::{ClientFrame, Limits, MessageView, ReceiptKind, ServerFrame};
+use parley_protocol::limits::{MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYNC_PER_CONVERSATION};
+use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorMessage;
+use tokio::sync::{mpsc, watch};
+
+use crate::context::NodeContext;
+use crate::error::NodeError;
+
+/// WebSocket close codes we use (4000-4999 is the application range).
+pub mod close_code {
+    /// Normal shutdown of the node (RFC 6455 "going away").
+    pub const GOING_AWAY: u16 = 1001;
+    /// Authentication failed or did not happen in time.
+    pub const UNAUTHENTICATED: u16 = 4001;
+    /// The client speaks another protocol version.
+    pub const UNSUPPORTED_PROTOCOL: u16 = 4002;
+    /// The client did not read its frames fast enough.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Nothing received for `idle_timeout_ms`.
+    pub const IDLE: u16 = 4009;
+}
+
+pub struct SessionActor;
+
+/// What the writer task should do.
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(String),
+}
+
+/// A request to close the socket: (close code, reason).
+pub type CloseSignal = watch::Sender<Option<(u16, String)>>;
+
+pub struct SessionArgs {
+    pub ctx: Arc<NodeContext>,
+    pub id: u64,
+    pub outbox: mpsc::Sender<Outgoing>,
+    pub close: Arc<CloseSignal>,
+}
+
+struct Authed {
+    user: UserId,
+    device: DeviceId,
+}
+
+pub struct SessionState {
+    ctx: Arc<NodeContext>,
+    id: u64,
+    outbox: mpsc::Sender<Outgoing>,
+    close: Arc<CloseSignal>,
+    auth: Option<Authed>,
+    /// Highest seq pushed to this device per conversation, so a message that arrives both live and
+    /// through reconnect sync is pushed once.
+    pushed: HashMap<ConversationId, Seq>,
+}
+
+#[derive(RactorMessage)]
+pub enum SessionMsg {
+    /// A text frame from the client.
+    Text(String),
+    /// A binary frame from the client (we speak JSON text; valid UTF-8 is accepted as text).
+    Binary(Vec<u8>),
+    /// An event for this user from a shard.
+    Event(Arc<UserEvent>),
+    /// Fired `hello_timeout_ms` after connect.
+    HelloTimeout,
+}
+
+/// Push a frame, or close the connection as a slow consumer if its outbox is full.
+fn push(outbox: &mpsc::Sender<Outgoing>, close: &CloseSignal, frame: &ServerFrame) -> bool {
+    match outbox.try_send(Outgoing::Frame(frame.encode())) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            close.send_replace(Some((close_code::SLOW_CONSUMER, "slow_consumer: outbox full".into())));
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+fn error_frame(e: &NodeError) -> ServerFrame {
+    ServerFrame::error(e.code(), e.client_message())
+}
+
+impl SessionState {
+    fn send(&self, frame: &ServerFrame) -> bool {
+        push(&self.outbox, &self.close, frame)
+    }
+
+    fn close(&self, code: u16, reason: &str) {
+        self.close.send_replace(Some((code, reason.to_string())));
+    }
+
+    /// Push a message unless this device already got it.
+    fn push_message(&mut self, m: MessageView) {
+        let last = self.pushed.entry(m.conversation_id).or_insert(0);
+        if m.seq <= *last {
+            return;
+        }
+        *last = m.seq;
+        self.send(&ServerFrame::Message { message: m });
+    }
+
+    async fn on_text(&mut self, me: &ActorRef<SessionMsg>, text: &str) {
+        let frame = match ClientFrame::decode(text) {
+            Ok(f) => f,
+            Err(e) => {
+                self.send(&ServerFrame::error(e.code(), e.to_string()));
+                return;
+            }
+        };
+        let Some(auth) = &self.auth else {
+            return match frame {
+                ClientFrame::Hello { protocol, token, device_id } => self.hello(me, protocol, &token, device_id).await,
+                _ => {
+                    self.send(&ServerFrame::error(ErrorCode::NotAuthenticated, "send `hello` first"));
+                }
+            };
+        };
+        let user = auth.user;
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.send(&ServerFrame::error(ErrorCode::InvalidField, "already authenticated"));
+            }
+            ClientFrame::Send { client_msg_id, to, conversation_id, body } => {
+                let dispatched = self
+                    .ctx
+                    .dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, self.id)
+                    .await;
+                let outbox = self.outbox.clone();
+                let close = self.close.clone();
+                let reply = move |result: Result<_, NodeError>| {
+                    let frame = match result {
+                        Ok(ack) => {
+                            let parley_protocol::cluster::StoredAck { message_id, conversation_id, seq, sent_at_ms, duplicate } = ack;
+                            ServerFrame::Ack { client_msg_id, message_id, conversation_id, seq, sent_at_ms, duplicate }
+                        }
+                        Err(e) => ServerFrame::Error {
+                            code: e.code(),
+                            message: e.client_message(),
+                            client_msg_id: Some(client_msg_id),
+                            req_id: None,
+                        },
+                    };
+                    push(&outbox, &close, &frame);
+                };
+                match dispatched {
+                    Ok(pending) => {
+                        tokio::spawn(async move { reply(pending.wait().await) });
+                    }
+                    Err(e) => reply(Err(e)),
+                }
+            }
+            ClientFrame::Delivered { conversation_id, seq } => self.receipt(user, conversation_id, ReceiptKind::Delivered, seq).await,
+            ClientFrame::Read { conversation_id, seq } => self.receipt(user, conversation_id, ReceiptKind::Read, seq).await,
+            ClientFrame::History { req_id, conversation_id, before_seq, limit } => {
+                let frame = match self.ctx.history(user, conversation_id, before_seq, limit).await {
+                    Ok((messages, has_more)) => ServerFrame::History { req_id, conversation_id, messages, has_more },
+                    Err(e) => ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id },
+                };
+                self.send(&frame);
+            }
+            ClientFrame::Conversations { req_id } => {
+                let frame = match self.ctx.conversations(user).await {
+                    Ok(conversations) => ServerFrame::Conversations { req_id, conversations },
+                    Err(e) => ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id },
+                };
+                self.send(&frame);
+            }
+            ClientFrame::Ping { nonce } => {
+                self.send(&ServerFrame::Pong { nonce });
+            }
+        }
+    }
+
+    async fn receipt(&mut self, user: UserId, conversation_id: ConversationId, kind: ReceiptKind, seq: Seq) {
+        let Some(auth) = &self.auth else { return };
+        let device = auth.device.clone();
+        let result = async {
+            let record = self.ctx.member_conversation(user, conversation_id).await?;
+            let cmd = ReceiptCommand { user, members: record.members.clone(), device, conversation_id, kind, seq };
+            self.ctx.receipt(cmd).await
+        }
+        .await;
+        if let Err(e) = result {
+            self.send(&error_frame(&e));
+        }
+    }
+
+    async fn hello(&mut self, me: &ActorRef<SessionMsg>, protocol: u32, token: &str, device: DeviceId) {
+        if protocol != PROTOCOL_VERSION {
+            self.send(&ServerFrame::error(
+                ErrorCode::UnsupportedProtocol,
+                format!("this server speaks protocol {PROTOCOL_VERSION}"),
+            ));
+            self.close(close_code::UNSUPPORTED_PROTOCOL, "unsupported_protocol");
+            return;
+        }
+        let user = match self.ctx.authenticate(token).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.send(&error_frame(&e));
+                self.close(close_code::UNAUTHENTICATED, e.code().as_str());
+                return;
+            }
+        };
+        // Register before reading the sync snapshot: anything committed after this point is
+        // pushed live, anything before is in the snapshot; `pushed` removes the overlap.
+        self.ctx.hub.register(user.id, self.id, me.clone());
+        self.auth = Some(Authed { user: user.id, device: device.clone() });
+        self.send(&ServerFrame::Welcome {
+            protocol: PROTOCOL_VERSION,
+            user_id: user.id,
+            username: user.username,
+            device_id: device.clone(),
+            node: self.ctx.node_name.clone(),
+            limits: Limits { max_frame_bytes: MAX_FRAME_BYTES, max_body_bytes: MAX_BODY_BYTES, max_page: MAX_PAGE },
+        });
+        let conversations = match self.ctx.stores.directory.user_conversations(user.id).await {
+            Ok(list) => list.into_iter().map(|c| c.id).collect(),
+            Err(e) => {
+                let e = NodeError::from(e);
+                self.send(&error_frame(&e));
+                Vec::new()
+            }
+        };
+        let reply = self
+            .ctx
+            .sync(SyncRequest { user: user.id, device, conversations, per_conversation_limit: MAX_SYNC_PER_CONVERSATION })
+            .await;
+        let count = reply.messages.len() as u64;
+        for m in reply.messages {
+            self.push_message(m);
+        }
+        self.send(&ServerFrame::SyncDone { messages: count, truncated: reply.truncated });
+    }
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        me.send_after(Duration::from_millis(args.ctx.config.limits.hello_timeout_ms), || SessionMsg::HelloTimeout);
+        Ok(SessionState {
+            ctx: args.ctx,
+            id: args.id,
+            outbox: args.outbox,
+            close: args.close,
+            auth: None,
+            pushed: HashMap::new(),
+        })
+    }
+
+    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        if let Some(auth) = &state.auth {
+            state.ctx.hub.unregister(auth.user, state.id);
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Text(text) => state.on_text(&me, &text).await,
+            SessionMsg::Binary(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => state.on_text(&me, &text).await,
+                Err(_) => {
+                    state.send(&ServerFrame::error(ErrorCode::InvalidUtf8, "frames must be UTF-8 JSON text"));
+                }
+            },
+            SessionMsg::Event(event) => match event.as_ref() {
+                UserEvent::Message(m) => state.push_message(m.clone()),
+                UserEvent::Receipt { conversation_id, user_id, kind, seq } => {
+                    state.send(&ServerFrame::Receipt {
+                        conversation_id: *conversation_id,
+                        user_id: *user_id,
+                        kind: *kind,
+                        seq: *seq,
+                    });
+                }
+            },
+            SessionMsg::HelloTimeout => {
+                if state.auth.is_none() {
+                    state.send(&ServerFrame::error(ErrorCode::NotAuthenticated, "no hello in time"));
+                    state.close(close_code::UNAUTHENTICATED, "hello timeout");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! `ShardActor`: the single ordering point of one shard's conversations while this node holds the
+//! shard's lease under `epoch`.
+//!
+//! Sends arrive in the order sessions cast them; the shard keeps that order, groups everything that
+//! arrived while the previous commit was in the database into the next batch (group commit: one
+//! transaction, one fsync, for up to `limits.max_batch` messages), hands the batch to its
+//! `StoreActor`, and when the commit comes back: pushes each message to the members' live sessions,
+//! *then* acks the sender (so an acked message has always been fanned out once), and pushes
+//! receipts. Sequence numbers are assigned inside the store's transaction in batch order, which
+//! makes them gapless even when a transaction fails.
+//!
+//! Supervision: the shard spawns its `StoreActor` linked; if the store dies the shard stops
+//! (escalates) and the manager restarts both under a new epoch.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parley_protocol::cluster::{ReceiptCommand, SendCommand, SendOutcome, SyncReply, SyncRequest, UserEvent};
+use parley_protocol::frames::{MessageView, ReceiptKind};
+use parley_protocol::{ConversationId, Epoch, ErrorCode, MessageId, Seq, ShardId, UserId};
+use parley_storage::{now_ms, CursorUpdate, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor_cluster::RactorMessage;
+
+use crate::actors::store::{CommitOutcome, StoreActor, StoreArgs, StoreMsg};
+use crate::context::NodeContext;
+
+/// Receipts that may wait for the next commit; more are dropped (receipts are cumulative, so the
+/// next one from the same device supersedes a dropped one).
+const MAX_PENDING_RECEIPTS: usize = 10_000;
+/// Sends that may wait for the next commit before new ones are refused as `unavailable`. Bounds
+/// the memory a burst (or a stalled database) can pin.
+const MAX_PENDING_SENDS: usize = 100_000;
+/// Entries of the "last receipt fanned out" cache before it is cleared.
+const RECEIPT_CACHE_MAX: usize = 100_000;
+
+pub struct ShardActor;
+
+pub struct ShardArgs {
+    pub ctx: Arc<NodeContext>,
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    pub store: Arc<dyn ShardStore>,
+}
+
+struct PendingSend {
+    cmd: SendCommand,
+    message_id: MessageId,
+    sent_at_ms: i64,
+    reply: RpcReplyPort<SendOutcome>,
+}
+
+pub struct ShardState {
+    ctx: Arc<NodeContext>,
+    shard: ShardId,
+    epoch: Epoch,
+    store: ActorRef<StoreMsg>,
+    pending: VecDeque<PendingSend>,
+    pending_receipts: Vec<ReceiptCommand>,
+    /// The batch in the database right now, if any.
+    in_flight: Option<(Vec<PendingSend>, Vec<ReceiptCommand>)>,
+    /// Set once a drain was asked for: answer these when nothing is left, then stop.
+    draining: Option<Vec<RpcReplyPort<()>>>,
+    receipts_sent: HashMap<(ConversationId, UserId, ReceiptKind), Seq>,
+}
+
+#[derive(RactorMessage)]
+pub enum ShardMsg {
+    Send { cmd: SendCommand, reply: RpcReplyPort<SendOutcome> },
+    Receipt(ReceiptCommand),
+    /// From the store: the in-flight batch's fate.
+    Committed { outcome: CommitOutcome },
+    History {
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+        reply: RpcReplyPort<Result<(Vec<MessageView>, bool), ErrorCode>>,
+    },
+    Sync { req: SyncRequest, reply: RpcReplyPort<Result<SyncReply, ErrorCode>> },
+    Summaries {
+        user: UserId,
+        conversations: Vec<ConversationId>,
+        reply: RpcReplyPort<Result<Vec<ShardSummary>, ErrorCode>>,
+    },
+    /// Stop taking sends, finish what is queued, answer, stop. Used for hand-off and shutdown.
+    Drain { reply: RpcReplyPort<()> },
+}
+
+impl ShardState {
+    /// Start the next commit if the store is idle and there is something to write.
+    fn flush(&mut self, me: &ActorRef<ShardMsg>) {
+        if self.in_flight.is_some() || (self.pending.is_empty() && self.pending_receipts.is_empty()) {
+            return;
+        }
+        let take = self.pending.len().min(self.ctx.config.limits.max_batch);
+        let sends: Vec<PendingSend> = self.pending.drain(..take).collect();
+        let receipts = std::mem::take(&mut self.pending_receipts);
+        let batch = WriteBatch {
+            messages: sends
+                .iter()
+                .map(|p| NewMessage {
+                    message_id: p.message_id,
+                    conversation_id: p.cmd.conversation_id,
+                    sender: p.cmd.sender,
+                    client_msg_id: p.cmd.client_msg_id.clone(),
+                    body: p.cmd.body.clone(),
+                    sent_at_ms: p.sent_at_ms,
+                })
+                .collect(),
+            cursors: receipts
+                .iter()
+                .map(|r| CursorUpdate {
+                    conversation_id: r.conversation_id,
+                    user: r.user,
+                    device: Some(r.device.clone()),
+                    kind: r.kind,
+                    seq: r.seq,
+                })
+                .collect(),
+        };
+        match self.store.cast(StoreMsg::Commit { epoch: self.epoch, batch, reply_to: me.clone() }) {
+            Ok(()) => self.in_flight = Some((sends, receipts)),
+            Err(_) => {
+                // The store is gone; our supervisor hears of it. Nothing was written.
+                for p in sends {
+                    let _ = p.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                }
+            }
+        }
+    }
+
+    fn committed(&mut self, results: Vec<MessageResult>, sends: Vec<PendingSend>, receipts: Vec<ReceiptCommand>) {
+        for (p, result) in sends.into_iter().zip(results) {
+            match result {
+                MessageResult::Stored(ack) => {
+                    // Fan out before acking, duplicates included: a retry after a crash between
+                    // commit and fan-out must still reach the recipients.
+                    let view = MessageView {
+                        message_id: ack.message_id,
+                        conversation_id: ack.conversation_id,
+                        seq: ack.seq,
+                        sender: p.cmd.sender,
+                        client_msg_id: p.cmd.client_msg_id.clone(),
+                        body: p.cmd.body,
+                        sent_at_ms: ack.sent_at_ms,
+                    };
+                    self.ctx.fan_out(&p.cmd.members, UserEvent::Message(view), p.cmd.origin_session);
+                    let _ = p.reply.send(SendOutcome::Stored(ack));
+                }
+                MessageResult::ClientIdReused => {
+                    let _ = p.reply.send(SendOutcome::Refused(ErrorCode::ClientMsgIdReused));
+                }
+            }
+        }
+        for r in receipts {
+            let key = (r.conversation_id, r.user, r.kind);
+            if self.receipts_sent.get(&key).is_some_and(|s| *s >= r.seq) {
+                continue;
+            }
+            if self.receipts_sent.len() >= RECEIPT_CACHE_MAX {
+                self.receipts_sent.clear();
+            }
+            self.receipts_sent.insert(key, r.seq);
+            let event = UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq: r.seq };
+            self.ctx.fan_out(&r.members, event, 0);
+        }
+    }
+
+    fn refuse_all(&mut self, code: ErrorCode) {
+        if let Some((sends, _)) = self.in_flight.take() {
+            for p in sends {
+                let _ = p.reply.send(SendOutcome::Refused(code));
+            }
+        }
+        for p in self.pending.drain(..) {
+            let _ = p.reply.send(SendOutcome::Refused(code));
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.is_none() && self.pending.is_empty() && self.pending_receipts.is_empty()
+    }
+}
+
+impl Actor for ShardActor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(&self, me: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        let (store, _) = Actor::spawn_linked(None, StoreActor, StoreArgs { store: args.store }, me.get_cell()).await?;
+        tracing::info!(shard = %args.shard, epoch = %args.epoch, "shard serving");
+        Ok(ShardState {
+            ctx: args.ctx,
+            shard: args.shard,
+            epoch: args.epoch,
+            store,
+            pending: VecDeque::new(),
+            pending_receipts: Vec::new(),
+            in_flight: None,
+            draining: None,
+            receipts_sent: HashMap::new(),
+        })
+    }
+
+    async fn post_stop(&self, _me: ActorRef<ShardMsg>, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        state.refuse_all(ErrorCode::Unavailable);
+        state.store.stop(None);
+        tracing::info!(shard = %state.shard, epoch = %state.epoch, "shard stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Send { cmd, reply } => {
+                if state.draining.is_some() || state.pending.len() >= MAX_PENDING_SENDS {
+                    let _ = reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                } else {
+                    state.pending.push_back(PendingSend { cmd, message_id: MessageId::new(), sent_at_ms: now_ms(), reply });
+                    state.flush(&me);
+                }
+            }
+            ShardMsg::Receipt(r) => {
+                if state.pending_receipts.len() < MAX_PENDING_RECEIPTS {
+                    state.pending_receipts.push(r);
+                    state.flush(&me);
+                }
+            }
+            ShardMsg::Committed { outcome } => {
+                let Some((sends, receipts)) = state.in_flight.take() else {
+                    return Ok(());
+                };
+                match outcome {
+                    CommitOutcome::Committed(results) => state.committed(results, sends, receipts),
+                    CommitOutcome::StaleEpoch => {
+                        state.in_flight = Some((sends, receipts));
+                        state.refuse_all(ErrorCode::Unavailable);
+                        me.stop(Some("lease lost (stale epoch)".into()));
+                        return Ok(());
+                    }
+                    CommitOutcome::Failed(_) => {
+                        // Outcome unknown: the client retries with the same client_msg_id and the
+                        // idempotency key makes that safe.
+                        for p in sends {
+                            let _ = p.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                        }
+                    }
+                }
+                state.flush(&me);
+            }
+            ShardMsg::History { conversation, before_seq, limit, reply } => {
+                let _ = state.store.cast(StoreMsg::History { conversation, before_seq, limit, reply });
+            }
+            ShardMsg::Sync { req, reply } => {
+                let _ = state.store.cast(StoreMsg::Sync { req, reply });
+            }
+            ShardMsg::Summaries { user, conversations, reply } => {
+                let _ = state.store.cast(StoreMsg::Summaries { user, conversations, reply });
+            }
+            ShardMsg::Drain { reply } => {
+                state.draining.get_or_insert_with(Vec::new).push(reply);
+            }
+        }
+        if state.draining.is_some() && state.idle() {
+            for r in state.draining.take().into_iter().flatten() {
+                let _ = r.send(());
+            }
+            me.stop(Some("drained".into()));
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<ShardMsg>,
+        evt: SupervisionEvent,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Policy: escalate. The store is this shard's only way to persist; without it every send
+        // would hang, so the shard stops and its manager restarts the pair under a new epoch.
+        match evt {
+            SupervisionEvent::ActorFailed(_, err) => {
+                tracing::error!(shard = %state.shard, error = %err, "store actor failed; stopping shard");
+                me.stop(Some("store failed".into()));
+            }
+            SupervisionEvent::ActorTerminated(..) => {
+                if state.draining.is_none() {
+                    me.stop(Some("store stopped".into()));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

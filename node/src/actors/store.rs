@@ -1,0 +1,107 @@
+//! `StoreActor`: all persistence of one shard. Its parent `ShardActor` casts write batches to it;
+//! it commits them one at a time (so batches queue here while one is in the database — that queue
+//! is the group commit) and casts the outcome back. Reads run as spawned tasks so a page of history
+//! never waits behind a commit.
+
+use std::sync::Arc;
+
+use parley_protocol::cluster::{SyncReply, SyncRequest};
+use parley_protocol::frames::MessageView;
+use parley_protocol::{ConversationId, Epoch, ErrorCode, Seq, UserId};
+use parley_storage::{MessageResult, ShardStore, ShardSummary, StorageError, WriteBatch};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorMessage;
+
+use crate::actors::shard::ShardMsg;
+
+pub struct StoreActor;
+
+pub struct StoreArgs {
+    pub store: Arc<dyn ShardStore>,
+}
+
+pub struct StoreState {
+    store: Arc<dyn ShardStore>,
+}
+
+/// What a commit came to.
+pub enum CommitOutcome {
+    Committed(Vec<MessageResult>),
+    /// The lease moved on: nothing was written and this shard must stop.
+    StaleEpoch,
+    /// The database failed; the transaction may or may not have committed.
+    Failed(String),
+}
+
+#[derive(RactorMessage)]
+pub enum StoreMsg {
+    /// Commit `batch` under `epoch`, then cast `ShardMsg::Committed` to `reply_to`.
+    Commit { epoch: Epoch, batch: WriteBatch, reply_to: ActorRef<ShardMsg> },
+    History {
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+        reply: RpcReplyPort<Result<(Vec<MessageView>, bool), ErrorCode>>,
+    },
+    Sync { req: SyncRequest, reply: RpcReplyPort<Result<SyncReply, ErrorCode>> },
+    Summaries {
+        user: UserId,
+        conversations: Vec<ConversationId>,
+        reply: RpcReplyPort<Result<Vec<ShardSummary>, ErrorCode>>,
+    },
+}
+
+fn read_error(e: StorageError) -> ErrorCode {
+    tracing::warn!(error = %e, "shard read failed");
+    ErrorCode::Unavailable
+}
+
+impl Actor for StoreActor {
+    type Msg = StoreMsg;
+    type State = StoreState;
+    type Arguments = StoreArgs;
+
+    async fn pre_start(&self, _me: ActorRef<StoreMsg>, args: StoreArgs) -> Result<StoreState, ActorProcessingErr> {
+        Ok(StoreState { store: args.store })
+    }
+
+    async fn handle(&self, _me: ActorRef<StoreMsg>, msg: StoreMsg, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StoreMsg::Commit { epoch, batch, reply_to } => {
+                let outcome = match state.store.commit(epoch, &batch).await {
+                    Ok(results) => CommitOutcome::Committed(results),
+                    Err(StorageError::StaleEpoch { shard, held, current }) => {
+                        tracing::warn!(shard, held, current, "write refused: stale lease epoch");
+                        CommitOutcome::StaleEpoch
+                    }
+                    Err(e) => {
+                        tracing::error!(shard = %state.store.shard(), error = %e, "commit failed");
+                        CommitOutcome::Failed(e.to_string())
+                    }
+                };
+                // If the shard is gone its senders time out and retry elsewhere; nothing to do.
+                let _ = reply_to.cast(ShardMsg::Committed { outcome });
+            }
+            StoreMsg::History { conversation, before_seq, limit, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let r = store.history(conversation, before_seq, limit).await.map_err(read_error);
+                    let _ = reply.send(r);
+                });
+            }
+            StoreMsg::Sync { req, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.sync(&req).await.map_err(read_error));
+                });
+            }
+            StoreMsg::Summaries { user, conversations, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.summaries(user, &conversations).await.map_err(read_error));
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Typed client (being written).

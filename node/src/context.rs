@@ -1,0 +1,348 @@
+//! `NodeContext`: the handles every part of a node shares (config, stores, hub, routing) plus the
+//! request logic that is the same for WebSocket and HTTP clients (authenticate, resolve a
+//! conversation, send, read). Keeping it here means the two transports cannot drift apart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use parley_protocol::cluster::{ReceiptCommand, SendCommand, SendOutcome, StoredAck, SyncReply, SyncRequest, UserEvent};
+use parley_protocol::frames::{ConversationKind, ConversationSummary, MessageView};
+use parley_protocol::http::UserView;
+use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_PAGE};
+use parley_protocol::shard::shard_for;
+use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};
+use parley_storage::{now_ms, token_hash, ConversationRecord, Stores};
+use ractor::rpc::CallResult;
+
+use crate::actors::shard::ShardMsg;
+use crate::config::Config;
+use crate::error::{NodeError, NodeResult};
+use crate::hub::Hub;
+use crate::routing::Routing;
+
+/// Conversations remembered per node before the cache is cleared. A conversation costs ~100
+/// bytes here; 100k keeps this under ~10 MB while covering every active chat of a busy node.
+const CONVERSATION_CACHE_MAX: usize = 100_000;
+
+pub struct NodeContext {
+    pub config: Config,
+    pub node_name: String,
+    /// Unique per process start: distinguishes a restarted node from its previous life in leases.
+    pub boot_id: String,
+    pub stores: Stores,
+    pub hub: Hub,
+    pub routing: Routing,
+    conversations: Mutex<HashMap<ConversationId, Arc<ConversationRecord>>>,
+}
+
+impl NodeContext {
+    pub fn new(config: Config, node_name: String, stores: Stores) -> Arc<Self> {
+        let routing = Routing::new(config.cluster.shard_count);
+        Arc::new(NodeContext {
+            boot_id: format!("{}#{}", node_name, uuid::Uuid::new_v4().simple()),
+            node_name,
+            stores,
+            hub: Hub::default(),
+            routing,
+            config,
+            conversations: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn shard_of(&self, conversation: ConversationId) -> ShardId {
+        shard_for(conversation, self.config.cluster.shard_count)
+    }
+
+    fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.limits.shard_call_timeout_ms)
+    }
+
+    /// The user a bearer token belongs to.
+    pub async fn authenticate(&self, token: &str) -> NodeResult<UserView> {
+        if token.is_empty() {
+            return Err(NodeError::client(ErrorCode::NotAuthenticated, "a bearer token is required"));
+        }
+        self.stores
+            .directory
+            .token_user(&token_hash(token), now_ms())
+            .await?
+            .ok_or_else(|| NodeError::client(ErrorCode::BadToken, "unknown or expired token"))
+    }
+
+    fn cached(&self, id: ConversationId) -> Option<Arc<ConversationRecord>> {
+        self.conversations.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+    }
+
+    fn remember(&self, record: ConversationRecord) -> Arc<ConversationRecord> {
+        let record = Arc::new(record);
+        let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= CONVERSATION_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(record.id, record.clone());
+        record
+    }
+
+    /// The direct conversation between `me` and `peer`, created (indexed) on first use.
+    /// `unknown_user` if `peer` does not exist.
+    pub async fn direct_conversation(&self, me: UserId, peer: UserId) -> NodeResult<Arc<ConversationRecord>> {
+        let id = ConversationId::direct(me, peer);
+        if let Some(c) = self.cached(id) {
+            return Ok(c);
+        }
+        let wanted = if me == peer { vec![me] } else { vec![me, peer] };
+        let found = self.stores.directory.users_by_id(&wanted).await?;
+        if found.len() != wanted.len() {
+            return Err(NodeError::client(ErrorCode::UnknownUser, format!("no user {peer}")));
+        }
+        let mut members = wanted;
+        members.sort();
+        self.stores.directory.add_conversation(id, ConversationKind::Direct, &members, now_ms()).await?;
+        Ok(self.remember(ConversationRecord { id, kind: ConversationKind::Direct, members }))
+    }
+
+    /// A conversation `user` belongs to; `unknown_conversation` otherwise (membership is not
+    /// disclosed to non-members).
+    pub async fn member_conversation(&self, user: UserId, id: ConversationId) -> NodeResult<Arc<ConversationRecord>> {
+        let record = match self.cached(id) {
+            Some(c) => c,
+            None => match self.stores.directory.conversation(id).await? {
+                Some(c) => self.remember(c),
+                None => return Err(unknown_conversation()),
+            },
+        };
+        if record.members.contains(&user) {
+            Ok(record)
+        } else {
+            Err(unknown_conversation())
+        }
+    }
+
+    /// Resolve the target of a send: exactly one of `to` / `conversation_id`.
+    pub async fn send_target(
+        &self,
+        user: UserId,
+        to: Option<UserId>,
+        conversation_id: Option<ConversationId>,
+    ) -> NodeResult<Arc<ConversationRecord>> {
+        match (to, conversation_id) {
+            (Some(peer), None) => self.direct_conversation(user, peer).await,
+            (None, Some(id)) => self.member_conversation(user, id).await,
+            (Some(peer), Some(id)) if ConversationId::direct(user, peer) == id => {
+                self.direct_conversation(user, peer).await
+            }
+            _ => Err(NodeError::client(ErrorCode::InvalidField, "give exactly one of `to` and `conversation_id`")),
+        }
+    }
+
+    fn route(&self, shard: ShardId) -> NodeResult<crate::routing::ShardRoute> {
+        self.routing.get(shard).ok_or(NodeError::ShardUnavailable(shard))
+    }
+
+    /// Validate and resolve a send, and hand it to the owning shard *now* (so sends from one
+    /// session reach the shard in the order the client sent them); the returned [`PendingAck`]
+    /// waits for the durable outcome.
+    pub async fn dispatch_send(
+        &self,
+        sender: UserId,
+        client_msg_id: ClientMsgId,
+        to: Option<UserId>,
+        conversation_id: Option<ConversationId>,
+        body: String,
+        origin_session: u64,
+    ) -> NodeResult<PendingAck> {
+        validate_body(&body)?;
+        let conversation = self.send_target(sender, to, conversation_id).await?;
+        let cmd = SendCommand {
+            sender,
+            client_msg_id,
+            conversation_id: conversation.id,
+            members: conversation.members.clone(),
+            body,
+            origin_session,
+        };
+        let route = self.route(self.shard_of(conversation.id))?;
+        let (tx, rx) = ractor::concurrency::oneshot();
+        route
+            .actor
+            .cast(ShardMsg::Send { cmd, reply: tx.into() })
+            .map_err(|_| NodeError::ShardUnavailable(self.shard_of(conversation.id)))?;
+        Ok(PendingAck { rx, timeout: self.call_timeout() })
+    }
+
+    /// Store a message and wait for its durable ack.
+    pub async fn send(
+        &self,
+        sender: UserId,
+        client_msg_id: ClientMsgId,
+        to: Option<UserId>,
+        conversation_id: Option<ConversationId>,
+        body: String,
+        origin_session: u64,
+    ) -> NodeResult<StoredAck> {
+        self.dispatch_send(sender, client_msg_id, to, conversation_id, body, origin_session).await?.wait().await
+    }
+
+    /// Record a delivered/read acknowledgement (fire-and-forget: receipts are advisory and the
+    /// client repeats cumulative acks, so a lost one is superseded by the next).
+    pub async fn receipt(&self, cmd: ReceiptCommand) -> NodeResult<()> {
+        let route = self.route(self.shard_of(cmd.conversation_id))?;
+        route.actor.cast(ShardMsg::Receipt(cmd)).map_err(|e| NodeError::Actor(e.to_string()))
+    }
+
+    /// A page of history (ascending) and whether older messages exist.
+    pub async fn history(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: Option<u32>,
+    ) -> NodeResult<(Vec<MessageView>, bool)> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(NodeError::client(ErrorCode::InvalidField, format!("limit must be 1..={MAX_PAGE}")));
+        }
+        self.member_conversation(user, conversation).await?;
+        let route = self.route(self.shard_of(conversation))?;
+        call(
+            &route.actor,
+            |reply| ShardMsg::History { conversation, before_seq, limit, reply },
+            self.call_timeout(),
+            "shard history",
+        )
+        .await?
+        .map_err(|code| NodeError::client(code, refusal_text(code)))
+    }
+
+    /// The user's conversations with last message and unread count, newest activity first.
+    pub async fn conversations(&self, user: UserId) -> NodeResult<Vec<ConversationSummary>> {
+        let records = self.stores.directory.user_conversations(user).await?;
+        let mut by_shard: HashMap<ShardId, Vec<ConversationRecord>> = HashMap::new();
+        for r in records {
+            by_shard.entry(self.shard_of(r.id)).or_default().push(r);
+        }
+        let mut out = Vec::new();
+        for (shard, records) in by_shard {
+            let ids: Vec<ConversationId> = records.iter().map(|r| r.id).collect();
+            let route = self.route(shard)?;
+            let summaries = call(
+                &route.actor,
+                |reply| ShardMsg::Summaries { user, conversations: ids, reply },
+                self.call_timeout(),
+                "shard summaries",
+            )
+            .await?
+            .map_err(|code| NodeError::client(code, refusal_text(code)))?;
+            for record in records {
+                let s = summaries.iter().find(|s| s.conversation_id == record.id);
+                out.push(ConversationSummary {
+                    conversation_id: record.id,
+                    kind: record.kind,
+                    members: record.members.clone(),
+                    last_seq: s.map_or(0, |s| s.last_seq),
+                    read_seq: s.map_or(0, |s| s.read_seq),
+                    unread: s.map_or(0, |s| s.unread),
+                    last_message: s.and_then(|s| s.last_message.clone()),
+                });
+            }
+        }
+        out.sort_by_key(|c| std::cmp::Reverse(c.last_message.as_ref().map_or(0, |m| m.sent_at_ms)));
+        Ok(out)
+    }
+
+    /// Everything this device has not acknowledged, shard by shard.
+    pub async fn sync(&self, request: SyncRequest) -> SyncReply {
+        let mut by_shard: HashMap<ShardId, Vec<ConversationId>> = HashMap::new();
+        for c in &request.conversations {
+            by_shard.entry(self.shard_of(*c)).or_default().push(*c);
+        }
+        let mut reply = SyncReply::default();
+        for (shard, conversations) in by_shard {
+            // A shard that cannot answer now does not spoil the others: its conversations are
+            // reported as truncated and the client pages them with `history` later.
+            let part = match self.route(shard) {
+                Ok(route) => {
+                    let req = SyncRequest { conversations: conversations.clone(), ..request.clone() };
+                    match call(&route.actor, |reply| ShardMsg::Sync { req, reply }, self.call_timeout(), "shard sync").await {
+                        Ok(Ok(part)) => Some(part),
+                        Ok(Err(_)) | Err(_) => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            match part {
+                Some(part) => {
+                    reply.messages.extend(part.messages);
+                    reply.truncated.extend(part.truncated);
+                }
+                None => reply.truncated.extend(conversations),
+            }
+        }
+        reply
+    }
+
+    /// Push an event to the live sessions of `users` (on this node; the cluster layer extends
+    /// this to peers).
+    pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
+        let event = Arc::new(event);
+        self.hub.deliver(users, &event, skip_session);
+    }
+}
+
+/// A send handed to its shard, waiting for the commit.
+pub struct PendingAck {
+    rx: ractor::concurrency::OneshotReceiver<SendOutcome>,
+    timeout: Duration,
+}
+
+impl PendingAck {
+    /// The durable outcome. A timeout or a vanished shard means "outcome unknown": the client
+    /// gets `unavailable` and retries with the same client_msg_id.
+    pub async fn wait(self) -> NodeResult<StoredAck> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Ok(Ok(SendOutcome::Stored(ack))) => Ok(ack),
+            Ok(Ok(SendOutcome::Refused(code))) => Err(NodeError::client(code, refusal_text(code))),
+            Ok(Err(_)) | Err(_) => Err(NodeError::Timeout("shard send")),
+        }
+    }
+}
+
+fn unknown_conversation() -> NodeError {
+    NodeError::client(ErrorCode::UnknownConversation, "no such conversation")
+}
+
+fn refusal_text(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::ClientMsgIdReused => "client_msg_id was already used for another message",
+        ErrorCode::Unavailable => "temporarily unavailable; retry with the same client_msg_id",
+        _ => "refused",
+    }
+}
+
+/// Body rules: non-empty and at most `MAX_BODY_BYTES`.
+pub fn validate_body(body: &str) -> NodeResult<()> {
+    if body.is_empty() {
+        return Err(NodeError::client(ErrorCode::InvalidField, "body must not be empty"));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(NodeError::client(ErrorCode::BodyTooLarge, format!("body exceeds {MAX_BODY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// `call` with a timeout that maps every failure to a `NodeError`. A timeout means "outcome
+/// unknown" and is reported as `unavailable` so the client retries with the same ids.
+pub async fn call<M, T, F>(actor: &ractor::ActorRef<M>, build: F, timeout: Duration, what: &'static str) -> NodeResult<T>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+    F: FnOnce(ractor::RpcReplyPort<T>) -> M,
+{
+    match actor.call(build, Some(timeout)).await {
+        Ok(CallResult::Success(v)) => Ok(v),
+        Ok(CallResult::Timeout) => Err(NodeError::Timeout(what)),
+        Ok(CallResult::SenderError) => Err(NodeError::Timeout(what)),
+        Err(e) => Err(NodeError::Actor(format!("{what}: {e}"))),
+    }
+}

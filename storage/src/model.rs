@@ -1,0 +1,98 @@
+//! Rows and batches exchanged with the stores.
+
+use parley_protocol::cluster::StoredAck;
+use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
+use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
+
+/// A user as stored, with the argon2 PHC string of the password.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub username: String,
+    pub password_hash: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConversationRecord {
+    pub id: ConversationId,
+    pub kind: ConversationKind,
+    /// Sorted.
+    pub members: Vec<UserId>,
+}
+
+/// A granted lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub epoch: Epoch,
+    /// Database clock, milliseconds since the Unix epoch.
+    pub expires_at_ms: i64,
+}
+
+/// The lease as the database sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub shard: ShardId,
+    pub owner: Option<String>,
+    pub epoch: Epoch,
+    pub expires_at_ms: i64,
+    /// The database's clock when read (so callers can judge expiry without trusting their own).
+    pub now_ms: i64,
+}
+
+/// A message to store. The id and timestamp are chosen by the shard before the commit so that a
+/// batch is deterministic; the seq is assigned inside the transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub message_id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender: UserId,
+    pub client_msg_id: ClientMsgId,
+    pub body: String,
+    pub sent_at_ms: i64,
+}
+
+/// Move a cursor forward. `device: None` moves the member-level cursor only; a device cursor also
+/// moves the member-level one (member delivered = max over devices).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CursorUpdate {
+    pub conversation_id: ConversationId,
+    pub user: UserId,
+    pub device: Option<DeviceId>,
+    pub kind: ReceiptKind,
+    pub seq: Seq,
+}
+
+/// One transaction's worth of writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    pub messages: Vec<NewMessage>,
+    pub cursors: Vec<CursorUpdate>,
+}
+
+/// The fate of one message of a batch, in batch order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageResult {
+    /// Stored now, or earlier (`ack.duplicate`) under the same (sender, client_msg_id).
+    Stored(StoredAck),
+    /// The sender used this client_msg_id for a message in another conversation. Nothing stored.
+    ClientIdReused,
+}
+
+/// A conversation as one shard knows it, for the conversation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub conversation_id: ConversationId,
+    pub last_seq: Seq,
+    pub read_seq: Seq,
+    pub unread: u64,
+    pub last_message: Option<MessageView>,
+}
+
+/// Milliseconds since the Unix epoch by the local clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1216 @@
+//! Postgres backend: every node of a cluster shares one database through a deadpool pool.
+//!
+//! Owns the Postgres schema (`pg/*.sql`, applied by [`PgBackend::open`]) and the Postgres
+//! implementations of [`Directory`] ([`PgDirectory`]) and [`ShardStore`] ([`PgShard`]). `lib.rs`
+//! constructs it from a [`crate::StoreConfig`]; the node's store actors are its only callers.
+//!
+//! Shape: all shards share the tables and shard-local rows carry a `shard` column, so adding a shard
+//! is free and a single `pg_dump` backs everything up.
+//!
+//! Fencing: [`PgShard::commit`] reads the shard's lease row `FOR SHARE` in the commit's own
+//! transaction and refuses the batch when the epoch moved. A concurrent acquire takes the same row
+//! `FOR UPDATE`, so either the acquire waits for the commit (and the commit's rows predate the new
+//! epoch) or the commit waits for the acquire (and then sees the new epoch and writes nothing).
+//!
+//! Session locks: besides the lease row, an acquire tries `pg_try_advisory_lock` on a dedicated
+//! connection (one per [`PgBackend`], outside the pool so that a recycled pool connection can never
+//! carry a lock away). Postgres drops that lock when the connection dies, so after a `kill -9` a
+//! surviving node takes the shard at once instead of waiting for the lease to expire. The lock is a
+//! fast path only; the lease row and its epoch stay the single source of truth.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use parley_protocol::cluster::{StoredAck, SyncReply, SyncRequest};
+use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
+use parley_protocol::http::UserView;
+use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::{Directory, Result, ShardStore, StorageError};
+
+/// Schema migrations in order. A version, once released, is never edited: add a new file instead.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("pg/0001_init.sql"))];
+
+/// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
+/// A fixed class keeps Parley's locks apart from any other application sharing the database.
+const SESSION_LOCK_CLASS: i32 = 0x7061_726c;
+/// Advisory-lock class ("parm") that serialises migrations of nodes starting at the same time.
+const MIGRATION_LOCK_CLASS: i32 = 0x7061_726d;
+
+/// Pages the store returns are clamped to this many rows whatever the caller asks: a bug or a
+/// hostile limit upstream must not turn into an unbounded read.
+const MAX_ROWS: u32 = 1_000;
+
+/// Longest lease a caller can take. Leases are renewed every few seconds; a longer TTL would only
+/// let a stalled owner (whose session lock is still alive) block its shards for longer.
+const MAX_LEASE_TTL_MS: u64 = 10 * 60 * 1_000;
+
+/// How long a caller waits for a pooled connection before failing with `Pool`. Queries here take
+/// milliseconds; waiting longer only hides an overloaded or unreachable database from the caller.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening one connection may take (TCP connect plus authentication).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A commit that hits a unique violation, serialisation failure or deadlock is retried this many
+/// times in total: a racing writer's rows are visible to the retry, whose dedupe then answers them.
+const MAX_COMMIT_ATTEMPTS: u32 = 3;
+
+/// The columns of a message row in the order [`message_view`] reads them.
+const MESSAGE_COLUMNS: &str =
+    "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms";
+
+/// A timestamptz as milliseconds since the Unix epoch (the unit of every `*_ms` field).
+macro_rules! ms {
+    ($e:literal) => {
+        concat!("(extract(epoch FROM ", $e, ") * 1000)::bigint")
+    };
+}
+
+/// An opened Postgres backend: the pool plus the session-lock connection. Cheap to clone; every
+/// clone shares both.
+#[derive(Clone)]
+pub struct PgBackend {
+    pool: Pool,
+    locks: Arc<SessionLocks>,
+}
+
+/// Accounts, tokens and the conversation index.
+pub struct PgDirectory {
+    pool: Pool,
+}
+
+/// One shard's messages, counters, cursors and lease.
+pub struct PgShard {
+    shard: ShardId,
+    backend: PgBackend,
+}
+
+impl PgBackend {
+    /// Connect with up to `pool_size` pooled connections and bring the schema up to date.
+    pub async fn open(url: &str, pool_size: usize) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url.parse()?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
+            config.application_name("parley");
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StorageError::Pool(e.to_string()))?;
+        migrate(&pool).await?;
+        let locks = SessionLocks {
+            config,
+            state: tokio::sync::Mutex::new(LockConn::default()),
+        };
+        Ok(PgBackend {
+            pool,
+            locks: Arc::new(locks),
+        })
+    }
+
+    pub fn directory(&self) -> PgDirectory {
+        PgDirectory {
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// The store of `shard`. Nothing is created until the first acquire or commit.
+    pub fn shard(&self, shard: ShardId) -> PgShard {
+        PgShard {
+            shard,
+            backend: self.clone(),
+        }
+    }
+}
+
+/// Apply the migrations not applied yet, all in one transaction under an advisory lock, so that
+/// nodes starting together apply each version exactly once and a failed migration leaves nothing.
+async fn migrate(pool: &Pool) -> Result<()> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, 0)",
+        &[&MIGRATION_LOCK_CLASS],
+    )
+    .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS parley_migrations (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let applied = tx
+        .query("SELECT version FROM parley_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, i32>(0))
+        .collect::<std::result::Result<HashSet<i32>, _>>()?;
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO parley_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+        tracing::info!(version, "applied postgres migration");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Session locks
+// ---------------------------------------------------------------------------------------------
+
+/// The dedicated connection that holds this backend's advisory session locks.
+struct SessionLocks {
+    config: tokio_postgres::Config,
+    /// A tokio mutex because lock queries await while holding it; only acquire, renew and release
+    /// take it, which are rare.
+    state: tokio::sync::Mutex<LockConn>,
+}
+
+#[derive(Default)]
+struct LockConn {
+    /// Connected lazily: a process that never acquires a shard never opens it.
+    client: Option<tokio_postgres::Client>,
+    /// Shards whose lock this session holds, with the owner it was taken for. Advisory locks are
+    /// re-entrant, so taking one twice would need two unlocks; this set makes each lock single.
+    held: HashMap<ShardId, String>,
+}
+
+/// The outcome of trying a shard's session lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionLock {
+    /// Taken just now: whoever held it before has died (or released it).
+    Obtained,
+    /// This backend held it already (for an earlier acquire); it says nothing about other owners.
+    AlreadyHeld,
+    /// Another session holds it, or the lock connection is unavailable.
+    Busy,
+}
+
+impl SessionLocks {
+    /// Try `shard`'s lock for `owner`. Never fails: the lock is an optimisation, and an error on the
+    /// lock connection only means the lease rules decide alone.
+    async fn try_lock(&self, shard: ShardId, owner: &str) -> SessionLock {
+        let mut state = self.state.lock().await;
+        let alive = state.client.as_ref().is_some_and(|c| !c.is_closed());
+        if alive && state.held.contains_key(&shard) {
+            return SessionLock::AlreadyHeld;
+        }
+        match Self::try_lock_inner(&self.config, &mut state, shard).await {
+            Ok(true) => {
+                state.held.insert(shard, owner.to_string());
+                SessionLock::Obtained
+            }
+            Ok(false) => SessionLock::Busy,
+            Err(e) => {
+                tracing::warn!(shard = %shard, error = %e, "session lock connection failed");
+                state.forget();
+                SessionLock::Busy
+            }
+        }
+    }
+
+    async fn try_lock_inner(
+        config: &tokio_postgres::Config,
+        state: &mut LockConn,
+        shard: ShardId,
+    ) -> Result<bool> {
+        if !state.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            // Whatever the old session held died with it.
+            state.forget();
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "session lock connection ended");
+                }
+            });
+            state.client = Some(client);
+        }
+        let client = state
+            .client
+            .as_ref()
+            .ok_or(StorageError::Pool("no lock connection".into()))?;
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
+            )
+            .await?;
+        Ok(row.try_get::<_, bool>(0)?)
+    }
+
+    /// Record that the lock this backend already holds now protects `owner`'s lease.
+    async fn set_holder(&self, shard: ShardId, owner: &str) {
+        if let Some(holder) = self.state.lock().await.held.get_mut(&shard) {
+            owner.clone_into(holder);
+        }
+    }
+
+    /// Whether this backend holds `shard`'s lock.
+    async fn holds(&self, shard: ShardId) -> bool {
+        self.state.lock().await.held.contains_key(&shard)
+    }
+
+    /// Give `shard`'s lock up if this backend holds it (for `owner`, when given).
+    async fn unlock(&self, shard: ShardId, owner: Option<&str>) {
+        let mut state = self.state.lock().await;
+        match state.held.get(&shard) {
+            Some(holder) if owner.is_none_or(|o| o == holder) => {}
+            _ => return,
+        }
+        state.held.remove(&shard);
+        let Some(client) = state.client.as_ref() else {
+            return;
+        };
+        let unlocked = client
+            .query_one(
+                "SELECT pg_advisory_unlock($1, $2)",
+                &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
+            )
+            .await;
+        if let Err(e) = unlocked {
+            // Dropping the connection releases every lock it held, which is what we wanted.
+            tracing::warn!(shard = %shard, error = %e, "session unlock failed; dropping lock connection");
+            state.forget();
+        }
+    }
+}
+
+impl LockConn {
+    /// Drop the connection and with it every lock it held.
+    fn forget(&mut self) {
+        self.client = None;
+        self.held.clear();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversions
+// ---------------------------------------------------------------------------------------------
+
+/// A seq or epoch from the caller as a bigint. Values beyond `i64::MAX` cannot exist in the
+/// database, so saturating keeps every comparison correct ("before the end", "not the epoch").
+fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A bigint seq, epoch or count from the database as the protocol's unsigned type.
+fn from_db(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("negative {what}: {v}")))
+}
+
+fn shard_db(shard: ShardId) -> i32 {
+    i32::from(shard.0)
+}
+
+fn kind_code(kind: ConversationKind) -> i16 {
+    match kind {
+        ConversationKind::Direct => 0,
+        ConversationKind::Group => 1,
+    }
+}
+
+fn kind_of(code: i16) -> Result<ConversationKind> {
+    match code {
+        0 => Ok(ConversationKind::Direct),
+        1 => Ok(ConversationKind::Group),
+        other => Err(StorageError::Corrupt(format!("conversation kind {other}"))),
+    }
+}
+
+fn client_msg_id(s: String) -> Result<ClientMsgId> {
+    ClientMsgId::new(s).map_err(|e| StorageError::Corrupt(format!("client_msg_id: {e}")))
+}
+
+/// A message from [`MESSAGE_COLUMNS`] starting at column `at`.
+fn message_view(row: &Row, at: usize) -> Result<MessageView> {
+    Ok(MessageView {
+        message_id: MessageId(row.try_get(at)?),
+        conversation_id: ConversationId(row.try_get(at + 1)?),
+        seq: from_db(row.try_get(at + 2)?, "seq")?,
+        sender: UserId(row.try_get(at + 3)?),
+        client_msg_id: client_msg_id(row.try_get(at + 4)?)?,
+        body: row.try_get(at + 5)?,
+        sent_at_ms: row.try_get(at + 6)?,
+    })
+}
+
+fn conversation_record(row: &Row) -> Result<ConversationRecord> {
+    let members: Vec<Uuid> = row.try_get(2)?;
+    Ok(ConversationRecord {
+        id: ConversationId(row.try_get(0)?),
+        kind: kind_of(row.try_get(1)?)?,
+        members: members.into_iter().map(UserId).collect(),
+    })
+}
+
+fn user_view(row: &Row) -> Result<UserView> {
+    Ok(UserView {
+        id: UserId(row.try_get(0)?),
+        username: row.try_get(1)?,
+    })
+}
+
+/// `items` without repeats, first occurrence kept, order preserved.
+fn distinct<T: Copy + Eq + std::hash::Hash>(items: &[T]) -> Vec<T> {
+    let mut seen = HashSet::with_capacity(items.len());
+    items.iter().copied().filter(|x| seen.insert(*x)).collect()
+}
+
+/// Whether a failed commit may succeed when run again from the start.
+fn retryable(e: &StorageError) -> bool {
+    let StorageError::Postgres(e) = e else {
+        return false;
+    };
+    matches!(
+        e.code(),
+        Some(&SqlState::UNIQUE_VIOLATION)
+            | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            | Some(&SqlState::T_R_DEADLOCK_DETECTED)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directory
+// ---------------------------------------------------------------------------------------------
+
+#[async_trait]
+impl Directory for PgDirectory {
+    async fn create_user(&self, user: &UserRecord) -> Result<()> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO users (id, username, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
+            )
+            .await?;
+        let inserted = client
+            .execute(
+                &stmt,
+                &[
+                    &user.id.0,
+                    &user.username,
+                    &user.password_hash,
+                    &user.created_at_ms,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_db_error().and_then(|d| d.constraint()) == Some("users_username_key") =>
+            {
+                Err(StorageError::UsernameTaken)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, username, password_hash, created_at_ms FROM users WHERE username = $1",
+            )
+            .await?;
+        let Some(row) = client.query_opt(&stmt, &[&username]).await? else {
+            return Ok(None);
+        };
+        Ok(Some(UserRecord {
+            id: UserId(row.try_get(0)?),
+            username: row.try_get(1)?,
+            password_hash: row.try_get(2)?,
+            created_at_ms: row.try_get(3)?,
+        }))
+    }
+
+    async fn users_by_id(&self, ids: &[UserId]) -> Result<Vec<UserView>> {
+        let ids: Vec<Uuid> = distinct(ids).into_iter().map(|u| u.0).collect();
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, username FROM users WHERE id = ANY($1) ORDER BY username")
+            .await?;
+        client
+            .query(&stmt, &[&ids])
+            .await?
+            .iter()
+            .map(user_view)
+            .collect()
+    }
+
+    async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {
+        let limit = i64::from(limit.clamp(1, MAX_ROWS));
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, username FROM users ORDER BY username LIMIT $1")
+            .await?;
+        client
+            .query(&stmt, &[&limit])
+            .await?
+            .iter()
+            .map(user_view)
+            .collect()
+    }
+
+    async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO tokens (token_hash, user_id, expires_at_ms) VALUES ($1, $2, $3)",
+            )
+            .await?;
+        client
+            .execute(&stmt, &[&token_hash, &user.0, &expires_at_ms])
+            .await?;
+        Ok(())
+    }
+
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM tokens t JOIN users u ON u.id = t.user_id
+                 WHERE t.token_hash = $1 AND t.expires_at_ms > $2",
+            )
+            .await?;
+        client
+            .query_opt(&stmt, &[&token_hash, &now_ms])
+            .await?
+            .as_ref()
+            .map(user_view)
+            .transpose()
+    }
+
+    async fn delete_token(&self, token_hash: &str) -> Result<()> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM tokens WHERE token_hash = $1")
+            .await?;
+        client.execute(&stmt, &[&token_hash]).await?;
+        Ok(())
+    }
+
+    /// The first call wins: a repeated call changes nothing, not even the member list.
+    async fn add_conversation(
+        &self,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        members: &[UserId],
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut members: Vec<Uuid> = members.iter().map(|m| m.0).collect();
+        members.sort();
+        members.dedup();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO conversations (id, kind, members, created_at_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        tx.execute(
+            &insert,
+            &[&conversation.0, &kind_code(kind), &members, &now_ms],
+        )
+        .await?;
+        let index = tx
+            .prepare_cached(
+                "INSERT INTO user_conversations (user_id, conversation_id)
+                 SELECT u, $1 FROM UNNEST($2::uuid[]) AS u
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        tx.execute(&index, &[&conversation.0, &members]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT c.id, c.kind, c.members FROM user_conversations uc
+                 JOIN conversations c ON c.id = uc.conversation_id
+                 WHERE uc.user_id = $1 ORDER BY c.created_at_ms, c.id",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&user.0])
+            .await?
+            .iter()
+            .map(conversation_record)
+            .collect()
+    }
+
+    async fn conversation(
+        &self,
+        conversation: ConversationId,
+    ) -> Result<Option<ConversationRecord>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT id, kind, members FROM conversations WHERE id = $1")
+            .await?;
+        client
+            .query_opt(&stmt, &[&conversation.0])
+            .await?
+            .as_ref()
+            .map(conversation_record)
+            .transpose()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shard store
+// ---------------------------------------------------------------------------------------------
+
+/// How one message of a batch resolves before seqs are known.
+enum Slot {
+    /// Decided by rows stored earlier (a duplicate or a reused client id).
+    Done(MessageResult),
+    /// New: the `offset`-th new message (1-based) of its conversation in this batch.
+    New { offset: i64 },
+    /// A repeat of the new message at this batch index.
+    RepeatOf(usize),
+}
+
+/// Who owns a (sender, client_msg_id) while a batch is resolved.
+enum KeyOwner {
+    Stored(StoredAck),
+    /// The new message at this batch index.
+    Batch(usize, ConversationId),
+}
+
+impl PgShard {
+    fn shard_db(&self) -> i32 {
+        shard_db(self.shard)
+    }
+
+    /// The lease transaction of [`ShardStore::acquire_lease`].
+    async fn grant(
+        &self,
+        owner: &str,
+        ttl_ms: i64,
+        lock: SessionLock,
+    ) -> Result<Option<LeaseGrant>> {
+        let shard = self.shard_db();
+        let mut client = self.backend.pool.get().await?;
+        let tx = client.transaction().await?;
+        let create = tx
+            .prepare_cached(
+                "INSERT INTO shard_leases (shard, owner, epoch, expires_at)
+                 VALUES ($1, NULL, 0, to_timestamp(0)) ON CONFLICT (shard) DO NOTHING",
+            )
+            .await?;
+        tx.execute(&create, &[&shard]).await?;
+        let read = tx
+            .prepare_cached(
+                "SELECT owner, expires_at < now() FROM shard_leases WHERE shard = $1 FOR UPDATE",
+            )
+            .await?;
+        let row = tx.query_one(&read, &[&shard]).await?;
+        let holder: Option<String> = row.try_get(0)?;
+        let expired: bool = row.try_get(1)?;
+        let free = holder.as_deref().is_none_or(|h| h == owner) || expired;
+        if !free && lock != SessionLock::Obtained {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let update = tx
+            .prepare_cached(concat!(
+                "UPDATE shard_leases SET epoch = epoch + 1, owner = $2,
+                     expires_at = now() + $3::bigint * interval '1 millisecond'
+                 WHERE shard = $1 RETURNING epoch, ",
+                ms!("expires_at")
+            ))
+            .await?;
+        let row = tx.query_one(&update, &[&shard, &owner, &ttl_ms]).await?;
+        let grant = LeaseGrant {
+            epoch: Epoch(from_db(row.try_get(0)?, "epoch")?),
+            expires_at_ms: row.try_get(1)?,
+        };
+        tx.commit().await?;
+        Ok(Some(grant))
+    }
+
+    /// The lease row's owner and epoch (none and 0 when there is no row yet).
+    async fn current_lease(&self) -> Result<(Option<String>, u64)> {
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT owner, epoch FROM shard_leases WHERE shard = $1")
+            .await?;
+        match client.query_opt(&stmt, &[&self.shard_db()]).await? {
+            Some(row) => Ok((row.try_get(0)?, from_db(row.try_get(1)?, "epoch")?)),
+            None => Ok((None, 0)),
+        }
+    }
+
+    /// One attempt of [`ShardStore::commit`].
+    async fn commit_once(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+        let shard = self.shard_db();
+        let epoch_db = to_db(epoch.0);
+        let mut client = self.backend.pool.get().await?;
+        let tx = client.transaction().await?;
+
+        // Fencing, in this transaction: a concurrent acquire (FOR UPDATE) waits for us or we for it.
+        let fence = tx
+            .prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE")
+            .await?;
+        let current = match tx.query_opt(&fence, &[&shard]).await? {
+            Some(row) => Some(row.try_get::<_, i64>(0)?),
+            None => None,
+        };
+        if current != Some(epoch_db) {
+            tx.rollback().await?;
+            let current = current
+                .map(|c| from_db(c, "epoch"))
+                .transpose()?
+                .unwrap_or(0);
+            return Err(StorageError::StaleEpoch {
+                shard: self.shard.0,
+                held: epoch.0,
+                current,
+            });
+        }
+
+        let messages = &batch.messages;
+        let mut results = Vec::with_capacity(messages.len());
+        if !messages.is_empty() {
+            // Earlier rows with the batch's idempotency keys, in one round trip.
+            let mut senders = Vec::with_capacity(messages.len());
+            let mut client_ids = Vec::with_capacity(messages.len());
+            let mut keys = HashSet::with_capacity(messages.len());
+            for m in messages {
+                if keys.insert((m.sender, m.client_msg_id.as_str())) {
+                    senders.push(m.sender.0);
+                    client_ids.push(m.client_msg_id.as_str());
+                }
+            }
+            let lookup = tx
+                .prepare_cached(
+                    "SELECT m.sender, m.client_msg_id, m.conversation_id, m.message_id, m.seq,
+                            m.sent_at_ms
+                     FROM UNNEST($2::uuid[], $3::text[]) AS k(sender, client_msg_id)
+                     JOIN messages m ON m.shard = $1 AND m.sender = k.sender
+                                    AND m.client_msg_id = k.client_msg_id",
+                )
+                .await?;
+            let mut owners: HashMap<(UserId, String), KeyOwner> = HashMap::new();
+            for row in tx.query(&lookup, &[&shard, &senders, &client_ids]).await? {
+                let ack = StoredAck {
+                    message_id: MessageId(row.try_get(3)?),
+                    conversation_id: ConversationId(row.try_get(2)?),
+                    seq: from_db(row.try_get(4)?, "seq")?,
+                    sent_at_ms: row.try_get(5)?,
+                    duplicate: true,
+                };
+                owners.insert(
+                    (UserId(row.try_get(0)?), row.try_get(1)?),
+                    KeyOwner::Stored(ack),
+                );
+            }
+
+            // Resolve in batch order, as if each message were committed on its own.
+            let mut slots = Vec::with_capacity(messages.len());
+            let mut counts: HashMap<ConversationId, i64> = HashMap::new();
+            for (i, m) in messages.iter().enumerate() {
+                let key = (m.sender, m.client_msg_id.as_str().to_string());
+                let slot = match owners.get(&key) {
+                    Some(KeyOwner::Stored(ack)) if ack.conversation_id == m.conversation_id => {
+                        Slot::Done(MessageResult::Stored(ack.clone()))
+                    }
+                    Some(KeyOwner::Batch(first, conv)) if *conv == m.conversation_id => {
+                        Slot::RepeatOf(*first)
+                    }
+                    Some(_) => Slot::Done(MessageResult::ClientIdReused),
+                    None => {
+                        owners.insert(key, KeyOwner::Batch(i, m.conversation_id));
+                        let n = counts.entry(m.conversation_id).or_insert(0);
+                        *n += 1;
+                        Slot::New { offset: *n }
+                    }
+                };
+                slots.push(slot);
+            }
+
+            // Reserve the seqs: one upsert bumps every counter by its conversation's new messages.
+            let mut bases: HashMap<ConversationId, i64> = HashMap::with_capacity(counts.len());
+            if !counts.is_empty() {
+                let mut convs: Vec<(ConversationId, i64)> = counts.into_iter().collect();
+                // A fixed order so two transactions touching the same counters cannot deadlock.
+                convs.sort_unstable_by_key(|(c, _)| *c);
+                let conv_ids: Vec<Uuid> = convs.iter().map(|(c, _)| c.0).collect();
+                let ns: Vec<i64> = convs.iter().map(|(_, n)| *n).collect();
+                let bump = tx
+                    .prepare_cached(
+                        "INSERT INTO shard_conversations (conversation_id, shard, last_seq)
+                         SELECT c, $1, n FROM UNNEST($2::uuid[], $3::bigint[]) AS t(c, n)
+                         ON CONFLICT (conversation_id) DO UPDATE
+                             SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
+                             WHERE shard_conversations.shard = EXCLUDED.shard
+                         RETURNING conversation_id, last_seq",
+                    )
+                    .await?;
+                let last: HashMap<ConversationId, i64> = tx
+                    .query(&bump, &[&shard, &conv_ids, &ns])
+                    .await?
+                    .iter()
+                    .map(|r| Ok((ConversationId(r.try_get(0)?), r.try_get(1)?)))
+                    .collect::<Result<_>>()?;
+                for (conv, n) in convs {
+                    let Some(last) = last.get(&conv) else {
+                        // The counter row belongs to another shard: a routing bug upstream.
+                        return Err(StorageError::Corrupt(format!(
+                            "conversation {conv} is counted by another shard than {}",
+                            self.shard
+                        )));
+                    };
+                    bases.insert(conv, last - n);
+                }
+            }
+
+            // Insert every new message with one statement.
+            let mut new_results: HashMap<usize, StoredAck> = HashMap::new();
+            let mut cols = NewColumns::default();
+            for (i, (m, slot)) in messages.iter().zip(&slots).enumerate() {
+                let Slot::New { offset } = slot else { continue };
+                let base = bases.get(&m.conversation_id).copied().unwrap_or(0);
+                let seq = base + offset;
+                cols.push(m, seq);
+                new_results.insert(
+                    i,
+                    StoredAck {
+                        message_id: m.message_id,
+                        conversation_id: m.conversation_id,
+                        seq: from_db(seq, "seq")?,
+                        sent_at_ms: m.sent_at_ms,
+                        duplicate: false,
+                    },
+                );
+            }
+            if !cols.seqs.is_empty() {
+                let insert = tx
+                    .prepare_cached(
+                        "INSERT INTO messages (shard, conversation_id, seq, message_id, sender,
+                                               client_msg_id, body, sent_at_ms, epoch)
+                         SELECT $1, t.c, t.s, t.m, t.u, t.k, t.b, t.at, $2
+                         FROM UNNEST($3::uuid[], $4::bigint[], $5::uuid[], $6::uuid[], $7::text[],
+                                     $8::text[], $9::bigint[]) AS t(c, s, m, u, k, b, at)",
+                    )
+                    .await?;
+                tx.execute(
+                    &insert,
+                    &[
+                        &shard,
+                        &epoch_db,
+                        &cols.conversations,
+                        &cols.seqs,
+                        &cols.message_ids,
+                        &cols.senders,
+                        &cols.client_ids,
+                        &cols.bodies,
+                        &cols.sent_at,
+                    ],
+                )
+                .await?;
+            }
+
+            for (i, slot) in slots.into_iter().enumerate() {
+                let first = match slot {
+                    Slot::Done(result) => {
+                        results.push(result);
+                        continue;
+                    }
+                    Slot::New { .. } => i,
+                    Slot::RepeatOf(first) => first,
+                };
+                let mut ack = new_results
+                    .get(&first)
+                    .cloned()
+                    .ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
+                ack.duplicate = first != i;
+                results.push(MessageResult::Stored(ack));
+            }
+        }
+
+        if !batch.cursors.is_empty() {
+            apply_cursors(&tx, shard, &batch.cursors).await?;
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+}
+
+/// The new rows of a batch as column arrays, for one `INSERT .. SELECT FROM UNNEST`.
+#[derive(Default)]
+struct NewColumns<'a> {
+    conversations: Vec<Uuid>,
+    seqs: Vec<i64>,
+    message_ids: Vec<Uuid>,
+    senders: Vec<Uuid>,
+    client_ids: Vec<&'a str>,
+    bodies: Vec<&'a str>,
+    sent_at: Vec<i64>,
+}
+
+impl<'a> NewColumns<'a> {
+    fn push(&mut self, m: &'a NewMessage, seq: i64) {
+        self.conversations.push(m.conversation_id.0);
+        self.seqs.push(seq);
+        self.message_ids.push(m.message_id.0);
+        self.senders.push(m.sender.0);
+        self.client_ids.push(m.client_msg_id.as_str());
+        self.bodies.push(&m.body);
+        self.sent_at.push(m.sent_at_ms);
+    }
+}
+
+/// Move cursors forward (never back) in one upsert. A device update also moves the member-level
+/// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
+/// are clamped to it, so a client cannot mark messages that do not exist yet as received.
+async fn apply_cursors(
+    tx: &deadpool_postgres::Transaction<'_>,
+    shard: i32,
+    updates: &[CursorUpdate],
+) -> Result<()> {
+    // Merge first: one upsert may not touch the same row twice.
+    let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
+    for u in updates {
+        let seq = to_db(u.seq);
+        let (delivered, read) = match u.kind {
+            ReceiptKind::Delivered => (seq, 0),
+            ReceiptKind::Read => (seq, seq),
+        };
+        let mut raise = |device: String| {
+            let e = rows
+                .entry((u.conversation_id.0, u.user.0, device))
+                .or_insert((0, 0));
+            e.0 = e.0.max(delivered);
+            e.1 = e.1.max(read);
+        };
+        raise(String::new());
+        if let Some(device) = &u.device {
+            raise(device.as_str().to_string());
+        }
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    // A fixed order so that concurrent upserts of overlapping rows cannot deadlock.
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let convs: Vec<Uuid> = rows.iter().map(|((c, _, _), _)| *c).collect();
+    let users: Vec<Uuid> = rows.iter().map(|((_, u, _), _)| *u).collect();
+    let devices: Vec<&str> = rows.iter().map(|((_, _, d), _)| d.as_str()).collect();
+    let delivered: Vec<i64> = rows.iter().map(|(_, (d, _))| *d).collect();
+    let read: Vec<i64> = rows.iter().map(|(_, (_, r))| *r).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
+             SELECT t.c, t.u, t.d, LEAST(t.dl, COALESCE(sc.last_seq, 0)),
+                    LEAST(t.rd, COALESCE(sc.last_seq, 0))
+             FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
+                  AS t(c, u, d, dl, rd)
+             LEFT JOIN shard_conversations sc ON sc.conversation_id = t.c AND sc.shard = $1
+             ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
+                 delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
+                 read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[&shard, &convs, &users, &devices, &delivered, &read],
+    )
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ShardStore for PgShard {
+    fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
+        let ttl = to_db(ttl_ms.clamp(1, MAX_LEASE_TTL_MS));
+        let lock = self.backend.locks.try_lock(self.shard, owner).await;
+        let granted = self.grant(owner, ttl, lock).await;
+        if lock == SessionLock::Obtained && !matches!(granted, Ok(Some(_))) {
+            // We took the lock only to try; holding it without the lease would block the owner's
+            // successor from the fast path.
+            self.backend.locks.unlock(self.shard, Some(owner)).await;
+        }
+        if let Ok(Some(grant)) = &granted {
+            if lock == SessionLock::AlreadyHeld {
+                self.backend.locks.set_holder(self.shard, owner).await;
+            }
+            tracing::info!(shard = %self.shard, owner, epoch = %grant.epoch, ?lock, "lease granted");
+        }
+        granted
+    }
+
+    async fn renew_lease(&self, owner: &str, epoch: Epoch, ttl_ms: u64) -> Result<LeaseGrant> {
+        let ttl = to_db(ttl_ms.clamp(1, MAX_LEASE_TTL_MS));
+        let renewed = {
+            let client = self.backend.pool.get().await?;
+            let stmt = client
+                .prepare_cached(concat!(
+                    "UPDATE shard_leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
+                     WHERE shard = $1 AND epoch = $2 AND owner = $3 RETURNING ",
+                    ms!("expires_at")
+                ))
+                .await?;
+            client
+                .query_opt(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner, &ttl])
+                .await?
+        };
+        let Some(row) = renewed else {
+            let (holder, current) = self.current_lease().await?;
+            if holder.as_deref() != Some(owner) {
+                // The lease moved on: the session lock would only block its new owner's fast path.
+                self.backend.locks.unlock(self.shard, Some(owner)).await;
+            }
+            return Err(StorageError::StaleEpoch {
+                shard: self.shard.0,
+                held: epoch.0,
+                current,
+            });
+        };
+        if !self.backend.locks.holds(self.shard).await {
+            // Leases taken over by expiry come without the session lock (the old owner's session
+            // still held it); take it as soon as it is free so the fast path protects us too.
+            self.backend.locks.try_lock(self.shard, owner).await;
+        }
+        Ok(LeaseGrant {
+            epoch,
+            expires_at_ms: row.try_get(0)?,
+        })
+    }
+
+    async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {
+        {
+            let client = self.backend.pool.get().await?;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE shard_leases SET owner = NULL, expires_at = now() - interval '1 millisecond'
+                     WHERE shard = $1 AND epoch = $2 AND owner = $3",
+                )
+                .await?;
+            client
+                .execute(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner])
+                .await?;
+        }
+        self.backend.locks.unlock(self.shard, Some(owner)).await;
+        Ok(())
+    }
+
+    async fn lease_info(&self) -> Result<LeaseInfo> {
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(concat!(
+                "SELECT l.owner, COALESCE(l.epoch, 0), COALESCE(",
+                ms!("l.expires_at"),
+                ", 0), ",
+                ms!("clock_timestamp()"),
+                " FROM (SELECT 1) AS one LEFT JOIN shard_leases l ON l.shard = $1"
+            ))
+            .await?;
+        let row = client.query_one(&stmt, &[&self.shard_db()]).await?;
+        Ok(LeaseInfo {
+            shard: self.shard,
+            owner: row.try_get(0)?,
+            epoch: Epoch(from_db(row.try_get(1)?, "epoch")?),
+            expires_at_ms: row.try_get(2)?,
+            now_ms: row.try_get(3)?,
+        })
+    }
+
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+        let mut attempt = 1;
+        loop {
+            match self.commit_once(epoch, batch).await {
+                Err(e) if attempt < MAX_COMMIT_ATTEMPTS && retryable(&e) => {
+                    tracing::warn!(shard = %self.shard, attempt, error = %e, "retrying commit");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Vec<MessageView>, bool)> {
+        let limit = limit.clamp(1, MAX_ROWS);
+        let before = before_seq.map(to_db).unwrap_or(i64::MAX);
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages m
+                 WHERE m.shard = $1 AND m.conversation_id = $2 AND m.seq < $3
+                 ORDER BY m.seq DESC LIMIT $4"
+            ))
+            .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &self.shard_db(),
+                    &conversation.0,
+                    &before,
+                    &(i64::from(limit) + 1),
+                ],
+            )
+            .await?;
+        let has_more = rows.len() > limit as usize;
+        let mut page = rows
+            .iter()
+            .take(limit as usize)
+            .map(|r| message_view(r, 0))
+            .collect::<Result<Vec<_>>>()?;
+        page.reverse();
+        Ok((page, has_more))
+    }
+
+    async fn sync(&self, request: &SyncRequest) -> Result<SyncReply> {
+        let limit = request.per_conversation_limit.clamp(1, MAX_ROWS);
+        let conversations: Vec<Uuid> = distinct(&request.conversations)
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS}
+                 FROM UNNEST($2::uuid[]) WITH ORDINALITY AS c(id, ord)
+                 CROSS JOIN LATERAL (
+                     SELECT COALESCE((SELECT delivered_seq FROM cursors
+                                      WHERE conversation_id = c.id AND user_id = $3
+                                        AND device_id = $4), 0) AS after
+                 ) cur
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM messages
+                     WHERE shard = $1 AND conversation_id = c.id AND seq > cur.after
+                     ORDER BY seq LIMIT $5
+                 ) m
+                 ORDER BY c.ord, m.seq"
+            ))
+            .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &self.shard_db(),
+                    &conversations,
+                    &request.user.0,
+                    &request.device.as_str(),
+                    &(i64::from(limit) + 1),
+                ],
+            )
+            .await?;
+        let mut reply = SyncReply::default();
+        let mut taken: HashMap<ConversationId, u32> = HashMap::new();
+        for row in &rows {
+            let message = message_view(row, 0)?;
+            let n = taken.entry(message.conversation_id).or_insert(0);
+            *n += 1;
+            if *n > limit {
+                reply.truncated.push(message.conversation_id);
+            } else {
+                reply.messages.push(message);
+            }
+        }
+        Ok(reply)
+    }
+
+    async fn summaries(
+        &self,
+        user: UserId,
+        conversations: &[ConversationId],
+    ) -> Result<Vec<ShardSummary>> {
+        let conversations: Vec<Uuid> = distinct(conversations).into_iter().map(|c| c.0).collect();
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT sc.conversation_id, sc.last_seq, COALESCE(cur.read_seq, 0),
+                        (SELECT count(*) FROM messages u
+                         WHERE u.conversation_id = sc.conversation_id
+                           AND u.seq > COALESCE(cur.read_seq, 0) AND u.sender <> $2),
+                        {MESSAGE_COLUMNS}
+                 FROM UNNEST($3::uuid[]) WITH ORDINALITY AS c(id, ord)
+                 JOIN shard_conversations sc ON sc.conversation_id = c.id AND sc.shard = $1
+                 LEFT JOIN cursors cur ON cur.conversation_id = c.id AND cur.user_id = $2
+                                      AND cur.device_id = ''
+                 LEFT JOIN messages m ON m.conversation_id = sc.conversation_id
+                                     AND m.seq = sc.last_seq
+                 ORDER BY c.ord"
+            ))
+            .await?;
+        let rows = client
+            .query(&stmt, &[&self.shard_db(), &user.0, &conversations])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let last_message = match row.try_get::<_, Option<Uuid>>(4)? {
+                    Some(_) => Some(message_view(row, 4)?),
+                    None => None,
+                };
+                Ok(ShardSummary {
+                    conversation_id: ConversationId(row.try_get(0)?),
+                    last_seq: from_db(row.try_get(1)?, "last_seq")?,
+                    read_seq: from_db(row.try_get(2)?, "read_seq")?,
+                    unread: from_db(row.try_get(3)?, "unread count")?,
+                    last_message,
+                })
+            })
+            .collect()
+    }
+
+    async fn member_cursor(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+    ) -> Result<(Seq, Seq)> {
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT delivered_seq, read_seq FROM cursors
+                 WHERE conversation_id = $1 AND user_id = $2 AND device_id = ''",
+            )
+            .await?;
+        match client.query_opt(&stmt, &[&conversation.0, &user.0]).await? {
+            Some(row) => Ok((
+                from_db(row.try_get(0)?, "delivered_seq")?,
+                from_db(row.try_get(1)?, "read_seq")?,
+            )),
+            None => Ok((0, 0)),
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! Embedded backend: SQLite in WAL mode, one file per shard plus `directory.db`.
+//!
+//! Why this shape: it needs no service, and several node processes on one machine can share the
+//! same directory (SQLite serialises writers per file with `BEGIN IMMEDIATE`; WAL lets readers run
+//! beside the writer). One file per shard means shards never contend with each other.
+//!
+//! Fencing: the lease row lives in the shard's own file, so the epoch check and the message insert
+//! happen in one `BEGIN IMMEDIATE` transaction — no other writer can slip in between.
+//! The session lock is an exclusive `flock` on `shard-NNN.lock`: the kernel drops it the moment the
+//! holding process dies, which lets a restarted or surviving node take over at once after a kill -9
+//! instead of waiting for the lease to expire.
+//!
+//! rusqlite is blocking, so every call runs on tokio's blocking pool; a connection is used by one
+//! call at a time (a std mutex, never held across `.await`).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use parley_protocol::cluster::{StoredAck, SyncReply, SyncRequest};
+use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
+use parley_protocol::http::UserView;
+use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use uuid::Uuid;
+
+use crate::model::*;
+use crate::{Directory, Result, ShardStore, StorageError};
+
+/// How long a writer waits for another process's transaction on the same file before failing.
+/// Transactions here are short (a batch insert); 5 s only trips when something is badly wrong.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+/// The store refuses page sizes above this whatever the caller asks (defence in depth).
+const MAX_ROWS: u32 = 1_000;
+
+type Conn = Arc<Mutex<Connection>>;
+
+/// Run `f` with the connection on the blocking pool.
+async fn with<T, F>(conn: &Conn, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+{
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = conn.lock().map_err(|_| StorageError::Join("connection mutex poisoned".into()))?;
+        f(&mut guard)
+    })
+    .await
+    .map_err(|e| StorageError::Join(e.to_string()))?
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    // WAL: readers beside the writer, and several processes may share the file.
+    // synchronous=FULL: a commit is on disk before it returns, because acks promise durability.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn uuid_of(bytes: Vec<u8>) -> Result<Uuid> {
+    Uuid::from_slice(&bytes).map_err(|e| StorageError::Corrupt(format!("uuid column: {e}")))
+}
+
+fn kind_code(kind: ConversationKind) -> i64 {
+    match kind {
+        ConversationKind::Direct => 0,
+        ConversationKind::Group => 1,
+    }
+}
+
+fn kind_of(code: i64) -> Result<ConversationKind> {
+    match code {
+        0 => Ok(ConversationKind::Direct),
+        1 => Ok(ConversationKind::Group),
+        other => Err(StorageError::Corrupt(format!("conversation kind {other}"))),
+    }
+}
+
+const DIRECTORY_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+    id BLOB PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash TEXT PRIMARY KEY,
+    user_id BLOB NOT NULL REFERENCES users(id),
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    id BLOB PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    members TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS user_conversations (
+    user_id BLOB NOT NULL,
+    conversation_id BLOB NOT NULL,
+    PRIMARY KEY (user_id, conversation_id)
+) WITHOUT ROWID;
+";
+
+const SHARD_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS lease (
+    shard INTEGER PRIMARY KEY,
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id BLOB PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id BLOB NOT NULL UNIQUE,
+    sender BLOB NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (sender, client_msg_id);
+CREATE TABLE IF NOT EXISTS cursors (
+    conversation_id BLOB NOT NULL,
+    user_id BLOB NOT NULL,
+    device_id TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (conversation_id, user_id, device_id)
+) WITHOUT ROWID;
+";
+
+/// The embedded backend rooted at one directory.
+#[derive(Clone)]
+pub struct SqliteBackend {
+    dir: PathBuf,
+    directory: Conn,
+}
+
+impl SqliteBackend {
+    pub async fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("directory.db");
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let conn = open_conn(&path)?;
+            conn.execute_batch(DIRECTORY_SCHEMA)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(|e| StorageError::Join(e.to_string()))??;
+        Ok(SqliteBackend { dir: dir.to_path_buf(), directory: Arc::new(Mutex::new(conn)) })
+    }
+
+    pub fn directory(&self) -> SqliteDirectory {
+        SqliteDirectory { conn: self.directory.clone() }
+    }
+
+    pub async fn shard(&self, shard: ShardId) -> Result<SqliteShard> {
+        let db = self.dir.join(format!("shard-{:03}.db", shard.0));
+        let lock = self.dir.join(format!("shard-{:03}.lock", shard.0));
+        let (writer, reader) = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
+            let writer = open_conn(&db)?;
+            writer.execute_batch(SHARD_SCHEMA)?;
+            writer.execute(
+                "INSERT OR IGNORE INTO lease (shard, owner, epoch, expires_at_ms) VALUES (?1, NULL, 0, 0)",
+                params![shard.0],
+            )?;
+            let reader = open_conn(&db)?;
+            Ok((writer, reader))
+        })
+        .await
+        .map_err(|e| StorageError::Join(e.to_string()))??;
+        Ok(SqliteShard {
+            shard,
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            lock_path: lock,
+            lock_file: Arc::new(Mutex::new(None)),
+        })
+    }
+}
+
+/// Accounts, tokens and the conversation index in `directory.db`.
+pub struct SqliteDirectory {
+    conn: Conn,
+}
+
+#[async_trait]
+impl Directory for SqliteDirectory {
+    async fn create_user(&self, user: &UserRecord) -> Result<()> {
+        let user = user.clone();
+        with(&self.conn, move |c| {
+            let r = c.execute(
+                "INSERT INTO users (id, username, password_hash, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![user.id.0.as_bytes().to_vec(), user.username, user.password_hash, user.created_at_ms],
+            );
+            match r {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(StorageError::UsernameTaken)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
+        let username = username.to_string();
+        with(&self.conn, move |c| {
+            let row = c
+                .query_row(
+                    "SELECT id, username, password_hash, created_at_ms FROM users WHERE username = ?1",
+                    params![username],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            row.map(|(id, username, password_hash, created_at_ms)| {
+                Ok(UserRecord { id: UserId(uuid_of(id)?), username, password_hash, created_at_ms })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn users_by_id(&self, ids: &[UserId]) -> Result<Vec<UserView>> {
+        let ids = ids.to_vec();
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached("SELECT username FROM users WHERE id = ?1")?;
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(username) =
+                    stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()?
+                {
+                    out.push(UserView { id, username });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {
+        let limit = limit.min(MAX_ROWS);
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached("SELECT id, username FROM users ORDER BY username LIMIT ?1")?;
+            let rows = stmt.query_map(params![limit], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?)))?;
+            rows.map(|row| {
+                let (id, username) = row?;
+                Ok(UserView { id: UserId(uuid_of(id)?), username })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()> {
+        let token_hash = token_hash.to_string();
+        with(&self.conn, move |c| {
+            c.execute(
+                "INSERT INTO tokens (token_hash, user_id, expires_at_ms) VALUES (?1, ?2, ?3)",
+                params![token_hash, user.0.as_bytes().to_vec(), expires_at_ms],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>> {
+        let token_hash = token_hash.to_string();
+        with(&self.conn, move |c| {
+            let row = c
+                .query_row(
+                    "SELECT u.id, u.username FROM tokens t JOIN users u ON u.id = t.user_id
+                     WHERE t.token_hash = ?1 AND t.expires_at_ms > ?2",
+                    params![token_hash, now_ms],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            row.map(|(id, username)| Ok(UserView { id: UserId(uuid_of(id)?), username })).transpose()
+        })
+        .await
+    }
+
+    async fn delete_token(&self, token_hash: &str) -> Result<()> {
+        let token_hash = token_hash.to_string();
+        with(&self.conn, move |c| {
+            c.execute("DELETE FROM tokens WHERE token_hash = ?1", params![token_hash])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_conversation(
+        &self,
+        conversation: ConversationId,
+        kind: ConversationKind,
+        members: &[UserId],
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut members = members.to_vec();
+        members.sort();
+        members.dedup();
+        with(&self.conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let joined = members.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",");
+            tx.execute(
+                "INSERT OR IGNORE INTO conversations (id, kind, members, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![conversation.0.as_bytes().to_vec(), kind_code(kind), joined, now_ms],
+            )?;
+            for m in &members {
+                tx.execute(
+                    "INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?1, ?2)",
+                    params![m.0.as_bytes().to_vec(), conversation.0.as_bytes().to_vec()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>> {
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.id, c.kind, c.members FROM user_conversations uc
+                 JOIN conversations c ON c.id = uc.conversation_id WHERE uc.user_id = ?1",
+            )?;
+            let rows = stmt.query_map(params![user.0.as_bytes().to_vec()], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            })?;
+            rows.map(|row| conversation_record(row?)).collect()
+        })
+        .await
+    }
+
+    async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>> {
+        with(&self.conn, move |c| {
+            let row = c
+                .query_row(
+                    "SELECT id, kind, members FROM conversations WHERE id = ?1",
+                    params![conversation.0.as_bytes().to_vec()],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)),
+                )
+                .optional()?;
+            row.map(conversation_record).transpose()
+        })
+        .await
+    }
+}
+
+fn conversation_record((id, kind, members): (Vec<u8>, i64, String)) -> Result<ConversationRecord> {
+    let members = members
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<UserId>().map_err(|e| StorageError::Corrupt(e.to_string())))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ConversationRecord { id: ConversationId(uuid_of(id)?), kind: kind_of(kind)?, members })
+}
+
+/// One shard's file.
+pub struct SqliteShard {
+    shard: ShardId,
+    writer: Conn,
+    reader: Conn,
+    lock_path: PathBuf,
+    /// The flock'd lock file while this instance holds the session lock.
+    lock_file: Arc<Mutex<Option<File>>>,
+}
+
+impl SqliteShard {
+    /// Try the kernel session lock; true if this instance holds it now.
+    fn try_session_lock(&self) -> Result<bool> {
+        let mut held = self.lock_file.lock().map_err(|_| StorageError::Join("lock mutex poisoned".into()))?;
+        if held.is_some() {
+            return Ok(true);
+        }
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&self.lock_path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                *held = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+
+    fn drop_session_lock(&self) {
+        if let Ok(mut held) = self.lock_file.lock() {
+            // Dropping the file closes it, which releases the flock.
+            held.take();
+        }
+    }
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64)> {
+    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+fn to_view(row: (Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64)) -> Result<MessageView> {
+    let (conv, seq, id, sender, client_msg_id, body, sent_at_ms) = row;
+    Ok(MessageView {
+        message_id: MessageId(uuid_of(id)?),
+        conversation_id: ConversationId(uuid_of(conv)?),
+        seq,
+        sender: UserId(uuid_of(sender)?),
+        client_msg_id: ClientMsgId::new(client_msg_id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
+        body,
+        sent_at_ms,
+    })
+}
+
+const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
+
+fn current_epoch(tx: &rusqlite::Transaction<'_>, shard: ShardId) -> Result<(Option<String>, u64, i64)> {
+    Ok(tx.query_row(
+        "SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1",
+        params![shard.0],
+        |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+    )?)
+}
+
+#[async_trait]
+impl ShardStore for SqliteShard {
+    fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    async fn acquire_lease(&self, owner: &str, ttl_ms: u64) -> Result<Option<LeaseGrant>> {
+        let got_lock = self.try_session_lock()?;
+        let owner = owner.to_string();
+        let shard = self.shard;
+        let granted = with(&self.writer, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (current_owner, epoch, expires) = current_epoch(&tx, shard)?;
+            let now = now_ms();
+            let free = current_owner.is_none() || expires < now || current_owner.as_deref() == Some(&owner);
+            if !(free || got_lock) {
+                return Ok(None);
+            }
+            let epoch = epoch + 1;
+            let expires_at_ms = now + ttl_ms as i64;
+            tx.execute(
+                "UPDATE lease SET owner = ?1, epoch = ?2, expires_at_ms = ?3 WHERE shard = ?4",
+                params![owner, epoch as i64, expires_at_ms, shard.0],
+            )?;
+            tx.commit()?;
+            Ok(Some(LeaseGrant { epoch: Epoch(epoch), expires_at_ms }))
+        })
+        .await?;
+        if granted.is_none() && got_lock {
+            self.drop_session_lock();
+        }
+        Ok(granted)
+    }
+
+    async fn renew_lease(&self, owner: &str, epoch: Epoch, ttl_ms: u64) -> Result<LeaseGrant> {
+        let owner = owner.to_string();
+        let shard = self.shard;
+        with(&self.writer, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let expires_at_ms = now_ms() + ttl_ms as i64;
+            let n = tx.execute(
+                "UPDATE lease SET expires_at_ms = ?1 WHERE shard = ?2 AND epoch = ?3 AND owner = ?4",
+                params![expires_at_ms, shard.0, epoch.0 as i64, owner],
+            )?;
+            if n == 0 {
+                let (_, current, _) = current_epoch(&tx, shard)?;
+                return Err(StorageError::StaleEpoch { shard: shard.0, held: epoch.0, current });
+            }
+            tx.commit()?;
+            Ok(LeaseGrant { epoch, expires_at_ms })
+        })
+        .await
+    }
+
+    async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {
+        let owner = owner.to_string();
+        let shard = self.shard;
+        with(&self.writer, move |c| {
+            c.execute(
+                "UPDATE lease SET owner = NULL, expires_at_ms = 0 WHERE shard = ?1 AND epoch = ?2 AND owner = ?3",
+                params![shard.0, epoch.0 as i64, owner],
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.drop_session_lock();
+        Ok(())
+    }
+
+    async fn lease_info(&self) -> Result<LeaseInfo> {
+        let shard = self.shard;
+        with(&self.reader, move |c| {
+            let (owner, epoch, expires_at_ms) = c.query_row(
+                "SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1",
+                params![shard.0],
+                |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+            )?;
+            Ok(LeaseInfo { shard, owner, epoch: Epoch(epoch), expires_at_ms, now_ms: now_ms() })
+        })
+        .await
+    }
+
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+        let batch = batch.clone();
+        let shard = self.shard;
+        with(&self.writer, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (_, current, _) = current_epoch(&tx, shard)?;
+            if current != epoch.0 {
+                return Err(StorageError::StaleEpoch { shard: shard.0, held: epoch.0, current });
+            }
+            let mut results = Vec::with_capacity(batch.messages.len());
+            {
+                let mut find = tx.prepare_cached(
+                    "SELECT conversation_id, seq, message_id, sent_at_ms FROM messages
+                     WHERE sender = ?1 AND client_msg_id = ?2",
+                )?;
+                let mut counter = tx.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO messages (conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                let mut next: HashMap<ConversationId, u64> = HashMap::new();
+                let mut in_batch: HashMap<(UserId, ClientMsgId), MessageResult> = HashMap::new();
+                for m in &batch.messages {
+                    let key = (m.sender, m.client_msg_id.clone());
+                    if let Some(first) = in_batch.get(&key) {
+                        results.push(match first {
+                            MessageResult::Stored(ack) if ack.conversation_id == m.conversation_id => {
+                                MessageResult::Stored(StoredAck { duplicate: true, ..ack.clone() })
+                            }
+                            _ => MessageResult::ClientIdReused,
+                        });
+                        continue;
+                    }
+                    let existing = find
+                        .query_row(params![m.sender.0.as_bytes().to_vec(), m.client_msg_id.as_str()], |r| {
+                            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
+                        })
+                        .optional()?;
+                    let result = match existing {
+                        Some((conv, seq, id, sent_at_ms)) => {
+                            let conv = ConversationId(uuid_of(conv)?);
+                            if conv == m.conversation_id {
+                                MessageResult::Stored(StoredAck {
+                                    message_id: MessageId(uuid_of(id)?),
+                                    conversation_id: conv,
+                                    seq: seq as u64,
+                                    sent_at_ms,
+                                    duplicate: true,
+                                })
+                            } else {
+                                MessageResult::ClientIdReused
+                            }
+                        }
+                        None => {
+                            let seq = match next.get(&m.conversation_id) {
+                                Some(s) => *s,
+                                None => {
+                                    let last: Option<i64> = counter
+                                        .query_row(params![m.conversation_id.0.as_bytes().to_vec()], |r| r.get(0))
+                                        .optional()?;
+                                    last.unwrap_or(0) as u64 + 1
+                                }
+                            };
+                            next.insert(m.conversation_id, seq + 1);
+                            insert.execute(params![
+                                m.conversation_id.0.as_bytes().to_vec(),
+                                seq as i64,
+                                m.message_id.0.as_bytes().to_vec(),
+                                m.sender.0.as_bytes().to_vec(),
+                                m.client_msg_id.as_str(),
+                                m.body,
+                                m.sent_at_ms,
+                                epoch.0 as i64,
+                            ])?;
+                            MessageResult::Stored(StoredAck {
+                                message_id: m.message_id,
+                                conversation_id: m.conversation_id,
+                                seq,
+                                sent_at_ms: m.sent_at_ms,
+                                duplicate: false,
+                            })
+                        }
+                    };
+                    in_batch.insert(key, result.clone());
+                    results.push(result);
+                }
+                let mut bump = tx.prepare_cached(
+                    "INSERT INTO conversations (conversation_id, last_seq) VALUES (?1, ?2)
+                     ON CONFLICT (conversation_id) DO UPDATE SET last_seq = excluded.last_seq",
+                )?;
+                for (conv, next_seq) in next {
+                    bump.execute(params![conv.0.as_bytes().to_vec(), (next_seq - 1) as i64])?;
+                }
+                let mut cursor = tx.prepare_cached(
+                    "INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
+                       delivered_seq = MAX(delivered_seq, excluded.delivered_seq),
+                       read_seq = MAX(read_seq, excluded.read_seq)",
+                )?;
+                for u in &batch.cursors {
+                    let (delivered, read) = match u.kind {
+                        ReceiptKind::Delivered => (u.seq as i64, 0),
+                        // Reading implies having received.
+                        ReceiptKind::Read => (u.seq as i64, u.seq as i64),
+                    };
+                    let conv = u.conversation_id.0.as_bytes().to_vec();
+                    let user = u.user.0.as_bytes().to_vec();
+                    cursor.execute(params![conv, user, "", delivered, read])?;
+                    if let Some(device) = &u.device {
+                        cursor.execute(params![conv, user, device.as_str(), delivered, read])?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Vec<MessageView>, bool)> {
+        let limit = limit.clamp(1, MAX_ROWS);
+        let before = before_seq.map(|s| s as i64).unwrap_or(i64::MAX);
+        with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq < ?2
+                 ORDER BY seq DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(
+                params![conversation.0.as_bytes().to_vec(), before, limit + 1],
+                message_from_row,
+            )?;
+            let mut out = rows.map(|r| to_view(r?)).collect::<Result<Vec<_>>>()?;
+            let has_more = out.len() > limit as usize;
+            out.truncate(limit as usize);
+            out.reverse();
+            Ok((out, has_more))
+        })
+        .await
+    }
+
+    async fn sync(&self, request: &SyncRequest) -> Result<SyncReply> {
+        let request = request.clone();
+        let limit = request.per_conversation_limit.clamp(1, MAX_ROWS);
+        with(&self.reader, move |c| {
+            let mut reply = SyncReply::default();
+            let mut cursor = c.prepare_cached(
+                "SELECT delivered_seq FROM cursors WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ?3",
+            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq > ?2
+                 ORDER BY seq ASC LIMIT ?3"
+            ))?;
+            for conv in &request.conversations {
+                let key = conv.0.as_bytes().to_vec();
+                let after: i64 = cursor
+                    .query_row(params![key, request.user.0.as_bytes().to_vec(), request.device.as_str()], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                let rows = stmt.query_map(params![key, after, limit + 1], message_from_row)?;
+                let mut msgs = rows.map(|r| to_view(r?)).collect::<Result<Vec<_>>>()?;
+                if msgs.len() > limit as usize {
+                    msgs.truncate(limit as usize);
+                    reply.truncated.push(*conv);
+                }
+                reply.messages.extend(msgs);
+            }
+            Ok(reply)
+        })
+        .await
+    }
+
+    async fn summaries(&self, user: UserId, conversations: &[ConversationId]) -> Result<Vec<ShardSummary>> {
+        let conversations = conversations.to_vec();
+        with(&self.reader, move |c| {
+            let mut out = Vec::new();
+            let mut last = c.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
+            let mut read = c.prepare_cached(
+                "SELECT read_seq FROM cursors WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ''",
+            )?;
+            let mut unread = c.prepare_cached(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = ?1 AND seq > ?2 AND sender != ?3",
+            )?;
+            let mut msg = c.prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
+            ))?;
+            let user_key = user.0.as_bytes().to_vec();
+            for conv in conversations {
+                let key = conv.0.as_bytes().to_vec();
+                let Some(last_seq) = last.query_row(params![key], |r| r.get::<_, i64>(0)).optional()? else {
+                    continue;
+                };
+                let read_seq: i64 =
+                    read.query_row(params![key, user_key], |r| r.get(0)).optional()?.unwrap_or(0);
+                let unread_n: i64 = unread.query_row(params![key, read_seq, user_key], |r| r.get(0))?;
+                let last_message =
+                    msg.query_row(params![key, last_seq], message_from_row).optional()?.map(to_view).transpose()?;
+                out.push(ShardSummary {
+                    conversation_id: conv,
+                    last_seq: last_seq as u64,
+                    read_seq: read_seq as u64,
+                    unread: unread_n as u64,
+                    last_message,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)> {
+        with(&self.reader, move |c| {
+            let row = c
+                .query_row(
+                    "SELECT delivered_seq, read_seq FROM cursors
+                     WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ''",
+                    params![conversation.0.as_bytes().to_vec(), user.0.as_bytes().to_vec()],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?;
+            Ok(row.unwrap_or((0, 0)))
+        })
+        .await
+    }
+}
