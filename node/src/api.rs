@@ -23,6 +23,7 @@ use serde::Deserialize;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use crate::actors::cluster_agent::{ClusterAgentMsg, MemberView};
 use crate::actors::session_supervisor::SessionSupervisorMsg;
 use crate::auth;
 use crate::context::NodeContext;
@@ -106,8 +107,27 @@ fn json<T: serde::Serialize>(value: &T, status: StatusCode) -> warp::reply::Resp
 pub fn routes(
     ctx: Arc<NodeContext>,
     sessions: ActorRef<SessionSupervisorMsg>,
+    agent: ActorRef<ClusterAgentMsg>,
     connections: Arc<ws::ConnectionCounter>,
 ) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let cluster = warp::get()
+        .and(warp::path!("v1" / "cluster"))
+        .and(with_ctx(ctx.clone()))
+        .and(warp::any().map(move || agent.clone()))
+        .and_then(|ctx: Arc<NodeContext>, agent: ActorRef<ClusterAgentMsg>| async move {
+            let members: Vec<MemberView> =
+                crate::context::call(&agent, |reply| ClusterAgentMsg::Members { reply }, std::time::Duration::from_secs(2), "members").await?;
+            let body = serde_json::json!({
+                "node": ctx.node_name,
+                "boot_id": ctx.boot_id,
+                "members": members,
+                "shards": shard_views(&ctx),
+                "sessions": ctx.hub.session_count(),
+                "redirects": ctx.redirects(),
+            });
+            Ok::<_, Rejection>(json(&body, StatusCode::OK))
+        });
+
     let health = warp::get()
         .and(warp::path("healthz").or(warp::path("health")).unify())
         .and(warp::path::end())
@@ -186,6 +206,8 @@ pub fn routes(
 
     health
         .or(ready)
+        .unify()
+        .or(cluster)
         .unify()
         .or(register)
         .unify()

@@ -44,7 +44,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 config.storage.dir = dir;
             }
             let entry = config.node(&name).with_context(|| format!("no [[node]] named `{name}` in the config"))?;
-            let spec = NodeSpec { name: name.clone(), http: http.unwrap_or(entry.http) };
+            let spec = NodeSpec { name: name.clone(), http: http.unwrap_or(entry.http), cluster: entry.cluster };
             crate::run(config, spec, crate::shutdown_signal()).await
         }
     }

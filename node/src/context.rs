@@ -3,10 +3,15 @@
 //! conversation, send, read). Keeping it here means the two transports cannot drift apart.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use parley_protocol::cluster::{ReceiptCommand, SendCommand, SendOutcome, StoredAck, SyncReply, SyncRequest, UserEvent};
+use parley_protocol::cluster::{
+    NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest, UserEvent,
+};
+use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_PAGE};
@@ -14,12 +19,14 @@ use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};
 use parley_storage::{now_ms, token_hash, ConversationRecord, Stores};
 use ractor::rpc::CallResult;
+use ractor::ActorRef;
 
+use crate::actors::gateway::GatewayMsg;
 use crate::actors::shard::ShardMsg;
 use crate::config::Config;
 use crate::error::{NodeError, NodeResult};
 use crate::hub::Hub;
-use crate::routing::Routing;
+use crate::routing::{RouteTarget, Routing};
 
 /// Conversations remembered per node before the cache is cleared. A conversation costs ~100
 /// bytes here; 100k keeps this under ~10 MB while covering every active chat of a busy node.
@@ -34,6 +41,12 @@ pub struct NodeContext {
     pub hub: Hub,
     pub routing: Routing,
     conversations: Mutex<HashMap<ConversationId, Arc<ConversationRecord>>>,
+    /// Live peers' gateways (maintained by the cluster agent), for fan-out.
+    peers: RwLock<Vec<(String, ActorRef<GatewayMsg>)>>,
+    http: OnceLock<SocketAddr>,
+    /// Requests that reached a node which did not (or no longer) serve the shard: the client was
+    /// told `unavailable` and retries. Counted to report hand-off cost.
+    redirects: AtomicU64,
 }
 
 impl NodeContext {
@@ -47,7 +60,30 @@ impl NodeContext {
             routing,
             config,
             conversations: Mutex::new(HashMap::new()),
+            peers: RwLock::new(Vec::new()),
+            http: OnceLock::new(),
+            redirects: AtomicU64::new(0),
         })
+    }
+
+    pub fn set_http_addr(&self, addr: SocketAddr) {
+        let _ = self.http.set(addr);
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.get().copied()
+    }
+
+    pub fn set_peers(&self, peers: Vec<(String, ActorRef<GatewayMsg>)>) {
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    pub fn count_redirect(&self) {
+        self.redirects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn redirects(&self) -> u64 {
+        self.redirects.load(Ordering::Relaxed)
     }
 
     pub fn shard_of(&self, conversation: ConversationId) -> ShardId {
@@ -162,12 +198,23 @@ impl NodeContext {
             body,
             origin_session,
         };
-        let route = self.route(self.shard_of(conversation.id))?;
-        let (tx, rx) = ractor::concurrency::oneshot();
-        route
-            .actor
-            .cast(ShardMsg::Send { cmd, reply: tx.into() })
-            .map_err(|_| NodeError::ShardUnavailable(self.shard_of(conversation.id)))?;
+        let shard = self.shard_of(conversation.id);
+        let route = self.route(shard)?;
+        // Cast now (in the caller's order); only the wait for the outcome is deferred.
+        let rx = match route.target {
+            RouteTarget::Local(actor) => {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                actor.cast(ShardMsg::Send { cmd, reply: tx.into() }).map_err(|_| NodeError::ShardUnavailable(shard))?;
+                AckReceiver::Local(rx)
+            }
+            RouteTarget::Remote(gateway) => {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                gateway
+                    .cast(GatewayMsg::Call(codec::encode(&NodePayload::Send(cmd)), tx.into()))
+                    .map_err(|_| NodeError::ShardUnavailable(shard))?;
+                AckReceiver::Remote(rx)
+            }
+        };
         Ok(PendingAck { rx, timeout: self.call_timeout() })
     }
 
@@ -188,7 +235,12 @@ impl NodeContext {
     /// client repeats cumulative acks, so a lost one is superseded by the next).
     pub async fn receipt(&self, cmd: ReceiptCommand) -> NodeResult<()> {
         let route = self.route(self.shard_of(cmd.conversation_id))?;
-        route.actor.cast(ShardMsg::Receipt(cmd)).map_err(|e| NodeError::Actor(e.to_string()))
+        match route.target {
+            RouteTarget::Local(actor) => actor.cast(ShardMsg::Receipt(cmd)).map_err(|e| NodeError::Actor(e.to_string())),
+            RouteTarget::Remote(gateway) => gateway
+                .cast(GatewayMsg::Frame(codec::encode(&NodePayload::Receipt(cmd))))
+                .map_err(|e| NodeError::Actor(e.to_string())),
+        }
     }
 
     /// A page of history (ascending) and whether older messages exist.
@@ -205,14 +257,19 @@ impl NodeContext {
         }
         self.member_conversation(user, conversation).await?;
         let route = self.route(self.shard_of(conversation))?;
-        call(
-            &route.actor,
-            |reply| ShardMsg::History { conversation, before_seq, limit, reply },
-            self.call_timeout(),
-            "shard history",
-        )
-        .await?
-        .map_err(|code| NodeError::client(code, refusal_text(code)))
+        let result = match route.target {
+            RouteTarget::Local(actor) => {
+                call(&actor, |reply| ShardMsg::History { conversation, before_seq, limit, reply }, self.call_timeout(), "shard history")
+                    .await?
+            }
+            RouteTarget::Remote(gateway) => {
+                match remote_call(&gateway, &NodePayload::History { conversation, before_seq, limit }, self.call_timeout()).await? {
+                    NodePayload::HistoryResult(r) => r,
+                    _ => return Err(NodeError::Timeout("peer history")),
+                }
+            }
+        };
+        result.map_err(|code| NodeError::client(code, refusal_text(code)))
     }
 
     /// The user's conversations with last message and unread count, newest activity first.
@@ -225,15 +282,7 @@ impl NodeContext {
         let mut out = Vec::new();
         for (shard, records) in by_shard {
             let ids: Vec<ConversationId> = records.iter().map(|r| r.id).collect();
-            let route = self.route(shard)?;
-            let summaries = call(
-                &route.actor,
-                |reply| ShardMsg::Summaries { user, conversations: ids, reply },
-                self.call_timeout(),
-                "shard summaries",
-            )
-            .await?
-            .map_err(|code| NodeError::client(code, refusal_text(code)))?;
+            let summaries = self.summaries(shard, user, ids).await?;
             for record in records {
                 let s = summaries.iter().find(|s| s.conversation_id == record.id);
                 out.push(ConversationSummary {
@@ -264,9 +313,19 @@ impl NodeContext {
             let part = match self.route(shard) {
                 Ok(route) => {
                     let req = SyncRequest { conversations: conversations.clone(), ..request.clone() };
-                    match call(&route.actor, |reply| ShardMsg::Sync { req, reply }, self.call_timeout(), "shard sync").await {
-                        Ok(Ok(part)) => Some(part),
-                        Ok(Err(_)) | Err(_) => None,
+                    match route.target {
+                        RouteTarget::Local(actor) => {
+                            match call(&actor, |reply| ShardMsg::Sync { req, reply }, self.call_timeout(), "shard sync").await {
+                                Ok(Ok(part)) => Some(part),
+                                Ok(Err(_)) | Err(_) => None,
+                            }
+                        }
+                        RouteTarget::Remote(gateway) => {
+                            match remote_call(&gateway, &NodePayload::Sync(req), self.call_timeout()).await {
+                                Ok(NodePayload::SyncResult(part)) => Some(part),
+                                _ => None,
+                            }
+                        }
                     }
                 }
                 Err(_) => None,
@@ -282,29 +341,78 @@ impl NodeContext {
         reply
     }
 
-    /// Push an event to the live sessions of `users` (on this node; the cluster layer extends
-    /// this to peers).
-    pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
-        let event = Arc::new(event);
-        self.hub.deliver(users, &event, skip_session);
+    async fn summaries(&self, shard: ShardId, user: UserId, conversations: Vec<ConversationId>) -> NodeResult<Vec<ShardSummary>> {
+        let route = self.route(shard)?;
+        let result = match route.target {
+            RouteTarget::Local(actor) => {
+                call(&actor, |reply| ShardMsg::Summaries { user, conversations, reply }, self.call_timeout(), "shard summaries")
+                    .await?
+            }
+            RouteTarget::Remote(gateway) => {
+                match remote_call(&gateway, &NodePayload::Summaries { user, conversations }, self.call_timeout()).await? {
+                    NodePayload::SummariesResult(r) => r,
+                    _ => return Err(NodeError::Timeout("peer summaries")),
+                }
+            }
+        };
+        result.map_err(|code| NodeError::client(code, refusal_text(code)))
     }
+
+    /// Push an event to the live sessions of `users`: on this node through the hub, on every live
+    /// peer through its gateway (a remote cast: at-most-once; a missed push is recovered by the
+    /// device's reconnect sync, because its cursor only moves on its own `delivered`).
+    pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if !peers.is_empty() {
+            let bytes = codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone() });
+            for (_, gateway) in peers {
+                let _ = gateway.cast(GatewayMsg::Frame(bytes.clone()));
+            }
+        }
+        self.hub.deliver(users, &Arc::new(event), skip_session);
+    }
+}
+
+enum AckReceiver {
+    Local(ractor::concurrency::OneshotReceiver<SendOutcome>),
+    Remote(ractor::concurrency::OneshotReceiver<Vec<u8>>),
 }
 
 /// A send handed to its shard, waiting for the commit.
 pub struct PendingAck {
-    rx: ractor::concurrency::OneshotReceiver<SendOutcome>,
+    rx: AckReceiver,
     timeout: Duration,
 }
 
 impl PendingAck {
-    /// The durable outcome. A timeout or a vanished shard means "outcome unknown": the client
-    /// gets `unavailable` and retries with the same client_msg_id.
+    /// The durable outcome. A timeout, a vanished shard or peer, or an undecodable answer means
+    /// "outcome unknown": the client gets `unavailable` and retries with the same client_msg_id.
     pub async fn wait(self) -> NodeResult<StoredAck> {
-        match tokio::time::timeout(self.timeout, self.rx).await {
-            Ok(Ok(SendOutcome::Stored(ack))) => Ok(ack),
-            Ok(Ok(SendOutcome::Refused(code))) => Err(NodeError::client(code, refusal_text(code))),
-            Ok(Err(_)) | Err(_) => Err(NodeError::Timeout("shard send")),
+        let outcome = match self.rx {
+            AckReceiver::Local(rx) => tokio::time::timeout(self.timeout, rx).await.ok().and_then(Result::ok),
+            AckReceiver::Remote(rx) => match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(bytes)) => match codec::decode::<NodePayload>(&bytes) {
+                    Ok(NodePayload::SendResult(outcome)) => Some(outcome),
+                    _ => None,
+                },
+                _ => None,
+            },
+        };
+        match outcome {
+            Some(SendOutcome::Stored(ack)) => Ok(ack),
+            Some(SendOutcome::Refused(code)) => Err(NodeError::client(code, refusal_text(code))),
+            None => Err(NodeError::Timeout("shard send")),
         }
+    }
+}
+
+/// A request/response to a peer's gateway, with a timeout; the answer is decoded fallibly.
+pub async fn remote_call(gateway: &ActorRef<GatewayMsg>, payload: &NodePayload, timeout: Duration) -> NodeResult<NodePayload> {
+    let (tx, rx) = ractor::concurrency::oneshot();
+    gateway.cast(GatewayMsg::Call(codec::encode(payload), tx.into())).map_err(|e| NodeError::Actor(e.to_string()))?;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(bytes)) => Ok(codec::decode(&bytes)?),
+        Ok(Err(_)) | Err(_) => Err(NodeError::Timeout("peer call")),
     }
 }
 
@@ -314,7 +422,6 @@ fn unknown_conversation() -> NodeError {
 
 fn refusal_text(code: ErrorCode) -> &'static str {
     match code {
-        ErrorCode::ClientMsgIdReused => "client_msg_id was already used for another message",
         ErrorCode::Unavailable => "temporarily unavailable; retry with the same client_msg_id",
         _ => "refused",
     }

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use parley_storage::StoreConfig;
 use ractor::Actor;
 
-use crate::actors::root::{RootActor, RootMsg};
+use crate::actors::root::{RootActor, RootArgs, RootMsg};
 use crate::config::{Config, StorageKind};
 use crate::context::{call, NodeContext};
 
@@ -36,6 +36,8 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 pub struct NodeSpec {
     pub name: String,
     pub http: SocketAddr,
+    /// Node-to-node listen address.
+    pub cluster: SocketAddr,
 }
 
 /// The store configuration a node config describes.
@@ -56,13 +58,15 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     tracing::info!(node = %spec.name, store = stores.kind(), shards = config.cluster.shard_count, "starting node");
     let ctx = NodeContext::new(config, spec.name.clone(), stores);
 
-    let (root, root_handle) = Actor::spawn(None, RootActor, ctx.clone()).await.context("starting the actor tree")?;
-    let (_shards, sessions) = call(&root, |reply| RootMsg::Children { reply }, Duration::from_secs(5), "root children").await?;
-
     let listener = tokio::net::TcpListener::bind(spec.http).await.with_context(|| format!("binding {}", spec.http))?;
     let bound = listener.local_addr()?;
+    ctx.set_http_addr(bound);
+    let root_args = RootArgs { ctx: ctx.clone(), cluster_listen: spec.cluster };
+    let (root, root_handle) = Actor::spawn(None, RootActor, root_args).await.context("starting the actor tree")?;
+    let (agent, sessions) = call(&root, |reply| RootMsg::Children { reply }, Duration::from_secs(5), "root children").await?;
+
     let connections = Arc::new(api::ws::ConnectionCounter::default());
-    let routes = api::routes(ctx.clone(), sessions, connections);
+    let routes = api::routes(ctx.clone(), sessions, agent, connections);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         warp::serve(routes)

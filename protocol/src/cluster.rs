@@ -86,6 +86,16 @@ pub enum UserEvent {
     },
 }
 
+/// A conversation as its shard knows it, for the conversation list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSummary {
+    pub conversation_id: ConversationId,
+    pub last_seq: Seq,
+    pub read_seq: Seq,
+    pub unread: u64,
+    pub last_message: Option<MessageView>,
+}
+
 /// Everything nodes send each other. Append-only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodePayload {
@@ -100,4 +110,12 @@ pub enum NodePayload {
     SyncResult(SyncReply),
     /// A node announces which shards it serves and under which epochs.
     ShardsServed { node: String, boot_id: String, shards: Vec<(ShardId, Epoch)> },
+    /// Who are you? Answered with `Identity`.
+    Identify,
+    Identity { node: String, boot_id: String, http: String },
+    History { conversation: ConversationId, before_seq: Option<Seq>, limit: u32 },
+    HistoryResult(Result<(Vec<MessageView>, bool), ErrorCode>),
+    Summaries { user: UserId, conversations: Vec<ConversationId> },
+    SummariesResult(Result<Vec<ShardSummary>, ErrorCode>),
+    SyncFailed(ErrorCode),
 }

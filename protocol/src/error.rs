@@ -37,8 +37,6 @@ pub enum ErrorCode {
     /// A conversation id that does not exist or of which the user is not a member
     /// (the two are indistinguishable on purpose: membership is not disclosed).
     UnknownConversation,
-    /// The client message id was already used by this sender for a different message.
-    ClientMsgIdReused,
     /// The server cannot serve this right now (shard moving, node draining, store down). Retry
     /// with the same client message id; the outcome of the earlier attempt may be unknown.
     Unavailable,
@@ -62,7 +60,7 @@ impl ErrorCode {
             NotAuthenticated | BadToken | BadCredentials => 401,
             SpoofedSender => 403,
             UnknownUser | UnknownConversation | NotFound => 404,
-            UsernameTaken | ClientMsgIdReused => 409,
+            UsernameTaken => 409,
             RateLimited => 429,
             Unavailable | SlowConsumer => 503,
             Internal => 500,
@@ -91,7 +89,6 @@ impl ErrorCode {
             SpoofedSender => "spoofed_sender",
             UnknownUser => "unknown_user",
             UnknownConversation => "unknown_conversation",
-            ClientMsgIdReused => "client_msg_id_reused",
             Unavailable => "unavailable",
             RateLimited => "rate_limited",
             SlowConsumer => "slow_consumer",
@@ -146,7 +143,7 @@ mod tests {
 
     #[test]
     fn codes_serialize_as_their_names() {
-        for code in [ErrorCode::BadJson, ErrorCode::ClientMsgIdReused, ErrorCode::Unavailable] {
+        for code in [ErrorCode::BadJson, ErrorCode::UnknownConversation, ErrorCode::Unavailable] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));
         }

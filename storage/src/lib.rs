@@ -74,8 +74,8 @@ pub trait ShardStore: Send + Sync + 'static {
     async fn lease_info(&self) -> Result<LeaseInfo>;
 
     /// Commit a batch in one transaction, under `epoch`. Messages get the next seqs of their
-    /// conversations in batch order; a (sender, client_msg_id) seen before is answered with the
-    /// original; cursors only move forward. `StaleEpoch`: nothing was written.
+    /// conversations in batch order; an idempotency key (conversation, sender, client_msg_id)
+    /// seen before is answered with the original; cursors only move forward. `StaleEpoch`: nothing was written.
     async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>>;
 
     /// Up to `limit` messages before `before_seq` (exclusive; `None` = from the end), returned in

@@ -1,7 +1,7 @@
 //! Rows and batches exchanged with the stores.
 
 use parley_protocol::cluster::StoredAck;
-use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
+use parley_protocol::frames::{ConversationKind, ReceiptKind};
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 
 /// A user as stored, with the argon2 PHC string of the password.
@@ -70,24 +70,17 @@ pub struct WriteBatch {
     pub cursors: Vec<CursorUpdate>,
 }
 
-/// The fate of one message of a batch, in batch order.
+/// The fate of one message of a batch, in batch order. An enum so that later refusals (e.g. a
+/// group member removed mid-flight) can be added without changing every caller's shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MessageResult {
-    /// Stored now, or earlier (`ack.duplicate`) under the same (sender, client_msg_id).
+    /// Stored now, or earlier (`ack.duplicate`) under the same idempotency key
+    /// (conversation, sender, client_msg_id).
     Stored(StoredAck),
-    /// The sender used this client_msg_id for a message in another conversation. Nothing stored.
-    ClientIdReused,
 }
 
-/// A conversation as one shard knows it, for the conversation list.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShardSummary {
-    pub conversation_id: ConversationId,
-    pub last_seq: Seq,
-    pub read_seq: Seq,
-    pub unread: u64,
-    pub last_message: Option<MessageView>,
-}
+/// A conversation as one shard knows it (defined in the protocol: it crosses nodes).
+pub use parley_protocol::cluster::ShardSummary;
 
 /// Milliseconds since the Unix epoch by the local clock.
 pub fn now_ms() -> i64 {

@@ -29,6 +29,7 @@ use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
 use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
@@ -220,8 +221,7 @@ impl SessionLocks {
     /// lock connection only means the lease rules decide alone.
     async fn try_lock(&self, shard: ShardId, owner: &str) -> SessionLock {
         let mut state = self.state.lock().await;
-        let alive = state.client.as_ref().is_some_and(|c| !c.is_closed());
-        if alive && state.held.contains_key(&shard) {
+        if state.alive() && state.held.contains_key(&shard) {
             return SessionLock::AlreadyHeld;
         }
         match Self::try_lock_inner(&self.config, &mut state, shard).await {
@@ -243,7 +243,7 @@ impl SessionLocks {
         state: &mut LockConn,
         shard: ShardId,
     ) -> Result<bool> {
-        if !state.client.as_ref().is_some_and(|c| !c.is_closed()) {
+        if !state.alive() {
             // Whatever the old session held died with it.
             state.forget();
             let (client, connection) = config.connect(NoTls).await?;
@@ -305,6 +305,11 @@ impl SessionLocks {
 }
 
 impl LockConn {
+    /// Whether the connection is up (a closed one has lost every lock it held).
+    fn alive(&self) -> bool {
+        self.client.as_ref().is_some_and(|c| !c.is_closed())
+    }
+
     /// Drop the connection and with it every lock it held.
     fn forget(&mut self) {
         self.client = None;
@@ -593,7 +598,7 @@ impl Directory for PgDirectory {
 
 /// How one message of a batch resolves before seqs are known.
 enum Slot {
-    /// Decided by rows stored earlier (a duplicate or a reused client id).
+    /// Decided by a row stored earlier (a duplicate).
     Done(MessageResult),
     /// New: the `offset`-th new message (1-based) of its conversation in this batch.
     New { offset: i64 },
@@ -601,11 +606,11 @@ enum Slot {
     RepeatOf(usize),
 }
 
-/// Who owns a (sender, client_msg_id) while a batch is resolved.
+/// Who owns an idempotency key (conversation, sender, client_msg_id) while a batch is resolved.
 enum KeyOwner {
     Stored(StoredAck),
     /// The new message at this batch index.
-    Batch(usize, ConversationId),
+    Batch(usize),
 }
 
 impl PgShard {
@@ -679,14 +684,47 @@ impl PgShard {
         let mut client = self.backend.pool.get().await?;
         let tx = client.transaction().await?;
 
-        // Fencing, in this transaction: a concurrent acquire (FOR UPDATE) waits for us or we for it.
+        // The batch's distinct idempotency keys (conversation, sender, client_msg_id).
+        let messages = &batch.messages;
+        let mut senders = Vec::with_capacity(messages.len());
+        let mut client_ids = Vec::with_capacity(messages.len());
+        let mut conv_keys = Vec::with_capacity(messages.len());
+        let mut keys = HashSet::with_capacity(messages.len());
+        for m in messages {
+            if keys.insert((m.conversation_id, m.sender, m.client_msg_id.as_str())) {
+                senders.push(m.sender.0);
+                client_ids.push(m.client_msg_id.as_str());
+                conv_keys.push(m.conversation_id.0);
+            }
+        }
+
+        // Fencing, in this transaction: a concurrent acquire (FOR UPDATE) waits for us or we for
+        // it. The dedupe lookup is pipelined behind it (one round trip for both); the server runs
+        // them in order, and if the fence fails the lookup's answer is simply dropped.
         let fence = tx
             .prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE")
             .await?;
-        let current = match tx.query_opt(&fence, &[&shard]).await? {
-            Some(row) => Some(row.try_get::<_, i64>(0)?),
-            None => None,
+        let lookup = tx
+            .prepare_cached(
+                "SELECT m.sender, m.client_msg_id, m.conversation_id, m.message_id, m.seq,
+                        m.sent_at_ms
+                 FROM UNNEST($2::uuid[], $3::text[], $4::uuid[])
+                      AS k(sender, client_msg_id, conversation_id)
+                 JOIN messages m ON m.conversation_id = k.conversation_id AND m.sender = k.sender
+                                AND m.client_msg_id = k.client_msg_id AND m.shard = $1",
+            )
+            .await?;
+        let fence_params: [&(dyn ToSql + Sync); 1] = [&shard];
+        let lookup_params: [&(dyn ToSql + Sync); 4] = [&shard, &senders, &client_ids, &conv_keys];
+        let existing = async {
+            if senders.is_empty() {
+                Ok(Vec::new())
+            } else {
+                tx.query(&lookup, &lookup_params).await
+            }
         };
+        let (fenced, existing) = tokio::try_join!(tx.query_opt(&fence, &fence_params), existing)?;
+        let current = fenced.map(|row| row.try_get::<_, i64>(0)).transpose()?;
         if current != Some(epoch_db) {
             tx.rollback().await?;
             let current = current
@@ -700,30 +738,10 @@ impl PgShard {
             });
         }
 
-        let messages = &batch.messages;
         let mut results = Vec::with_capacity(messages.len());
         if !messages.is_empty() {
-            // Earlier rows with the batch's idempotency keys, in one round trip.
-            let mut senders = Vec::with_capacity(messages.len());
-            let mut client_ids = Vec::with_capacity(messages.len());
-            let mut keys = HashSet::with_capacity(messages.len());
-            for m in messages {
-                if keys.insert((m.sender, m.client_msg_id.as_str())) {
-                    senders.push(m.sender.0);
-                    client_ids.push(m.client_msg_id.as_str());
-                }
-            }
-            let lookup = tx
-                .prepare_cached(
-                    "SELECT m.sender, m.client_msg_id, m.conversation_id, m.message_id, m.seq,
-                            m.sent_at_ms
-                     FROM UNNEST($2::uuid[], $3::text[]) AS k(sender, client_msg_id)
-                     JOIN messages m ON m.shard = $1 AND m.sender = k.sender
-                                    AND m.client_msg_id = k.client_msg_id",
-                )
-                .await?;
-            let mut owners: HashMap<(UserId, String), KeyOwner> = HashMap::new();
-            for row in tx.query(&lookup, &[&shard, &senders, &client_ids]).await? {
+            let mut owners: HashMap<(ConversationId, UserId, String), KeyOwner> = HashMap::new();
+            for row in existing {
                 let ack = StoredAck {
                     message_id: MessageId(row.try_get(3)?),
                     conversation_id: ConversationId(row.try_get(2)?),
@@ -732,7 +750,11 @@ impl PgShard {
                     duplicate: true,
                 };
                 owners.insert(
-                    (UserId(row.try_get(0)?), row.try_get(1)?),
+                    (
+                        ack.conversation_id,
+                        UserId(row.try_get(0)?),
+                        row.try_get(1)?,
+                    ),
                     KeyOwner::Stored(ack),
                 );
             }
@@ -741,17 +763,16 @@ impl PgShard {
             let mut slots = Vec::with_capacity(messages.len());
             let mut counts: HashMap<ConversationId, i64> = HashMap::new();
             for (i, m) in messages.iter().enumerate() {
-                let key = (m.sender, m.client_msg_id.as_str().to_string());
+                let key = (
+                    m.conversation_id,
+                    m.sender,
+                    m.client_msg_id.as_str().to_string(),
+                );
                 let slot = match owners.get(&key) {
-                    Some(KeyOwner::Stored(ack)) if ack.conversation_id == m.conversation_id => {
-                        Slot::Done(MessageResult::Stored(ack.clone()))
-                    }
-                    Some(KeyOwner::Batch(first, conv)) if *conv == m.conversation_id => {
-                        Slot::RepeatOf(*first)
-                    }
-                    Some(_) => Slot::Done(MessageResult::ClientIdReused),
+                    Some(KeyOwner::Stored(ack)) => Slot::Done(MessageResult::Stored(ack.clone())),
+                    Some(KeyOwner::Batch(first)) => Slot::RepeatOf(*first),
                     None => {
-                        owners.insert(key, KeyOwner::Batch(i, m.conversation_id));
+                        owners.insert(key, KeyOwner::Batch(i));
                         let n = counts.entry(m.conversation_id).or_insert(0);
                         *n += 1;
                         Slot::New { offset: *n }

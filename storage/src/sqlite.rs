@@ -130,7 +130,7 @@ CREATE TABLE IF NOT EXISTS messages (
     epoch INTEGER NOT NULL,
     PRIMARY KEY (conversation_id, seq)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (sender, client_msg_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conversation_id, sender, client_msg_id);
 CREATE TABLE IF NOT EXISTS cursors (
     conversation_id BLOB NOT NULL,
     user_id BLOB NOT NULL,
@@ -528,8 +528,8 @@ impl ShardStore for SqliteShard {
             let mut results = Vec::with_capacity(batch.messages.len());
             {
                 let mut find = tx.prepare_cached(
-                    "SELECT conversation_id, seq, message_id, sent_at_ms FROM messages
-                     WHERE sender = ?1 AND client_msg_id = ?2",
+                    "SELECT seq, message_id, sent_at_ms FROM messages
+                     WHERE conversation_id = ?1 AND sender = ?2 AND client_msg_id = ?3",
                 )?;
                 let mut counter = tx.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
                 let mut insert = tx.prepare_cached(
@@ -537,38 +537,27 @@ impl ShardStore for SqliteShard {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 let mut next: HashMap<ConversationId, u64> = HashMap::new();
-                let mut in_batch: HashMap<(UserId, ClientMsgId), MessageResult> = HashMap::new();
+                let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), StoredAck> = HashMap::new();
                 for m in &batch.messages {
-                    let key = (m.sender, m.client_msg_id.clone());
+                    let key = (m.conversation_id, m.sender, m.client_msg_id.clone());
                     if let Some(first) = in_batch.get(&key) {
-                        results.push(match first {
-                            MessageResult::Stored(ack) if ack.conversation_id == m.conversation_id => {
-                                MessageResult::Stored(StoredAck { duplicate: true, ..ack.clone() })
-                            }
-                            _ => MessageResult::ClientIdReused,
-                        });
+                        results.push(MessageResult::Stored(StoredAck { duplicate: true, ..first.clone() }));
                         continue;
                     }
                     let existing = find
-                        .query_row(params![m.sender.0.as_bytes().to_vec(), m.client_msg_id.as_str()], |r| {
-                            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
-                        })
+                        .query_row(
+                            params![m.conversation_id.0.as_bytes().to_vec(), m.sender.0.as_bytes().to_vec(), m.client_msg_id.as_str()],
+                            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
+                        )
                         .optional()?;
-                    let result = match existing {
-                        Some((conv, seq, id, sent_at_ms)) => {
-                            let conv = ConversationId(uuid_of(conv)?);
-                            if conv == m.conversation_id {
-                                MessageResult::Stored(StoredAck {
-                                    message_id: MessageId(uuid_of(id)?),
-                                    conversation_id: conv,
-                                    seq: seq as u64,
-                                    sent_at_ms,
-                                    duplicate: true,
-                                })
-                            } else {
-                                MessageResult::ClientIdReused
-                            }
-                        }
+                    let ack = match existing {
+                        Some((seq, id, sent_at_ms)) => StoredAck {
+                            message_id: MessageId(uuid_of(id)?),
+                            conversation_id: m.conversation_id,
+                            seq: seq as u64,
+                            sent_at_ms,
+                            duplicate: true,
+                        },
                         None => {
                             let seq = match next.get(&m.conversation_id) {
                                 Some(s) => *s,
@@ -590,17 +579,17 @@ impl ShardStore for SqliteShard {
                                 m.sent_at_ms,
                                 epoch.0 as i64,
                             ])?;
-                            MessageResult::Stored(StoredAck {
+                            StoredAck {
                                 message_id: m.message_id,
                                 conversation_id: m.conversation_id,
                                 seq,
                                 sent_at_ms: m.sent_at_ms,
                                 duplicate: false,
-                            })
+                            }
                         }
                     };
-                    in_batch.insert(key, result.clone());
-                    results.push(result);
+                    in_batch.insert(key, ack.clone());
+                    results.push(MessageResult::Stored(ack));
                 }
                 let mut bump = tx.prepare_cached(
                     "INSERT INTO conversations (conversation_id, last_seq) VALUES (?1, ?2)
@@ -616,11 +605,20 @@ impl ShardStore for SqliteShard {
                        delivered_seq = MAX(delivered_seq, excluded.delivered_seq),
                        read_seq = MAX(read_seq, excluded.read_seq)",
                 )?;
+                let mut last_seq =
+                    tx.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
                 for u in &batch.cursors {
+                    // A cursor never passes the conversation's last message: acknowledging the
+                    // future would make sync skip messages that do not exist yet.
+                    let last: i64 = last_seq
+                        .query_row(params![u.conversation_id.0.as_bytes().to_vec()], |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    let seq = (u.seq.min(i64::MAX as u64) as i64).min(last);
                     let (delivered, read) = match u.kind {
-                        ReceiptKind::Delivered => (u.seq as i64, 0),
+                        ReceiptKind::Delivered => (seq, 0),
                         // Reading implies having received.
-                        ReceiptKind::Read => (u.seq as i64, u.seq as i64),
+                        ReceiptKind::Read => (seq, seq),
                     };
                     let conv = u.conversation_id.0.as_bytes().to_vec();
                     let user = u.user.0.as_bytes().to_vec();
@@ -643,7 +641,7 @@ impl ShardStore for SqliteShard {
         limit: u32,
     ) -> Result<(Vec<MessageView>, bool)> {
         let limit = limit.clamp(1, MAX_ROWS);
-        let before = before_seq.map(|s| s as i64).unwrap_or(i64::MAX);
+        let before = before_seq.map(|s| s.min(i64::MAX as u64) as i64).unwrap_or(i64::MAX);
         with(&self.reader, move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq < ?2

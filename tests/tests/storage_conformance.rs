@@ -135,7 +135,7 @@ conformance!(
     commit_assigns_gapless_seqs_in_batch_order,
     retry_in_later_commit_returns_the_original,
     repeat_within_a_batch_is_a_duplicate_of_the_first,
-    client_id_reused_for_another_conversation_stores_nothing,
+    client_id_is_scoped_to_its_conversation,
     stale_epoch_commit_stores_nothing,
     history_pages_backwards,
     sync_follows_each_device_cursor,
@@ -209,7 +209,9 @@ fn cursors(cursors: Vec<CursorUpdate>) -> WriteBatch {
     }
 }
 
-/// The ack of a stored message; fails on `ClientIdReused`.
+/// The ack of a stored message. A match rather than a `let` so that a refusal variant added to
+/// `MessageResult` later fails the check that meets it instead of the build.
+#[allow(unreachable_patterns)]
 fn ack(result: &MessageResult) -> Result<&StoredAck> {
     match result {
         MessageResult::Stored(ack) => Ok(ack),
@@ -657,7 +659,8 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
     assert_eq!(page.len(), 1, "nothing new stored");
     assert_eq!(page[0].body, "hello");
 
-    // The key is (sender, client id): bob may use "x1" too, and the counter did not move.
+    // The key includes the sender: bob may use "x1" in the same conversation, and the duplicate
+    // did not move the counter.
     let results = store
         .commit(epoch, &messages(vec![msg(c1, bob, "x1", "bob's")]))
         .await?;
@@ -708,7 +711,9 @@ async fn repeat_within_a_batch_is_a_duplicate_of_the_first(f: &Fixture) -> Resul
     Ok(())
 }
 
-async fn client_id_reused_for_another_conversation_stores_nothing(f: &Fixture) -> Result<()> {
+/// The idempotency key is (conversation, sender, client_msg_id): the same client id in another
+/// conversation is another message, and a retry resolves within its own conversation.
+async fn client_id_is_scoped_to_its_conversation(f: &Fixture) -> Result<()> {
     let (store, epoch) = leased(&f.stores, 1, "node-a").await?;
     let alice = UserId::random();
     let (c1, c2, c3, c4) = (
@@ -717,48 +722,75 @@ async fn client_id_reused_for_another_conversation_stores_nothing(f: &Fixture) -
         new_conversation(),
         new_conversation(),
     );
-    store
+    let first = store
         .commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1")]))
         .await?;
+    let first = ack(&first[0])?.clone();
 
-    let results = store
-        .commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2")]))
+    let to_c2 = msg(c2, alice, "k", "to c2");
+    let results = store.commit(epoch, &messages(vec![to_c2.clone()])).await?;
+    let second = ack(&results[0])?.clone();
+    assert_eq!(
+        (
+            second.conversation_id,
+            second.seq,
+            second.duplicate,
+            second.message_id
+        ),
+        (c2, 1, false, to_c2.message_id),
+        "a new message in c2"
+    );
+    let retry = store
+        .commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")]))
         .await?;
-    assert_eq!(results, vec![MessageResult::ClientIdReused]);
     assert_eq!(
-        store.history(c2, None, 100).await?,
-        (vec![], false),
-        "nothing stored in c2"
+        *ack(&retry[0])?,
+        StoredAck {
+            duplicate: true,
+            ..second
+        },
+        "c2's original, not c1's"
     );
-    assert_eq!(
-        store.history(c1, None, 100).await?.0.len(),
-        1,
-        "c1 untouched"
-    );
-    assert_eq!(
-        store.summaries(alice, &[c2]).await?,
-        vec![],
-        "c2 has no counter"
-    );
-    let results = store
-        .commit(epoch, &messages(vec![msg(c2, alice, "k2", "to c2")]))
+    let retry = store
+        .commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")]))
         .await?;
-    assert_eq!(ack(&results[0])?.seq, 1, "c2's first seq still free");
+    assert_eq!(
+        *ack(&retry[0])?,
+        StoredAck {
+            duplicate: true,
+            ..first
+        },
+        "c1's original"
+    );
+    assert_eq!(seqs(&store.history(c1, None, 100).await?.0), vec![1]);
+    assert_eq!(seqs(&store.history(c2, None, 100).await?.0), vec![1]);
 
-    // Within one batch: the first use owns the id.
+    // Within one batch, too.
     let batch = vec![
         msg(c3, alice, "z", "to c3"),
         msg(c4, alice, "z", "to c4"),
         msg(c3, alice, "z", "c3 again"),
     ];
-    let results = store.commit(epoch, &messages(batch)).await?;
+    let results = store.commit(epoch, &messages(batch.clone())).await?;
+    let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
     assert_eq!(
-        (ack(&results[0])?.seq, ack(&results[0])?.duplicate),
-        (1, false)
+        (acks[0].conversation_id, acks[0].seq, acks[0].duplicate),
+        (c3, 1, false)
     );
-    assert_eq!(results[1], MessageResult::ClientIdReused);
-    assert!(ack(&results[2])?.duplicate);
-    assert_eq!(store.history(c4, None, 100).await?, (vec![], false));
+    assert_eq!(
+        (acks[1].conversation_id, acks[1].seq, acks[1].duplicate),
+        (c4, 1, false)
+    );
+    assert_eq!(acks[1].message_id, batch[1].message_id);
+    assert_eq!(
+        *acks[2],
+        StoredAck {
+            duplicate: true,
+            ..acks[0].clone()
+        }
+    );
+    assert_eq!(store.history(c3, None, 100).await?.0.len(), 1);
+    assert_eq!(store.history(c4, None, 100).await?.0.len(), 1);
     Ok(())
 }
 
@@ -1113,5 +1145,36 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
     let results = store.commit(epoch, &batch).await?;
     assert_eq!(ack(&results[0])?.seq, 7);
     assert_eq!(store.member_cursor(c1, bob).await?, (7, 7));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres only
+// ---------------------------------------------------------------------------------------------
+
+/// Nodes that start together migrate the shared database exactly once (the advisory lock), and
+/// every one of them can use it afterwards.
+#[tokio::test]
+async fn postgres_concurrent_opens_migrate_once() -> Result<()> {
+    let pg = TestPostgres::start().await?;
+    let config = StoreConfig::Postgres {
+        url: pg.url().to_string(),
+        pool_size: 2,
+    };
+    let opened =
+        futures_util::future::join_all((0..4).map(|_| parley_storage::open(&config))).await;
+    let nodes = opened.into_iter().collect::<Result<Vec<Stores>, _>>()?;
+    let client = pg.connect().await?;
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM parley_migrations", &[])
+        .await?
+        .get(0);
+    assert_eq!(versions, 1, "one migration row");
+    for (i, node) in nodes.iter().enumerate() {
+        node.directory
+            .create_user(&user(&format!("user{i}")))
+            .await?;
+    }
+    assert_eq!(nodes[0].directory.list_users(10).await?.len(), 4);
     Ok(())
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
+use crate::actors::cluster_agent::{ClusterAgentActor, ClusterAgentArgs, ClusterAgentMsg};
+use crate::actors::gateway::{GatewayActor, GatewayArgs};
 use crate::actors::session_supervisor::{SessionSupervisorActor, SessionSupervisorMsg};
 use crate::actors::shard_manager::{ShardManagerActor, ShardManagerArgs, ShardManagerMsg};
 use crate::context::{call, NodeContext};
@@ -21,8 +23,15 @@ const SHUTDOWN_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct RootActor;
 
+pub struct RootArgs {
+    pub ctx: Arc<NodeContext>,
+    /// Where this node's cluster (ractor_cluster) listener binds.
+    pub cluster_listen: std::net::SocketAddr,
+}
+
 pub struct RootState {
     pub shards: ActorRef<ShardManagerMsg>,
+    pub agent: ActorRef<ClusterAgentMsg>,
     pub sessions: ActorRef<SessionSupervisorMsg>,
     shutting_down: bool,
 }
@@ -32,24 +41,28 @@ pub enum RootMsg {
     /// Drain in order, answer, then stop.
     Shutdown { reply: RpcReplyPort<()> },
     /// Hand out the children's refs (for the HTTP layer and the cluster agent).
-    Children { reply: RpcReplyPort<(ActorRef<ShardManagerMsg>, ActorRef<SessionSupervisorMsg>)> },
+    Children { reply: RpcReplyPort<(ActorRef<ClusterAgentMsg>, ActorRef<SessionSupervisorMsg>)> },
 }
 
 impl Actor for RootActor {
     type Msg = RootMsg;
     type State = RootState;
-    type Arguments = Arc<NodeContext>;
+    type Arguments = RootArgs;
 
-    async fn pre_start(&self, me: ActorRef<RootMsg>, ctx: Arc<NodeContext>) -> Result<RootState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<RootMsg>, args: RootArgs) -> Result<RootState, ActorProcessingErr> {
+        let ctx = args.ctx;
         let (sessions, _) = Actor::spawn_linked(None, SessionSupervisorActor, ctx.clone(), me.get_cell()).await?;
-        let (shards, _) = Actor::spawn_linked(None, ShardManagerActor, ShardManagerArgs { ctx }, me.get_cell()).await?;
-        Ok(RootState { shards, sessions, shutting_down: false })
+        let (shards, _) = Actor::spawn_linked(None, ShardManagerActor, ShardManagerArgs { ctx: ctx.clone() }, me.get_cell()).await?;
+        let agent_args = ClusterAgentArgs { ctx: ctx.clone(), shards: shards.clone(), listen: args.cluster_listen };
+        let (agent, _) = Actor::spawn_linked(None, ClusterAgentActor, agent_args, me.get_cell()).await?;
+        Actor::spawn_linked(None, GatewayActor, GatewayArgs { ctx, agent: agent.clone() }, me.get_cell()).await?;
+        Ok(RootState { shards, agent, sessions, shutting_down: false })
     }
 
     async fn handle(&self, me: ActorRef<RootMsg>, msg: RootMsg, state: &mut RootState) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::Children { reply } => {
-                let _ = reply.send((state.shards.clone(), state.sessions.clone()));
+                let _ = reply.send((state.agent.clone(), state.sessions.clone()));
             }
             RootMsg::Shutdown { reply } => {
                 state.shutting_down = true;

@@ -147,9 +147,6 @@ impl ShardState {
                     self.ctx.fan_out(&p.cmd.members, UserEvent::Message(view), p.cmd.origin_session);
                     let _ = p.reply.send(SendOutcome::Stored(ack));
                 }
-                MessageResult::ClientIdReused => {
-                    let _ = p.reply.send(SendOutcome::Refused(ErrorCode::ClientMsgIdReused));
-                }
             }
         }
         for r in receipts {

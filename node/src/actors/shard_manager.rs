@@ -25,7 +25,7 @@ use ractor_cluster::RactorMessage;
 
 use crate::actors::shard::{ShardActor, ShardArgs, ShardMsg};
 use crate::context::{call, NodeContext};
-use crate::routing::ShardRoute;
+use crate::routing::{RouteTarget, ShardRoute};
 
 /// Stop serving a shard this long before its lease would expire without a renewal, so that a
 /// slow stop cannot overlap another node's acquisition (which the epoch check would refuse anyway).
@@ -142,7 +142,7 @@ impl ShardManagerState {
         self.by_actor.insert(actor.get_id(), shard);
         self.ctx.routing.set(
             shard,
-            Some(ShardRoute { actor: actor.clone(), epoch: grant.epoch, node: self.ctx.node_name.clone() }),
+            Some(ShardRoute { target: RouteTarget::Local(actor.clone()), epoch: grant.epoch, node: self.ctx.node_name.clone() }),
         );
         let valid_until = started + self.lease_ttl() - SAFETY_MARGIN;
         self.owned.insert(shard, Owned { actor, epoch: grant.epoch, store, valid_until });

@@ -61,7 +61,7 @@ CREATE TABLE messages (
     PRIMARY KEY (conversation_id, seq),
     CONSTRAINT messages_message_id_key UNIQUE (message_id),
     -- The idempotency key: a retried send is answered with the original row.
-    CONSTRAINT messages_idempotency_key UNIQUE (shard, sender, client_msg_id)
+    CONSTRAINT messages_idempotency_key UNIQUE (conversation_id, sender, client_msg_id)
 );
 
 -- device_id '' is the member-level cursor (the maximum over the member's devices).

@@ -1,0 +1,385 @@
+//! `ClusterAgentActor`: membership. It runs this node's ractor_cluster `NodeServer` (listening only
+//! on the configured cluster address, authenticated by the cookie), and makes up for what
+//! ractor_cluster does not do:
+//!
+//! - **dialling**: nothing re-dials a dropped peer, so the agent dials every configured peer it has
+//!   no session with, with exponential backoff;
+//! - **failure detection**: ractor_cluster notices a closed socket (kill -9: ~1 ms) but never a
+//!   frozen peer (SIGSTOP), so the agent pings every peer's gateway each [`HEARTBEAT`] and declares
+//!   it down after [`PEER_DOWN_AFTER`] of silence;
+//! - **identity per boot**: the `NodeServer` name is the node's boot id (`n1#<uuid>`), so a
+//!   restarted node is a new peer, never confused with (or refused because of) its previous life.
+//!
+//! Its outputs: the live member list for the shard manager (placement), the peers' gateways for
+//! fan-out, and remote routes (peers announce the shards they serve every heartbeat).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parley_protocol::cluster::NodePayload;
+use parley_protocol::{codec, Epoch, ShardId};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage, RactorMessage};
+
+use crate::actors::gateway::{GatewayMsg, GATEWAY_GROUP};
+use crate::actors::shard_manager::ShardManagerMsg;
+use crate::context::{remote_call, NodeContext};
+
+/// How often peers are pinged, dialled and told our shards. 200 ms keeps failure detection and
+/// route convergence well under a second at a cost of a few small messages per peer per tick.
+pub const HEARTBEAT: Duration = Duration::from_millis(200);
+/// A peer silent for this long is declared down (its shards move). Long enough to ride out a GC-
+/// free Rust process's worst scheduling hiccup on a loaded 2-core box, short enough that a frozen
+/// node is replaced in about `PEER_DOWN_AFTER + lease_ttl`.
+pub const PEER_DOWN_AFTER: Duration = Duration::from_millis(1_500);
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Bound on one identify or ping call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct ClusterAgentActor;
+
+pub struct ClusterAgentArgs {
+    pub ctx: Arc<NodeContext>,
+    pub shards: ActorRef<ShardManagerMsg>,
+    /// This node's cluster listen address.
+    pub listen: SocketAddr,
+}
+
+struct Peer {
+    boot_id: String,
+    gateway: ActorRef<GatewayMsg>,
+    http: String,
+    last_seen: Instant,
+    alive: bool,
+}
+
+struct Dial {
+    next: Instant,
+    backoff: Duration,
+    in_progress: bool,
+}
+
+pub struct ClusterAgentState {
+    ctx: Arc<NodeContext>,
+    shards: ActorRef<ShardManagerMsg>,
+    node_server: Option<ActorRef<NodeServerMessage>>,
+    peers: HashMap<String, Peer>,
+    /// Remote gateway cells already identified (or being identified).
+    cells: HashSet<ActorId>,
+    /// Peer node names with an open ractor_cluster session.
+    sessions: HashSet<String>,
+    dials: HashMap<String, Dial>,
+    members: Vec<String>,
+}
+
+/// A member as `parley status` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MemberView {
+    pub node: String,
+    pub boot_id: String,
+    pub http: String,
+    pub alive: bool,
+    pub last_seen_ms_ago: u64,
+}
+
+#[derive(RactorMessage)]
+pub enum ClusterAgentMsg {
+    Tick,
+    SessionUp(String),
+    SessionDown(String),
+    DialDone { node: String, ok: bool },
+    Identified { cell: ActorId, gateway: ActorRef<GatewayMsg>, node: String, boot_id: String, http: String },
+    IdentifyFailed(ActorId),
+    Alive { node: String, boot_id: String },
+    Served { node: String, boot_id: String, shards: Vec<(ShardId, Epoch)> },
+    Members { reply: RpcReplyPort<Vec<MemberView>> },
+}
+
+/// The node name in a ractor_cluster peer name `n1#<boot>@host`.
+fn node_of(peer_name: &str) -> String {
+    peer_name.split(['#', '@']).next().unwrap_or(peer_name).to_string()
+}
+
+struct Events(ActorRef<ClusterAgentMsg>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _ses: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        if let Some(name) = ses.peer_name {
+            let _ = self.0.cast(ClusterAgentMsg::SessionDown(name.name));
+        }
+    }
+    fn node_session_authenticated(&self, _ses: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_ready(&self, ses: ractor_cluster::node::NodeServerSessionInformation) {
+        if let Some(name) = ses.peer_name {
+            let _ = self.0.cast(ClusterAgentMsg::SessionUp(name.name));
+        }
+    }
+}
+
+impl ClusterAgentState {
+    fn me(&self) -> &str {
+        &self.ctx.node_name
+    }
+
+    fn dial_due(&mut self, me: &ActorRef<ClusterAgentMsg>) {
+        let Some(ns) = self.node_server.clone() else { return };
+        let now = Instant::now();
+        let targets: Vec<(String, SocketAddr)> = self
+            .ctx
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.ctx.node_name && !self.sessions.contains(&n.name))
+            .map(|n| (n.name.clone(), n.cluster))
+            .collect();
+        for (node, addr) in targets {
+            let dial = self.dials.entry(node.clone()).or_insert(Dial { next: now, backoff: DIAL_BACKOFF_MIN, in_progress: false });
+            if dial.in_progress || dial.next > now {
+                continue;
+            }
+            dial.in_progress = true;
+            let (ns, me) = (ns.clone(), me.clone());
+            tokio::spawn(async move {
+                let ok = tokio::time::timeout(CALL_TIMEOUT, ractor_cluster::client_connect(&ns, addr)).await.is_ok_and(|r| r.is_ok());
+                let _ = me.cast(ClusterAgentMsg::DialDone { node, ok });
+            });
+        }
+    }
+
+    fn identify_new_gateways(&mut self, me: &ActorRef<ClusterAgentMsg>) {
+        let members = ractor::pg::get_members(&GATEWAY_GROUP.to_string());
+        let present: HashSet<ActorId> = members.iter().map(|c| c.get_id()).collect();
+        self.cells.retain(|id| present.contains(id));
+        for cell in members {
+            let id = cell.get_id();
+            if id.is_local() || self.cells.contains(&id) {
+                continue;
+            }
+            self.cells.insert(id);
+            let gateway: ActorRef<GatewayMsg> = cell.into();
+            let me = me.clone();
+            tokio::spawn(async move {
+                let msg = match remote_call(&gateway, &NodePayload::Identify, CALL_TIMEOUT).await {
+                    Ok(NodePayload::Identity { node, boot_id, http }) => ClusterAgentMsg::Identified { cell: id, gateway, node, boot_id, http },
+                    _ => ClusterAgentMsg::IdentifyFailed(id),
+                };
+                let _ = me.cast(msg);
+            });
+        }
+    }
+
+    fn heartbeat(&self, me: &ActorRef<ClusterAgentMsg>) {
+        for (node, peer) in &self.peers {
+            let (gateway, node, boot_id, me) = (peer.gateway.clone(), node.clone(), peer.boot_id.clone(), me.clone());
+            tokio::spawn(async move {
+                if let Ok(NodePayload::Pong { .. }) = remote_call(&gateway, &NodePayload::Ping { nonce: 0 }, PEER_DOWN_AFTER).await {
+                    let _ = me.cast(ClusterAgentMsg::Alive { node, boot_id });
+                }
+            });
+        }
+    }
+
+    /// Mark silent peers down, and publish membership changes.
+    fn refresh_members(&mut self) {
+        let now = Instant::now();
+        for (node, peer) in self.peers.iter_mut() {
+            if peer.alive && now.duration_since(peer.last_seen) > PEER_DOWN_AFTER {
+                tracing::warn!(peer = %node, "peer silent; declaring it down");
+                peer.alive = false;
+                self.ctx.routing.clear_node(node);
+            }
+        }
+        let mut members: Vec<String> = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, _)| n.clone()).collect();
+        members.push(self.me().to_string());
+        members.sort();
+        if members != self.members {
+            tracing::info!(?members, "membership changed");
+            self.members = members.clone();
+            let _ = self.shards.cast(ShardManagerMsg::Members(members));
+        }
+        let gateways = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
+        self.ctx.set_peers(gateways);
+    }
+
+    fn announce(&self) {
+        let payload = NodePayload::ShardsServed {
+            node: self.ctx.node_name.clone(),
+            boot_id: self.ctx.boot_id.clone(),
+            shards: self.ctx.routing.local_shards(),
+        };
+        let bytes = codec::encode(&payload);
+        for peer in self.peers.values().filter(|p| p.alive) {
+            let _ = peer.gateway.cast(GatewayMsg::Frame(bytes.clone()));
+        }
+    }
+
+    fn peer_down(&mut self, node: &str, why: &str) {
+        if let Some(peer) = self.peers.get_mut(node) {
+            if peer.alive {
+                tracing::warn!(peer = %node, why, "peer down");
+            }
+            peer.alive = false;
+            self.ctx.routing.clear_node(node);
+        }
+    }
+}
+
+impl Actor for ClusterAgentActor {
+    type Msg = ClusterAgentMsg;
+    type State = ClusterAgentState;
+    type Arguments = ClusterAgentArgs;
+
+    async fn pre_start(&self, me: ActorRef<ClusterAgentMsg>, args: ClusterAgentArgs) -> Result<ClusterAgentState, ActorProcessingErr> {
+        let clustered = args.ctx.config.nodes.len() > 1;
+        let node_server = match (&args.ctx.config.cluster.cookie, clustered) {
+            (Some(cookie), true) => {
+                let server = NodeServer::new(
+                    args.listen.port(),
+                    cookie.clone(),
+                    args.ctx.boot_id.clone(),
+                    args.listen.ip().to_string(),
+                    None,
+                    Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+                )
+                .with_listen_addr(args.listen.ip());
+                let (ns, _) = Actor::spawn_linked(None, server, (), me.get_cell()).await?;
+                ns.cast(NodeServerMessage::SubscribeToEvents { id: "parley.agent".into(), subscription: Box::new(Events(me.clone())) })?;
+                tracing::info!(listen = %args.listen, "cluster node server listening");
+                Some(ns)
+            }
+            (None, true) => {
+                tracing::warn!("no PARLEY_COOKIE / PARLEY_COOKIE_FILE: clustering disabled, running as a single node");
+                None
+            }
+            _ => None,
+        };
+        let _ = me.cast(ClusterAgentMsg::Tick);
+        Ok(ClusterAgentState {
+            members: vec![args.ctx.node_name.clone()],
+            ctx: args.ctx,
+            shards: args.shards,
+            node_server,
+            peers: HashMap::new(),
+            cells: HashSet::new(),
+            sessions: HashSet::new(),
+            dials: HashMap::new(),
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<ClusterAgentMsg>, msg: ClusterAgentMsg, state: &mut ClusterAgentState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClusterAgentMsg::Tick => {
+                if state.node_server.is_some() {
+                    state.dial_due(&me);
+                    state.identify_new_gateways(&me);
+                    state.heartbeat(&me);
+                    state.refresh_members();
+                    state.announce();
+                    me.send_after(HEARTBEAT, || ClusterAgentMsg::Tick);
+                }
+            }
+            ClusterAgentMsg::SessionUp(name) => {
+                state.sessions.insert(node_of(&name));
+            }
+            ClusterAgentMsg::SessionDown(name) => {
+                let node = node_of(&name);
+                state.sessions.remove(&node);
+                // Only the session of the boot we know: a stale session of an older boot closing
+                // must not take down its successor.
+                let boot = name.split('@').next().unwrap_or(&name).to_string();
+                if state.peers.get(&node).is_some_and(|p| p.boot_id == boot) {
+                    state.peer_down(&node, "session closed");
+                    state.refresh_members();
+                }
+            }
+            ClusterAgentMsg::DialDone { node, ok } => {
+                if let Some(d) = state.dials.get_mut(&node) {
+                    d.in_progress = false;
+                    if ok {
+                        d.backoff = DIAL_BACKOFF_MIN;
+                        d.next = Instant::now() + DIAL_BACKOFF_MIN;
+                    } else {
+                        d.next = Instant::now() + d.backoff;
+                        d.backoff = (d.backoff * 2).min(DIAL_BACKOFF_MAX);
+                    }
+                }
+            }
+            ClusterAgentMsg::Identified { cell, gateway, node, boot_id, http } => {
+                if node == state.ctx.node_name {
+                    return Ok(());
+                }
+                tracing::info!(peer = %node, boot = %boot_id, %cell, "peer identified");
+                state.sessions.insert(node.clone());
+                state.peers.insert(node, Peer { boot_id, gateway, http, last_seen: Instant::now(), alive: true });
+                state.refresh_members();
+            }
+            ClusterAgentMsg::IdentifyFailed(cell) => {
+                // Try again on a later tick.
+                state.cells.remove(&cell);
+            }
+            ClusterAgentMsg::Alive { node, boot_id } => {
+                if let Some(p) = state.peers.get_mut(&node) {
+                    if p.boot_id == boot_id {
+                        if !p.alive {
+                            tracing::info!(peer = %node, "peer alive again");
+                        }
+                        p.last_seen = Instant::now();
+                        p.alive = true;
+                    }
+                }
+            }
+            ClusterAgentMsg::Served { node, boot_id, shards } => {
+                if let Some(p) = state.peers.get(&node) {
+                    if p.alive && p.boot_id == boot_id {
+                        state.ctx.routing.apply_remote(&node, &p.gateway, &shards);
+                    }
+                }
+            }
+            ClusterAgentMsg::Members { reply } => {
+                let now = Instant::now();
+                let mut out: Vec<MemberView> = state
+                    .peers
+                    .iter()
+                    .map(|(n, p)| MemberView {
+                        node: n.clone(),
+                        boot_id: p.boot_id.clone(),
+                        http: p.http.clone(),
+                        alive: p.alive,
+                        last_seen_ms_ago: now.duration_since(p.last_seen).as_millis() as u64,
+                    })
+                    .collect();
+                out.push(MemberView {
+                    node: state.ctx.node_name.clone(),
+                    boot_id: state.ctx.boot_id.clone(),
+                    http: state.ctx.http_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    alive: true,
+                    last_seen_ms_ago: 0,
+                });
+                out.sort_by(|a, b| a.node.cmp(&b.node));
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, me: ActorRef<ClusterAgentMsg>, evt: SupervisionEvent, _state: &mut ClusterAgentState) -> Result<(), ActorProcessingErr> {
+        // Policy: escalate. A dead NodeServer means no peer can reach us; stopping lets the root
+        // stop the node so that an operator (or `parley up`) restarts it cleanly.
+        match &evt {
+            SupervisionEvent::ActorFailed(_, err) => {
+                tracing::error!(error = %err, "cluster node server failed");
+                me.stop(Some("node server failed".into()));
+            }
+            SupervisionEvent::ActorTerminated(_, _, reason) => {
+                tracing::error!(?reason, "cluster node server stopped");
+                me.stop(Some("node server stopped".into()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

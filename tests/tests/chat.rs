@@ -1,0 +1,437 @@
+//! End-to-end tests of the node core against real `parley` processes, each run twice: on the
+//! embedded store and on a real Postgres. They cover the issue's "done when": chat with acks,
+//! delivery and read receipts; idempotent resend; kill -9 + restart with no acked loss and a
+//! reconnect sync; bad input refused without side effects; stale-epoch writes refused.
+
+use std::time::Duration;
+
+use parley_node::client::{Client, ClientError, Connection};
+use parley_protocol::frames::{ClientFrame, ReceiptKind, ServerFrame};
+use parley_protocol::http::{SendRequest, TokenResponse};
+use parley_protocol::shard::shard_for;
+use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, UserId, PROTOCOL_VERSION};
+use parley_storage::{StoreConfig, Stores};
+use parley_tests::node::{signal, NodeOptions, NodeProcess, Storage};
+use parley_tests::postgres::TestPostgres;
+use parley_tests::TempDir;
+
+const T: Duration = Duration::from_secs(15);
+
+/// A store for one test, kept alive as long as the test runs.
+struct Backend {
+    storage: Storage,
+    _pg: Option<TestPostgres>,
+    _dir: TempDir,
+}
+
+impl Backend {
+    async fn new(postgres: bool) -> Backend {
+        let dir = TempDir::new("parley-store");
+        if postgres {
+            let pg = TestPostgres::start().await.expect("postgres");
+            Backend { storage: Storage::Postgres(pg.url().to_string()), _pg: Some(pg), _dir: dir }
+        } else {
+            Backend { storage: Storage::Embedded(dir.path().join("data")), _pg: None, _dir: dir }
+        }
+    }
+
+    /// Open the same store the node uses, from the test process.
+    async fn open(&self) -> Stores {
+        let config = match &self.storage {
+            Storage::Embedded(dir) => StoreConfig::Embedded { dir: dir.clone() },
+            Storage::Postgres(url) => StoreConfig::Postgres { url: url.clone(), pool_size: 2 },
+        };
+        parley_storage::open(&config).await.expect("open store")
+    }
+
+    async fn node(&self, extra_toml: &str) -> NodeProcess {
+        let mut options = NodeOptions::new("n1", self.storage.clone());
+        options.extra_toml = extra_toml.to_string();
+        NodeProcess::start(options).await.expect("node starts")
+    }
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(true).await } )* }
+    };
+}
+
+both_backends!(
+    chat_with_acks_delivery_and_read_receipts,
+    resend_with_same_client_id_is_stored_once,
+    kill9_and_restart_lose_no_acked_message,
+    bad_input_is_refused_and_changes_nothing,
+    stale_epoch_writes_are_refused,
+    sigterm_drains_and_releases_leases,
+);
+
+async fn register(client: &Client, name: &str) -> TokenResponse {
+    let name = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    client.register(&name, "password-123").await.expect("register")
+}
+
+fn cid(s: &str) -> ClientMsgId {
+    ClientMsgId::new(s).unwrap()
+}
+
+fn ack_seq(f: &ServerFrame) -> u64 {
+    match f {
+        ServerFrame::Ack { seq, .. } => *seq,
+        other => panic!("expected ack, got {other:?}"),
+    }
+}
+
+async fn expect_message(conn: &mut Connection, body: &str) -> parley_protocol::frames::MessageView {
+    match conn.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == body)).await {
+        Ok(ServerFrame::Message { message }) => message,
+        other => panic!("expected message {body:?}, got {other:?}"),
+    }
+}
+
+async fn expect_error(conn: &mut Connection, code: ErrorCode) {
+    match conn.expect(T, |f| matches!(f, ServerFrame::Error { .. })).await {
+        Ok(ServerFrame::Error { code: got, .. }) => assert_eq!(got, code),
+        other => panic!("expected error {code:?}, got {other:?}"),
+    }
+}
+
+async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a1 = http.connect(&alice.token, "a1").await.unwrap();
+    let mut a2 = http.connect(&alice.token, "a2").await.unwrap();
+    let mut b1 = http.connect(&bob.token, "b1").await.unwrap();
+    let mut b2 = http.connect(&bob.token, "b2").await.unwrap();
+    for c in [&mut a1, &mut a2, &mut b1, &mut b2] {
+        c.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    }
+
+    let ack = a1.send_message(bob.user_id, "hello bob", "c-1").await.unwrap();
+    let ServerFrame::Ack { seq, conversation_id, duplicate, message_id, .. } = ack else { unreachable!() };
+    assert_eq!((seq, duplicate), (1, false));
+    assert_eq!(conversation_id, ConversationId::direct(alice.user_id, bob.user_id));
+
+    // Delivered to every device of the recipient and to the sender's other device.
+    for conn in [&mut b1, &mut b2, &mut a2] {
+        let m = expect_message(conn, "hello bob").await;
+        assert_eq!((m.seq, m.sender, m.message_id), (1, alice.user_id, message_id));
+    }
+
+    // Unread until read.
+    let list = http.conversations(&bob.token).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].unread, list[0].last_seq), (1, 1));
+    assert_eq!(list[0].last_message.as_ref().unwrap().body, "hello bob");
+
+    b1.send(&ClientFrame::Delivered { conversation_id, seq: 1 }).await.unwrap();
+    let r = a1.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Delivered, .. })).await.unwrap();
+    assert_eq!(r, ServerFrame::Receipt { conversation_id, user_id: bob.user_id, kind: ReceiptKind::Delivered, seq: 1 });
+
+    b2.send(&ClientFrame::Read { conversation_id, seq: 1 }).await.unwrap();
+    let r = a1.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, .. })).await.unwrap();
+    assert_eq!(r, ServerFrame::Receipt { conversation_id, user_id: bob.user_id, kind: ReceiptKind::Read, seq: 1 });
+    let list = http.conversations(&bob.token).await.unwrap();
+    assert_eq!(list[0].unread, 0);
+    assert_eq!(list[0].read_seq, 1);
+
+    // A reply goes the other way, with the next seq.
+    let ack = b1.send_message(alice.user_id, "hi alice", "r-1").await.unwrap();
+    assert_eq!(ack_seq(&ack), 2);
+    let m = expect_message(&mut a1, "hi alice").await;
+    assert_eq!(m.seq, 2);
+    // The origin device does not get its own message echoed.
+    assert!(!a1.buffered().any(|f| matches!(f, ServerFrame::Message { message } if message.body == "hello bob")));
+}
+
+async fn resend_with_same_client_id_is_stored_once(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let carol = register(&http, "carol").await;
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+
+    let first = a.send_message(bob.user_id, "once", "same-id").await.unwrap();
+    let again = a.send_message(bob.user_id, "once", "same-id").await.unwrap();
+    let (ServerFrame::Ack { message_id: m1, seq: s1, duplicate: d1, .. }, ServerFrame::Ack { message_id: m2, seq: s2, duplicate: d2, .. }) =
+        (first, again)
+    else {
+        unreachable!()
+    };
+    assert_eq!((m1, s1, d1), (m2, s2, !d2));
+    assert!(d2);
+
+    // The HTTP API shares the idempotency key.
+    let req = SendRequest { client_msg_id: cid("same-id"), to: Some(bob.user_id), conversation_id: None, body: "once".into() };
+    let resp = http.send(&alice.token, &req).await.unwrap();
+    assert_eq!((resp.message_id, resp.seq, resp.duplicate), (m1, s1, true));
+
+    // The idempotency key is (conversation, sender, client_msg_id): the same id in another
+    // conversation is another message (PROTOCOL.md, "Idempotency").
+    let other = a.send_message(carol.user_id, "other", "same-id").await.unwrap();
+    assert!(matches!(other, ServerFrame::Ack { seq: 1, duplicate: false, .. }));
+
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    let page = http.history(&alice.token, conv, None, None).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    let other = http.history(&alice.token, ConversationId::direct(alice.user_id, carol.user_id), None, None).await.unwrap();
+    assert_eq!(other.messages.len(), 1);
+}
+
+async fn kill9_and_restart_lose_no_acked_message(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let mut node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+
+    // Pipeline 60 sends (bob offline), collect every ack, then crash the node at once.
+    const N: usize = 60;
+    for i in 0..N {
+        let frame = ClientFrame::Send { client_msg_id: cid(&format!("k-{i}")), to: Some(bob.user_id), conversation_id: None, body: format!("m{i}") };
+        a.send(&frame).await.unwrap();
+    }
+    let mut acked = Vec::new();
+    for i in 0..N {
+        acked.push(ack_seq(&a.expect_ack(&cid(&format!("k-{i}")), T).await.unwrap()));
+    }
+    acked.sort();
+    assert_eq!(acked, (1..=N as u64).collect::<Vec<_>>(), "one client's pipelined sends keep their order");
+    node.kill9();
+    drop(a);
+
+    node.restart().await.unwrap();
+    let http = node.client();
+    // Bob's first connect syncs everything he never acknowledged, in order.
+    let mut b = http.connect(&bob.token, "b1").await.unwrap();
+    let mut seqs = Vec::new();
+    loop {
+        match b.next(T).await.unwrap() {
+            ServerFrame::Message { message } => {
+                assert_eq!(message.body, format!("m{}", message.seq - 1));
+                seqs.push(message.seq);
+            }
+            ServerFrame::SyncDone { messages, truncated } => {
+                assert_eq!(messages, N as u64);
+                assert!(truncated.is_empty());
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=N as u64).collect::<Vec<_>>());
+
+    // After acknowledging, a reconnect of the same device gets nothing again; a new device gets all.
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    b.send(&ClientFrame::Delivered { conversation_id: conv, seq: N as u64 }).await.unwrap();
+    // The receipt is durable once the sender sees it.
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Receipt { seq, .. } if *seq == N as u64)).await.ok();
+    drop(b);
+    let mut b = http.connect(&bob.token, "b1").await.unwrap();
+    match b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap() {
+        ServerFrame::SyncDone { messages, .. } => assert_eq!(messages, 0),
+        _ => unreachable!(),
+    }
+    let mut b_new = http.connect(&bob.token, "b-new").await.unwrap();
+    match b_new.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap() {
+        ServerFrame::SyncDone { messages, .. } => assert_eq!(messages, N as u64),
+        _ => unreachable!(),
+    }
+    let page = http.history(&bob.token, conv, None, Some(500)).await.unwrap();
+    assert_eq!(page.messages.len(), N);
+}
+
+async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+
+    // --- WebSocket, before authentication.
+    let mut raw = http.connect_raw().await.unwrap();
+    raw.send(&ClientFrame::Ping { nonce: None }).await.unwrap();
+    expect_error(&mut raw, ErrorCode::NotAuthenticated).await;
+    raw.send_text(ClientFrame::Hello { protocol: PROTOCOL_VERSION + 1, token: alice.token.clone(), device_id: "d".to_string().try_into().unwrap() }.encode())
+        .await
+        .unwrap();
+    expect_error(&mut raw, ErrorCode::UnsupportedProtocol).await;
+    let mut raw = http.connect_raw().await.unwrap();
+    raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: "not-a-token".into(), device_id: "d".to_string().try_into().unwrap() })
+        .await
+        .unwrap();
+    expect_error(&mut raw, ErrorCode::BadToken).await;
+    assert!(matches!(raw.next(T).await, Err(ClientError::Closed(Some((4001, _))))));
+
+    // --- WebSocket, authenticated: every bad frame gets its code and the connection stays usable.
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    let cases: Vec<(String, ErrorCode)> = vec![
+        ("{not json".into(), ErrorCode::BadJson),
+        (r#"{"type":"teleport"}"#.into(), ErrorCode::UnknownFrame),
+        (r#"{"type":"send","body":"x"}"#.into(), ErrorCode::BadJson),
+        (format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(70_000)), ErrorCode::FrameTooLarge),
+        (format!(r#"{{"type":"send","client_msg_id":"big","to":"{}","body":"{}"}}"#, bob.user_id, "x".repeat(17_000)), ErrorCode::BodyTooLarge),
+        (format!(r#"{{"type":"send","client_msg_id":"empty","to":"{}","body":""}}"#, bob.user_id), ErrorCode::InvalidField),
+        (format!(r#"{{"type":"send","client_msg_id":"bad id!","to":"{}","body":"x"}}"#, bob.user_id), ErrorCode::InvalidField),
+        (format!(r#"{{"type":"send","client_msg_id":"ghost","to":"{}","body":"x"}}"#, UserId::random()), ErrorCode::UnknownUser),
+        (format!(r#"{{"type":"send","client_msg_id":"nowhere","conversation_id":"{}","body":"x"}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
+        (format!(r#"{{"type":"history","conversation_id":"{}"}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
+        (format!(r#"{{"type":"read","conversation_id":"{}","seq":1}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
+        (format!(r#"{{"type":"history","conversation_id":"{}","limit":0}}"#, ConversationId::direct(alice.user_id, bob.user_id)), ErrorCode::InvalidField),
+        (r#"{"type":"hello","protocol":1,"token":"x","device_id":"d"}"#.into(), ErrorCode::InvalidField),
+    ];
+    for (text, code) in &cases {
+        a.send_text(text.clone()).await.unwrap();
+        match a.expect(T, |f| matches!(f, ServerFrame::Error { .. })).await {
+            Ok(ServerFrame::Error { code: got, .. }) => assert_eq!(got, *code, "frame {}", &text[..text.len().min(80)]),
+            other => panic!("frame {}: {other:?}", &text[..text.len().min(80)]),
+        }
+    }
+    a.send_binary(vec![0xff, 0xfe, 0x00]).await.unwrap();
+    expect_error(&mut a, ErrorCode::InvalidUtf8).await;
+    a.send(&ClientFrame::Ping { nonce: Some(7) }).await.unwrap();
+    assert_eq!(a.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(), ServerFrame::Pong { nonce: Some(7) });
+    // A conversation alice is not in looks exactly like one that does not exist.
+    let carol = register(&http, "carol").await;
+    let bc = ConversationId::direct(bob.user_id, carol.user_id);
+    http.send(&bob.token, &SendRequest { client_msg_id: cid("bc-1"), to: Some(carol.user_id), conversation_id: None, body: "private".into() })
+        .await
+        .unwrap();
+    a.send(&ClientFrame::Send { client_msg_id: cid("intrude"), to: None, conversation_id: Some(bc), body: "hi".into() }).await.unwrap();
+    expect_error(&mut a, ErrorCode::UnknownConversation).await;
+
+    // --- HTTP.
+    let send_body = |from: UserId, to: String| serde_json::to_vec(&serde_json::json!({"from_user_id": from.to_string(), "to_user_id": to, "content": "x"})).unwrap();
+    let bc_path = format!("/v1/conversations/{bc}/messages");
+    let bob_msgs = format!("/api/messages/{}", bob.user_id);
+    let checks: Vec<(&str, &str, Option<&str>, Option<Vec<u8>>, u16, &str)> = vec![
+        ("GET", "/v1/conversations", None, None, 401, "not_authenticated"),
+        ("GET", "/v1/conversations", Some("wrong"), None, 401, "bad_token"),
+        ("POST", "/api/messages", Some(&alice.token), Some(send_body(bob.user_id, alice.user_id.to_string())), 403, "spoofed_sender"),
+        ("POST", "/api/messages", Some(&alice.token), Some(send_body(alice.user_id, "no-such-user".into())), 404, "unknown_user"),
+        ("POST", "/api/messages", Some(&alice.token), Some(send_body(alice.user_id, UserId::random().to_string())), 404, "unknown_user"),
+        ("POST", "/v1/messages", Some(&alice.token), Some(b"{nope".to_vec()), 400, "bad_json"),
+        ("POST", "/v1/messages", Some(&alice.token), Some(vec![b'"', 0xff, b'"']), 400, "invalid_utf8"),
+        ("POST", "/v1/messages", Some(&alice.token), Some(vec![b' '; 70_000]), 413, "frame_too_large"),
+        ("GET", &bc_path, Some(&alice.token), None, 404, "unknown_conversation"),
+        ("GET", "/v1/conversations/not-a-uuid/messages", Some(&alice.token), None, 404, "unknown_conversation"),
+        ("GET", &bob_msgs, Some(&alice.token), None, 403, "spoofed_sender"),
+        ("POST", "/v1/login", None, Some(br#"{"username":"nobody","password":"whatever1"}"#.to_vec()), 401, "bad_credentials"),
+        ("POST", "/v1/register", None, Some(br#"{"username":"X y","password":"whatever1"}"#.to_vec()), 400, "invalid_field"),
+        ("POST", "/v1/register", None, Some(br#"{"username":"shorty","password":"1"}"#.to_vec()), 400, "invalid_field"),
+        ("GET", "/no/such/route", None, None, 404, "not_found"),
+    ];
+    for (method, path, token, body, status, code) in checks {
+        // A fresh connection per request: a refused oversized body leaves its connection unusable.
+        let (got_status, got) = node.client().raw(method, path, token, body).await.unwrap();
+        assert_eq!((got_status, got["error"].as_str().unwrap_or("")), (status, code), "{method} {path}: {got}");
+    }
+    let (status, body) = http.raw("POST", "/v1/register", None, Some(format!(r#"{{"username":"{}","password":"password-123"}}"#, alice.username).into_bytes())).await.unwrap();
+    assert_eq!((status, body["error"].as_str()), (409, Some("username_taken")));
+
+    // Nothing was stored by any of it: alice has no conversation, bob only the one with carol.
+    assert!(http.conversations(&alice.token).await.unwrap().is_empty());
+    let bobs = http.conversations(&bob.token).await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(bobs[0].last_seq, 1);
+
+    // Logout revokes the token.
+    http.logout(&alice.token).await.unwrap();
+    assert_eq!(http.users(&alice.token).await.unwrap_err().code(), Some(ErrorCode::BadToken));
+}
+
+async fn stale_epoch_writes_are_refused(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    a.send_message(bob.user_id, "before", "e-1").await.unwrap();
+
+    // Freeze the owner past its lease; another owner takes the shard (epoch bumps).
+    let stores = backend.open().await;
+    let shard = stores.shard(shard_for(conv, 8)).await.unwrap();
+    let before = shard.lease_info().await.unwrap();
+    let pid = node.pid().unwrap();
+    signal(pid, libc::SIGSTOP);
+    let _resume = Resume(pid);
+    // The old owner's send is already in its socket when it wakes up.
+    a.send(&ClientFrame::Send { client_msg_id: cid("e-2"), to: Some(bob.user_id), conversation_id: None, body: "stale".into() })
+        .await
+        .unwrap();
+    let grant = loop {
+        if let Some(g) = shard.acquire_lease("intruder", 60_000).await.unwrap() {
+            break g;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(grant.epoch > before.epoch);
+    signal(pid, libc::SIGCONT);
+
+    // Refused (never acked), and nothing written under the old epoch.
+    let err = a.expect_ack(&cid("e-2"), T).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err:?}");
+    let (page, _) = shard.history(conv, None, 100).await.unwrap();
+    assert_eq!(page.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), vec!["before"]);
+    assert_eq!(shard.lease_info().await.unwrap().epoch, grant.epoch);
+
+    // Once the intruder lets go, the node takes the shard back and the retry (same id) lands.
+    shard.release_lease("intruder", grant.epoch).await.unwrap();
+    let mut acked = None;
+    for _ in 0..100 {
+        match a.send_message(bob.user_id, "stale", "e-2").await {
+            Ok(ack) => {
+                acked = Some(ack);
+                break;
+            }
+            Err(e) if e.code() == Some(ErrorCode::Unavailable) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(ack_seq(&acked.expect("node re-acquired the shard")), 2);
+    assert!(shard.lease_info().await.unwrap().epoch > grant.epoch);
+}
+
+/// SIGCONT on drop, so a failing assertion never leaves a stopped process behind.
+struct Resume(u32);
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+async fn sigterm_drains_and_releases_leases(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let mut node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    a.send_message(bob.user_id, "before shutdown", "s-1").await.unwrap();
+
+    let status = node.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "exit status {status}");
+    // Sessions were closed with "going away".
+    let closed = a.expect(T, |_| false).await.unwrap_err();
+    assert!(matches!(closed, ClientError::Closed(Some((1001, _))) | ClientError::Closed(None) | ClientError::Transport(_)), "{closed:?}");
+    // Every lease was released, so a successor need not wait for expiry.
+    let stores = backend.open().await;
+    for s in 0..8 {
+        let info = stores.shard(parley_protocol::ShardId(s)).await.unwrap().lease_info().await.unwrap();
+        assert_eq!(info.owner, None, "shard {s} still owned after drain");
+    }
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    let shard = stores.shard(shard_for(conv, 8)).await.unwrap();
+    assert_eq!(shard.history(conv, None, 10).await.unwrap().0.len(), 1);
+}
