@@ -1,12 +1,21 @@
 //! The `parley` binary: parse the command line, set up logging, hand over to `parley_node::cli`.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
-    parley_node::cli::dispatch(parley_node::cli::Cli::parse()).await
+    match parley_node::cli::dispatch(parley_node::cli::Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parley: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -59,6 +59,15 @@ const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long opening one connection may take (TCP connect plus authentication).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bound on every statement of the session-lock connection (and on opening it). Lock calls answer
+/// in microseconds; a stuck lock connection must not stall acquire, renew or release, whose callers
+/// run against a lease deadline. On timeout the connection is dropped (and its locks with it).
+const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Bound on unacknowledged data on every connection (TCP_USER_TIMEOUT), unless the URL sets one:
+/// without it a query sent into a network partition waits for the kernel's default of minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A commit that hits a unique violation, serialisation failure or deadlock is retried this many
 /// times in total: a racing writer's rows are visible to the retry, whose dedupe then answers them.
 const MAX_COMMIT_ATTEMPTS: u32 = 3;
@@ -99,6 +108,9 @@ impl PgBackend {
         let mut config: tokio_postgres::Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
@@ -205,6 +217,25 @@ struct LockConn {
     held: HashMap<ShardId, String>,
 }
 
+/// Why a statement on the lock connection failed (logged, never returned: the lock is optional).
+#[derive(Debug, thiserror::Error)]
+enum LockConnError {
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no answer within {LOCK_QUERY_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// `fut`, bounded by [`LOCK_QUERY_TIMEOUT`].
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> std::result::Result<T, LockConnError> {
+    match tokio::time::timeout(LOCK_QUERY_TIMEOUT, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(LockConnError::Timeout),
+    }
+}
+
 /// The outcome of trying a shard's session lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SessionLock {
@@ -221,10 +252,29 @@ impl SessionLocks {
     /// lock connection only means the lease rules decide alone.
     async fn try_lock(&self, shard: ShardId, owner: &str) -> SessionLock {
         let mut state = self.state.lock().await;
+        Self::try_lock_locked(&self.config, &mut state, shard, owner).await
+    }
+
+    /// Take `shard`'s lock for `owner` unless another call is using the lock connection right now
+    /// (then skip: this is the opportunistic grab of a renew, which must not queue behind it).
+    async fn try_lock_if_idle(&self, shard: ShardId, owner: &str) {
+        if let Ok(mut state) = self.state.try_lock() {
+            if !state.held.contains_key(&shard) {
+                Self::try_lock_locked(&self.config, &mut state, shard, owner).await;
+            }
+        }
+    }
+
+    async fn try_lock_locked(
+        config: &tokio_postgres::Config,
+        state: &mut LockConn,
+        shard: ShardId,
+        owner: &str,
+    ) -> SessionLock {
         if state.alive() && state.held.contains_key(&shard) {
             return SessionLock::AlreadyHeld;
         }
-        match Self::try_lock_inner(&self.config, &mut state, shard).await {
+        match Self::try_lock_inner(config, state, shard).await {
             Ok(true) => {
                 state.held.insert(shard, owner.to_string());
                 SessionLock::Obtained
@@ -242,11 +292,11 @@ impl SessionLocks {
         config: &tokio_postgres::Config,
         state: &mut LockConn,
         shard: ShardId,
-    ) -> Result<bool> {
+    ) -> std::result::Result<bool, LockConnError> {
         if !state.alive() {
             // Whatever the old session held died with it.
             state.forget();
-            let (client, connection) = config.connect(NoTls).await?;
+            let (client, connection) = bounded(config.connect(NoTls)).await?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!(error = %e, "session lock connection ended");
@@ -254,16 +304,14 @@ impl SessionLocks {
             });
             state.client = Some(client);
         }
-        let client = state
-            .client
-            .as_ref()
-            .ok_or(StorageError::Pool("no lock connection".into()))?;
-        let row = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, $2)",
-                &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
-            )
-            .await?;
+        let Some(client) = state.client.as_ref() else {
+            return Ok(false);
+        };
+        let row = bounded(client.query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
+        ))
+        .await?;
         Ok(row.try_get::<_, bool>(0)?)
     }
 
@@ -272,11 +320,6 @@ impl SessionLocks {
         if let Some(holder) = self.state.lock().await.held.get_mut(&shard) {
             owner.clone_into(holder);
         }
-    }
-
-    /// Whether this backend holds `shard`'s lock.
-    async fn holds(&self, shard: ShardId) -> bool {
-        self.state.lock().await.held.contains_key(&shard)
     }
 
     /// Give `shard`'s lock up if this backend holds it (for `owner`, when given).
@@ -290,12 +333,11 @@ impl SessionLocks {
         let Some(client) = state.client.as_ref() else {
             return;
         };
-        let unlocked = client
-            .query_one(
-                "SELECT pg_advisory_unlock($1, $2)",
-                &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
-            )
-            .await;
+        let unlocked = bounded(client.query_one(
+            "SELECT pg_advisory_unlock($1, $2)",
+            &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
+        ))
+        .await;
         if let Err(e) = unlocked {
             // Dropping the connection releases every lock it held, which is what we wanted.
             tracing::warn!(shard = %shard, error = %e, "session unlock failed; dropping lock connection");
@@ -1021,11 +1063,9 @@ impl ShardStore for PgShard {
                 current,
             });
         };
-        if !self.backend.locks.holds(self.shard).await {
-            // Leases taken over by expiry come without the session lock (the old owner's session
-            // still held it); take it as soon as it is free so the fast path protects us too.
-            self.backend.locks.try_lock(self.shard, owner).await;
-        }
+        // Leases taken over by expiry come without the session lock (the old owner's session
+        // still held it); take it as soon as it is free so the fast path protects us too.
+        self.backend.locks.try_lock_if_idle(self.shard, owner).await;
         Ok(LeaseGrant {
             epoch,
             expires_at_ms: row.try_get(0)?,

@@ -53,6 +53,32 @@ where
     .map_err(|e| StorageError::Join(e.to_string()))?
 }
 
+/// Open a file, retrying while another process holds it (several nodes starting at once on one
+/// data directory all switch it to WAL and create the schema; SQLite answers `SQLITE_BUSY` to
+/// some of them even with a busy timeout).
+fn open_with_schema(path: &Path, schema: &str) -> Result<Connection> {
+    let mut attempt = 0;
+    loop {
+        let result = open_conn(path).and_then(|c| {
+            c.execute_batch(schema)?;
+            Ok(c)
+        });
+        match result {
+            Err(StorageError::Sqlite(rusqlite::Error::SqliteFailure(e, _)))
+                if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                    && attempt < OPEN_RETRIES =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// 100 × 50 ms: a contended open gives up after about 5 s.
+const OPEN_RETRIES: u32 = 100;
+
 fn open_conn(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
@@ -152,11 +178,7 @@ impl SqliteBackend {
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("directory.db");
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let conn = open_conn(&path)?;
-            conn.execute_batch(DIRECTORY_SCHEMA)?;
-            Ok(conn)
-        })
+        let conn = tokio::task::spawn_blocking(move || open_with_schema(&path, DIRECTORY_SCHEMA))
         .await
         .map_err(|e| StorageError::Join(e.to_string()))??;
         Ok(SqliteBackend { dir: dir.to_path_buf(), directory: Arc::new(Mutex::new(conn)) })
@@ -170,8 +192,7 @@ impl SqliteBackend {
         let db = self.dir.join(format!("shard-{:03}.db", shard.0));
         let lock = self.dir.join(format!("shard-{:03}.lock", shard.0));
         let (writer, reader) = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
-            let writer = open_conn(&db)?;
-            writer.execute_batch(SHARD_SCHEMA)?;
+            let writer = open_with_schema(&db, SHARD_SCHEMA)?;
             writer.execute(
                 "INSERT OR IGNORE INTO lease (shard, owner, epoch, expires_at_ms) VALUES (?1, NULL, 0, 0)",
                 params![shard.0],

@@ -69,11 +69,18 @@ pub struct ClusterAgentState {
     peers: HashMap<String, Peer>,
     /// Remote gateway cells already identified (or being identified).
     cells: HashSet<ActorId>,
-    /// Peer node names with an open ractor_cluster session.
-    sessions: HashSet<String>,
+    /// Open ractor_cluster sessions per peer node name.
+    sessions: HashMap<String, usize>,
     dials: HashMap<String, Dial>,
     members: Vec<String>,
+    started: Instant,
+    /// Whether the shard manager has been told it may place shards (see `STARTUP_SETTLE`).
+    settled: bool,
 }
+
+/// A starting node waits this long (or until every configured peer answered) before it takes
+/// shards: acting on a one-node view would grab shards that live peers own and must hand back.
+pub const STARTUP_SETTLE: Duration = Duration::from_millis(2_500);
 
 /// A member as `parley status` shows it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -133,7 +140,9 @@ impl ClusterAgentState {
             .config
             .nodes
             .iter()
-            .filter(|n| n.name != self.ctx.node_name && !self.sessions.contains(&n.name))
+            // The smaller name dials the larger: one connection per pair, no duplicate-session
+            // churn. Whoever restarts is re-dialled by (or re-dials) its peers.
+            .filter(|n| n.name > self.ctx.node_name && !self.sessions.contains_key(&n.name))
             .map(|n| (n.name.clone(), n.cluster))
             .collect();
         for (node, addr) in targets {
@@ -196,10 +205,15 @@ impl ClusterAgentState {
         let mut members: Vec<String> = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, _)| n.clone()).collect();
         members.push(self.me().to_string());
         members.sort();
-        if members != self.members {
+        let configured = self.ctx.config.nodes.len();
+        let settled_now = !self.settled && (members.len() == configured || self.started.elapsed() >= STARTUP_SETTLE);
+        if members != self.members || settled_now {
             tracing::info!(?members, "membership changed");
             self.members = members.clone();
-            let _ = self.shards.cast(ShardManagerMsg::Members(members));
+            self.settled |= settled_now;
+            if self.settled {
+                let _ = self.shards.cast(ShardManagerMsg::Members(members));
+            }
         }
         let gateways = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
         self.ctx.set_peers(gateways);
@@ -265,8 +279,10 @@ impl Actor for ClusterAgentActor {
             node_server,
             peers: HashMap::new(),
             cells: HashSet::new(),
-            sessions: HashSet::new(),
+            sessions: HashMap::new(),
             dials: HashMap::new(),
+            started: Instant::now(),
+            settled: false,
         })
     }
 
@@ -283,10 +299,17 @@ impl Actor for ClusterAgentActor {
                 }
             }
             ClusterAgentMsg::SessionUp(name) => {
-                state.sessions.insert(node_of(&name));
+                *state.sessions.entry(node_of(&name)).or_insert(0) += 1;
             }
             ClusterAgentMsg::SessionDown(name) => {
                 let node = node_of(&name);
+                let open = state.sessions.get_mut(&node).map(|n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                if open.unwrap_or(0) > 0 {
+                    return Ok(());
+                }
                 state.sessions.remove(&node);
                 // Only the session of the boot we know: a stale session of an older boot closing
                 // must not take down its successor.
@@ -313,7 +336,6 @@ impl Actor for ClusterAgentActor {
                     return Ok(());
                 }
                 tracing::info!(peer = %node, boot = %boot_id, %cell, "peer identified");
-                state.sessions.insert(node.clone());
                 state.peers.insert(node, Peer { boot_id, gateway, http, last_seen: Instant::now(), alive: true });
                 state.refresh_members();
             }

@@ -54,6 +54,8 @@ pub struct ShardManagerState {
     by_actor: HashMap<ActorId, ShardId>,
     stores: HashMap<ShardId, Arc<dyn ShardStore>>,
     stopping: bool,
+    /// False until the first settled membership arrives (clustered nodes only).
+    placing: bool,
 }
 
 #[derive(RactorMessage)]
@@ -73,15 +75,6 @@ impl ShardManagerState {
     fn should_own(&self, shard: ShardId) -> bool {
         let names: Vec<&str> = self.members.iter().map(String::as_str).collect();
         rendezvous_owner(shard, &names) == Some(self.ctx.node_name.as_str())
-    }
-
-    async fn store(&mut self, shard: ShardId) -> Result<Arc<dyn ShardStore>, StorageError> {
-        if let Some(s) = self.stores.get(&shard) {
-            return Ok(s.clone());
-        }
-        let s = self.ctx.stores.shard(shard).await?;
-        self.stores.insert(shard, s.clone());
-        Ok(s)
     }
 
     async fn renew_all(&mut self) {
@@ -117,35 +110,81 @@ impl ShardManagerState {
         }
     }
 
+    /// Hand off what we should no longer serve, take what we should.
+    async fn rebalance(&mut self, me: &ActorRef<ShardManagerMsg>) {
+        let unwanted: Vec<ShardId> = self.owned.keys().copied().filter(|s| !self.should_own(*s)).collect();
+        for shard in unwanted {
+            self.hand_off(shard).await;
+        }
+        self.acquire_missing(me).await;
+    }
+
+    /// Acquire every shard this node should serve but does not, concurrently (a node taking over
+    /// a third of 64 shards must not spend longer than a lease TTL doing it one by one).
     async fn acquire_missing(&mut self, me: &ActorRef<ShardManagerMsg>) {
-        let count = self.ctx.config.cluster.shard_count;
-        for s in 0..count {
-            let shard = ShardId(s);
-            if self.owned.contains_key(&shard) || !self.should_own(shard) || self.stopping {
-                continue;
+        if self.stopping || !self.placing {
+            return;
+        }
+        let wanted: Vec<ShardId> = (0..self.ctx.config.cluster.shard_count)
+            .map(ShardId)
+            .filter(|s| !self.owned.contains_key(s) && self.should_own(*s))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let missing: Vec<ShardId> = wanted.iter().copied().filter(|s| !self.stores.contains_key(s)).collect();
+        let opened = join_all(missing.into_iter().map(|shard| {
+            let stores = self.ctx.stores.clone();
+            async move { (shard, stores.shard(shard).await) }
+        }))
+        .await;
+        for (shard, store) in opened {
+            match store {
+                Ok(store) => {
+                    self.stores.insert(shard, store);
+                }
+                Err(e) => tracing::warn!(%shard, error = %e, "cannot open shard store"),
             }
-            if let Err(e) = self.acquire(shard, me).await {
-                tracing::warn!(%shard, error = %e, "could not start shard");
+        }
+        let owner = self.ctx.boot_id.clone();
+        let ttl = self.ctx.config.cluster.lease_ttl_ms;
+        let attempts = wanted.into_iter().filter_map(|shard| self.stores.get(&shard).cloned().map(|s| (shard, s))).map(|(shard, store)| {
+            let owner = owner.clone();
+            async move {
+                let started = Instant::now();
+                (shard, store.acquire_lease(&owner, ttl).await, started)
+            }
+        });
+        for (shard, result, started) in join_all(attempts).await {
+            match result {
+                Ok(Some(grant)) => {
+                    if let Err(e) = self.start_shard(shard, grant.epoch, started, me).await {
+                        tracing::warn!(%shard, error = %e, "could not start shard");
+                    }
+                }
+                Ok(None) => tracing::debug!(%shard, "lease held elsewhere"),
+                Err(e) => tracing::warn!(%shard, error = %e, "lease acquisition failed"),
             }
         }
     }
 
-    async fn acquire(&mut self, shard: ShardId, me: &ActorRef<ShardManagerMsg>) -> Result<(), ActorProcessingErr> {
-        let store = self.store(shard).await?;
-        let started = Instant::now();
-        let Some(grant) = store.acquire_lease(&self.ctx.boot_id, self.ctx.config.cluster.lease_ttl_ms).await? else {
-            tracing::debug!(%shard, "lease held elsewhere");
-            return Ok(());
-        };
-        let args = ShardArgs { ctx: self.ctx.clone(), shard, epoch: grant.epoch, store: store.clone() };
+    async fn start_shard(
+        &mut self,
+        shard: ShardId,
+        epoch: Epoch,
+        started: Instant,
+        me: &ActorRef<ShardManagerMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let store = self.stores.get(&shard).cloned().ok_or("store not open")?;
+        let args = ShardArgs { ctx: self.ctx.clone(), shard, epoch, store: store.clone() };
         let (actor, _) = Actor::spawn_linked(None, ShardActor, args, me.get_cell()).await?;
         self.by_actor.insert(actor.get_id(), shard);
         self.ctx.routing.set(
             shard,
-            Some(ShardRoute { target: RouteTarget::Local(actor.clone()), epoch: grant.epoch, node: self.ctx.node_name.clone() }),
+            Some(ShardRoute { target: RouteTarget::Local(actor.clone()), epoch, node: self.ctx.node_name.clone() }),
         );
         let valid_until = started + self.lease_ttl() - SAFETY_MARGIN;
-        self.owned.insert(shard, Owned { actor, epoch: grant.epoch, store, valid_until });
+        self.owned.insert(shard, Owned { actor, epoch, store, valid_until });
         Ok(())
     }
 
@@ -178,9 +217,16 @@ impl Actor for ShardManagerActor {
             by_actor: HashMap::new(),
             stores: HashMap::new(),
             stopping: false,
+            placing: false,
         };
-        state.acquire_missing(&me).await;
-        tracing::info!(served = state.owned.len(), "shard manager started");
+        // Alone, serve at once. In a cluster, wait until the agent reports a settled membership
+        // (`Members`): acting on a one-node view would grab shards that live peers own.
+        let clustered = state.ctx.config.nodes.len() > 1 && state.ctx.config.cluster.cookie.is_some();
+        state.placing = !clustered;
+        if state.placing {
+            state.acquire_missing(&me).await;
+        }
+        tracing::info!(served = state.owned.len(), clustered, "shard manager started");
         me.send_after(Duration::from_millis(state.ctx.config.cluster.renew_interval_ms), || ShardManagerMsg::Tick);
         Ok(state)
     }
@@ -192,17 +238,18 @@ impl Actor for ShardManagerActor {
                     return Ok(());
                 }
                 state.renew_all().await;
-                let unwanted: Vec<ShardId> = state.owned.keys().copied().filter(|s| !state.should_own(*s)).collect();
-                for shard in unwanted {
-                    state.hand_off(shard).await;
-                }
-                state.acquire_missing(&me).await;
+                state.rebalance(&me).await;
                 me.send_after(Duration::from_millis(state.ctx.config.cluster.renew_interval_ms), || ShardManagerMsg::Tick);
             }
             ShardManagerMsg::Members(mut members) => {
                 members.sort();
                 members.dedup();
-                state.members = members;
+                if (members != state.members || !state.placing) && !state.stopping {
+                    state.members = members;
+                    state.placing = true;
+                    // React now rather than on the next tick: this is the failover path.
+                    state.rebalance(&me).await;
+                }
             }
             ShardManagerMsg::Drain { reply } => {
                 state.stopping = true;
