@@ -33,6 +33,28 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Start every `[[node]]` of the config as a local child process; Ctrl-C stops them all.
+    Up {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Where the nodes' logs go.
+        #[arg(long, default_value = "data/logs")]
+        log_dir: PathBuf,
+    },
+    /// Run simulated clients against a local cluster while killing and freezing nodes, then check
+    /// that nothing acknowledged was lost, duplicated or reordered.
+    Drill(crate::drill::DrillArgs),
+    /// Show a cluster's members and shard map (owner and epoch per shard).
+    Status {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        /// Ask this node (http://host:port) instead of the config's nodes.
+        #[arg(long)]
+        node: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run the parsed command line.
@@ -47,5 +69,79 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let spec = NodeSpec { name: name.clone(), http: http.unwrap_or(entry.http), cluster: entry.cluster };
             crate::run(config, spec, crate::shutdown_signal()).await
         }
+        Command::Up { config: path, log_dir } => up(&path, &log_dir).await,
+        Command::Drill(args) => crate::drill::run(args).await,
+        Command::Status { config, node, json } => status(&config, node, json).await,
+    }
+}
+
+async fn up(path: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+    let mut env = Vec::new();
+    if config.cluster.cookie.is_none() {
+        // A fresh secret per launch, handed to the children only through their environment.
+        env.push(("PARLEY_COOKIE".to_string(), crate::launcher::random_cookie()));
+    }
+    let mut cluster = crate::launcher::LocalCluster::new(path, &config, log_dir, env)?;
+    println!("starting {} nodes ({} store); logs in {}", cluster.nodes.len(), crate::store_config(&config).map(|s| match s {
+        parley_storage::StoreConfig::Embedded { .. } => "embedded",
+        parley_storage::StoreConfig::Postgres { .. } => "postgres",
+    })?, log_dir.display());
+    cluster.start_all().await?;
+    for n in &cluster.nodes {
+        println!("  {:<6} http://{}/  (ws://{}/v1/ws)  pid {}", n.name, n.http, n.http, n.pid().unwrap_or(0));
+    }
+    println!("ready; Ctrl-C stops the cluster");
+    crate::shutdown_signal().await;
+    println!("stopping…");
+    cluster.stop_all().await;
+    Ok(())
+}
+
+async fn status(path: &std::path::Path, node: Option<String>, json: bool) -> anyhow::Result<()> {
+    let urls: Vec<String> = match node {
+        Some(u) => vec![u],
+        None => {
+            let config = Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+            config.nodes.iter().map(|n| format!("http://{}", n.http)).collect()
+        }
+    };
+    let mut last_err = None;
+    for url in &urls {
+        match crate::client::Client::new(url.clone()).raw("GET", "/v1/cluster", None, None).await {
+            Ok((200, body)) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&body)?);
+                } else {
+                    print_status(url, &body);
+                }
+                return Ok(());
+            }
+            Ok((code, body)) => last_err = Some(anyhow::anyhow!("{url}: HTTP {code}: {body}")),
+            Err(e) => last_err = Some(anyhow::anyhow!("{url}: {e}")),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
+}
+
+fn print_status(url: &str, body: &serde_json::Value) {
+    println!("asked {url} (node {})", body["node"].as_str().unwrap_or("?"));
+    println!("\nMEMBER  ALIVE  LAST SEEN  HTTP                 BOOT");
+    for m in body["members"].as_array().into_iter().flatten() {
+        println!(
+            "{:<7} {:<6} {:>7}ms  {:<20} {}",
+            m["node"].as_str().unwrap_or("?"),
+            m["alive"].as_bool().unwrap_or(false),
+            m["last_seen_ms_ago"].as_u64().unwrap_or(0),
+            m["http"].as_str().unwrap_or(""),
+            m["boot_id"].as_str().unwrap_or(""),
+        );
+    }
+    let shards = body["shards"].as_array().cloned().unwrap_or_default();
+    let served = shards.iter().filter(|s| s["status"] == "healthy").count();
+    println!("\nSHARDS  {served}/{} served   sessions here: {}   redirects here: {}", shards.len(), body["sessions"], body["redirects"]);
+    println!("SHARD  OWNER   EPOCH");
+    for s in &shards {
+        println!("{:>5}  {:<7} {:>5}", s["shard_id"], s["owner"].as_str().unwrap_or("-"), s["epoch"]);
     }
 }

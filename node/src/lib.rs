@@ -11,8 +11,10 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod drill;
 pub mod error;
 pub mod hub;
+pub mod launcher;
 pub mod routing;
 
 use std::future::Future;

@@ -96,6 +96,9 @@ pub trait ShardStore: Send + Sync + 'static {
     ) -> Result<Vec<ShardSummary>>;
     /// The member-level cursor of `user` (max over devices): (delivered_seq, read_seq).
     async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)>;
+    /// Audit: (seq, lease epoch it was written under) of every message of a conversation, in seq
+    /// order. A fenced store never shows an epoch lower than an earlier seq's (`parley drill`).
+    async fn epochs(&self, conversation: ConversationId) -> Result<Vec<(Seq, Epoch)>>;
 }
 
 /// Which backend, and where.

@@ -1274,4 +1274,24 @@ impl ShardStore for PgShard {
             None => Ok((0, 0)),
         }
     }
+
+    async fn epochs(&self, conversation: ConversationId) -> Result<Vec<(Seq, Epoch)>> {
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT seq, epoch FROM messages WHERE conversation_id = $1 ORDER BY seq",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&conversation.0])
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    from_db(row.try_get(0)?, "seq")?,
+                    Epoch(from_db(row.try_get(1)?, "epoch")?),
+                ))
+            })
+            .collect()
+    }
 }

@@ -764,4 +764,15 @@ impl ShardStore for SqliteShard {
         })
         .await
     }
+
+    async fn epochs(&self, conversation: ConversationId) -> Result<Vec<(Seq, Epoch)>> {
+        with(&self.reader, move |c| {
+            let mut stmt = c.prepare_cached("SELECT seq, epoch FROM messages WHERE conversation_id = ?1 ORDER BY seq")?;
+            let rows = stmt.query_map(params![conversation.0.as_bytes().to_vec()], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, Epoch(r.get::<_, i64>(1)? as u64)))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
 }

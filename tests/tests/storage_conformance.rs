@@ -832,7 +832,14 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
     );
 
     store_one(&*b, g2.epoch, msg(c1, alice, "a2", "under epoch 2"), 2).await?;
+    assert_eq!(
+        b.epochs(c1).await?,
+        vec![(1, Epoch(1)), (2, Epoch(2))],
+        "each row records the epoch it was written under"
+    );
+    assert_eq!(b.epochs(new_conversation()).await?, vec![]);
     if let Some(pg) = f.postgres_db() {
+        // The same fact straight from the table, so the audit cannot hide a wrong column.
         let client = pg.connect().await?;
         let rows = client
             .query(
