@@ -101,8 +101,19 @@ pub struct NodeEntry {
     pub name: String,
     /// HTTP + WebSocket listen address.
     pub http: SocketAddr,
-    /// Node-to-node (ractor_cluster) listen address.
+    /// Node-to-node (ractor_cluster) listen address. The node listens only here.
     pub cluster: SocketAddr,
+    /// `host:port` peers dial to reach this node, when it differs from `cluster` (containers:
+    /// listen on 0.0.0.0, advertise the service name). Defaults to `cluster`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+impl NodeEntry {
+    /// Where peers dial this node.
+    pub fn dial_address(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.cluster.to_string())
+    }
 }
 
 impl Default for Config {
@@ -117,6 +128,7 @@ impl Default for Config {
                 name: "n1".into(),
                 http: "127.0.0.1:8080".parse().expect("literal address"),
                 cluster: "127.0.0.1:9080".parse().expect("literal address"),
+                advertise: None,
             }],
         }
     }
@@ -222,7 +234,16 @@ impl Config {
         if let Some(v) = get("PARLEY_DATA_DIR") {
             self.storage.dir = PathBuf::from(v);
         }
-        if let Some(v) = get("PARLEY_DATABASE_URL") {
+        let url_from_file = match get("PARLEY_DATABASE_URL_FILE") {
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| ConfigError::Env { name: "PARLEY_DATABASE_URL_FILE", reason: e.to_string() })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        if let Some(v) = get("PARLEY_DATABASE_URL").or(url_from_file) {
             self.storage.postgres_url = Some(v);
             if get("PARLEY_STORAGE").is_none() {
                 self.storage.kind = StorageKind::Postgres;

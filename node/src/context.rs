@@ -364,7 +364,7 @@ impl NodeContext {
     pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
         if !peers.is_empty() {
-            let bytes = codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone() });
+            let bytes = codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone(), skip_session });
             for (_, gateway) in peers {
                 let _ = gateway.cast(GatewayMsg::Frame(bytes.clone()));
             }

@@ -160,6 +160,11 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The value of a variable this launcher passes to its children.
+    pub fn env_value(&self, name: &str) -> Option<String> {
+        self.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
     pub async fn stop_all(&mut self) {
         for node in &mut self.nodes {
             node.stop(Duration::from_secs(20)).await;

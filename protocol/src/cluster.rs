@@ -101,8 +101,9 @@ pub struct ShardSummary {
 pub enum NodePayload {
     Ping { nonce: u64 },
     Pong { nonce: u64 },
-    /// Deliver `event` to the live sessions of `users` on the receiving node.
-    Deliver { users: Vec<UserId>, event: UserEvent },
+    /// Deliver `event` to the live sessions of `users` on the receiving node, except the session
+    /// `skip_session` (the sender's own device; 0 = none).
+    Deliver { users: Vec<UserId>, event: UserEvent, skip_session: u64 },
     Send(SendCommand),
     SendResult(SendOutcome),
     Receipt(ReceiptCommand),

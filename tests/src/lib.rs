@@ -2,6 +2,7 @@
 //! ([`postgres`]) and scratch directories ([`TempDir`]). Tests live in `tests/tests/*.rs` and drive
 //! the `parley` binary from outside, through the typed client in `parley_node::client`.
 
+pub mod cluster;
 pub mod node;
 pub mod postgres;
 

@@ -135,7 +135,7 @@ impl ClusterAgentState {
     fn dial_due(&mut self, me: &ActorRef<ClusterAgentMsg>) {
         let Some(ns) = self.node_server.clone() else { return };
         let now = Instant::now();
-        let targets: Vec<(String, SocketAddr)> = self
+        let targets: Vec<(String, String)> = self
             .ctx
             .config
             .nodes
@@ -143,7 +143,7 @@ impl ClusterAgentState {
             // The smaller name dials the larger: one connection per pair, no duplicate-session
             // churn. Whoever restarts is re-dialled by (or re-dials) its peers.
             .filter(|n| n.name > self.ctx.node_name && !self.sessions.contains_key(&n.name))
-            .map(|n| (n.name.clone(), n.cluster))
+            .map(|n| (n.name.clone(), n.dial_address()))
             .collect();
         for (node, addr) in targets {
             let dial = self.dials.entry(node.clone()).or_insert(Dial { next: now, backoff: DIAL_BACKOFF_MIN, in_progress: false });
@@ -153,7 +153,9 @@ impl ClusterAgentState {
             dial.in_progress = true;
             let (ns, me) = (ns.clone(), me.clone());
             tokio::spawn(async move {
-                let ok = tokio::time::timeout(CALL_TIMEOUT, ractor_cluster::client_connect(&ns, addr)).await.is_ok_and(|r| r.is_ok());
+                let ok = tokio::time::timeout(CALL_TIMEOUT, ractor_cluster::client_connect(&ns, addr.as_str()))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
                 let _ = me.cast(ClusterAgentMsg::DialDone { node, ok });
             });
         }

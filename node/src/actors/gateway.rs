@@ -60,8 +60,8 @@ impl GatewayState {
 
     fn frame(&self, payload: NodePayload) {
         match payload {
-            NodePayload::Deliver { users, event } => {
-                self.ctx.hub.deliver(&users, &Arc::new(event), 0);
+            NodePayload::Deliver { users, event, skip_session } => {
+                self.ctx.hub.deliver(&users, &Arc::new(event), skip_session);
             }
             NodePayload::Receipt(cmd) => match self.local_shard(cmd.conversation_id) {
                 Some(shard) => {
@@ -88,13 +88,6 @@ impl GatewayState {
                 node: ctx.node_name.clone(),
                 boot_id: ctx.boot_id.clone(),
                 http: ctx.http_addr().map(|a| a.to_string()).unwrap_or_default(),
-            },
-            NodePayload::Send(cmd) => match shard {
-                Some(shard) => {
-                    let outcome = call(&shard, |reply| ShardMsg::Send { cmd, reply }, timeout, "shard send").await;
-                    NodePayload::SendResult(outcome.unwrap_or(SendOutcome::Refused(ErrorCode::Unavailable)))
-                }
-                None => NodePayload::SendResult(SendOutcome::Refused(unavailable(&ctx))),
             },
             NodePayload::Sync(req) => match shard {
                 Some(shard) => match call(&shard, |reply| ShardMsg::Sync { req, reply }, timeout, "shard sync").await {
@@ -129,7 +122,6 @@ impl GatewayState {
 /// The conversation a call is about, to find the local shard.
 fn conversation_of(p: &NodePayload) -> Option<parley_protocol::ConversationId> {
     match p {
-        NodePayload::Send(cmd) => Some(cmd.conversation_id),
         NodePayload::History { conversation, .. } => Some(*conversation),
         NodePayload::Sync(req) => req.conversations.first().copied(),
         NodePayload::Summaries { conversations, .. } => conversations.first().copied(),
@@ -154,6 +146,30 @@ impl Actor for GatewayActor {
                 Err(e) => tracing::warn!(error = %e, len = bytes.len(), "undecodable frame from a peer; dropped"),
             },
             GatewayMsg::Call(bytes, reply) => match codec::decode::<NodePayload>(&bytes) {
+                Ok(NodePayload::Send(cmd)) => {
+                    // Hand the send to the shard here, in arrival order (a peer's session pipelines
+                    // its client's sends in order over one connection); only the wait is spawned.
+                    let ctx = state.ctx.clone();
+                    let timeout = state.timeout();
+                    let Some(shard) = state.local_shard(cmd.conversation_id) else {
+                        ctx.count_redirect();
+                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(ErrorCode::Unavailable))));
+                        return Ok(());
+                    };
+                    let (tx, rx) = ractor::concurrency::oneshot();
+                    if shard.cast(ShardMsg::Send { cmd, reply: tx.into() }).is_err() {
+                        ctx.count_redirect();
+                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(ErrorCode::Unavailable))));
+                        return Ok(());
+                    }
+                    tokio::spawn(async move {
+                        let outcome = match tokio::time::timeout(timeout, rx).await {
+                            Ok(Ok(outcome)) => outcome,
+                            _ => SendOutcome::Refused(ErrorCode::Unavailable),
+                        };
+                        let _ = reply.send(codec::encode(&NodePayload::SendResult(outcome)));
+                    });
+                }
                 Ok(payload) => {
                     // All conversations of one request share a shard (callers group them so).
                     let shard = conversation_of(&payload).and_then(|c| state.local_shard(c));

@@ -29,6 +29,8 @@ use crate::error::NodeError;
 pub mod close_code {
     /// Normal shutdown of the node (RFC 6455 "going away").
     pub const GOING_AWAY: u16 = 1001;
+    /// A WebSocket message over the transport's hard cap (RFC 6455 "message too big").
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// Authentication failed or did not happen in time.
     pub const UNAUTHENTICATED: u16 = 4001;
     /// The client speaks another protocol version.
@@ -37,6 +39,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// Nothing received for `idle_timeout_ms`.
     pub const IDLE: u16 = 4009;
+    /// The server could not serve the session right now (store unreachable): reconnect later.
+    pub const UNAVAILABLE: u16 = 4503;
 }
 
 pub struct SessionActor;
@@ -219,7 +223,8 @@ impl SessionState {
             Ok(u) => u,
             Err(e) => {
                 self.send(&error_frame(&e));
-                self.close(close_code::UNAUTHENTICATED, e.code().as_str());
+                let code = if e.code().retryable() { close_code::UNAVAILABLE } else { close_code::UNAUTHENTICATED };
+                self.close(code, e.code().as_str());
                 return;
             }
         };
@@ -238,9 +243,12 @@ impl SessionState {
         let conversations = match self.ctx.stores.directory.user_conversations(user.id).await {
             Ok(list) => list.into_iter().map(|c| c.id).collect(),
             Err(e) => {
+                // Without the list no sync can be promised complete: say so and let the client
+                // reconnect, rather than send a `sync_done` that would be a lie.
                 let e = NodeError::from(e);
                 self.send(&error_frame(&e));
-                Vec::new()
+                self.close(close_code::UNAVAILABLE, "unavailable");
+                return;
             }
         };
         let reply = self

@@ -51,6 +51,34 @@ pub enum StoreMsg {
     },
 }
 
+/// Largest sync reply (sum of message bodies plus a per-message allowance), so a reply always fits
+/// a node-to-node payload (`MAX_NODE_PAYLOAD_BYTES`, 32 MiB) with room to spare. Conversations cut
+/// short are reported as truncated; the client pages them with `history`.
+pub const MAX_SYNC_REPLY_BYTES: usize = 8 * 1024 * 1024;
+/// Envelope allowance per message (ids, seq, timestamps) when sizing a sync reply.
+const MESSAGE_OVERHEAD_BYTES: usize = 128;
+
+/// Cut `reply` to [`MAX_SYNC_REPLY_BYTES`], marking every conversation that lost messages.
+pub fn cap_sync_reply(mut reply: SyncReply) -> SyncReply {
+    let mut total = 0usize;
+    let mut keep = reply.messages.len();
+    for (i, m) in reply.messages.iter().enumerate() {
+        total += m.body.len() + MESSAGE_OVERHEAD_BYTES;
+        if total > MAX_SYNC_REPLY_BYTES {
+            keep = i;
+            break;
+        }
+    }
+    let cut: Vec<ConversationId> = reply.messages[keep..].iter().map(|m| m.conversation_id).collect();
+    reply.messages.truncate(keep);
+    for c in cut {
+        if !reply.truncated.contains(&c) {
+            reply.truncated.push(c);
+        }
+    }
+    reply
+}
+
 fn read_error(e: StorageError) -> ErrorCode {
     tracing::warn!(error = %e, "shard read failed");
     ErrorCode::Unavailable
@@ -92,7 +120,7 @@ impl Actor for StoreActor {
             StoreMsg::Sync { req, reply } => {
                 let store = state.store.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(store.sync(&req).await.map_err(read_error));
+                    let _ = reply.send(store.sync(&req).await.map(cap_sync_reply).map_err(read_error));
                 });
             }
             StoreMsg::Summaries { user, conversations, reply } => {

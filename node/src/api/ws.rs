@@ -128,7 +128,15 @@ async fn pump(socket: WebSocket, ctx: Arc<NodeContext>, sessions: ActorRef<Sessi
                     close.send_replace(Some((close_code::IDLE, "idle timeout".into())));
                     break;
                 }
-                Ok(None) | Ok(Some(Err(_))) => break,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    // Over the transport's hard cap: say so with the standard code (RFC 6455 1009).
+                    let text = e.to_string();
+                    if text.contains("too long") || text.contains("Space limit") {
+                        close.send_replace(Some((close_code::MESSAGE_TOO_BIG, "message too big".into())));
+                    }
+                    break;
+                }
                 Ok(Some(Ok(msg))) => {
                     if msg.is_text() {
                         let text = msg.to_str().unwrap_or_default().to_string();

@@ -1,0 +1,277 @@
+//! Cluster behaviour with separate node processes on a real Postgres: cross-node routing, crash
+//! takeover, fencing of a frozen owner, rebalancing on join, and robustness to garbage from a peer.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use parley_node::client::{Client, ClientError, Connection};
+use parley_protocol::frames::{ClientFrame, ReceiptKind, ServerFrame};
+use parley_protocol::http::TokenResponse;
+use parley_protocol::shard::shard_for;
+use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, UserId};
+use parley_storage::StoreConfig;
+use parley_tests::cluster::{ShardEntry, TestCluster};
+use parley_tests::node::Storage;
+use parley_tests::postgres::TestPostgres;
+
+const T: Duration = Duration::from_secs(20);
+const SHARDS: u16 = 16;
+const LEASE_MS: u64 = 2_000;
+
+async fn register(client: &Client, name: &str) -> TokenResponse {
+    let name = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    client.register(&name, "password-123").await.expect("register")
+}
+
+/// Register user pairs until one's direct conversation lives on a shard owned by `owner`.
+async fn pair_on(cluster: &TestCluster, map: &[ShardEntry], owner: usize) -> (TokenResponse, TokenResponse, ConversationId) {
+    let http = cluster.client(0);
+    for _ in 0..200 {
+        let a = register(&http, "a").await;
+        let b = register(&http, "b").await;
+        let conv = ConversationId::direct(a.user_id, b.user_id);
+        if cluster.owner_index(map, shard_for(conv, SHARDS).0) == Some(owner) {
+            return (a, b, conv);
+        }
+    }
+    panic!("no pair landed on node {owner}");
+}
+
+fn cid(s: &str) -> ClientMsgId {
+    ClientMsgId::new(s).unwrap()
+}
+
+/// Send with the same client id until acked (as a real client does across failovers), moving to
+/// the next node in `nodes` when the connection breaks. Returns (seq, message id).
+async fn send_until_acked(cluster: &TestCluster, nodes: &[usize], conn: &mut Option<(usize, Connection)>, token: &str, to: UserId, body: &str, id: &str) -> (u64, uuid::Uuid) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut next = 0;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "{id} never acked");
+        if conn.is_none() {
+            let i = nodes[next % nodes.len()];
+            next += 1;
+            match cluster.client(i).connect(token, "dev-1").await {
+                Ok(c) => *conn = Some((i, c)),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        }
+        let (_, c) = conn.as_mut().unwrap();
+        match c.send_message(to, body, id).await {
+            Ok(ServerFrame::Ack { seq, message_id, .. }) => return (seq, message_id.0),
+            Ok(other) => panic!("{other:?}"),
+            Err(ClientError::Server { code: ErrorCode::Unavailable, .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) => {
+                *conn = None;
+            }
+        }
+    }
+}
+
+/// Every stored message of `conv` as (client id, seq), via node `via`'s HTTP API.
+async fn stored(client: &Client, token: &str, conv: ConversationId) -> Vec<(String, u64)> {
+    let page = client.history(token, conv, None, Some(500)).await.expect("history");
+    page.messages.into_iter().map(|m| (m.client_msg_id.to_string(), m.seq)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_node_delivery_with_sender_recipient_and_owner_on_three_nodes() {
+    let pg = TestPostgres::start().await.unwrap();
+    let cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    let (alice, bob, conv) = pair_on(&cluster, &map, 2).await;
+
+    let mut a = cluster.client(0).connect(&alice.token, "a").await.unwrap();
+    let mut b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
+    b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    for i in 0..5 {
+        let ack = a.send_message(bob.user_id, &format!("hop {i}"), &format!("x-{i}")).await.unwrap();
+        assert!(matches!(ack, ServerFrame::Ack { seq, .. } if seq == i + 1), "{ack:?}");
+    }
+    for i in 0..5u64 {
+        let f = b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.seq == i + 1)).await.unwrap();
+        let ServerFrame::Message { message } = f else { unreachable!() };
+        assert_eq!((message.body, message.sender), (format!("hop {i}"), alice.user_id));
+    }
+    // Receipts travel back across nodes too.
+    b.send(&ClientFrame::Read { conversation_id: conv, seq: 5 }).await.unwrap();
+    let r = a.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, .. })).await.unwrap();
+    assert_eq!(r, ServerFrame::Receipt { conversation_id: conv, user_id: bob.user_id, kind: ReceiptKind::Read, seq: 5 });
+    // Reads from a node that does not own the shard: history and the conversation list.
+    assert_eq!(stored(&cluster.client(0), &alice.token, conv).await.len(), 5);
+    let list = cluster.client(1).conversations(&bob.token).await.unwrap();
+    assert_eq!((list[0].last_seq, list[0].unread), (5, 0));
+    // The sender's own device got no echo from the remote fan-out.
+    assert!(!a.buffered().any(|f| matches!(f, ServerFrame::Message { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_owner_loses_no_acked_message() {
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    let (alice, bob, conv) = pair_on(&cluster, &map, 2).await;
+    let shard = shard_for(conv, SHARDS).0;
+    let epoch_before = map.iter().find(|s| s.shard == shard).unwrap().epoch;
+
+    let mut conn = None;
+    let mut acked = BTreeMap::new();
+    for i in 0..20 {
+        let id = format!("k-{i}");
+        acked.insert(id.clone(), send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await);
+    }
+    cluster.nodes.nodes[2].kill9();
+    for i in 20..40 {
+        let id = format!("k-{i}");
+        acked.insert(id.clone(), send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await);
+    }
+    let map = cluster.wait_converged(&[0, 1], T).await.unwrap();
+    let entry = map.iter().find(|s| s.shard == shard).unwrap();
+    assert!(entry.epoch > epoch_before, "a new owner took over under a new epoch");
+
+    let rows = stored(&cluster.client(1), &bob.token, conv).await;
+    assert_eq!(rows.len(), 40, "exactly the acked messages, once each");
+    let seqs: Vec<u64> = rows.iter().map(|(_, s)| *s).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    for (id, seq) in rows {
+        assert_eq!(acked[&id].0, seq, "{id} stored at its acked seq");
+    }
+    // Bob, offline all along, gets all 40 on connect (via any node).
+    let mut b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
+    match b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap() {
+        ServerFrame::SyncDone { messages, .. } => assert_eq!(messages, 40),
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_past_its_lease_cannot_write() {
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    let (carol, dave, conv) = pair_on(&cluster, &map, 2).await;
+    // Carol talks to the owner itself, so her next send sits in the frozen node's socket.
+    let mut c = cluster.client(2).connect(&carol.token, "c").await.unwrap();
+    c.send_message(dave.user_id, "before", "f-0").await.unwrap();
+
+    let pid = cluster.nodes.nodes[2].pid().unwrap();
+    parley_node::launcher::signal(pid, libc::SIGSTOP);
+    let _resume = Resume(pid);
+    c.send(&ClientFrame::Send { client_msg_id: cid("f-1"), to: Some(dave.user_id), conversation_id: None, body: "frozen".into() }).await.unwrap();
+    // The others notice, wait out the lease, take the shard.
+    let map = cluster.wait_converged(&[0, 1], Duration::from_secs(30)).await.unwrap();
+    // Meanwhile the conversation goes on through a live node.
+    let mut conn = None;
+    send_until_acked(&cluster, &[0, 1], &mut conn, &carol.token, dave.user_id, "after", "f-2").await;
+    parley_node::launcher::signal(pid, libc::SIGCONT);
+
+    // The frozen node's send is refused, never acked.
+    match c.expect_ack(&cid("f-1"), T).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::Unavailable),
+        Err(ClientError::Closed(_)) | Err(ClientError::Transport(_)) => {}
+        Ok(ack) => panic!("a frozen owner acked a write after losing its lease: {ack:?}"),
+        Err(e) => panic!("{e:?}"),
+    }
+    let rows = stored(&cluster.client(0), &carol.token, conv).await;
+    assert_eq!(rows.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["f-0", "f-2"]);
+    // No row was committed under an epoch older than an earlier row's.
+    let stores = parley_storage::open(&StoreConfig::Postgres { url: pg.url().into(), pool_size: 1 }).await.unwrap();
+    let epochs = stores.shard(shard_for(conv, SHARDS)).await.unwrap().epochs(conv).await.unwrap();
+    assert!(epochs.windows(2).all(|w| w[0].1 <= w[1].1), "{epochs:?}");
+    let owner = map.iter().find(|s| s.shard == shard_for(conv, SHARDS).0).unwrap();
+    assert_ne!(owner.owner.as_deref(), Some("n3"));
+}
+
+/// SIGCONT on drop, so a failed assertion leaves no stopped process.
+struct Resume(u32);
+impl Drop for Resume {
+    fn drop(&mut self) {
+        parley_node::launcher::signal(self.0, libc::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_its_shards_without_loss() {
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(3, 2, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    let http = cluster.client(0);
+    let mut pairs = Vec::new();
+    for _ in 0..6 {
+        pairs.push((register(&http, "s").await, register(&http, "r").await));
+    }
+    let mut acked: Vec<(ConversationId, String)> = Vec::new();
+    let mut conns: Vec<Option<(usize, Connection)>> = (0..pairs.len()).map(|_| None).collect();
+    for round in 0..12 {
+        if round == 4 {
+            cluster.nodes.spawn(2).unwrap();
+        }
+        for (p, (s, r)) in pairs.iter().enumerate() {
+            let id = format!("j-{p}-{round}");
+            send_until_acked(&cluster, &[0, 1], &mut conns[p], &s.token, r.user_id, "x", &id).await;
+            acked.push((ConversationId::direct(s.user_id, r.user_id), id));
+        }
+    }
+    cluster.nodes.nodes[2].wait_ready(parley_node::launcher::READY_TIMEOUT).await.unwrap();
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    assert!(map.iter().any(|s| s.owner.as_deref() == Some("n3")), "the new node serves shards: {map:?}");
+    for (p, (s, r)) in pairs.iter().enumerate() {
+        let conv = ConversationId::direct(s.user_id, r.user_id);
+        let rows = stored(&cluster.client(2), &s.token, conv).await;
+        let ids: HashSet<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(rows.len(), 12, "pair {p}: {rows:?}");
+        assert_eq!(ids.len(), 12);
+        assert_eq!(rows.iter().map(|(_, s)| *s).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_payloads_from_a_peer_crash_nobody() {
+    use parley_node::actors::gateway::{GatewayMsg, GATEWAY_GROUP};
+    use ractor::Actor;
+
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    // Join the cluster from this process, as a peer with the right cookie but bad manners.
+    let cookie = cluster.nodes.env_value("PARLEY_COOKIE").unwrap();
+    let port = parley_tests::free_port();
+    let server = ractor_cluster::NodeServer::new(port, cookie, "intruder".into(), "127.0.0.1".into(), None, Some(ractor_cluster::node::NodeConnectionMode::Isolated))
+        .with_listen_addr("127.0.0.1".parse().unwrap());
+    let (ns, _) = Actor::spawn(None, server, ()).await.unwrap();
+    for n in &cluster.config.nodes {
+        ractor_cluster::client_connect(&ns, n.cluster).await.unwrap();
+    }
+    let gateways = loop {
+        let remote: Vec<_> = ractor::pg::get_members(&GATEWAY_GROUP.to_string()).into_iter().filter(|c| !c.get_id().is_local()).collect();
+        if remote.len() == 3 {
+            break remote;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let garbage: Vec<Vec<u8>> = vec![vec![], vec![0xde, 0xad, 0xbe, 0xef], vec![0, 1, 255, 255, 255, 255, 255, 255, 255, 255, 255], vec![0, 9, 1, 2, 3], (0..=255u8).collect()];
+    for cell in &gateways {
+        let gw: ractor::ActorRef<GatewayMsg> = cell.clone().into();
+        for g in &garbage {
+            gw.cast(GatewayMsg::Frame(g.clone())).unwrap();
+            let (tx, _rx) = ractor::concurrency::oneshot();
+            gw.cast(GatewayMsg::Call(g.clone(), tx.into())).unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everyone is alive, serving, and still delivering across nodes.
+    for node in &mut cluster.nodes.nodes {
+        assert!(node.is_running(), "{} died", node.name);
+    }
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    let (alice, bob, _) = pair_on(&cluster, &map, 2).await;
+    let mut b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
+    let mut a = cluster.client(0).connect(&alice.token, "a").await.unwrap();
+    a.send_message(bob.user_id, "still here", "g-1").await.unwrap();
+    b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == "still here")).await.unwrap();
+    for i in 0..3 {
+        assert!(cluster.log(i).contains("undecodable"), "node {i} logged the bad frames");
+    }
+    ns.stop(None);
+}
