@@ -15,7 +15,7 @@ use parley_protocol::error::ErrorCode;
 use parley_protocol::frames::{classify_serde_error, ConversationKind, MessageView};
 use parley_protocol::http::*;
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_HTTP_BODY_BYTES};
-use parley_protocol::{ClientMsgId, ConversationId, ProtocolError, Seq, UserId};
+use parley_protocol::{ClientMsgId, ConversationId, Seq, UserId};
 use parley_storage::{now_ms, token_hash, UserRecord};
 use ractor::ActorRef;
 use serde::de::DeserializeOwned;
@@ -300,7 +300,7 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
             let to = parse_user(&req.to_user_id)?;
             let client_msg_id = match req.client_msg_id {
                 Some(id) => id,
-                None => ClientMsgId::new(uuid::Uuid::new_v4().to_string()).map_err(|e| NodeError::from(ProtocolError::from(e)))?,
+                None => ClientMsgId::new(uuid::Uuid::new_v4().to_string()).map_err(NodeError::from)?,
             };
             let ack = ctx.send(me.id, client_msg_id.clone(), Some(to), None, req.content.clone(), 0).await?;
             let shard_id = ctx.shard_of(ack.conversation_id).0;

@@ -13,9 +13,12 @@ use ractor::ActorRef;
 
 use crate::actors::session::SessionMsg;
 
+/// The live sessions of one user: (session id, actor).
+type UserSessions = Vec<(u64, ActorRef<SessionMsg>)>;
+
 #[derive(Default)]
 pub struct Hub {
-    users: RwLock<HashMap<UserId, Vec<(u64, ActorRef<SessionMsg>)>>>,
+    users: RwLock<HashMap<UserId, UserSessions>>,
 }
 
 impl Hub {

@@ -403,11 +403,12 @@ pub struct SqliteShard {
 }
 
 impl SqliteShard {
-    /// Try the kernel session lock; true if this instance holds it now.
+    /// Try the kernel session lock; true only if this call obtained it (a lock held since an
+    /// earlier grant proves nothing about the current lease holder).
     fn try_session_lock(&self) -> Result<bool> {
         let mut held = self.lock_file.lock().map_err(|_| StorageError::Join("lock mutex poisoned".into()))?;
         if held.is_some() {
-            return Ok(true);
+            return Ok(false);
         }
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&self.lock_path)?;
         match file.try_lock() {
@@ -428,11 +429,14 @@ impl SqliteShard {
     }
 }
 
-fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64)> {
+/// A `messages` row as read: (conversation, seq, message id, sender, client id, body, sent at).
+type MessageRow = (Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64);
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
     Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
-fn to_view(row: (Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64)) -> Result<MessageView> {
+fn to_view(row: MessageRow) -> Result<MessageView> {
     let (conv, seq, id, sender, client_msg_id, body, sent_at_ms) = row;
     Ok(MessageView {
         message_id: MessageId(uuid_of(id)?),
@@ -483,7 +487,9 @@ impl ShardStore for SqliteShard {
             Ok(Some(LeaseGrant { epoch: Epoch(epoch), expires_at_ms }))
         })
         .await?;
-        if granted.is_none() && got_lock {
+        if granted.is_none() {
+            // Not ours: a lock we still hold (from a lease since taken over by expiry) would only
+            // stop the next crash takeover from being immediate.
             self.drop_session_lock();
         }
         Ok(granted)
@@ -507,6 +513,11 @@ impl ShardStore for SqliteShard {
             Ok(LeaseGrant { epoch, expires_at_ms })
         })
         .await
+        .inspect_err(|e| {
+            if matches!(e, StorageError::StaleEpoch { .. }) {
+                self.drop_session_lock();
+            }
+        })
     }
 
     async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {

@@ -313,7 +313,9 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
     let send_body = |from: UserId, to: String| serde_json::to_vec(&serde_json::json!({"from_user_id": from.to_string(), "to_user_id": to, "content": "x"})).unwrap();
     let bc_path = format!("/v1/conversations/{bc}/messages");
     let bob_msgs = format!("/api/messages/{}", bob.user_id);
-    let checks: Vec<(&str, &str, Option<&str>, Option<Vec<u8>>, u16, &str)> = vec![
+    // (method, path, token, body, expected status, expected code)
+    type Check<'a> = (&'a str, &'a str, Option<&'a str>, Option<Vec<u8>>, u16, &'a str);
+    let checks: Vec<Check> = vec![
         ("GET", "/v1/conversations", None, None, 401, "not_authenticated"),
         ("GET", "/v1/conversations", Some("wrong"), None, 401, "bad_token"),
         ("POST", "/api/messages", Some(&alice.token), Some(send_body(bob.user_id, alice.user_id.to_string())), 403, "spoofed_sender"),

@@ -150,7 +150,7 @@ async fn kill9_of_the_owner_loses_no_acked_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_owner_past_its_lease_cannot_write() {
     let pg = TestPostgres::start().await.unwrap();
-    let mut cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    let cluster = TestCluster::start(3, 3, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
     let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
     let (carol, dave, conv) = pair_on(&cluster, &map, 2).await;
     // Carol talks to the owner itself, so her next send sits in the frozen node's socket.

@@ -52,6 +52,8 @@ struct PendingSend {
 
 pub struct ShardState {
     ctx: Arc<NodeContext>,
+    /// For reading back the stored original of a duplicate before re-pushing it.
+    reader: Arc<dyn ShardStore>,
     shard: ShardId,
     epoch: Epoch,
     store: ActorRef<StoreMsg>,
@@ -132,9 +134,22 @@ impl ShardState {
     fn committed(&mut self, results: Vec<MessageResult>, sends: Vec<PendingSend>, receipts: Vec<ReceiptCommand>) {
         for (p, result) in sends.into_iter().zip(results) {
             match result {
+                MessageResult::Stored(ack) if ack.duplicate => {
+                    // Push the stored original again before acking: the retry may come after a
+                    // crash between commit and fan-out, and recipients must still get it. Read it
+                    // back (off the actor) so that a retry with another body cannot push that body.
+                    let (ctx, reader) = (self.ctx.clone(), self.reader.clone());
+                    tokio::spawn(async move {
+                        if let Ok((page, _)) = reader.history(ack.conversation_id, Some(ack.seq + 1), 1).await {
+                            if let Some(original) = page.into_iter().find(|m| m.seq == ack.seq) {
+                                ctx.fan_out(&p.cmd.members, UserEvent::Message(original), p.cmd.origin_session);
+                            }
+                        }
+                        let _ = p.reply.send(SendOutcome::Stored(ack));
+                    });
+                }
                 MessageResult::Stored(ack) => {
-                    // Fan out before acking, duplicates included: a retry after a crash between
-                    // commit and fan-out must still reach the recipients.
+                    // Fan out before acking: an acked message has been pushed at least once.
                     let view = MessageView {
                         message_id: ack.message_id,
                         conversation_id: ack.conversation_id,
@@ -185,10 +200,12 @@ impl Actor for ShardActor {
     type Arguments = ShardArgs;
 
     async fn pre_start(&self, me: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+        let reader = args.store.clone();
         let (store, _) = Actor::spawn_linked(None, StoreActor, StoreArgs { store: args.store }, me.get_cell()).await?;
         tracing::info!(shard = %args.shard, epoch = %args.epoch, "shard serving");
         Ok(ShardState {
             ctx: args.ctx,
+            reader,
             shard: args.shard,
             epoch: args.epoch,
             store,
@@ -280,10 +297,8 @@ impl Actor for ShardActor {
                 tracing::error!(shard = %state.shard, error = %err, "store actor failed; stopping shard");
                 me.stop(Some("store failed".into()));
             }
-            SupervisionEvent::ActorTerminated(..) => {
-                if state.draining.is_none() {
-                    me.stop(Some("store stopped".into()));
-                }
+            SupervisionEvent::ActorTerminated(..) if state.draining.is_none() => {
+                me.stop(Some("store stopped".into()));
             }
             _ => {}
         }

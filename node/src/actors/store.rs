@@ -133,3 +133,34 @@ impl Actor for StoreActor {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_protocol::{ClientMsgId, MessageId};
+
+    fn message(conversation: ConversationId, seq: u64, body_len: usize) -> MessageView {
+        MessageView {
+            message_id: MessageId::new(),
+            conversation_id: conversation,
+            seq,
+            sender: UserId::random(),
+            client_msg_id: ClientMsgId::new(format!("c{seq}")).unwrap(),
+            body: "x".repeat(body_len),
+            sent_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn sync_replies_are_capped_and_cut_conversations_flagged() {
+        let (a, b) = (ConversationId(uuid::Uuid::new_v4()), ConversationId(uuid::Uuid::new_v4()));
+        let big = 1024 * 1024;
+        let mut messages: Vec<MessageView> = (1..=5).map(|s| message(a, s, big)).collect();
+        messages.extend((1..=5).map(|s| message(b, s, big)));
+        let reply = cap_sync_reply(SyncReply { messages, truncated: vec![] });
+        assert_eq!(reply.messages.len(), 7, "8 MiB holds seven 1 MiB bodies with overhead");
+        assert_eq!(reply.truncated, vec![b]);
+        let small = cap_sync_reply(SyncReply { messages: vec![message(a, 1, 10)], truncated: vec![] });
+        assert_eq!((small.messages.len(), small.truncated.len()), (1, 0));
+    }
+}
