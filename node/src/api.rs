@@ -84,19 +84,21 @@ fn with_ctx(ctx: Arc<NodeContext>) -> impl Filter<Extract = (Arc<NodeContext>,),
 
 /// The bearer token of a request, if any.
 fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization").map(|h: Option<String>| {
-        h.and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()))
-    })
+    warp::header::optional::<String>("authorization")
+        .map(|h: Option<String>| h.and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string())))
 }
 
 /// Requires a valid bearer token; yields the context and the authenticated user.
 fn authed(ctx: Arc<NodeContext>) -> impl Filter<Extract = (Arc<NodeContext>, UserView), Error = Rejection> + Clone {
-    with_ctx(ctx).and(bearer()).and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
-        let token = token.ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
-        let user = ctx.authenticate(&token).await?;
-        Ok::<_, Rejection>((ctx, user))
-    })
-    .untuple_one()
+    with_ctx(ctx)
+        .and(bearer())
+        .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
+            let token = token
+                .ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
+            let user = ctx.authenticate(&token).await?;
+            Ok::<_, Rejection>((ctx, user))
+        })
+        .untuple_one()
 }
 
 fn json<T: serde::Serialize>(value: &T, status: StatusCode) -> warp::reply::Response {
@@ -115,8 +117,13 @@ pub fn routes(
         .and(with_ctx(ctx.clone()))
         .and(warp::any().map(move || agent.clone()))
         .and_then(|ctx: Arc<NodeContext>, agent: ActorRef<ClusterAgentMsg>| async move {
-            let members: Vec<MemberView> =
-                crate::context::call(&agent, |reply| ClusterAgentMsg::Members { reply }, std::time::Duration::from_secs(2), "members").await?;
+            let members: Vec<MemberView> = crate::context::call(
+                &agent,
+                |reply| ClusterAgentMsg::Members { reply },
+                std::time::Duration::from_secs(2),
+                "members",
+            )
+            .await?;
             let body = serde_json::json!({
                 "node": ctx.node_name,
                 "boot_id": ctx.boot_id,
@@ -132,7 +139,9 @@ pub fn routes(
         .and(warp::path("healthz").or(warp::path("health")).unify())
         .and(warp::path::end())
         .and(with_ctx(ctx.clone()))
-        .map(|ctx: Arc<NodeContext>| json(&HealthResponse { status: "ok".into(), node: ctx.node_name.clone() }, StatusCode::OK));
+        .map(|ctx: Arc<NodeContext>| {
+            json(&HealthResponse { status: "ok".into(), node: ctx.node_name.clone() }, StatusCode::OK)
+        });
 
     let ready = warp::get().and(warp::path!("readyz")).and(with_ctx(ctx.clone())).map(|ctx: Arc<NodeContext>| {
         let served = ctx.routing.served_count();
@@ -146,8 +155,13 @@ pub fn routes(
         .and(with_ctx(ctx.clone()))
         .and(json_body::<Credentials>())
         .and_then(register);
-    let login = warp::post().and(warp::path!("v1" / "login")).and(with_ctx(ctx.clone())).and(json_body::<Credentials>()).and_then(login);
-    let logout = warp::post().and(warp::path!("v1" / "logout")).and(with_ctx(ctx.clone())).and(bearer()).and_then(logout);
+    let login = warp::post()
+        .and(warp::path!("v1" / "login"))
+        .and(with_ctx(ctx.clone()))
+        .and(json_body::<Credentials>())
+        .and_then(login);
+    let logout =
+        warp::post().and(warp::path!("v1" / "logout")).and(with_ctx(ctx.clone())).and(bearer()).and_then(logout);
 
     let users = warp::get()
         .and(warp::path!("v1" / "users").or(warp::path!("api" / "users")).unify())
@@ -174,12 +188,11 @@ pub fn routes(
             Ok::<_, Rejection>(json(&resp, if ack.duplicate { StatusCode::OK } else { StatusCode::CREATED }))
         });
 
-    let conversations = warp::get()
-        .and(warp::path!("v1" / "conversations"))
-        .and(authed(ctx.clone()))
-        .and_then(|ctx: Arc<NodeContext>, me: UserView| async move {
+    let conversations = warp::get().and(warp::path!("v1" / "conversations")).and(authed(ctx.clone())).and_then(
+        |ctx: Arc<NodeContext>, me: UserView| async move {
             Ok::<_, Rejection>(json(&ctx.conversations(me.id).await?, StatusCode::OK))
-        });
+        },
+    );
 
     let history = warp::get()
         .and(warp::path!("v1" / "conversations" / String / "messages"))
@@ -188,7 +201,10 @@ pub fn routes(
         .and_then(|id: String, q: PageQuery, ctx: Arc<NodeContext>, me: UserView| async move {
             let conversation = parse_conversation(&id)?;
             let (messages, has_more) = ctx.history(me.id, conversation, q.before_seq, q.limit).await?;
-            Ok::<_, Rejection>(json(&HistoryResponse { conversation_id: conversation, messages, has_more }, StatusCode::OK))
+            Ok::<_, Rejection>(json(
+                &HistoryResponse { conversation_id: conversation, messages, has_more },
+                StatusCode::OK,
+            ))
         });
 
     let ws = warp::path!("v1" / "ws")
@@ -201,7 +217,10 @@ pub fn routes(
     let seed = seed_routes(ctx.clone());
 
     let ui_dir = ctx.config.ui_dir.clone();
-    let index = warp::get().and(warp::path::end()).and(warp::fs::file(ui_dir.join("index.html"))).map(|f: warp::fs::File| f.into_response());
+    let index = warp::get()
+        .and(warp::path::end())
+        .and(warp::fs::file(ui_dir.join("index.html")))
+        .map(|f: warp::fs::File| f.into_response());
     let ui = warp::get().and(warp::path("ui")).and(warp::fs::dir(ui_dir)).map(|f: warp::fs::File| f.into_response());
 
     health
@@ -249,14 +268,16 @@ fn parse_conversation(id: &str) -> Result<ConversationId, Rejection> {
 }
 
 fn parse_user(id: &str) -> Result<UserId, Rejection> {
-    id.parse().map_err(|_| reject(ErrorCode::UnknownUser, format!("no user {}", id.chars().take(64).collect::<String>())))
+    id.parse()
+        .map_err(|_| reject(ErrorCode::UnknownUser, format!("no user {}", id.chars().take(64).collect::<String>())))
 }
 
 async fn register(ctx: Arc<NodeContext>, creds: Credentials) -> Result<warp::reply::Response, Rejection> {
     auth::validate_username(&creds.username)?;
     auth::validate_password(&creds.password)?;
     let hash = auth::hash_password(creds.password).await?;
-    let user = UserRecord { id: UserId::random(), username: creds.username, password_hash: hash, created_at_ms: now_ms() };
+    let user =
+        UserRecord { id: UserId::random(), username: creds.username, password_hash: hash, created_at_ms: now_ms() };
     ctx.stores.directory.create_user(&user).await.map_err(NodeError::from)?;
     Ok(json(&issue_token(&ctx, user.id, user.username).await?, StatusCode::CREATED))
 }
@@ -281,7 +302,8 @@ async fn issue_token(ctx: &NodeContext, user: UserId, username: String) -> Resul
 }
 
 async fn logout(ctx: Arc<NodeContext>, token: Option<String>) -> Result<warp::reply::Response, Rejection> {
-    let token = token.ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
+    let token =
+        token.ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
     ctx.authenticate(&token).await?;
     ctx.stores.directory.delete_token(&token_hash(&token)).await.map_err(NodeError::from)?;
     Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
@@ -329,23 +351,28 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
             }
             let peer = if me.id == a { b } else { a };
             let conversation = ConversationId::direct(a, b);
-            let (messages, _) = match ctx.history(me.id, conversation, q.before_seq, Some(q.limit.unwrap_or(DEFAULT_PAGE))).await {
-                Ok(page) => page,
-                // A pair that never talked has an empty conversation, as in the seed.
-                Err(e) if e.code() == ErrorCode::UnknownConversation => {
-                    ctx.stores.directory.users_by_id(&[peer]).await.map_err(NodeError::from)?.first().ok_or_else(|| reject(ErrorCode::UnknownUser, "no such user"))?;
-                    (Vec::new(), false)
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let (messages, _) =
+                match ctx.history(me.id, conversation, q.before_seq, Some(q.limit.unwrap_or(DEFAULT_PAGE))).await {
+                    Ok(page) => page,
+                    // A pair that never talked has an empty conversation, as in the seed.
+                    Err(e) if e.code() == ErrorCode::UnknownConversation => {
+                        ctx.stores
+                            .directory
+                            .users_by_id(&[peer])
+                            .await
+                            .map_err(NodeError::from)?
+                            .first()
+                            .ok_or_else(|| reject(ErrorCode::UnknownUser, "no such user"))?;
+                        (Vec::new(), false)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
             let rows: Vec<SeedMessage> = messages.into_iter().map(|m| seed_row(&ctx, m, &[a, b])).collect();
             Ok(json(&rows, StatusCode::OK))
         });
 
-    let user_messages = warp::get()
-        .and(warp::path!("api" / "messages" / String))
-        .and(authed(ctx.clone()))
-        .and_then(|user: String, ctx: Arc<NodeContext>, me: UserView| async move {
+    let user_messages = warp::get().and(warp::path!("api" / "messages" / String)).and(authed(ctx.clone())).and_then(
+        |user: String, ctx: Arc<NodeContext>, me: UserView| async move {
             let user = parse_user(&user)?;
             if user != me.id {
                 return Err(reject(ErrorCode::SpoofedSender, "you can only list your own messages"));
@@ -360,17 +387,21 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
             }
             rows.sort_by(|x, y| x.created_at.cmp(&y.created_at).then(x.seq.cmp(&y.seq)));
             Ok(json(&rows, StatusCode::OK))
-        });
+        },
+    );
 
-    let shards = warp::get().and(warp::path!("api" / "shards")).and(authed(ctx.clone())).map(|ctx: Arc<NodeContext>, _me: UserView| {
-        json(&shard_views(&ctx), StatusCode::OK)
-    });
-    let shard_health = warp::get().and(warp::path!("api" / "health" / "shards")).and(authed(ctx)).map(|ctx: Arc<NodeContext>, _me: UserView| {
-        let shards = shard_views(&ctx);
-        let healthy = shards.iter().all(|s| s.status == "healthy");
-        let body = serde_json::json!({ "status": if healthy { "healthy" } else { "degraded" }, "shards": shards });
-        json(&body, StatusCode::OK)
-    });
+    let shards = warp::get()
+        .and(warp::path!("api" / "shards"))
+        .and(authed(ctx.clone()))
+        .map(|ctx: Arc<NodeContext>, _me: UserView| json(&shard_views(&ctx), StatusCode::OK));
+    let shard_health = warp::get().and(warp::path!("api" / "health" / "shards")).and(authed(ctx)).map(
+        |ctx: Arc<NodeContext>, _me: UserView| {
+            let shards = shard_views(&ctx);
+            let healthy = shards.iter().all(|s| s.status == "healthy");
+            let body = serde_json::json!({ "status": if healthy { "healthy" } else { "degraded" }, "shards": shards });
+            json(&body, StatusCode::OK)
+        },
+    );
 
     send.or(conversation).unify().or(user_messages).unify().or(shards).unify().or(shard_health).unify().boxed()
 }

@@ -83,10 +83,15 @@ async fn up(path: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result
         env.push(("PARLEY_COOKIE".to_string(), crate::launcher::random_cookie()));
     }
     let mut cluster = crate::launcher::LocalCluster::new(path, &config, log_dir, env)?;
-    println!("starting {} nodes ({} store); logs in {}", cluster.nodes.len(), crate::store_config(&config).map(|s| match s {
-        parley_storage::StoreConfig::Embedded { .. } => "embedded",
-        parley_storage::StoreConfig::Postgres { .. } => "postgres",
-    })?, log_dir.display());
+    println!(
+        "starting {} nodes ({} store); logs in {}",
+        cluster.nodes.len(),
+        crate::store_config(&config).map(|s| match s {
+            parley_storage::StoreConfig::Embedded { .. } => "embedded",
+            parley_storage::StoreConfig::Postgres { .. } => "postgres",
+        })?,
+        log_dir.display()
+    );
     cluster.start_all().await?;
     for n in &cluster.nodes {
         println!("  {:<6} http://{}/  (ws://{}/v1/ws)  pid {}", n.name, n.http, n.http, n.pid().unwrap_or(0));
@@ -139,7 +144,12 @@ fn print_status(url: &str, body: &serde_json::Value) {
     }
     let shards = body["shards"].as_array().cloned().unwrap_or_default();
     let served = shards.iter().filter(|s| s["status"] == "healthy").count();
-    println!("\nSHARDS  {served}/{} served   sessions here: {}   redirects here: {}", shards.len(), body["sessions"], body["redirects"]);
+    println!(
+        "\nSHARDS  {served}/{} served   sessions here: {}   redirects here: {}",
+        shards.len(),
+        body["sessions"],
+        body["redirects"]
+    );
     println!("SHARD  OWNER   EPOCH");
     for s in &shards {
         println!("{:>5}  {:<7} {:>5}", s["shard_id"], s["owner"].as_str().unwrap_or("-"), s["epoch"]);

@@ -60,8 +60,15 @@ impl Client {
     }
 
     /// Any request, returning status and JSON body (or `null`): for tests of bad input.
-    pub async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Result<(u16, serde_json::Value)> {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let method =
+            reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut req = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -72,11 +79,21 @@ impl Client {
         let resp = req.send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let value = if bytes.is_empty() { serde_json::Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null) };
+        let value = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+        };
         Ok((status, value))
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, token: Option<&str>, body: Option<serde_json::Value>) -> Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
         let body = body.map(|b| serde_json::to_vec(&b).expect("json values serialize"));
         let (status, value) = self.raw(method, path, token, body).await?;
         if status >= 400 {
@@ -88,11 +105,13 @@ impl Client {
     }
 
     pub async fn register(&self, username: &str, password: &str) -> Result<TokenResponse> {
-        self.call("POST", "/v1/register", None, Some(serde_json::json!({"username": username, "password": password}))).await
+        self.call("POST", "/v1/register", None, Some(serde_json::json!({"username": username, "password": password})))
+            .await
     }
 
     pub async fn login(&self, username: &str, password: &str) -> Result<TokenResponse> {
-        self.call("POST", "/v1/login", None, Some(serde_json::json!({"username": username, "password": password}))).await
+        self.call("POST", "/v1/login", None, Some(serde_json::json!({"username": username, "password": password})))
+            .await
     }
 
     pub async fn logout(&self, token: &str) -> Result<()> {
@@ -113,7 +132,13 @@ impl Client {
         self.call("POST", "/v1/messages", Some(token), Some(body)).await
     }
 
-    pub async fn history(&self, token: &str, conversation: ConversationId, before_seq: Option<Seq>, limit: Option<u32>) -> Result<HistoryResponse> {
+    pub async fn history(
+        &self,
+        token: &str,
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: Option<u32>,
+    ) -> Result<HistoryResponse> {
         let mut path = format!("/v1/conversations/{conversation}/messages?");
         if let Some(b) = before_seq {
             path.push_str(&format!("before_seq={b}&"));
@@ -218,8 +243,13 @@ impl Connection {
     /// Send a 1:1 message and wait for its ack (or error).
     pub async fn send_message(&mut self, to: UserId, body: &str, client_msg_id: &str) -> Result<ServerFrame> {
         let id = ClientMsgId::new(client_msg_id).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.send(&ClientFrame::Send { client_msg_id: id.clone(), to: Some(to), conversation_id: None, body: body.to_string() })
-            .await?;
+        self.send(&ClientFrame::Send {
+            client_msg_id: id.clone(),
+            to: Some(to),
+            conversation_id: None,
+            body: body.to_string(),
+        })
+        .await?;
         self.expect_ack(&id, Duration::from_secs(15)).await
     }
 

@@ -197,8 +197,8 @@ impl Config {
 
     /// Parse from a TOML string without touching the environment (tests, tools).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: "<string>".into(), source: Box::new(e) })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: "<string>".into(), source: Box::new(e) })?;
         config.validate()?;
         Ok(config)
     }

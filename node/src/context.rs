@@ -236,7 +236,9 @@ impl NodeContext {
     pub async fn receipt(&self, cmd: ReceiptCommand) -> NodeResult<()> {
         let route = self.route(self.shard_of(cmd.conversation_id))?;
         match route.target {
-            RouteTarget::Local(actor) => actor.cast(ShardMsg::Receipt(cmd)).map_err(|e| NodeError::Actor(e.to_string())),
+            RouteTarget::Local(actor) => {
+                actor.cast(ShardMsg::Receipt(cmd)).map_err(|e| NodeError::Actor(e.to_string()))
+            }
             RouteTarget::Remote(gateway) => gateway
                 .cast(GatewayMsg::Frame(codec::encode(&NodePayload::Receipt(cmd))))
                 .map_err(|e| NodeError::Actor(e.to_string())),
@@ -259,11 +261,22 @@ impl NodeContext {
         let route = self.route(self.shard_of(conversation))?;
         let result = match route.target {
             RouteTarget::Local(actor) => {
-                call(&actor, |reply| ShardMsg::History { conversation, before_seq, limit, reply }, self.call_timeout(), "shard history")
-                    .await?
+                call(
+                    &actor,
+                    |reply| ShardMsg::History { conversation, before_seq, limit, reply },
+                    self.call_timeout(),
+                    "shard history",
+                )
+                .await?
             }
             RouteTarget::Remote(gateway) => {
-                match remote_call(&gateway, &NodePayload::History { conversation, before_seq, limit }, self.call_timeout()).await? {
+                match remote_call(
+                    &gateway,
+                    &NodePayload::History { conversation, before_seq, limit },
+                    self.call_timeout(),
+                )
+                .await?
+                {
                     NodePayload::HistoryResult(r) => r,
                     _ => return Err(NodeError::Timeout("peer history")),
                 }
@@ -315,7 +328,9 @@ impl NodeContext {
                     let req = SyncRequest { conversations: conversations.clone(), ..request.clone() };
                     match route.target {
                         RouteTarget::Local(actor) => {
-                            match call(&actor, |reply| ShardMsg::Sync { req, reply }, self.call_timeout(), "shard sync").await {
+                            match call(&actor, |reply| ShardMsg::Sync { req, reply }, self.call_timeout(), "shard sync")
+                                .await
+                            {
                                 Ok(Ok(part)) => Some(part),
                                 Ok(Err(_)) | Err(_) => None,
                             }
@@ -341,15 +356,27 @@ impl NodeContext {
         reply
     }
 
-    async fn summaries(&self, shard: ShardId, user: UserId, conversations: Vec<ConversationId>) -> NodeResult<Vec<ShardSummary>> {
+    async fn summaries(
+        &self,
+        shard: ShardId,
+        user: UserId,
+        conversations: Vec<ConversationId>,
+    ) -> NodeResult<Vec<ShardSummary>> {
         let route = self.route(shard)?;
         let result = match route.target {
             RouteTarget::Local(actor) => {
-                call(&actor, |reply| ShardMsg::Summaries { user, conversations, reply }, self.call_timeout(), "shard summaries")
-                    .await?
+                call(
+                    &actor,
+                    |reply| ShardMsg::Summaries { user, conversations, reply },
+                    self.call_timeout(),
+                    "shard summaries",
+                )
+                .await?
             }
             RouteTarget::Remote(gateway) => {
-                match remote_call(&gateway, &NodePayload::Summaries { user, conversations }, self.call_timeout()).await? {
+                match remote_call(&gateway, &NodePayload::Summaries { user, conversations }, self.call_timeout())
+                    .await?
+                {
                     NodePayload::SummariesResult(r) => r,
                     _ => return Err(NodeError::Timeout("peer summaries")),
                 }
@@ -364,7 +391,8 @@ impl NodeContext {
     pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
         if !peers.is_empty() {
-            let bytes = codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone(), skip_session });
+            let bytes =
+                codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone(), skip_session });
             for (_, gateway) in peers {
                 let _ = gateway.cast(GatewayMsg::Frame(bytes.clone()));
             }
@@ -407,7 +435,11 @@ impl PendingAck {
 }
 
 /// A request/response to a peer's gateway, with a timeout; the answer is decoded fallibly.
-pub async fn remote_call(gateway: &ActorRef<GatewayMsg>, payload: &NodePayload, timeout: Duration) -> NodeResult<NodePayload> {
+pub async fn remote_call(
+    gateway: &ActorRef<GatewayMsg>,
+    payload: &NodePayload,
+    timeout: Duration,
+) -> NodeResult<NodePayload> {
     let (tx, rx) = ractor::concurrency::oneshot();
     gateway.cast(GatewayMsg::Call(codec::encode(payload), tx.into())).map_err(|e| NodeError::Actor(e.to_string()))?;
     match tokio::time::timeout(timeout, rx).await {
@@ -440,7 +472,12 @@ pub fn validate_body(body: &str) -> NodeResult<()> {
 
 /// `call` with a timeout that maps every failure to a `NodeError`. A timeout means "outcome
 /// unknown" and is reported as `unavailable` so the client retries with the same ids.
-pub async fn call<M, T, F>(actor: &ractor::ActorRef<M>, build: F, timeout: Duration, what: &'static str) -> NodeResult<T>
+pub async fn call<M, T, F>(
+    actor: &ractor::ActorRef<M>,
+    build: F,
+    timeout: Duration,
+    what: &'static str,
+) -> NodeResult<T>
 where
     M: ractor::Message,
     T: Send + 'static,

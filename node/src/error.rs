@@ -51,7 +51,9 @@ impl NodeError {
             NodeError::Client { message, .. } => message.clone(),
             NodeError::Protocol(e) => e.to_string(),
             NodeError::Storage(StorageError::UsernameTaken) => "username is taken".into(),
-            NodeError::ShardUnavailable(_) | NodeError::Timeout(_) | NodeError::Storage(StorageError::StaleEpoch { .. }) => {
+            NodeError::ShardUnavailable(_)
+            | NodeError::Timeout(_)
+            | NodeError::Storage(StorageError::StaleEpoch { .. }) => {
                 "temporarily unavailable; retry (sends: with the same client_msg_id)".into()
             }
             other => {

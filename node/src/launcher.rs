@@ -123,13 +123,24 @@ impl LocalNode {
 impl LocalCluster {
     /// Prepare (not start) one process per node of `config_path`. `env` is added to each child's
     /// environment (e.g. the cookie, `PARLEY_DATABASE_URL`).
-    pub fn new(config_path: &Path, config: &Config, log_dir: &Path, env: Vec<(String, String)>) -> anyhow::Result<LocalCluster> {
+    pub fn new(
+        config_path: &Path,
+        config: &Config,
+        log_dir: &Path,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<LocalCluster> {
         std::fs::create_dir_all(log_dir)?;
         let bin = std::env::var_os("PARLEY_BIN").map(PathBuf::from).map_or_else(std::env::current_exe, Ok)?;
         let nodes = config
             .nodes
             .iter()
-            .map(|n| LocalNode { name: n.name.clone(), http: n.http, child: None, log_dir: log_dir.to_path_buf(), starts: 0 })
+            .map(|n| LocalNode {
+                name: n.name.clone(),
+                http: n.http,
+                child: None,
+                log_dir: log_dir.to_path_buf(),
+                starts: 0,
+            })
             .collect();
         Ok(LocalCluster { nodes, bin, config_path: config_path.to_path_buf(), env })
     }

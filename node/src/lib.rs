@@ -65,7 +65,8 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     ctx.set_http_addr(bound);
     let root_args = RootArgs { ctx: ctx.clone(), cluster_listen: spec.cluster };
     let (root, root_handle) = Actor::spawn(None, RootActor, root_args).await.context("starting the actor tree")?;
-    let (agent, sessions) = call(&root, |reply| RootMsg::Children { reply }, Duration::from_secs(5), "root children").await?;
+    let (agent, sessions) =
+        call(&root, |reply| RootMsg::Children { reply }, Duration::from_secs(5), "root children").await?;
 
     let connections = Arc::new(api::ws::ConnectionCounter::default());
     let routes = api::routes(ctx.clone(), sessions, agent, connections);

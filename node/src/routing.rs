@@ -68,7 +68,12 @@ impl Routing {
 
     /// Install a peer's announcement: routes for the shards it serves (unless we serve one
     /// ourselves, or know a newer epoch), and drop its routes for shards it no longer lists.
-    pub fn apply_remote(&self, node: &str, gateway: &ActorRef<GatewayMsg>, served: &[(parley_protocol::ShardId, Epoch)]) {
+    pub fn apply_remote(
+        &self,
+        node: &str,
+        gateway: &ActorRef<GatewayMsg>,
+        served: &[(parley_protocol::ShardId, Epoch)],
+    ) {
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
         for slot in shards.iter_mut() {
             if slot.as_ref().is_some_and(|r| r.node == node && !r.is_local()) {
@@ -79,7 +84,11 @@ impl Routing {
             if let Some(slot) = shards.get_mut(shard.0 as usize) {
                 let keep = slot.as_ref().is_some_and(|r| r.is_local() || r.epoch > *epoch);
                 if !keep {
-                    *slot = Some(ShardRoute { target: RouteTarget::Remote(gateway.clone()), epoch: *epoch, node: node.to_string() });
+                    *slot = Some(ShardRoute {
+                        target: RouteTarget::Remote(gateway.clone()),
+                        epoch: *epoch,
+                        node: node.to_string(),
+                    });
                 }
             }
         }

@@ -78,12 +78,7 @@ pub struct SyncReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UserEvent {
     Message(MessageView),
-    Receipt {
-        conversation_id: ConversationId,
-        user_id: UserId,
-        kind: ReceiptKind,
-        seq: Seq,
-    },
+    Receipt { conversation_id: ConversationId, user_id: UserId, kind: ReceiptKind, seq: Seq },
 }
 
 /// A conversation as its shard knows it, for the conversation list.
@@ -99,24 +94,47 @@ pub struct ShardSummary {
 /// Everything nodes send each other. Append-only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodePayload {
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Deliver `event` to the live sessions of `users` on the receiving node, except the session
     /// `skip_session` (the sender's own device; 0 = none).
-    Deliver { users: Vec<UserId>, event: UserEvent, skip_session: u64 },
+    Deliver {
+        users: Vec<UserId>,
+        event: UserEvent,
+        skip_session: u64,
+    },
     Send(SendCommand),
     SendResult(SendOutcome),
     Receipt(ReceiptCommand),
     Sync(SyncRequest),
     SyncResult(SyncReply),
     /// A node announces which shards it serves and under which epochs.
-    ShardsServed { node: String, boot_id: String, shards: Vec<(ShardId, Epoch)> },
+    ShardsServed {
+        node: String,
+        boot_id: String,
+        shards: Vec<(ShardId, Epoch)>,
+    },
     /// Who are you? Answered with `Identity`.
     Identify,
-    Identity { node: String, boot_id: String, http: String },
-    History { conversation: ConversationId, before_seq: Option<Seq>, limit: u32 },
+    Identity {
+        node: String,
+        boot_id: String,
+        http: String,
+    },
+    History {
+        conversation: ConversationId,
+        before_seq: Option<Seq>,
+        limit: u32,
+    },
     HistoryResult(Result<(Vec<MessageView>, bool), ErrorCode>),
-    Summaries { user: UserId, conversations: Vec<ConversationId> },
+    Summaries {
+        user: UserId,
+        conversations: Vec<ConversationId>,
+    },
     SummariesResult(Result<Vec<ShardSummary>, ErrorCode>),
     SyncFailed(ErrorCode),
 }

@@ -38,8 +38,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtocolError> {
     if version != NODE_PAYLOAD_VERSION {
         return Err(ProtocolError::UnsupportedVersion(version));
     }
-    let (value, used) = bincode::serde::decode_from_slice(&bytes[2..], config())
-        .map_err(|e| ProtocolError::Codec(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(&bytes[2..], config()).map_err(|e| ProtocolError::Codec(e.to_string()))?;
     if used != bytes.len() - 2 {
         return Err(ProtocolError::Codec(format!("{} trailing bytes", bytes.len() - 2 - used)));
     }

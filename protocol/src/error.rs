@@ -126,9 +126,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            ProtocolError::InvalidField(_) | ProtocolError::InvalidFieldDetail(_) => {
-                ErrorCode::InvalidField
-            }
+            ProtocolError::InvalidField(_) | ProtocolError::InvalidFieldDetail(_) => ErrorCode::InvalidField,
             ProtocolError::BadJson(_) => ErrorCode::BadJson,
             ProtocolError::UnknownFrame(_) => ErrorCode::UnknownFrame,
             ProtocolError::FrameTooLarge(_) => ErrorCode::FrameTooLarge,

@@ -14,11 +14,7 @@ use crate::limits::MAX_FRAME_BYTES;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Must be the first frame: authenticates the connection and names the device.
-    Hello {
-        protocol: u32,
-        token: String,
-        device_id: DeviceId,
-    },
+    Hello { protocol: u32, token: String, device_id: DeviceId },
     /// Send a message: to a user (`to`, a 1:1 chat) or into a conversation (`conversation_id`).
     Send {
         client_msg_id: ClientMsgId,
@@ -29,15 +25,9 @@ pub enum ClientFrame {
         body: String,
     },
     /// This device has received every message of the conversation up to `seq` (cumulative).
-    Delivered {
-        conversation_id: ConversationId,
-        seq: Seq,
-    },
+    Delivered { conversation_id: ConversationId, seq: Seq },
     /// The user has read every message of the conversation up to `seq` (cumulative).
-    Read {
-        conversation_id: ConversationId,
-        seq: Seq,
-    },
+    Read { conversation_id: ConversationId, seq: Seq },
     /// A page of history, newest first from `before_seq` (exclusive; omitted = from the end).
     History {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,8 +51,7 @@ pub enum ClientFrame {
 }
 
 /// Every `type` a client may send; anything else is `unknown_frame`.
-pub const CLIENT_FRAME_TYPES: &[&str] =
-    &["hello", "send", "delivered", "read", "history", "conversations", "ping"];
+pub const CLIENT_FRAME_TYPES: &[&str] = &["hello", "send", "delivered", "read", "history", "conversations", "ping"];
 
 impl ClientFrame {
     /// Decode one text frame, classifying failures into distinct error codes.
@@ -70,8 +59,7 @@ impl ClientFrame {
         if text.len() > MAX_FRAME_BYTES {
             return Err(ProtocolError::FrameTooLarge(text.len()));
         }
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
         let kind = value
             .get("type")
             .and_then(|t| t.as_str())
@@ -94,9 +82,7 @@ pub fn classify_serde_error(e: serde_json::Error) -> ProtocolError {
     let text = e.to_string();
     match text.strip_prefix("invalid field: ") {
         // serde appends " at line x column y"; keep only our sentence.
-        Some(rest) => ProtocolError::InvalidFieldDetail(
-            rest.split(" at line ").next().unwrap_or(rest).to_string(),
-        ),
+        Some(rest) => ProtocolError::InvalidFieldDetail(rest.split(" at line ").next().unwrap_or(rest).to_string()),
         None => ProtocolError::BadJson(text),
     }
 }
@@ -157,14 +143,7 @@ pub struct Limits {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// Answer to a good `hello`.
-    Welcome {
-        protocol: u32,
-        user_id: UserId,
-        username: String,
-        device_id: DeviceId,
-        node: String,
-        limits: Limits,
-    },
+    Welcome { protocol: u32, user_id: UserId, username: String, device_id: DeviceId, node: String, limits: Limits },
     /// The message is durably stored (sent only after the commit). `duplicate` is true when this
     /// answers a retry of an already stored message; ids and seq are then the original ones.
     Ack {
@@ -178,12 +157,7 @@ pub enum ServerFrame {
     /// A message for this device: live, or replayed during reconnect sync.
     Message { message: MessageView },
     /// Another member's device received (`delivered`) or read (`read`) messages up to `seq`.
-    Receipt {
-        conversation_id: ConversationId,
-        user_id: UserId,
-        kind: ReceiptKind,
-        seq: Seq,
-    },
+    Receipt { conversation_id: ConversationId, user_id: UserId, kind: ReceiptKind, seq: Seq },
     History {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         req_id: Option<ReqId>,
@@ -199,10 +173,7 @@ pub enum ServerFrame {
     },
     /// Reconnect sync finished: everything this device had not acknowledged was sent (except
     /// conversations flagged in `truncated`, whose rest the client pages with `history`).
-    SyncDone {
-        messages: u64,
-        truncated: Vec<ConversationId>,
-    },
+    SyncDone { messages: u64, truncated: Vec<ConversationId> },
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,

@@ -131,10 +131,7 @@ macro_rules! client_token {
                 if valid_client_token(&s) {
                     Ok($name(s))
                 } else {
-                    Err(ProtocolError::InvalidField(concat!(
-                        $what,
-                        " must be 1-64 characters of [A-Za-z0-9-_.:]"
-                    )))
+                    Err(ProtocolError::InvalidField(concat!($what, " must be 1-64 characters of [A-Za-z0-9-_.:]")))
                 }
             }
             pub fn as_str(&self) -> &str {

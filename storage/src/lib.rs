@@ -89,11 +89,7 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Messages of each conversation after the device's delivery cursor.
     async fn sync(&self, request: &SyncRequest) -> Result<SyncReply>;
     /// Last message, last seq, the user's read seq and unread count per conversation.
-    async fn summaries(
-        &self,
-        user: UserId,
-        conversations: &[ConversationId],
-    ) -> Result<Vec<ShardSummary>>;
+    async fn summaries(&self, user: UserId, conversations: &[ConversationId]) -> Result<Vec<ShardSummary>>;
     /// The member-level cursor of `user` (max over devices): (delivered_seq, read_seq).
     async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)>;
     /// Audit: (seq, lease epoch it was written under) of every message of a conversation, in seq

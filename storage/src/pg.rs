@@ -73,8 +73,7 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_COMMIT_ATTEMPTS: u32 = 3;
 
 /// The columns of a message row in the order [`message_view`] reads them.
-const MESSAGE_COLUMNS: &str =
-    "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms";
+const MESSAGE_COLUMNS: &str = "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms";
 
 /// A timestamptz as milliseconds since the Unix epoch (the unit of every `*_ms` field).
 macro_rules! ms {
@@ -116,13 +115,8 @@ impl PgBackend {
             // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
             config.application_name("parley");
         }
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -132,28 +126,17 @@ impl PgBackend {
             .build()
             .map_err(|e| StorageError::Pool(e.to_string()))?;
         migrate(&pool).await?;
-        let locks = SessionLocks {
-            config,
-            state: tokio::sync::Mutex::new(LockConn::default()),
-        };
-        Ok(PgBackend {
-            pool,
-            locks: Arc::new(locks),
-        })
+        let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
+        Ok(PgBackend { pool, locks: Arc::new(locks) })
     }
 
     pub fn directory(&self) -> PgDirectory {
-        PgDirectory {
-            pool: self.pool.clone(),
-        }
+        PgDirectory { pool: self.pool.clone() }
     }
 
     /// The store of `shard`. Nothing is created until the first acquire or commit.
     pub fn shard(&self, shard: ShardId) -> PgShard {
-        PgShard {
-            shard,
-            backend: self.clone(),
-        }
+        PgShard { shard, backend: self.clone() }
     }
 }
 
@@ -162,11 +145,7 @@ impl PgBackend {
 async fn migrate(pool: &Pool) -> Result<()> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, 0)",
-        &[&MIGRATION_LOCK_CLASS],
-    )
-    .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&MIGRATION_LOCK_CLASS]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS parley_migrations (
              version integer PRIMARY KEY,
@@ -185,11 +164,7 @@ async fn migrate(pool: &Pool) -> Result<()> {
             continue;
         }
         tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO parley_migrations (version) VALUES ($1)",
-            &[version],
-        )
-        .await?;
+        tx.execute("INSERT INTO parley_migrations (version) VALUES ($1)", &[version]).await?;
         tracing::info!(version, "applied postgres migration");
     }
     tx.commit().await?;
@@ -307,10 +282,9 @@ impl SessionLocks {
         let Some(client) = state.client.as_ref() else {
             return Ok(false);
         };
-        let row = bounded(client.query_one(
-            "SELECT pg_try_advisory_lock($1, $2)",
-            &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
-        ))
+        let row = bounded(
+            client.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&SESSION_LOCK_CLASS, &i32::from(shard.0)]),
+        )
         .await?;
         Ok(row.try_get::<_, bool>(0)?)
     }
@@ -333,11 +307,9 @@ impl SessionLocks {
         let Some(client) = state.client.as_ref() else {
             return;
         };
-        let unlocked = bounded(client.query_one(
-            "SELECT pg_advisory_unlock($1, $2)",
-            &[&SESSION_LOCK_CLASS, &i32::from(shard.0)],
-        ))
-        .await;
+        let unlocked =
+            bounded(client.query_one("SELECT pg_advisory_unlock($1, $2)", &[&SESSION_LOCK_CLASS, &i32::from(shard.0)]))
+                .await;
         if let Err(e) = unlocked {
             // Dropping the connection releases every lock it held, which is what we wanted.
             tracing::warn!(shard = %shard, error = %e, "session unlock failed; dropping lock connection");
@@ -420,10 +392,7 @@ fn conversation_record(row: &Row) -> Result<ConversationRecord> {
 }
 
 fn user_view(row: &Row) -> Result<UserView> {
-    Ok(UserView {
-        id: UserId(row.try_get(0)?),
-        username: row.try_get(1)?,
-    })
+    Ok(UserView { id: UserId(row.try_get(0)?), username: row.try_get(1)? })
 }
 
 /// `items` without repeats, first occurrence kept, order preserved.
@@ -454,26 +423,13 @@ impl Directory for PgDirectory {
     async fn create_user(&self, user: &UserRecord) -> Result<()> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(
-                "INSERT INTO users (id, username, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
-            )
+            .prepare_cached("INSERT INTO users (id, username, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)")
             .await?;
-        let inserted = client
-            .execute(
-                &stmt,
-                &[
-                    &user.id.0,
-                    &user.username,
-                    &user.password_hash,
-                    &user.created_at_ms,
-                ],
-            )
-            .await;
+        let inserted =
+            client.execute(&stmt, &[&user.id.0, &user.username, &user.password_hash, &user.created_at_ms]).await;
         match inserted {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_db_error().and_then(|d| d.constraint()) == Some("users_username_key") =>
-            {
+            Err(e) if e.as_db_error().and_then(|d| d.constraint()) == Some("users_username_key") => {
                 Err(StorageError::UsernameTaken)
             }
             Err(e) => Err(e.into()),
@@ -483,9 +439,7 @@ impl Directory for PgDirectory {
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT id, username, password_hash, created_at_ms FROM users WHERE username = $1",
-            )
+            .prepare_cached("SELECT id, username, password_hash, created_at_ms FROM users WHERE username = $1")
             .await?;
         let Some(row) = client.query_opt(&stmt, &[&username]).await? else {
             return Ok(None);
@@ -501,41 +455,23 @@ impl Directory for PgDirectory {
     async fn users_by_id(&self, ids: &[UserId]) -> Result<Vec<UserView>> {
         let ids: Vec<Uuid> = distinct(ids).into_iter().map(|u| u.0).collect();
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, username FROM users WHERE id = ANY($1) ORDER BY username")
-            .await?;
-        client
-            .query(&stmt, &[&ids])
-            .await?
-            .iter()
-            .map(user_view)
-            .collect()
+        let stmt = client.prepare_cached("SELECT id, username FROM users WHERE id = ANY($1) ORDER BY username").await?;
+        client.query(&stmt, &[&ids]).await?.iter().map(user_view).collect()
     }
 
     async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {
         let limit = i64::from(limit.clamp(1, MAX_ROWS));
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, username FROM users ORDER BY username LIMIT $1")
-            .await?;
-        client
-            .query(&stmt, &[&limit])
-            .await?
-            .iter()
-            .map(user_view)
-            .collect()
+        let stmt = client.prepare_cached("SELECT id, username FROM users ORDER BY username LIMIT $1").await?;
+        client.query(&stmt, &[&limit]).await?.iter().map(user_view).collect()
     }
 
     async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(
-                "INSERT INTO tokens (token_hash, user_id, expires_at_ms) VALUES ($1, $2, $3)",
-            )
+            .prepare_cached("INSERT INTO tokens (token_hash, user_id, expires_at_ms) VALUES ($1, $2, $3)")
             .await?;
-        client
-            .execute(&stmt, &[&token_hash, &user.0, &expires_at_ms])
-            .await?;
+        client.execute(&stmt, &[&token_hash, &user.0, &expires_at_ms]).await?;
         Ok(())
     }
 
@@ -547,19 +483,12 @@ impl Directory for PgDirectory {
                  WHERE t.token_hash = $1 AND t.expires_at_ms > $2",
             )
             .await?;
-        client
-            .query_opt(&stmt, &[&token_hash, &now_ms])
-            .await?
-            .as_ref()
-            .map(user_view)
-            .transpose()
+        client.query_opt(&stmt, &[&token_hash, &now_ms]).await?.as_ref().map(user_view).transpose()
     }
 
     async fn delete_token(&self, token_hash: &str) -> Result<()> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM tokens WHERE token_hash = $1")
-            .await?;
+        let stmt = client.prepare_cached("DELETE FROM tokens WHERE token_hash = $1").await?;
         client.execute(&stmt, &[&token_hash]).await?;
         Ok(())
     }
@@ -583,11 +512,7 @@ impl Directory for PgDirectory {
                  ON CONFLICT (id) DO NOTHING",
             )
             .await?;
-        tx.execute(
-            &insert,
-            &[&conversation.0, &kind_code(kind), &members, &now_ms],
-        )
-        .await?;
+        tx.execute(&insert, &[&conversation.0, &kind_code(kind), &members, &now_ms]).await?;
         let index = tx
             .prepare_cached(
                 "INSERT INTO user_conversations (user_id, conversation_id)
@@ -609,28 +534,13 @@ impl Directory for PgDirectory {
                  WHERE uc.user_id = $1 ORDER BY c.created_at_ms, c.id",
             )
             .await?;
-        client
-            .query(&stmt, &[&user.0])
-            .await?
-            .iter()
-            .map(conversation_record)
-            .collect()
+        client.query(&stmt, &[&user.0]).await?.iter().map(conversation_record).collect()
     }
 
-    async fn conversation(
-        &self,
-        conversation: ConversationId,
-    ) -> Result<Option<ConversationRecord>> {
+    async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached("SELECT id, kind, members FROM conversations WHERE id = $1")
-            .await?;
-        client
-            .query_opt(&stmt, &[&conversation.0])
-            .await?
-            .as_ref()
-            .map(conversation_record)
-            .transpose()
+        let stmt = client.prepare_cached("SELECT id, kind, members FROM conversations WHERE id = $1").await?;
+        client.query_opt(&stmt, &[&conversation.0]).await?.as_ref().map(conversation_record).transpose()
     }
 }
 
@@ -661,12 +571,7 @@ impl PgShard {
     }
 
     /// The lease transaction of [`ShardStore::acquire_lease`].
-    async fn grant(
-        &self,
-        owner: &str,
-        ttl_ms: i64,
-        lock: SessionLock,
-    ) -> Result<Option<LeaseGrant>> {
+    async fn grant(&self, owner: &str, ttl_ms: i64, lock: SessionLock) -> Result<Option<LeaseGrant>> {
         let shard = self.shard_db();
         let mut client = self.backend.pool.get().await?;
         let tx = client.transaction().await?;
@@ -677,11 +582,8 @@ impl PgShard {
             )
             .await?;
         tx.execute(&create, &[&shard]).await?;
-        let read = tx
-            .prepare_cached(
-                "SELECT owner, expires_at < now() FROM shard_leases WHERE shard = $1 FOR UPDATE",
-            )
-            .await?;
+        let read =
+            tx.prepare_cached("SELECT owner, expires_at < now() FROM shard_leases WHERE shard = $1 FOR UPDATE").await?;
         let row = tx.query_one(&read, &[&shard]).await?;
         let holder: Option<String> = row.try_get(0)?;
         let expired: bool = row.try_get(1)?;
@@ -699,10 +601,7 @@ impl PgShard {
             ))
             .await?;
         let row = tx.query_one(&update, &[&shard, &owner, &ttl_ms]).await?;
-        let grant = LeaseGrant {
-            epoch: Epoch(from_db(row.try_get(0)?, "epoch")?),
-            expires_at_ms: row.try_get(1)?,
-        };
+        let grant = LeaseGrant { epoch: Epoch(from_db(row.try_get(0)?, "epoch")?), expires_at_ms: row.try_get(1)? };
         tx.commit().await?;
         Ok(Some(grant))
     }
@@ -710,9 +609,7 @@ impl PgShard {
     /// The lease row's owner and epoch (none and 0 when there is no row yet).
     async fn current_lease(&self) -> Result<(Option<String>, u64)> {
         let client = self.backend.pool.get().await?;
-        let stmt = client
-            .prepare_cached("SELECT owner, epoch FROM shard_leases WHERE shard = $1")
-            .await?;
+        let stmt = client.prepare_cached("SELECT owner, epoch FROM shard_leases WHERE shard = $1").await?;
         match client.query_opt(&stmt, &[&self.shard_db()]).await? {
             Some(row) => Ok((row.try_get(0)?, from_db(row.try_get(1)?, "epoch")?)),
             None => Ok((None, 0)),
@@ -743,9 +640,7 @@ impl PgShard {
         // Fencing, in this transaction: a concurrent acquire (FOR UPDATE) waits for us or we for
         // it. The dedupe lookup is pipelined behind it (one round trip for both); the server runs
         // them in order, and if the fence fails the lookup's answer is simply dropped.
-        let fence = tx
-            .prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE")
-            .await?;
+        let fence = tx.prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE").await?;
         let lookup = tx
             .prepare_cached(
                 "SELECT m.sender, m.client_msg_id, m.conversation_id, m.message_id, m.seq,
@@ -769,15 +664,8 @@ impl PgShard {
         let current = fenced.map(|row| row.try_get::<_, i64>(0)).transpose()?;
         if current != Some(epoch_db) {
             tx.rollback().await?;
-            let current = current
-                .map(|c| from_db(c, "epoch"))
-                .transpose()?
-                .unwrap_or(0);
-            return Err(StorageError::StaleEpoch {
-                shard: self.shard.0,
-                held: epoch.0,
-                current,
-            });
+            let current = current.map(|c| from_db(c, "epoch")).transpose()?.unwrap_or(0);
+            return Err(StorageError::StaleEpoch { shard: self.shard.0, held: epoch.0, current });
         }
 
         let mut results = Vec::with_capacity(messages.len());
@@ -791,25 +679,14 @@ impl PgShard {
                     sent_at_ms: row.try_get(5)?,
                     duplicate: true,
                 };
-                owners.insert(
-                    (
-                        ack.conversation_id,
-                        UserId(row.try_get(0)?),
-                        row.try_get(1)?,
-                    ),
-                    KeyOwner::Stored(ack),
-                );
+                owners.insert((ack.conversation_id, UserId(row.try_get(0)?), row.try_get(1)?), KeyOwner::Stored(ack));
             }
 
             // Resolve in batch order, as if each message were committed on its own.
             let mut slots = Vec::with_capacity(messages.len());
             let mut counts: HashMap<ConversationId, i64> = HashMap::new();
             for (i, m) in messages.iter().enumerate() {
-                let key = (
-                    m.conversation_id,
-                    m.sender,
-                    m.client_msg_id.as_str().to_string(),
-                );
+                let key = (m.conversation_id, m.sender, m.client_msg_id.as_str().to_string());
                 let slot = match owners.get(&key) {
                     Some(KeyOwner::Stored(ack)) => Slot::Done(MessageResult::Stored(ack.clone())),
                     Some(KeyOwner::Batch(first)) => Slot::RepeatOf(*first),
@@ -958,11 +835,7 @@ impl<'a> NewColumns<'a> {
 /// Move cursors forward (never back) in one upsert. A device update also moves the member-level
 /// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
 /// are clamped to it, so a client cannot mark messages that do not exist yet as received.
-async fn apply_cursors(
-    tx: &deadpool_postgres::Transaction<'_>,
-    shard: i32,
-    updates: &[CursorUpdate],
-) -> Result<()> {
+async fn apply_cursors(tx: &deadpool_postgres::Transaction<'_>, shard: i32, updates: &[CursorUpdate]) -> Result<()> {
     // Merge first: one upsert may not touch the same row twice.
     let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
     for u in updates {
@@ -972,9 +845,7 @@ async fn apply_cursors(
             ReceiptKind::Read => (seq, seq),
         };
         let mut raise = |device: String| {
-            let e = rows
-                .entry((u.conversation_id.0, u.user.0, device))
-                .or_insert((0, 0));
+            let e = rows.entry((u.conversation_id.0, u.user.0, device)).or_insert((0, 0));
             e.0 = e.0.max(delivered);
             e.1 = e.1.max(read);
         };
@@ -1004,11 +875,7 @@ async fn apply_cursors(
                  read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
         )
         .await?;
-    tx.execute(
-        &stmt,
-        &[&shard, &convs, &users, &devices, &delivered, &read],
-    )
-    .await?;
+    tx.execute(&stmt, &[&shard, &convs, &users, &devices, &delivered, &read]).await?;
     Ok(())
 }
 
@@ -1047,9 +914,7 @@ impl ShardStore for PgShard {
                     ms!("expires_at")
                 ))
                 .await?;
-            client
-                .query_opt(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner, &ttl])
-                .await?
+            client.query_opt(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner, &ttl]).await?
         };
         let Some(row) = renewed else {
             let (holder, current) = self.current_lease().await?;
@@ -1057,19 +922,12 @@ impl ShardStore for PgShard {
                 // The lease moved on: the session lock would only block its new owner's fast path.
                 self.backend.locks.unlock(self.shard, Some(owner)).await;
             }
-            return Err(StorageError::StaleEpoch {
-                shard: self.shard.0,
-                held: epoch.0,
-                current,
-            });
+            return Err(StorageError::StaleEpoch { shard: self.shard.0, held: epoch.0, current });
         };
         // Leases taken over by expiry come without the session lock (the old owner's session
         // still held it); take it as soon as it is free so the fast path protects us too.
         self.backend.locks.try_lock_if_idle(self.shard, owner).await;
-        Ok(LeaseGrant {
-            epoch,
-            expires_at_ms: row.try_get(0)?,
-        })
+        Ok(LeaseGrant { epoch, expires_at_ms: row.try_get(0)? })
     }
 
     async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {
@@ -1081,9 +939,7 @@ impl ShardStore for PgShard {
                      WHERE shard = $1 AND epoch = $2 AND owner = $3",
                 )
                 .await?;
-            client
-                .execute(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner])
-                .await?;
+            client.execute(&stmt, &[&self.shard_db(), &to_db(epoch.0), &owner]).await?;
         }
         self.backend.locks.unlock(self.shard, Some(owner)).await;
         Ok(())
@@ -1139,33 +995,16 @@ impl ShardStore for PgShard {
                  ORDER BY m.seq DESC LIMIT $4"
             ))
             .await?;
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &self.shard_db(),
-                    &conversation.0,
-                    &before,
-                    &(i64::from(limit) + 1),
-                ],
-            )
-            .await?;
+        let rows = client.query(&stmt, &[&self.shard_db(), &conversation.0, &before, &(i64::from(limit) + 1)]).await?;
         let has_more = rows.len() > limit as usize;
-        let mut page = rows
-            .iter()
-            .take(limit as usize)
-            .map(|r| message_view(r, 0))
-            .collect::<Result<Vec<_>>>()?;
+        let mut page = rows.iter().take(limit as usize).map(|r| message_view(r, 0)).collect::<Result<Vec<_>>>()?;
         page.reverse();
         Ok((page, has_more))
     }
 
     async fn sync(&self, request: &SyncRequest) -> Result<SyncReply> {
         let limit = request.per_conversation_limit.clamp(1, MAX_ROWS);
-        let conversations: Vec<Uuid> = distinct(&request.conversations)
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
+        let conversations: Vec<Uuid> = distinct(&request.conversations).into_iter().map(|c| c.0).collect();
         let client = self.backend.pool.get().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -1187,13 +1026,7 @@ impl ShardStore for PgShard {
         let rows = client
             .query(
                 &stmt,
-                &[
-                    &self.shard_db(),
-                    &conversations,
-                    &request.user.0,
-                    &request.device.as_str(),
-                    &(i64::from(limit) + 1),
-                ],
+                &[&self.shard_db(), &conversations, &request.user.0, &request.device.as_str(), &(i64::from(limit) + 1)],
             )
             .await?;
         let mut reply = SyncReply::default();
@@ -1211,11 +1044,7 @@ impl ShardStore for PgShard {
         Ok(reply)
     }
 
-    async fn summaries(
-        &self,
-        user: UserId,
-        conversations: &[ConversationId],
-    ) -> Result<Vec<ShardSummary>> {
+    async fn summaries(&self, user: UserId, conversations: &[ConversationId]) -> Result<Vec<ShardSummary>> {
         let conversations: Vec<Uuid> = distinct(conversations).into_iter().map(|c| c.0).collect();
         let client = self.backend.pool.get().await?;
         let stmt = client
@@ -1234,9 +1063,7 @@ impl ShardStore for PgShard {
                  ORDER BY c.ord"
             ))
             .await?;
-        let rows = client
-            .query(&stmt, &[&self.shard_db(), &user.0, &conversations])
-            .await?;
+        let rows = client.query(&stmt, &[&self.shard_db(), &user.0, &conversations]).await?;
         rows.iter()
             .map(|row| {
                 let last_message = match row.try_get::<_, Option<Uuid>>(4)? {
@@ -1254,11 +1081,7 @@ impl ShardStore for PgShard {
             .collect()
     }
 
-    async fn member_cursor(
-        &self,
-        conversation: ConversationId,
-        user: UserId,
-    ) -> Result<(Seq, Seq)> {
+    async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)> {
         let client = self.backend.pool.get().await?;
         let stmt = client
             .prepare_cached(
@@ -1267,31 +1090,20 @@ impl ShardStore for PgShard {
             )
             .await?;
         match client.query_opt(&stmt, &[&conversation.0, &user.0]).await? {
-            Some(row) => Ok((
-                from_db(row.try_get(0)?, "delivered_seq")?,
-                from_db(row.try_get(1)?, "read_seq")?,
-            )),
+            Some(row) => Ok((from_db(row.try_get(0)?, "delivered_seq")?, from_db(row.try_get(1)?, "read_seq")?)),
             None => Ok((0, 0)),
         }
     }
 
     async fn epochs(&self, conversation: ConversationId) -> Result<Vec<(Seq, Epoch)>> {
         let client = self.backend.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT seq, epoch FROM messages WHERE conversation_id = $1 ORDER BY seq",
-            )
-            .await?;
+        let stmt =
+            client.prepare_cached("SELECT seq, epoch FROM messages WHERE conversation_id = $1 ORDER BY seq").await?;
         client
             .query(&stmt, &[&conversation.0])
             .await?
             .iter()
-            .map(|row| {
-                Ok((
-                    from_db(row.try_get(0)?, "seq")?,
-                    Epoch(from_db(row.try_get(1)?, "epoch")?),
-                ))
-            })
+            .map(|row| Ok((from_db(row.try_get(0)?, "seq")?, Epoch(from_db(row.try_get(1)?, "epoch")?))))
             .collect()
     }
 }

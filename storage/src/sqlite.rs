@@ -179,8 +179,8 @@ impl SqliteBackend {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("directory.db");
         let conn = tokio::task::spawn_blocking(move || open_with_schema(&path, DIRECTORY_SCHEMA))
-        .await
-        .map_err(|e| StorageError::Join(e.to_string()))??;
+            .await
+            .map_err(|e| StorageError::Join(e.to_string()))??;
         Ok(SqliteBackend { dir: dir.to_path_buf(), directory: Arc::new(Mutex::new(conn)) })
     }
 
@@ -228,9 +228,7 @@ impl Directory for SqliteDirectory {
             );
             match r {
                 Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
                     Err(StorageError::UsernameTaken)
                 }
                 Err(e) => Err(e.into()),
@@ -263,9 +261,7 @@ impl Directory for SqliteDirectory {
             let mut stmt = c.prepare_cached("SELECT username FROM users WHERE id = ?1")?;
             let mut out = Vec::new();
             for id in ids {
-                if let Some(username) =
-                    stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()?
-                {
+                if let Some(username) = stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()? {
                     out.push(UserView { id, username });
                 }
             }
@@ -452,11 +448,9 @@ fn to_view(row: MessageRow) -> Result<MessageView> {
 const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
 
 fn current_epoch(tx: &rusqlite::Transaction<'_>, shard: ShardId) -> Result<(Option<String>, u64, i64)> {
-    Ok(tx.query_row(
-        "SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1",
-        params![shard.0],
-        |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
-    )?)
+    Ok(tx.query_row("SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1", params![shard.0], |r| {
+        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+    })?)
 }
 
 #[async_trait]
@@ -538,11 +532,10 @@ impl ShardStore for SqliteShard {
     async fn lease_info(&self) -> Result<LeaseInfo> {
         let shard = self.shard;
         with(&self.reader, move |c| {
-            let (owner, epoch, expires_at_ms) = c.query_row(
-                "SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1",
-                params![shard.0],
-                |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
-            )?;
+            let (owner, epoch, expires_at_ms) =
+                c.query_row("SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1", params![shard.0], |r| {
+                    Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+                })?;
             Ok(LeaseInfo { shard, owner, epoch: Epoch(epoch), expires_at_ms, now_ms: now_ms() })
         })
         .await
@@ -679,10 +672,8 @@ impl ShardStore for SqliteShard {
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq < ?2
                  ORDER BY seq DESC LIMIT ?3"
             ))?;
-            let rows = stmt.query_map(
-                params![conversation.0.as_bytes().to_vec(), before, limit + 1],
-                message_from_row,
-            )?;
+            let rows =
+                stmt.query_map(params![conversation.0.as_bytes().to_vec(), before, limit + 1], message_from_row)?;
             let mut out = rows.map(|r| to_view(r?)).collect::<Result<Vec<_>>>()?;
             let has_more = out.len() > limit as usize;
             out.truncate(limit as usize);
@@ -743,8 +734,7 @@ impl ShardStore for SqliteShard {
                 let Some(last_seq) = last.query_row(params![key], |r| r.get::<_, i64>(0)).optional()? else {
                     continue;
                 };
-                let read_seq: i64 =
-                    read.query_row(params![key, user_key], |r| r.get(0)).optional()?.unwrap_or(0);
+                let read_seq: i64 = read.query_row(params![key, user_key], |r| r.get(0)).optional()?.unwrap_or(0);
                 let unread_n: i64 = unread.query_row(params![key, read_seq, user_key], |r| r.get(0))?;
                 let last_message =
                     msg.query_row(params![key, last_seq], message_from_row).optional()?.map(to_view).transpose()?;
@@ -778,7 +768,8 @@ impl ShardStore for SqliteShard {
 
     async fn epochs(&self, conversation: ConversationId) -> Result<Vec<(Seq, Epoch)>> {
         with(&self.reader, move |c| {
-            let mut stmt = c.prepare_cached("SELECT seq, epoch FROM messages WHERE conversation_id = ?1 ORDER BY seq")?;
+            let mut stmt =
+                c.prepare_cached("SELECT seq, epoch FROM messages WHERE conversation_id = ?1 ORDER BY seq")?;
             let rows = stmt.query_map(params![conversation.0.as_bytes().to_vec()], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, Epoch(r.get::<_, i64>(1)? as u64)))
             })?;

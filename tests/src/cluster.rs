@@ -28,7 +28,13 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Write a config for `n` nodes (named n1..nN) and start the first `start` of them.
-    pub async fn start(n: usize, start: usize, storage: &Storage, shard_count: u16, lease_ttl_ms: u64) -> anyhow::Result<TestCluster> {
+    pub async fn start(
+        n: usize,
+        start: usize,
+        storage: &Storage,
+        shard_count: u16,
+        lease_ttl_ms: u64,
+    ) -> anyhow::Result<TestCluster> {
         let dir = TempDir::new("parley-cluster");
         let storage_toml = match storage {
             Storage::Embedded(path) => format!("kind = \"embedded\"\ndir = \"{}\"\n", path.display()),
@@ -66,7 +72,10 @@ impl TestCluster {
             nodes.nodes[i].wait_ready(parley_node::launcher::READY_TIMEOUT).await?;
         }
         let cluster = TestCluster { nodes, config, shard_count, _dir: dir };
-        cluster.wait_converged(&(0..start).collect::<Vec<_>>(), Duration::from_secs(30)).await.context("cluster did not converge")?;
+        cluster
+            .wait_converged(&(0..start).collect::<Vec<_>>(), Duration::from_secs(30))
+            .await
+            .context("cluster did not converge")?;
         Ok(cluster)
     }
 
@@ -105,7 +114,8 @@ impl TestCluster {
                 maps.push(self.shard_map(*i).await.unwrap_or_default());
             }
             let ok = maps.iter().all(|m| {
-                m.len() == self.shard_count as usize && m.iter().all(|s| s.owner.as_deref().is_some_and(|o| names.contains(&o)))
+                m.len() == self.shard_count as usize
+                    && m.iter().all(|s| s.owner.as_deref().is_some_and(|o| names.contains(&o)))
             }) && maps.windows(2).all(|w| w[0] == w[1]);
             if ok {
                 return Ok(maps.remove(0));

@@ -44,10 +44,7 @@ pub struct TestPostgres {
 
 enum Source {
     /// A database created on the server named by [`PG_URL_ENV`].
-    Shared {
-        server_url: String,
-        database: String,
-    },
+    Shared { server_url: String, database: String },
     /// A cluster of our own.
     Private(Cluster),
 }
@@ -88,20 +85,10 @@ impl TestPostgres {
 
     async fn create_database(server_url: String) -> anyhow::Result<TestPostgres> {
         let database = format!("parley_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = connect(&server_url)
-            .await
-            .with_context(|| format!("connect to {PG_URL_ENV}"))?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await?;
+        let admin = connect(&server_url).await.with_context(|| format!("connect to {PG_URL_ENV}"))?;
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).await?;
         let url = with_database(&server_url, &database)?;
-        Ok(TestPostgres {
-            url,
-            source: Source::Shared {
-                server_url,
-                database,
-            },
-        })
+        Ok(TestPostgres { url, source: Source::Shared { server_url, database } })
     }
 
     async fn start_cluster() -> anyhow::Result<TestPostgres> {
@@ -116,43 +103,22 @@ impl TestPostgres {
         }
         let data = base.join("data");
         let status = server_command(&bin.join("initdb"), account)
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-                "-D",
-            ])
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
             .arg(&data)
             .stdout(log_file(&base, "initdb.log")?)
             .stderr(log_file(&base, "initdb.log")?)
             .status()
             .context("run initdb")?;
         if !status.success() {
-            bail!(
-                "initdb failed ({status}):\n{}",
-                log_tail(&base.join("initdb.log"))
-            );
+            bail!("initdb failed ({status}):\n{}", log_tail(&base.join("initdb.log")));
         }
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             match start_server(&bin, &base, &data, account).await {
                 Ok((child, url)) => {
                     guard.0 = None;
-                    let cluster = Cluster {
-                        child,
-                        base,
-                        bin,
-                        account,
-                    };
-                    return Ok(TestPostgres {
-                        url,
-                        source: Source::Private(cluster),
-                    });
+                    let cluster = Cluster { child, base, bin, account };
+                    return Ok(TestPostgres { url, source: Source::Private(cluster) });
                 }
                 Err(e) => last_error = Some(e),
             }
@@ -164,25 +130,18 @@ impl TestPostgres {
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         match &mut self.source {
-            Source::Shared {
-                server_url,
-                database,
-            } => {
+            Source::Shared { server_url, database } => {
                 // Drop runs inside the test's runtime, which cannot be blocked on; a scoped thread
                 // with its own small runtime can.
                 let (server_url, database) = (server_url.clone(), database.clone());
                 std::thread::scope(|s| {
                     s.spawn(|| {
-                        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                        else {
+                        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                             return;
                         };
                         rt.block_on(async {
                             if let Ok(admin) = connect(&server_url).await {
-                                let sql =
-                                    format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+                                let sql = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
                                 let _ = admin.batch_execute(&sql).await;
                             }
                         });
@@ -205,18 +164,11 @@ impl Cluster {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        let deadline = Instant::now()
-            + if stopped {
-                STOP_TIMEOUT
-            } else {
-                Duration::ZERO
-            };
+        let deadline = Instant::now() + if stopped { STOP_TIMEOUT } else { Duration::ZERO };
         loop {
             match self.child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
@@ -276,10 +228,7 @@ fn newest_bin_dir() -> anyhow::Result<PathBuf> {
 fn server_account() -> anyhow::Result<Account> {
     // The owner of /proc/self is our effective uid; this avoids an unsafe geteuid().
     if std::fs::metadata("/proc/self")?.uid() != 0 {
-        return Ok(Account {
-            uid: None,
-            gid: None,
-        });
+        return Ok(Account { uid: None, gid: None });
     }
     let passwd = std::fs::read_to_string("/etc/passwd")?;
     for name in ["postgres", "nobody"] {
@@ -290,10 +239,7 @@ fn server_account() -> anyhow::Result<Account> {
                 .flatten()
         });
         if let Some((uid, gid)) = found {
-            return Ok(Account {
-                uid: Some(uid),
-                gid: Some(gid),
-            });
+            return Ok(Account { uid: Some(uid), gid: Some(gid) });
         }
     }
     bail!("running as root and neither user `postgres` nor `nobody` exists")
@@ -334,10 +280,7 @@ fn die_with_parent(cmd: &mut Command) {
 /// A log file in `dir` (appended to), for a child's stdout or stderr: inheriting the test's
 /// would make nextest report the child as a leak.
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<File> {
-    Ok(File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join(name))?)
+    Ok(File::options().create(true).append(true).open(dir.join(name))?)
 }
 
 /// The end of a log file, for error messages.
@@ -353,12 +296,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Start `postgres` on a free port and wait until it accepts connections.
-async fn start_server(
-    bin: &Path,
-    base: &Path,
-    data: &Path,
-    account: Account,
-) -> anyhow::Result<(Child, String)> {
+async fn start_server(bin: &Path, base: &Path, data: &Path, account: Account) -> anyhow::Result<(Child, String)> {
     let port = free_port()?;
     let log = base.join("postgres.log");
     let mut child = server_command(&bin.join("postgres"), account)
@@ -366,14 +304,7 @@ async fn start_server(
         .arg(data)
         .args(["-p", &port.to_string(), "-k"])
         .arg(base)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-        ])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
         .stdout(log_file(base, "postgres.log")?)
         .stderr(log_file(base, "postgres.log")?)
         .spawn()
@@ -382,10 +313,7 @@ async fn start_server(
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!(
-                "postgres exited during startup ({status}):\n{}",
-                log_tail(&log)
-            );
+            bail!("postgres exited during startup ({status}):\n{}", log_tail(&log));
         }
         if let Ok(client) = connect(&url).await {
             if client.simple_query("SELECT 1").await.is_ok() {
@@ -395,10 +323,7 @@ async fn start_server(
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "postgres not ready after {READY_TIMEOUT:?}:\n{}",
-                log_tail(&log)
-            );
+            bail!("postgres not ready after {READY_TIMEOUT:?}:\n{}", log_tail(&log));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -410,17 +335,10 @@ mod tests {
 
     #[test]
     fn database_is_replaced_in_urls() {
-        let check =
-            |url: &str, want: &str| assert_eq!(with_database(url, "t1").unwrap(), want, "{url}");
-        check(
-            "postgres://postgres@127.0.0.1:5432/postgres",
-            "postgres://postgres@127.0.0.1:5432/t1",
-        );
+        let check = |url: &str, want: &str| assert_eq!(with_database(url, "t1").unwrap(), want, "{url}");
+        check("postgres://postgres@127.0.0.1:5432/postgres", "postgres://postgres@127.0.0.1:5432/t1");
         check("postgres://u:p@h:1", "postgres://u:p@h:1/t1");
-        check(
-            "postgres://u@h:1/db?sslmode=disable",
-            "postgres://u@h:1/t1?sslmode=disable",
-        );
+        check("postgres://u@h:1/db?sslmode=disable", "postgres://u@h:1/t1?sslmode=disable");
         check("postgresql://h?x=1", "postgresql://h/t1?x=1");
     }
 }

@@ -159,8 +159,10 @@ async fn resend_with_same_client_id_is_stored_once(pg: bool) {
 
     let first = a.send_message(bob.user_id, "once", "same-id").await.unwrap();
     let again = a.send_message(bob.user_id, "once", "same-id").await.unwrap();
-    let (ServerFrame::Ack { message_id: m1, seq: s1, duplicate: d1, .. }, ServerFrame::Ack { message_id: m2, seq: s2, duplicate: d2, .. }) =
-        (first, again)
+    let (
+        ServerFrame::Ack { message_id: m1, seq: s1, duplicate: d1, .. },
+        ServerFrame::Ack { message_id: m2, seq: s2, duplicate: d2, .. },
+    ) = (first, again)
     else {
         unreachable!()
     };
@@ -168,7 +170,12 @@ async fn resend_with_same_client_id_is_stored_once(pg: bool) {
     assert!(d2);
 
     // The HTTP API shares the idempotency key.
-    let req = SendRequest { client_msg_id: cid("same-id"), to: Some(bob.user_id), conversation_id: None, body: "once".into() };
+    let req = SendRequest {
+        client_msg_id: cid("same-id"),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: "once".into(),
+    };
     let resp = http.send(&alice.token, &req).await.unwrap();
     assert_eq!((resp.message_id, resp.seq, resp.duplicate), (m1, s1, true));
 
@@ -180,7 +187,8 @@ async fn resend_with_same_client_id_is_stored_once(pg: bool) {
     let conv = ConversationId::direct(alice.user_id, bob.user_id);
     let page = http.history(&alice.token, conv, None, None).await.unwrap();
     assert_eq!(page.messages.len(), 1);
-    let other = http.history(&alice.token, ConversationId::direct(alice.user_id, carol.user_id), None, None).await.unwrap();
+    let other =
+        http.history(&alice.token, ConversationId::direct(alice.user_id, carol.user_id), None, None).await.unwrap();
     assert_eq!(other.messages.len(), 1);
 }
 
@@ -195,7 +203,12 @@ async fn kill9_and_restart_lose_no_acked_message(pg: bool) {
     // Pipeline 60 sends (bob offline), collect every ack, then crash the node at once.
     const N: usize = 60;
     for i in 0..N {
-        let frame = ClientFrame::Send { client_msg_id: cid(&format!("k-{i}")), to: Some(bob.user_id), conversation_id: None, body: format!("m{i}") };
+        let frame = ClientFrame::Send {
+            client_msg_id: cid(&format!("k-{i}")),
+            to: Some(bob.user_id),
+            conversation_id: None,
+            body: format!("m{i}"),
+        };
         a.send(&frame).await.unwrap();
     }
     let mut acked = Vec::new();
@@ -260,14 +273,25 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
     let mut raw = http.connect_raw().await.unwrap();
     raw.send(&ClientFrame::Ping { nonce: None }).await.unwrap();
     expect_error(&mut raw, ErrorCode::NotAuthenticated).await;
-    raw.send_text(ClientFrame::Hello { protocol: PROTOCOL_VERSION + 1, token: alice.token.clone(), device_id: "d".to_string().try_into().unwrap() }.encode())
-        .await
-        .unwrap();
+    raw.send_text(
+        ClientFrame::Hello {
+            protocol: PROTOCOL_VERSION + 1,
+            token: alice.token.clone(),
+            device_id: "d".to_string().try_into().unwrap(),
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     expect_error(&mut raw, ErrorCode::UnsupportedProtocol).await;
     let mut raw = http.connect_raw().await.unwrap();
-    raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: "not-a-token".into(), device_id: "d".to_string().try_into().unwrap() })
-        .await
-        .unwrap();
+    raw.send(&ClientFrame::Hello {
+        protocol: PROTOCOL_VERSION,
+        token: "not-a-token".into(),
+        device_id: "d".to_string().try_into().unwrap(),
+    })
+    .await
+    .unwrap();
     expect_error(&mut raw, ErrorCode::BadToken).await;
     assert!(matches!(raw.next(T).await, Err(ClientError::Closed(Some((4001, _))))));
 
@@ -279,14 +303,48 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
         (r#"{"type":"teleport"}"#.into(), ErrorCode::UnknownFrame),
         (r#"{"type":"send","body":"x"}"#.into(), ErrorCode::BadJson),
         (format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(70_000)), ErrorCode::FrameTooLarge),
-        (format!(r#"{{"type":"send","client_msg_id":"big","to":"{}","body":"{}"}}"#, bob.user_id, "x".repeat(17_000)), ErrorCode::BodyTooLarge),
-        (format!(r#"{{"type":"send","client_msg_id":"empty","to":"{}","body":""}}"#, bob.user_id), ErrorCode::InvalidField),
-        (format!(r#"{{"type":"send","client_msg_id":"bad id!","to":"{}","body":"x"}}"#, bob.user_id), ErrorCode::InvalidField),
-        (format!(r#"{{"type":"send","client_msg_id":"ghost","to":"{}","body":"x"}}"#, UserId::random()), ErrorCode::UnknownUser),
-        (format!(r#"{{"type":"send","client_msg_id":"nowhere","conversation_id":"{}","body":"x"}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
-        (format!(r#"{{"type":"history","conversation_id":"{}"}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
-        (format!(r#"{{"type":"read","conversation_id":"{}","seq":1}}"#, uuid::Uuid::new_v4()), ErrorCode::UnknownConversation),
-        (format!(r#"{{"type":"history","conversation_id":"{}","limit":0}}"#, ConversationId::direct(alice.user_id, bob.user_id)), ErrorCode::InvalidField),
+        (
+            format!(
+                r#"{{"type":"send","client_msg_id":"big","to":"{}","body":"{}"}}"#,
+                bob.user_id,
+                "x".repeat(17_000)
+            ),
+            ErrorCode::BodyTooLarge,
+        ),
+        (
+            format!(r#"{{"type":"send","client_msg_id":"empty","to":"{}","body":""}}"#, bob.user_id),
+            ErrorCode::InvalidField,
+        ),
+        (
+            format!(r#"{{"type":"send","client_msg_id":"bad id!","to":"{}","body":"x"}}"#, bob.user_id),
+            ErrorCode::InvalidField,
+        ),
+        (
+            format!(r#"{{"type":"send","client_msg_id":"ghost","to":"{}","body":"x"}}"#, UserId::random()),
+            ErrorCode::UnknownUser,
+        ),
+        (
+            format!(
+                r#"{{"type":"send","client_msg_id":"nowhere","conversation_id":"{}","body":"x"}}"#,
+                uuid::Uuid::new_v4()
+            ),
+            ErrorCode::UnknownConversation,
+        ),
+        (
+            format!(r#"{{"type":"history","conversation_id":"{}"}}"#, uuid::Uuid::new_v4()),
+            ErrorCode::UnknownConversation,
+        ),
+        (
+            format!(r#"{{"type":"read","conversation_id":"{}","seq":1}}"#, uuid::Uuid::new_v4()),
+            ErrorCode::UnknownConversation,
+        ),
+        (
+            format!(
+                r#"{{"type":"history","conversation_id":"{}","limit":0}}"#,
+                ConversationId::direct(alice.user_id, bob.user_id)
+            ),
+            ErrorCode::InvalidField,
+        ),
         (r#"{"type":"hello","protocol":1,"token":"x","device_id":"d"}"#.into(), ErrorCode::InvalidField),
     ];
     for (text, code) in &cases {
@@ -299,18 +357,39 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
     a.send_binary(vec![0xff, 0xfe, 0x00]).await.unwrap();
     expect_error(&mut a, ErrorCode::InvalidUtf8).await;
     a.send(&ClientFrame::Ping { nonce: Some(7) }).await.unwrap();
-    assert_eq!(a.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(), ServerFrame::Pong { nonce: Some(7) });
+    assert_eq!(
+        a.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(7) }
+    );
     // A conversation alice is not in looks exactly like one that does not exist.
     let carol = register(&http, "carol").await;
     let bc = ConversationId::direct(bob.user_id, carol.user_id);
-    http.send(&bob.token, &SendRequest { client_msg_id: cid("bc-1"), to: Some(carol.user_id), conversation_id: None, body: "private".into() })
-        .await
-        .unwrap();
-    a.send(&ClientFrame::Send { client_msg_id: cid("intrude"), to: None, conversation_id: Some(bc), body: "hi".into() }).await.unwrap();
+    http.send(
+        &bob.token,
+        &SendRequest {
+            client_msg_id: cid("bc-1"),
+            to: Some(carol.user_id),
+            conversation_id: None,
+            body: "private".into(),
+        },
+    )
+    .await
+    .unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: cid("intrude"),
+        to: None,
+        conversation_id: Some(bc),
+        body: "hi".into(),
+    })
+    .await
+    .unwrap();
     expect_error(&mut a, ErrorCode::UnknownConversation).await;
 
     // --- HTTP.
-    let send_body = |from: UserId, to: String| serde_json::to_vec(&serde_json::json!({"from_user_id": from.to_string(), "to_user_id": to, "content": "x"})).unwrap();
+    let send_body = |from: UserId, to: String| {
+        serde_json::to_vec(&serde_json::json!({"from_user_id": from.to_string(), "to_user_id": to, "content": "x"}))
+            .unwrap()
+    };
     let bc_path = format!("/v1/conversations/{bc}/messages");
     let bob_msgs = format!("/api/messages/{}", bob.user_id);
     // (method, path, token, body, expected status, expected code)
@@ -318,17 +397,52 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
     let checks: Vec<Check> = vec![
         ("GET", "/v1/conversations", None, None, 401, "not_authenticated"),
         ("GET", "/v1/conversations", Some("wrong"), None, 401, "bad_token"),
-        ("POST", "/api/messages", Some(&alice.token), Some(send_body(bob.user_id, alice.user_id.to_string())), 403, "spoofed_sender"),
-        ("POST", "/api/messages", Some(&alice.token), Some(send_body(alice.user_id, "no-such-user".into())), 404, "unknown_user"),
-        ("POST", "/api/messages", Some(&alice.token), Some(send_body(alice.user_id, UserId::random().to_string())), 404, "unknown_user"),
+        (
+            "POST",
+            "/api/messages",
+            Some(&alice.token),
+            Some(send_body(bob.user_id, alice.user_id.to_string())),
+            403,
+            "spoofed_sender",
+        ),
+        (
+            "POST",
+            "/api/messages",
+            Some(&alice.token),
+            Some(send_body(alice.user_id, "no-such-user".into())),
+            404,
+            "unknown_user",
+        ),
+        (
+            "POST",
+            "/api/messages",
+            Some(&alice.token),
+            Some(send_body(alice.user_id, UserId::random().to_string())),
+            404,
+            "unknown_user",
+        ),
         ("POST", "/v1/messages", Some(&alice.token), Some(b"{nope".to_vec()), 400, "bad_json"),
         ("POST", "/v1/messages", Some(&alice.token), Some(vec![b'"', 0xff, b'"']), 400, "invalid_utf8"),
         ("POST", "/v1/messages", Some(&alice.token), Some(vec![b' '; 70_000]), 413, "frame_too_large"),
         ("GET", &bc_path, Some(&alice.token), None, 404, "unknown_conversation"),
         ("GET", "/v1/conversations/not-a-uuid/messages", Some(&alice.token), None, 404, "unknown_conversation"),
         ("GET", &bob_msgs, Some(&alice.token), None, 403, "spoofed_sender"),
-        ("POST", "/v1/login", None, Some(br#"{"username":"nobody","password":"whatever1"}"#.to_vec()), 401, "bad_credentials"),
-        ("POST", "/v1/register", None, Some(br#"{"username":"X y","password":"whatever1"}"#.to_vec()), 400, "invalid_field"),
+        (
+            "POST",
+            "/v1/login",
+            None,
+            Some(br#"{"username":"nobody","password":"whatever1"}"#.to_vec()),
+            401,
+            "bad_credentials",
+        ),
+        (
+            "POST",
+            "/v1/register",
+            None,
+            Some(br#"{"username":"X y","password":"whatever1"}"#.to_vec()),
+            400,
+            "invalid_field",
+        ),
         ("POST", "/v1/register", None, Some(br#"{"username":"shorty","password":"1"}"#.to_vec()), 400, "invalid_field"),
         ("GET", "/no/such/route", None, None, 404, "not_found"),
     ];
@@ -337,7 +451,15 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
         let (got_status, got) = node.client().raw(method, path, token, body).await.unwrap();
         assert_eq!((got_status, got["error"].as_str().unwrap_or("")), (status, code), "{method} {path}: {got}");
     }
-    let (status, body) = http.raw("POST", "/v1/register", None, Some(format!(r#"{{"username":"{}","password":"password-123"}}"#, alice.username).into_bytes())).await.unwrap();
+    let (status, body) = http
+        .raw(
+            "POST",
+            "/v1/register",
+            None,
+            Some(format!(r#"{{"username":"{}","password":"password-123"}}"#, alice.username).into_bytes()),
+        )
+        .await
+        .unwrap();
     assert_eq!((status, body["error"].as_str()), (409, Some("username_taken")));
 
     // Nothing was stored by any of it: alice has no conversation, bob only the one with carol.
@@ -369,9 +491,14 @@ async fn stale_epoch_writes_are_refused(pg: bool) {
     signal(pid, libc::SIGSTOP);
     let _resume = Resume(pid);
     // The old owner's send is already in its socket when it wakes up.
-    a.send(&ClientFrame::Send { client_msg_id: cid("e-2"), to: Some(bob.user_id), conversation_id: None, body: "stale".into() })
-        .await
-        .unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: cid("e-2"),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: "stale".into(),
+    })
+    .await
+    .unwrap();
     let grant = loop {
         if let Some(g) = shard.acquire_lease("intruder", 60_000).await.unwrap() {
             break g;
@@ -426,7 +553,10 @@ async fn sigterm_drains_and_releases_leases(pg: bool) {
     assert!(status.success(), "exit status {status}");
     // Sessions were closed with "going away".
     let closed = a.expect(T, |_| false).await.unwrap_err();
-    assert!(matches!(closed, ClientError::Closed(Some((1001, _))) | ClientError::Closed(None) | ClientError::Transport(_)), "{closed:?}");
+    assert!(
+        matches!(closed, ClientError::Closed(Some((1001, _))) | ClientError::Closed(None) | ClientError::Transport(_)),
+        "{closed:?}"
+    );
     // Every lease was released, so a successor need not wait for expiry.
     let stores = backend.open().await;
     for s in 0..8 {

@@ -24,7 +24,11 @@ async fn register(client: &Client, name: &str) -> TokenResponse {
 }
 
 /// Register user pairs until one's direct conversation lives on a shard owned by `owner`.
-async fn pair_on(cluster: &TestCluster, map: &[ShardEntry], owner: usize) -> (TokenResponse, TokenResponse, ConversationId) {
+async fn pair_on(
+    cluster: &TestCluster,
+    map: &[ShardEntry],
+    owner: usize,
+) -> (TokenResponse, TokenResponse, ConversationId) {
     let http = cluster.client(0);
     for _ in 0..200 {
         let a = register(&http, "a").await;
@@ -43,7 +47,15 @@ fn cid(s: &str) -> ClientMsgId {
 
 /// Send with the same client id until acked (as a real client does across failovers), moving to
 /// the next node in `nodes` when the connection breaks. Returns (seq, message id).
-async fn send_until_acked(cluster: &TestCluster, nodes: &[usize], conn: &mut Option<(usize, Connection)>, token: &str, to: UserId, body: &str, id: &str) -> (u64, uuid::Uuid) {
+async fn send_until_acked(
+    cluster: &TestCluster,
+    nodes: &[usize],
+    conn: &mut Option<(usize, Connection)>,
+    token: &str,
+    to: UserId,
+    body: &str,
+    id: &str,
+) -> (u64, uuid::Uuid) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut next = 0;
     loop {
@@ -63,7 +75,9 @@ async fn send_until_acked(cluster: &TestCluster, nodes: &[usize], conn: &mut Opt
         match c.send_message(to, body, id).await {
             Ok(ServerFrame::Ack { seq, message_id, .. }) => return (seq, message_id.0),
             Ok(other) => panic!("{other:?}"),
-            Err(ClientError::Server { code: ErrorCode::Unavailable, .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(ClientError::Server { code: ErrorCode::Unavailable, .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(_) => {
                 *conn = None;
             }
@@ -99,7 +113,10 @@ async fn cross_node_delivery_with_sender_recipient_and_owner_on_three_nodes() {
     // Receipts travel back across nodes too.
     b.send(&ClientFrame::Read { conversation_id: conv, seq: 5 }).await.unwrap();
     let r = a.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, .. })).await.unwrap();
-    assert_eq!(r, ServerFrame::Receipt { conversation_id: conv, user_id: bob.user_id, kind: ReceiptKind::Read, seq: 5 });
+    assert_eq!(
+        r,
+        ServerFrame::Receipt { conversation_id: conv, user_id: bob.user_id, kind: ReceiptKind::Read, seq: 5 }
+    );
     // Reads from a node that does not own the shard: history and the conversation list.
     assert_eq!(stored(&cluster.client(0), &alice.token, conv).await.len(), 5);
     let list = cluster.client(1).conversations(&bob.token).await.unwrap();
@@ -121,12 +138,18 @@ async fn kill9_of_the_owner_loses_no_acked_message() {
     let mut acked = BTreeMap::new();
     for i in 0..20 {
         let id = format!("k-{i}");
-        acked.insert(id.clone(), send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await);
+        acked.insert(
+            id.clone(),
+            send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await,
+        );
     }
     cluster.nodes.nodes[2].kill9();
     for i in 20..40 {
         let id = format!("k-{i}");
-        acked.insert(id.clone(), send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await);
+        acked.insert(
+            id.clone(),
+            send_until_acked(&cluster, &[0, 1], &mut conn, &alice.token, bob.user_id, &format!("m{i}"), &id).await,
+        );
     }
     let map = cluster.wait_converged(&[0, 1], T).await.unwrap();
     let entry = map.iter().find(|s| s.shard == shard).unwrap();
@@ -160,7 +183,14 @@ async fn a_frozen_owner_past_its_lease_cannot_write() {
     let pid = cluster.nodes.nodes[2].pid().unwrap();
     parley_node::launcher::signal(pid, libc::SIGSTOP);
     let _resume = Resume(pid);
-    c.send(&ClientFrame::Send { client_msg_id: cid("f-1"), to: Some(dave.user_id), conversation_id: None, body: "frozen".into() }).await.unwrap();
+    c.send(&ClientFrame::Send {
+        client_msg_id: cid("f-1"),
+        to: Some(dave.user_id),
+        conversation_id: None,
+        body: "frozen".into(),
+    })
+    .await
+    .unwrap();
     // The others notice, wait out the lease, take the shard.
     let map = cluster.wait_converged(&[0, 1], Duration::from_secs(30)).await.unwrap();
     // Meanwhile the conversation goes on through a live node.
@@ -237,20 +267,36 @@ async fn undecodable_payloads_from_a_peer_crash_nobody() {
     // Join the cluster from this process, as a peer with the right cookie but bad manners.
     let cookie = cluster.nodes.env_value("PARLEY_COOKIE").unwrap();
     let port = parley_tests::free_port();
-    let server = ractor_cluster::NodeServer::new(port, cookie, "intruder".into(), "127.0.0.1".into(), None, Some(ractor_cluster::node::NodeConnectionMode::Isolated))
-        .with_listen_addr("127.0.0.1".parse().unwrap());
+    let server = ractor_cluster::NodeServer::new(
+        port,
+        cookie,
+        "intruder".into(),
+        "127.0.0.1".into(),
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr("127.0.0.1".parse().unwrap());
     let (ns, _) = Actor::spawn(None, server, ()).await.unwrap();
     for n in &cluster.config.nodes {
         ractor_cluster::client_connect(&ns, n.cluster).await.unwrap();
     }
     let gateways = loop {
-        let remote: Vec<_> = ractor::pg::get_members(&GATEWAY_GROUP.to_string()).into_iter().filter(|c| !c.get_id().is_local()).collect();
+        let remote: Vec<_> = ractor::pg::get_members(&GATEWAY_GROUP.to_string())
+            .into_iter()
+            .filter(|c| !c.get_id().is_local())
+            .collect();
         if remote.len() == 3 {
             break remote;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let garbage: Vec<Vec<u8>> = vec![vec![], vec![0xde, 0xad, 0xbe, 0xef], vec![0, 1, 255, 255, 255, 255, 255, 255, 255, 255, 255], vec![0, 9, 1, 2, 3], (0..=255u8).collect()];
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xde, 0xad, 0xbe, 0xef],
+        vec![0, 1, 255, 255, 255, 255, 255, 255, 255, 255, 255],
+        vec![0, 9, 1, 2, 3],
+        (0..=255u8).collect(),
+    ];
     for cell in &gateways {
         let gw: ractor::ActorRef<GatewayMsg> = cell.clone().into();
         for g in &garbage {

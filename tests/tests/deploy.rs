@@ -17,7 +17,9 @@ fn compose_services_match_the_shipped_cluster_config() {
     let compose = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
     let toml = std::fs::read_to_string(repo().join("deploy/compose.cluster.toml")).unwrap();
     let mut config = Config::from_toml(&toml.replace("kind = \"postgres\"", "kind = \"embedded\"")).unwrap();
-    config.apply_env(|k| (k == "PARLEY_DATABASE_URL").then(|| "postgres://parley:x@postgres:5432/parley".to_string())).unwrap();
+    config
+        .apply_env(|k| (k == "PARLEY_DATABASE_URL").then(|| "postgres://parley:x@postgres:5432/parley".to_string()))
+        .unwrap();
     config.validate().unwrap();
     assert_eq!(config.storage.kind, StorageKind::Postgres);
     assert!(config.cluster.cookie.is_none(), "the cookie never comes from the file");
@@ -46,6 +48,10 @@ fn compose_file_is_valid_for_docker_compose() {
     for s in ["cookie", "pg_password", "database_url"] {
         std::fs::write(dir.path().join("secrets").join(s), "placeholder").unwrap();
     }
-    let out = Command::new("docker-compose").args(["-f", "docker-compose.yml", "config", "-q"]).current_dir(dir.path()).output().unwrap();
+    let out = Command::new("docker-compose")
+        .args(["-f", "docker-compose.yml", "config", "-q"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "docker-compose config: {}", String::from_utf8_lossy(&out.stderr));
 }

@@ -17,12 +17,10 @@ use anyhow::{ensure, Context, Result};
 use parley_protocol::cluster::{StoredAck, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
-use parley_protocol::{
-    ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId,
-};
+use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
-    now_ms, token_hash, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage,
-    ShardStore, StorageError, StoreConfig, Stores, UserRecord, WriteBatch,
+    now_ms, token_hash, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage, ShardStore,
+    StorageError, StoreConfig, Stores, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -48,34 +46,18 @@ enum Backing {
 
 impl Fixture {
     async fn embedded() -> Result<Fixture> {
-        let dir =
-            std::env::temp_dir().join(format!("parley-conformance-{}", Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(format!("parley-conformance-{}", Uuid::new_v4().simple()));
         let config = StoreConfig::Embedded { dir: dir.clone() };
         let backing = Backing::Embedded(dir);
-        let stores = parley_storage::open(&config)
-            .await
-            .context("open embedded store")?;
-        Ok(Fixture {
-            config,
-            stores,
-            backing,
-        })
+        let stores = parley_storage::open(&config).await.context("open embedded store")?;
+        Ok(Fixture { config, stores, backing })
     }
 
     async fn postgres() -> Result<Fixture> {
         let pg = TestPostgres::start().await.context("start test postgres")?;
-        let config = StoreConfig::Postgres {
-            url: pg.url().to_string(),
-            pool_size: 4,
-        };
-        let stores = parley_storage::open(&config)
-            .await
-            .context("open postgres store")?;
-        Ok(Fixture {
-            config,
-            stores,
-            backing: Backing::Postgres(pg),
-        })
+        let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 4 };
+        let stores = parley_storage::open(&config).await.context("open postgres store")?;
+        Ok(Fixture { config, stores, backing: Backing::Postgres(pg) })
     }
 
     /// The same storage opened again, as a second node process would.
@@ -186,27 +168,15 @@ fn cursor(
     kind: ReceiptKind,
     seq: Seq,
 ) -> CursorUpdate {
-    CursorUpdate {
-        conversation_id: conversation,
-        user,
-        device: device_id.map(device),
-        kind,
-        seq,
-    }
+    CursorUpdate { conversation_id: conversation, user, device: device_id.map(device), kind, seq }
 }
 
 fn messages(messages: Vec<NewMessage>) -> WriteBatch {
-    WriteBatch {
-        messages,
-        cursors: vec![],
-    }
+    WriteBatch { messages, cursors: vec![] }
 }
 
 fn cursors(cursors: Vec<CursorUpdate>) -> WriteBatch {
-    WriteBatch {
-        messages: vec![],
-        cursors,
-    }
+    WriteBatch { messages: vec![], cursors }
 }
 
 /// The ack of a stored message. A match rather than a `let` so that a refusal variant added to
@@ -226,10 +196,7 @@ fn seqs(page: &[MessageView]) -> Vec<Seq> {
 /// A shard store with a freshly acquired lease, ready for commits.
 async fn leased(stores: &Stores, shard: u16, owner: &str) -> Result<(Arc<dyn ShardStore>, Epoch)> {
     let store = stores.shard(ShardId(shard)).await?;
-    let grant = store
-        .acquire_lease(owner, LONG_TTL_MS)
-        .await?
-        .context("fresh shard lease")?;
+    let grant = store.acquire_lease(owner, LONG_TTL_MS).await?.context("fresh shard lease")?;
     Ok((store, grant.epoch))
 }
 
@@ -242,16 +209,8 @@ async fn fill(
     prefix: &str,
     count: usize,
 ) -> Result<()> {
-    let batch = (1..=count)
-        .map(|i| {
-            msg(
-                conversation,
-                sender,
-                &format!("{prefix}-{i}"),
-                &format!("{prefix}{i}"),
-            )
-        })
-        .collect();
+    let batch =
+        (1..=count).map(|i| msg(conversation, sender, &format!("{prefix}-{i}"), &format!("{prefix}{i}"))).collect();
     let results = store.commit(epoch, &messages(batch)).await?;
     ensure!(results.len() == count, "one result per message");
     Ok(())
@@ -259,11 +218,7 @@ async fn fill(
 
 fn assert_stale(result: Result<impl std::fmt::Debug, StorageError>, held: u64, current: u64) {
     match result {
-        Err(StorageError::StaleEpoch {
-            held: h,
-            current: c,
-            ..
-        }) => {
+        Err(StorageError::StaleEpoch { held: h, current: c, .. }) => {
             assert_eq!((h, c), (held, current), "StaleEpoch held/current");
         }
         other => {
@@ -285,30 +240,13 @@ async fn users_and_usernames(f: &Fixture) -> Result<()> {
     assert_eq!(d.user_by_name("alice").await?, Some(alice.clone()));
     assert_eq!(d.user_by_name("carol").await?, None);
 
-    let impostor = UserRecord {
-        id: UserId::random(),
-        ..alice.clone()
-    };
+    let impostor = UserRecord { id: UserId::random(), ..alice.clone() };
     let taken = d.create_user(&impostor).await;
-    assert!(
-        matches!(taken, Err(StorageError::UsernameTaken)),
-        "{taken:?}"
-    );
-    assert_eq!(
-        d.user_by_name("alice").await?.map(|u| u.id),
-        Some(alice.id),
-        "first one kept"
-    );
+    assert!(matches!(taken, Err(StorageError::UsernameTaken)), "{taken:?}");
+    assert_eq!(d.user_by_name("alice").await?.map(|u| u.id), Some(alice.id), "first one kept");
 
-    let view = |u: &UserRecord| UserView {
-        id: u.id,
-        username: u.username.clone(),
-    };
-    assert_eq!(
-        d.list_users(10).await?,
-        vec![view(&alice), view(&bob)],
-        "ordered by username"
-    );
+    let view = |u: &UserRecord| UserView { id: u.id, username: u.username.clone() };
+    assert_eq!(d.list_users(10).await?, vec![view(&alice), view(&bob)], "ordered by username");
     assert_eq!(d.list_users(1).await?, vec![view(&alice)], "limit honoured");
     Ok(())
 }
@@ -323,16 +261,7 @@ async fn users_by_id_returns_only_existing(f: &Fixture) -> Result<()> {
     found.sort_by(|a, b| a.username.cmp(&b.username));
     assert_eq!(
         found,
-        vec![
-            UserView {
-                id: alice.id,
-                username: "alice".into()
-            },
-            UserView {
-                id: bob.id,
-                username: "bob".into()
-            },
-        ]
+        vec![UserView { id: alice.id, username: "alice".into() }, UserView { id: bob.id, username: "bob".into() },]
     );
     assert_eq!(d.users_by_id(&[UserId::random()]).await?, vec![]);
     assert_eq!(d.users_by_id(&[]).await?, vec![]);
@@ -343,10 +272,7 @@ async fn tokens_expire_and_can_be_deleted(f: &Fixture) -> Result<()> {
     let d = &f.stores.directory;
     let alice = user("alice");
     d.create_user(&alice).await?;
-    let alice_view = UserView {
-        id: alice.id,
-        username: "alice".into(),
-    };
+    let alice_view = UserView { id: alice.id, username: "alice".into() };
     let now = now_ms();
     let live = token_hash("live-token");
     let stale = token_hash("stale-token");
@@ -355,11 +281,7 @@ async fn tokens_expire_and_can_be_deleted(f: &Fixture) -> Result<()> {
 
     assert_eq!(d.token_user(&live, now).await?, Some(alice_view));
     assert_eq!(d.token_user(&stale, now).await?, None, "expired token");
-    assert_eq!(
-        d.token_user(&live, now + 120_000).await?,
-        None,
-        "expired by the given clock"
-    );
+    assert_eq!(d.token_user(&live, now + 120_000).await?, None, "expired by the given clock");
     assert_eq!(d.token_user(&token_hash("never-issued"), now).await?, None);
 
     d.delete_token(&live).await?;
@@ -373,29 +295,17 @@ async fn conversations_are_idempotent(f: &Fixture) -> Result<()> {
     let (a, b, c) = (UserId::random(), UserId::random(), UserId::random());
     let direct = ConversationId::direct(a, b);
     let group = new_conversation();
-    d.add_conversation(direct, ConversationKind::Direct, &[b, a], now_ms())
-        .await?;
-    d.add_conversation(direct, ConversationKind::Direct, &[a, b], now_ms())
-        .await?;
-    d.add_conversation(group, ConversationKind::Group, &[c, a, b, a], now_ms())
-        .await?;
-    d.add_conversation(group, ConversationKind::Group, &[c, a, b, a], now_ms())
-        .await?;
+    d.add_conversation(direct, ConversationKind::Direct, &[b, a], now_ms()).await?;
+    d.add_conversation(direct, ConversationKind::Direct, &[a, b], now_ms()).await?;
+    d.add_conversation(group, ConversationKind::Group, &[c, a, b, a], now_ms()).await?;
+    d.add_conversation(group, ConversationKind::Group, &[c, a, b, a], now_ms()).await?;
 
     let mut pair = vec![a, b];
     pair.sort();
     let mut trio = vec![a, b, c];
     trio.sort();
-    let direct_record = ConversationRecord {
-        id: direct,
-        kind: ConversationKind::Direct,
-        members: pair,
-    };
-    let group_record = ConversationRecord {
-        id: group,
-        kind: ConversationKind::Group,
-        members: trio,
-    };
+    let direct_record = ConversationRecord { id: direct, kind: ConversationKind::Direct, members: pair };
+    let group_record = ConversationRecord { id: group, kind: ConversationKind::Group, members: trio };
     assert_eq!(d.conversation(direct).await?, Some(direct_record.clone()));
     assert_eq!(d.conversation(group).await?, Some(group_record.clone()));
     assert_eq!(d.conversation(new_conversation()).await?, None);
@@ -421,74 +331,36 @@ async fn lease_lifecycle(f: &Fixture) -> Result<()> {
     assert_eq!(a.shard(), ShardId(3));
 
     let fresh = a.lease_info().await?;
-    assert_eq!(
-        (fresh.owner.as_deref(), fresh.epoch),
-        (None, Epoch(0)),
-        "fresh shard"
-    );
+    assert_eq!((fresh.owner.as_deref(), fresh.epoch), (None, Epoch(0)), "fresh shard");
 
-    let g1 = a
-        .acquire_lease("node-a", LONG_TTL_MS)
-        .await?
-        .context("fresh shard is free")?;
+    let g1 = a.acquire_lease("node-a", LONG_TTL_MS).await?.context("fresh shard is free")?;
     assert_eq!(g1.epoch, Epoch(1));
     assert!(g1.expires_at_ms > fresh.now_ms, "lease ends in the future");
     let info = b.lease_info().await?;
-    assert_eq!(
-        (info.owner.as_deref(), info.epoch),
-        (Some("node-a"), Epoch(1))
-    );
+    assert_eq!((info.owner.as_deref(), info.epoch), (Some("node-a"), Epoch(1)));
     assert!(info.expires_at_ms > info.now_ms, "live lease");
 
-    assert_eq!(
-        b.acquire_lease("node-b", LONG_TTL_MS).await?,
-        None,
-        "held by a live owner"
-    );
-    assert_eq!(
-        b.lease_info().await?.epoch,
-        Epoch(1),
-        "a refused acquire bumps nothing"
-    );
+    assert_eq!(b.acquire_lease("node-b", LONG_TTL_MS).await?, None, "held by a live owner");
+    assert_eq!(b.lease_info().await?.epoch, Epoch(1), "a refused acquire bumps nothing");
 
     let renewed = a.renew_lease("node-a", g1.epoch, 2 * LONG_TTL_MS).await?;
     assert_eq!(renewed.epoch, g1.epoch);
-    assert!(
-        renewed.expires_at_ms > g1.expires_at_ms,
-        "renew extends the lease"
-    );
+    assert!(renewed.expires_at_ms > g1.expires_at_ms, "renew extends the lease");
     assert_stale(a.renew_lease("node-a", Epoch(7), LONG_TTL_MS).await, 7, 1);
     assert_stale(b.renew_lease("node-b", g1.epoch, LONG_TTL_MS).await, 1, 1);
-    assert_eq!(
-        b.acquire_lease("node-b", LONG_TTL_MS).await?,
-        None,
-        "still node-a's"
-    );
+    assert_eq!(b.acquire_lease("node-b", LONG_TTL_MS).await?, None, "still node-a's");
 
     a.release_lease("node-a", g1.epoch).await?;
     let released = b.lease_info().await?;
     assert_eq!(released.owner, None, "released lease is free");
-    assert!(
-        released.expires_at_ms <= released.now_ms,
-        "released lease has expired"
-    );
+    assert!(released.expires_at_ms <= released.now_ms, "released lease has expired");
 
-    let g2 = b
-        .acquire_lease("node-b", LONG_TTL_MS)
-        .await?
-        .context("released lease is free")?;
+    let g2 = b.acquire_lease("node-b", LONG_TTL_MS).await?.context("released lease is free")?;
     assert_eq!(g2.epoch, Epoch(2), "every grant bumps the epoch");
     assert_stale(a.renew_lease("node-a", g1.epoch, LONG_TTL_MS).await, 1, 2);
-    assert_eq!(
-        a.acquire_lease("node-a", LONG_TTL_MS).await?,
-        None,
-        "node-b holds it now"
-    );
+    assert_eq!(a.acquire_lease("node-a", LONG_TTL_MS).await?, None, "node-b holds it now");
 
-    let again = b
-        .acquire_lease("node-b", LONG_TTL_MS)
-        .await?
-        .context("owner may re-acquire")?;
+    let again = b.acquire_lease("node-b", LONG_TTL_MS).await?.context("owner may re-acquire")?;
     assert_eq!(again.epoch, Epoch(3));
     Ok(())
 }
@@ -497,16 +369,10 @@ async fn expired_lease_is_taken_over(f: &Fixture) -> Result<()> {
     let node_b = f.reopen().await?;
     let a = f.stores.shard(ShardId(4)).await?;
     let b = node_b.shard(ShardId(4)).await?;
-    let g1 = a
-        .acquire_lease("node-a", 1)
-        .await?
-        .context("fresh shard is free")?;
+    let g1 = a.acquire_lease("node-a", 1).await?.context("fresh shard is free")?;
     assert_eq!(g1.epoch, Epoch(1));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let g2: LeaseGrant = b
-        .acquire_lease("node-b", LONG_TTL_MS)
-        .await?
-        .context("expired lease")?;
+    let g2: LeaseGrant = b.acquire_lease("node-b", LONG_TTL_MS).await?.context("expired lease")?;
     assert_eq!(g2.epoch, Epoch(2));
     assert_eq!(b.lease_info().await?.owner.as_deref(), Some("node-b"));
     assert_stale(a.renew_lease("node-a", g1.epoch, LONG_TTL_MS).await, 1, 2);
@@ -517,16 +383,9 @@ async fn expired_lease_is_taken_over(f: &Fixture) -> Result<()> {
 async fn dead_owner_is_replaced_through_the_session_lock(f: &Fixture) -> Result<()> {
     let node_a = f.reopen().await?;
     let a = node_a.shard(ShardId(5)).await?;
-    let g1 = a
-        .acquire_lease("node-a", 10 * LONG_TTL_MS)
-        .await?
-        .context("fresh shard is free")?;
+    let g1 = a.acquire_lease("node-a", 10 * LONG_TTL_MS).await?.context("fresh shard is free")?;
     let b = f.stores.shard(ShardId(5)).await?;
-    assert_eq!(
-        b.acquire_lease("node-b", LONG_TTL_MS).await?,
-        None,
-        "node-a is alive"
-    );
+    assert_eq!(b.acquire_lease("node-b", LONG_TTL_MS).await?, None, "node-a is alive");
 
     // "Kill" node A: drop everything it opened, which closes its files and connections.
     drop(a);
@@ -536,10 +395,7 @@ async fn dead_owner_is_replaced_through_the_session_lock(f: &Fixture) -> Result<
         if let Some(grant) = b.acquire_lease("node-b", LONG_TTL_MS).await? {
             break grant;
         }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "dead owner's lock never released"
-        );
+        ensure!(tokio::time::Instant::now() < deadline, "dead owner's lock never released");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(g2.epoch, Epoch(g1.epoch.0 + 1));
@@ -557,56 +413,28 @@ async fn commit_assigns_gapless_seqs_in_batch_order(f: &Fixture) -> Result<()> {
     let (alice, bob) = (UserId::random(), UserId::random());
     let (c1, c2) = (new_conversation(), new_conversation());
 
-    let first = vec![
-        msg(c1, alice, "a1", "c1 one"),
-        msg(c2, bob, "b1", "c2 one"),
-        msg(c1, bob, "b2", "c1 two"),
-    ];
+    let first = vec![msg(c1, alice, "a1", "c1 one"), msg(c2, bob, "b1", "c2 one"), msg(c1, bob, "b2", "c1 two")];
     let results = store.commit(epoch, &messages(first.clone())).await?;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
-    assert_eq!(
-        acks.iter()
-            .map(|a| (a.conversation_id, a.seq))
-            .collect::<Vec<_>>(),
-        vec![(c1, 1), (c2, 1), (c1, 2)]
-    );
+    assert_eq!(acks.iter().map(|a| (a.conversation_id, a.seq)).collect::<Vec<_>>(), vec![(c1, 1), (c2, 1), (c1, 2)]);
     for (a, m) in acks.iter().zip(&first) {
-        assert_eq!(
-            (a.message_id, a.sent_at_ms, a.duplicate),
-            (m.message_id, m.sent_at_ms, false)
-        );
+        assert_eq!((a.message_id, a.sent_at_ms, a.duplicate), (m.message_id, m.sent_at_ms, false));
     }
 
-    let second = vec![
-        msg(c2, alice, "a2", "c2 two"),
-        msg(c1, alice, "a3", "c1 three"),
-        msg(c1, bob, "b3", "c1 four"),
-    ];
+    let second = vec![msg(c2, alice, "a2", "c2 two"), msg(c1, alice, "a3", "c1 three"), msg(c1, bob, "b3", "c1 four")];
     let results = store.commit(epoch, &messages(second)).await?;
-    let got = results
-        .iter()
-        .map(|r| ack(r).map(|a| (a.conversation_id, a.seq)))
-        .collect::<Result<Vec<_>>>()?;
+    let got = results.iter().map(|r| ack(r).map(|a| (a.conversation_id, a.seq))).collect::<Result<Vec<_>>>()?;
     assert_eq!(got, vec![(c2, 2), (c1, 3), (c1, 4)]);
 
-    let results = store
-        .commit(epoch, &messages(vec![msg(c1, bob, "b4", "c1 five")]))
-        .await?;
+    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "b4", "c1 five")])).await?;
     assert_eq!(ack(&results[0])?.seq, 5);
-    assert_eq!(
-        store.commit(epoch, &WriteBatch::default()).await?,
-        vec![],
-        "empty batch"
-    );
+    assert_eq!(store.commit(epoch, &WriteBatch::default()).await?, vec![], "empty batch");
 
     let (page, more) = store.history(c1, None, 100).await?;
     assert!(!more);
     assert_eq!(seqs(&page), vec![1, 2, 3, 4, 5]);
     let bodies: Vec<&str> = page.iter().map(|m| m.body.as_str()).collect();
-    assert_eq!(
-        bodies,
-        vec!["c1 one", "c1 two", "c1 three", "c1 four", "c1 five"]
-    );
+    assert_eq!(bodies, vec!["c1 one", "c1 two", "c1 three", "c1 four", "c1 five"]);
     let m1 = &first[0];
     assert_eq!(
         page[0],
@@ -631,29 +459,16 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
     let (alice, bob) = (UserId::random(), UserId::random());
     let c1 = new_conversation();
     let original = msg(c1, alice, "x1", "hello");
-    let results = store
-        .commit(epoch, &messages(vec![original.clone()]))
-        .await?;
+    let results = store.commit(epoch, &messages(vec![original.clone()])).await?;
     let first = ack(&results[0])?.clone();
     assert_eq!((first.seq, first.duplicate), (1, false));
 
     // The retry carries a new message id and time (the shard picks them per attempt).
-    let retry = NewMessage {
-        message_id: MessageId::new(),
-        sent_at_ms: now_ms() + 5,
-        body: "hello?".into(),
-        ..original
-    };
+    let retry =
+        NewMessage { message_id: MessageId::new(), sent_at_ms: now_ms() + 5, body: "hello?".into(), ..original };
     let results = store.commit(epoch, &messages(vec![retry])).await?;
     let dup = ack(&results[0])?;
-    assert_eq!(
-        *dup,
-        StoredAck {
-            duplicate: true,
-            ..first.clone()
-        },
-        "the original's ids"
-    );
+    assert_eq!(*dup, StoredAck { duplicate: true, ..first.clone() }, "the original's ids");
 
     let (page, _) = store.history(c1, None, 100).await?;
     assert_eq!(page.len(), 1, "nothing new stored");
@@ -661,9 +476,7 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
 
     // The key includes the sender: bob may use "x1" in the same conversation, and the duplicate
     // did not move the counter.
-    let results = store
-        .commit(epoch, &messages(vec![msg(c1, bob, "x1", "bob's")]))
-        .await?;
+    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "x1", "bob's")])).await?;
     let bobs = ack(&results[0])?;
     assert_eq!((bobs.seq, bobs.duplicate), (2, false));
     Ok(())
@@ -681,33 +494,12 @@ async fn repeat_within_a_batch_is_a_duplicate_of_the_first(f: &Fixture) -> Resul
     ];
     let results = store.commit(epoch, &messages(batch.clone())).await?;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
-    assert_eq!(
-        (acks[0].seq, acks[0].duplicate, acks[0].message_id),
-        (1, false, batch[0].message_id)
-    );
-    assert_eq!(
-        *acks[1],
-        StoredAck {
-            duplicate: true,
-            ..acks[0].clone()
-        }
-    );
-    assert_eq!(
-        (acks[2].seq, acks[2].duplicate, acks[2].message_id),
-        (2, false, batch[2].message_id)
-    );
-    assert_eq!(
-        *acks[3],
-        StoredAck {
-            duplicate: true,
-            ..acks[0].clone()
-        }
-    );
+    assert_eq!((acks[0].seq, acks[0].duplicate, acks[0].message_id), (1, false, batch[0].message_id));
+    assert_eq!(*acks[1], StoredAck { duplicate: true, ..acks[0].clone() });
+    assert_eq!((acks[2].seq, acks[2].duplicate, acks[2].message_id), (2, false, batch[2].message_id));
+    assert_eq!(*acks[3], StoredAck { duplicate: true, ..acks[0].clone() });
     let (page, _) = store.history(c1, None, 100).await?;
-    assert_eq!(
-        page.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
-        vec!["first", "bob's"]
-    );
+    assert_eq!(page.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), vec!["first", "bob's"]);
     Ok(())
 }
 
@@ -716,79 +508,33 @@ async fn repeat_within_a_batch_is_a_duplicate_of_the_first(f: &Fixture) -> Resul
 async fn client_id_is_scoped_to_its_conversation(f: &Fixture) -> Result<()> {
     let (store, epoch) = leased(&f.stores, 1, "node-a").await?;
     let alice = UserId::random();
-    let (c1, c2, c3, c4) = (
-        new_conversation(),
-        new_conversation(),
-        new_conversation(),
-        new_conversation(),
-    );
-    let first = store
-        .commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1")]))
-        .await?;
+    let (c1, c2, c3, c4) = (new_conversation(), new_conversation(), new_conversation(), new_conversation());
+    let first = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1")])).await?;
     let first = ack(&first[0])?.clone();
 
     let to_c2 = msg(c2, alice, "k", "to c2");
     let results = store.commit(epoch, &messages(vec![to_c2.clone()])).await?;
     let second = ack(&results[0])?.clone();
     assert_eq!(
-        (
-            second.conversation_id,
-            second.seq,
-            second.duplicate,
-            second.message_id
-        ),
+        (second.conversation_id, second.seq, second.duplicate, second.message_id),
         (c2, 1, false, to_c2.message_id),
         "a new message in c2"
     );
-    let retry = store
-        .commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")]))
-        .await?;
-    assert_eq!(
-        *ack(&retry[0])?,
-        StoredAck {
-            duplicate: true,
-            ..second
-        },
-        "c2's original, not c1's"
-    );
-    let retry = store
-        .commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")]))
-        .await?;
-    assert_eq!(
-        *ack(&retry[0])?,
-        StoredAck {
-            duplicate: true,
-            ..first
-        },
-        "c1's original"
-    );
+    let retry = store.commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")])).await?;
+    assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..second }, "c2's original, not c1's");
+    let retry = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")])).await?;
+    assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..first }, "c1's original");
     assert_eq!(seqs(&store.history(c1, None, 100).await?.0), vec![1]);
     assert_eq!(seqs(&store.history(c2, None, 100).await?.0), vec![1]);
 
     // Within one batch, too.
-    let batch = vec![
-        msg(c3, alice, "z", "to c3"),
-        msg(c4, alice, "z", "to c4"),
-        msg(c3, alice, "z", "c3 again"),
-    ];
+    let batch = vec![msg(c3, alice, "z", "to c3"), msg(c4, alice, "z", "to c4"), msg(c3, alice, "z", "c3 again")];
     let results = store.commit(epoch, &messages(batch.clone())).await?;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
-    assert_eq!(
-        (acks[0].conversation_id, acks[0].seq, acks[0].duplicate),
-        (c3, 1, false)
-    );
-    assert_eq!(
-        (acks[1].conversation_id, acks[1].seq, acks[1].duplicate),
-        (c4, 1, false)
-    );
+    assert_eq!((acks[0].conversation_id, acks[0].seq, acks[0].duplicate), (c3, 1, false));
+    assert_eq!((acks[1].conversation_id, acks[1].seq, acks[1].duplicate), (c4, 1, false));
     assert_eq!(acks[1].message_id, batch[1].message_id);
-    assert_eq!(
-        *acks[2],
-        StoredAck {
-            duplicate: true,
-            ..acks[0].clone()
-        }
-    );
+    assert_eq!(*acks[2], StoredAck { duplicate: true, ..acks[0].clone() });
     assert_eq!(store.history(c3, None, 100).await?.0.len(), 1);
     assert_eq!(store.history(c4, None, 100).await?.0.len(), 1);
     Ok(())
@@ -801,16 +547,10 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
     let (alice, bob) = (UserId::random(), UserId::random());
     let c1 = new_conversation();
 
-    let g1 = a
-        .acquire_lease("node-a", 1)
-        .await?
-        .context("fresh shard is free")?;
+    let g1 = a.acquire_lease("node-a", 1).await?.context("fresh shard is free")?;
     store_one(&*a, g1.epoch, msg(c1, alice, "a1", "under epoch 1"), 1).await?;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let g2 = b
-        .acquire_lease("node-b", LONG_TTL_MS)
-        .await?
-        .context("expired lease")?;
+    let g2 = b.acquire_lease("node-b", LONG_TTL_MS).await?.context("expired lease")?;
     assert_eq!(g2.epoch, Epoch(2));
 
     let late = WriteBatch {
@@ -820,16 +560,8 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
     assert_stale(a.commit(g1.epoch, &late).await, 1, 2);
     assert_stale(b.commit(g1.epoch, &late).await, 1, 2);
     assert_stale(a.commit(Epoch(9), &WriteBatch::default()).await, 9, 2);
-    assert_eq!(
-        seqs(&a.history(c1, None, 100).await?.0),
-        vec![1],
-        "the stale batch stored nothing"
-    );
-    assert_eq!(
-        a.member_cursor(c1, bob).await?,
-        (0, 0),
-        "nor moved a cursor"
-    );
+    assert_eq!(seqs(&a.history(c1, None, 100).await?.0), vec![1], "the stale batch stored nothing");
+    assert_eq!(a.member_cursor(c1, bob).await?, (0, 0), "nor moved a cursor");
 
     store_one(&*b, g2.epoch, msg(c1, alice, "a2", "under epoch 2"), 2).await?;
     assert_eq!(
@@ -841,18 +573,10 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
     if let Some(pg) = f.postgres_db() {
         // The same fact straight from the table, so the audit cannot hide a wrong column.
         let client = pg.connect().await?;
-        let rows = client
-            .query(
-                "SELECT seq, epoch FROM messages WHERE conversation_id = $1 ORDER BY seq",
-                &[&c1.0],
-            )
-            .await?;
+        let rows =
+            client.query("SELECT seq, epoch FROM messages WHERE conversation_id = $1 ORDER BY seq", &[&c1.0]).await?;
         let got: Vec<(i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        assert_eq!(
-            got,
-            vec![(1, 1), (2, 2)],
-            "each row records the epoch it was written under"
-        );
+        assert_eq!(got, vec![(1, 1), (2, 2)], "each row records the epoch it was written under");
     }
     Ok(())
 }
@@ -875,38 +599,19 @@ async fn history_pages_backwards(f: &Fixture) -> Result<()> {
     fill(&*store, epoch, c1, UserId::random(), "m", 25).await?;
 
     let (page, more) = store.history(c1, None, 10).await?;
-    assert_eq!(
-        (seqs(&page), more),
-        ((16..=25).collect(), true),
-        "newest page, ascending"
-    );
+    assert_eq!((seqs(&page), more), ((16..=25).collect(), true), "newest page, ascending");
     let (page, more) = store.history(c1, Some(16), 10).await?;
     assert_eq!((seqs(&page), more), ((6..=15).collect(), true));
     let (page, more) = store.history(c1, Some(6), 10).await?;
-    assert_eq!(
-        (seqs(&page), more),
-        ((1..=5).collect(), false),
-        "oldest page"
-    );
+    assert_eq!((seqs(&page), more), ((1..=5).collect(), false), "oldest page");
     assert_eq!(store.history(c1, Some(1), 10).await?, (vec![], false));
     let (page, more) = store.history(c1, None, 25).await?;
     assert_eq!((page.len(), more), (25, false), "exactly everything");
     let (page, more) = store.history(c1, Some(u64::MAX), 5).await?;
-    assert_eq!(
-        (seqs(&page), more),
-        ((21..=25).collect(), true),
-        "huge before_seq = from the end"
-    );
+    assert_eq!((seqs(&page), more), ((21..=25).collect(), true), "huge before_seq = from the end");
     let (page, more) = store.history(c1, None, 0).await?;
-    assert_eq!(
-        (seqs(&page), more),
-        (vec![25], true),
-        "limit clamped to at least one"
-    );
-    assert_eq!(
-        store.history(new_conversation(), None, 10).await?,
-        (vec![], false)
-    );
+    assert_eq!((seqs(&page), more), (vec![25], true), "limit clamped to at least one");
+    assert_eq!(store.history(new_conversation(), None, 10).await?, (vec![], false));
     Ok(())
 }
 
@@ -923,89 +628,33 @@ async fn sync_follows_each_device_cursor(f: &Fixture) -> Result<()> {
         per_conversation_limit: limit,
     };
     let view = |reply: &parley_protocol::cluster::SyncReply| {
-        reply
-            .messages
-            .iter()
-            .map(|m| (m.conversation_id, m.seq))
-            .collect::<Vec<_>>()
+        reply.messages.iter().map(|m| (m.conversation_id, m.seq)).collect::<Vec<_>>()
     };
 
     let reply = store.sync(&request("phone", vec![c1], 100)).await?;
     assert_eq!(seqs(&reply.messages), vec![1, 2, 3, 4, 5]);
     assert!(reply.truncated.is_empty());
 
-    store
-        .commit(
-            epoch,
-            &cursors(vec![cursor(
-                c1,
-                bob,
-                Some("phone"),
-                ReceiptKind::Delivered,
-                3,
-            )]),
-        )
-        .await?;
+    store.commit(epoch, &cursors(vec![cursor(c1, bob, Some("phone"), ReceiptKind::Delivered, 3)])).await?;
     let reply = store.sync(&request("phone", vec![c1], 100)).await?;
-    assert_eq!(
-        seqs(&reply.messages),
-        vec![4, 5],
-        "after the phone's cursor"
-    );
+    assert_eq!(seqs(&reply.messages), vec![4, 5], "after the phone's cursor");
     let reply = store.sync(&request("laptop", vec![c1], 100)).await?;
-    assert_eq!(
-        seqs(&reply.messages),
-        vec![1, 2, 3, 4, 5],
-        "the laptop acknowledged nothing"
-    );
-    assert_eq!(
-        store.member_cursor(c1, bob).await?,
-        (3, 0),
-        "device raises the member cursor"
-    );
+    assert_eq!(seqs(&reply.messages), vec![1, 2, 3, 4, 5], "the laptop acknowledged nothing");
+    assert_eq!(store.member_cursor(c1, bob).await?, (3, 0), "device raises the member cursor");
 
-    store
-        .commit(
-            epoch,
-            &cursors(vec![cursor(
-                c1,
-                bob,
-                Some("laptop"),
-                ReceiptKind::Delivered,
-                5,
-            )]),
-        )
-        .await?;
+    store.commit(epoch, &cursors(vec![cursor(c1, bob, Some("laptop"), ReceiptKind::Delivered, 5)])).await?;
     let reply = store.sync(&request("phone", vec![c1], 100)).await?;
-    assert_eq!(
-        seqs(&reply.messages),
-        vec![4, 5],
-        "the laptop's ack does not move the phone"
-    );
+    assert_eq!(seqs(&reply.messages), vec![4, 5], "the laptop's ack does not move the phone");
     assert_eq!(store.member_cursor(c1, bob).await?, (5, 0));
 
     let reply = store.sync(&request("tablet", vec![c1, c2], 2)).await?;
-    assert_eq!(
-        view(&reply),
-        vec![(c1, 1), (c1, 2), (c2, 1), (c2, 2)],
-        "grouped, ascending, limited"
-    );
+    assert_eq!(view(&reply), vec![(c1, 1), (c1, 2), (c2, 1), (c2, 2)], "grouped, ascending, limited");
     assert_eq!(reply.truncated, vec![c1, c2]);
     let reply = store.sync(&request("phone", vec![c2, c1], 2)).await?;
     assert_eq!(view(&reply), vec![(c2, 1), (c2, 2), (c1, 4), (c1, 5)]);
-    assert_eq!(
-        reply.truncated,
-        vec![c2],
-        "exactly the limit left is not truncated"
-    );
-    let reply = store
-        .sync(&request("laptop", vec![c1, new_conversation()], 100))
-        .await?;
-    assert_eq!(
-        (reply.messages.len(), reply.truncated.len()),
-        (0, 0),
-        "nothing new"
-    );
+    assert_eq!(reply.truncated, vec![c2], "exactly the limit left is not truncated");
+    let reply = store.sync(&request("laptop", vec![c1, new_conversation()], 100)).await?;
+    assert_eq!((reply.messages.len(), reply.truncated.len()), (0, 0), "nothing new");
     Ok(())
 }
 
@@ -1023,64 +672,25 @@ async fn summaries_count_unread_from_others(f: &Fixture) -> Result<()> {
     ];
     store.commit(epoch, &messages(batch.clone())).await?;
 
-    let got = store
-        .summaries(alice, &[c2, new_conversation(), c1])
-        .await?;
+    let got = store.summaries(alice, &[c2, new_conversation(), c1]).await?;
     let ids: Vec<ConversationId> = got.iter().map(|s| s.conversation_id).collect();
-    assert_eq!(
-        ids,
-        vec![c2, c1],
-        "in request order, unknown conversations left out"
-    );
+    assert_eq!(ids, vec![c2, c1], "in request order, unknown conversations left out");
     let s1 = &got[1];
-    assert_eq!(
-        (s1.last_seq, s1.read_seq, s1.unread),
-        (4, 0, 3),
-        "bob's three"
-    );
+    assert_eq!((s1.last_seq, s1.read_seq, s1.unread), (4, 0, 3), "bob's three");
     let last = s1.last_message.as_ref().context("last message")?;
-    assert_eq!(
-        (last.seq, last.body.as_str(), last.message_id),
-        (4, "how are you", batch[3].message_id)
-    );
+    assert_eq!((last.seq, last.body.as_str(), last.message_id), (4, "how are you", batch[3].message_id));
     assert_eq!((got[0].last_seq, got[0].unread), (1, 1));
 
     let bobs = store.summaries(bob, &[c1]).await?;
     assert_eq!((bobs[0].read_seq, bobs[0].unread), (0, 1), "alice's one");
 
-    store
-        .commit(
-            epoch,
-            &cursors(vec![cursor(c1, alice, Some("web"), ReceiptKind::Read, 2)]),
-        )
-        .await?;
-    let s1 = store
-        .summaries(alice, &[c1])
-        .await?
-        .pop()
-        .context("summary")?;
-    assert_eq!(
-        (s1.read_seq, s1.unread),
-        (2, 1),
-        "own message at 3 is never unread"
-    );
-    assert_eq!(
-        store.member_cursor(c1, alice).await?,
-        (2, 2),
-        "read implies delivered"
-    );
+    store.commit(epoch, &cursors(vec![cursor(c1, alice, Some("web"), ReceiptKind::Read, 2)])).await?;
+    let s1 = store.summaries(alice, &[c1]).await?.pop().context("summary")?;
+    assert_eq!((s1.read_seq, s1.unread), (2, 1), "own message at 3 is never unread");
+    assert_eq!(store.member_cursor(c1, alice).await?, (2, 2), "read implies delivered");
 
-    store
-        .commit(
-            epoch,
-            &cursors(vec![cursor(c1, alice, None, ReceiptKind::Read, 4)]),
-        )
-        .await?;
-    let s1 = store
-        .summaries(alice, &[c1])
-        .await?
-        .pop()
-        .context("summary")?;
+    store.commit(epoch, &cursors(vec![cursor(c1, alice, None, ReceiptKind::Read, 4)])).await?;
+    let s1 = store.summaries(alice, &[c1]).await?.pop().context("summary")?;
     assert_eq!((s1.read_seq, s1.unread), (4, 0));
     Ok(())
 }
@@ -1092,43 +702,18 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
     assert_eq!(store.member_cursor(c1, bob).await?, (0, 0), "no cursor yet");
     fill(&*store, epoch, c1, alice, "m", 6).await?;
 
-    let step = |kind, device_id: Option<&'static str>, seq| {
-        cursors(vec![cursor(c1, bob, device_id, kind, seq)])
-    };
-    store
-        .commit(epoch, &step(ReceiptKind::Read, None, 3))
-        .await?;
+    let step = |kind, device_id: Option<&'static str>, seq| cursors(vec![cursor(c1, bob, device_id, kind, seq)]);
+    store.commit(epoch, &step(ReceiptKind::Read, None, 3)).await?;
     assert_eq!(store.member_cursor(c1, bob).await?, (3, 3));
-    store
-        .commit(epoch, &step(ReceiptKind::Delivered, None, 1))
-        .await?;
-    store
-        .commit(epoch, &step(ReceiptKind::Read, None, 2))
-        .await?;
-    assert_eq!(
-        store.member_cursor(c1, bob).await?,
-        (3, 3),
-        "lower seqs change nothing"
-    );
+    store.commit(epoch, &step(ReceiptKind::Delivered, None, 1)).await?;
+    store.commit(epoch, &step(ReceiptKind::Read, None, 2)).await?;
+    assert_eq!(store.member_cursor(c1, bob).await?, (3, 3), "lower seqs change nothing");
 
-    store
-        .commit(epoch, &step(ReceiptKind::Delivered, Some("d1"), 5))
-        .await?;
-    store
-        .commit(epoch, &step(ReceiptKind::Delivered, Some("d1"), 2))
-        .await?;
+    store.commit(epoch, &step(ReceiptKind::Delivered, Some("d1"), 5)).await?;
+    store.commit(epoch, &step(ReceiptKind::Delivered, Some("d1"), 2)).await?;
     assert_eq!(store.member_cursor(c1, bob).await?, (5, 3));
-    let sync = SyncRequest {
-        user: bob,
-        device: device("d1"),
-        conversations: vec![c1],
-        per_conversation_limit: 10,
-    };
-    assert_eq!(
-        seqs(&store.sync(&sync).await?.messages),
-        vec![6],
-        "d1's cursor stayed at 5"
-    );
+    let sync = SyncRequest { user: bob, device: device("d1"), conversations: vec![c1], per_conversation_limit: 10 };
+    assert_eq!(seqs(&store.sync(&sync).await?.messages), vec![6], "d1's cursor stayed at 5");
 
     // Several updates in one batch: the highest wins, whatever the order.
     let batch = cursors(vec![
@@ -1138,11 +723,7 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
     ]);
     store.commit(epoch, &batch).await?;
     assert_eq!(store.member_cursor(c1, bob).await?, (5, 4));
-    assert_eq!(
-        store.member_cursor(c1, alice).await?,
-        (0, 0),
-        "other members untouched"
-    );
+    assert_eq!(store.member_cursor(c1, alice).await?, (0, 0), "other members untouched");
 
     // Messages and cursors in one batch: the cursor may point at a message of the same batch.
     let batch = WriteBatch {
@@ -1164,23 +745,14 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
 #[tokio::test]
 async fn postgres_concurrent_opens_migrate_once() -> Result<()> {
     let pg = TestPostgres::start().await?;
-    let config = StoreConfig::Postgres {
-        url: pg.url().to_string(),
-        pool_size: 2,
-    };
-    let opened =
-        futures_util::future::join_all((0..4).map(|_| parley_storage::open(&config))).await;
+    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 2 };
+    let opened = futures_util::future::join_all((0..4).map(|_| parley_storage::open(&config))).await;
     let nodes = opened.into_iter().collect::<Result<Vec<Stores>, _>>()?;
     let client = pg.connect().await?;
-    let versions: i64 = client
-        .query_one("SELECT count(*) FROM parley_migrations", &[])
-        .await?
-        .get(0);
+    let versions: i64 = client.query_one("SELECT count(*) FROM parley_migrations", &[]).await?.get(0);
     assert_eq!(versions, 1, "one migration row");
     for (i, node) in nodes.iter().enumerate() {
-        node.directory
-            .create_user(&user(&format!("user{i}")))
-            .await?;
+        node.directory.create_user(&user(&format!("user{i}"))).await?;
     }
     assert_eq!(nodes[0].directory.list_users(10).await?.len(), 4);
     Ok(())

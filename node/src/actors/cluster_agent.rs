@@ -146,7 +146,11 @@ impl ClusterAgentState {
             .map(|n| (n.name.clone(), n.dial_address()))
             .collect();
         for (node, addr) in targets {
-            let dial = self.dials.entry(node.clone()).or_insert(Dial { next: now, backoff: DIAL_BACKOFF_MIN, in_progress: false });
+            let dial = self.dials.entry(node.clone()).or_insert(Dial {
+                next: now,
+                backoff: DIAL_BACKOFF_MIN,
+                in_progress: false,
+            });
             if dial.in_progress || dial.next > now {
                 continue;
             }
@@ -175,7 +179,9 @@ impl ClusterAgentState {
             let me = me.clone();
             tokio::spawn(async move {
                 let msg = match remote_call(&gateway, &NodePayload::Identify, CALL_TIMEOUT).await {
-                    Ok(NodePayload::Identity { node, boot_id, http }) => ClusterAgentMsg::Identified { cell: id, gateway, node, boot_id, http },
+                    Ok(NodePayload::Identity { node, boot_id, http }) => {
+                        ClusterAgentMsg::Identified { cell: id, gateway, node, boot_id, http }
+                    }
                     _ => ClusterAgentMsg::IdentifyFailed(id),
                 };
                 let _ = me.cast(msg);
@@ -187,7 +193,9 @@ impl ClusterAgentState {
         for (node, peer) in &self.peers {
             let (gateway, node, boot_id, me) = (peer.gateway.clone(), node.clone(), peer.boot_id.clone(), me.clone());
             tokio::spawn(async move {
-                if let Ok(NodePayload::Pong { .. }) = remote_call(&gateway, &NodePayload::Ping { nonce: 0 }, PEER_DOWN_AFTER).await {
+                if let Ok(NodePayload::Pong { .. }) =
+                    remote_call(&gateway, &NodePayload::Ping { nonce: 0 }, PEER_DOWN_AFTER).await
+                {
                     let _ = me.cast(ClusterAgentMsg::Alive { node, boot_id });
                 }
             });
@@ -217,7 +225,8 @@ impl ClusterAgentState {
                 let _ = self.shards.cast(ShardManagerMsg::Members(members));
             }
         }
-        let gateways = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
+        let gateways =
+            self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
         self.ctx.set_peers(gateways);
     }
 
@@ -249,7 +258,11 @@ impl Actor for ClusterAgentActor {
     type State = ClusterAgentState;
     type Arguments = ClusterAgentArgs;
 
-    async fn pre_start(&self, me: ActorRef<ClusterAgentMsg>, args: ClusterAgentArgs) -> Result<ClusterAgentState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<ClusterAgentMsg>,
+        args: ClusterAgentArgs,
+    ) -> Result<ClusterAgentState, ActorProcessingErr> {
         let clustered = args.ctx.config.nodes.len() > 1;
         let node_server = match (&args.ctx.config.cluster.cookie, clustered) {
             (Some(cookie), true) => {
@@ -263,7 +276,10 @@ impl Actor for ClusterAgentActor {
                 )
                 .with_listen_addr(args.listen.ip());
                 let (ns, _) = Actor::spawn_linked(None, server, (), me.get_cell()).await?;
-                ns.cast(NodeServerMessage::SubscribeToEvents { id: "parley.agent".into(), subscription: Box::new(Events(me.clone())) })?;
+                ns.cast(NodeServerMessage::SubscribeToEvents {
+                    id: "parley.agent".into(),
+                    subscription: Box::new(Events(me.clone())),
+                })?;
                 tracing::info!(listen = %args.listen, "cluster node server listening");
                 Some(ns)
             }
@@ -288,7 +304,12 @@ impl Actor for ClusterAgentActor {
         })
     }
 
-    async fn handle(&self, me: ActorRef<ClusterAgentMsg>, msg: ClusterAgentMsg, state: &mut ClusterAgentState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<ClusterAgentMsg>,
+        msg: ClusterAgentMsg,
+        state: &mut ClusterAgentState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ClusterAgentMsg::Tick => {
                 if state.node_server.is_some() {
@@ -390,7 +411,12 @@ impl Actor for ClusterAgentActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<ClusterAgentMsg>, evt: SupervisionEvent, _state: &mut ClusterAgentState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<ClusterAgentMsg>,
+        evt: SupervisionEvent,
+        _state: &mut ClusterAgentState,
+    ) -> Result<(), ActorProcessingErr> {
         // Policy: escalate. A dead NodeServer means no peer can reach us; stopping lets the root
         // stop the node so that an operator (or `parley up`) restarts it cleanly.
         match &evt {

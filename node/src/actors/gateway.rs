@@ -77,7 +77,12 @@ impl GatewayState {
     }
 
     /// Answer a call. Runs in a spawned task so a slow shard never blocks the gateway.
-    async fn answer(ctx: Arc<NodeContext>, shard: Option<ActorRef<ShardMsg>>, payload: NodePayload, timeout: Duration) -> Option<NodePayload> {
+    async fn answer(
+        ctx: Arc<NodeContext>,
+        shard: Option<ActorRef<ShardMsg>>,
+        payload: NodePayload,
+        timeout: Duration,
+    ) -> Option<NodePayload> {
         let unavailable = |ctx: &NodeContext| {
             ctx.count_redirect();
             ErrorCode::Unavailable
@@ -99,14 +104,26 @@ impl GatewayState {
             },
             NodePayload::History { conversation, before_seq, limit } => match shard {
                 Some(shard) => {
-                    let r = call(&shard, |reply| ShardMsg::History { conversation, before_seq, limit, reply }, timeout, "shard history").await;
+                    let r = call(
+                        &shard,
+                        |reply| ShardMsg::History { conversation, before_seq, limit, reply },
+                        timeout,
+                        "shard history",
+                    )
+                    .await;
                     NodePayload::HistoryResult(r.unwrap_or_else(|e| Err(e.code())))
                 }
                 None => NodePayload::HistoryResult(Err(unavailable(&ctx))),
             },
             NodePayload::Summaries { user, conversations } => match shard {
                 Some(shard) => {
-                    let r = call(&shard, |reply| ShardMsg::Summaries { user, conversations, reply }, timeout, "shard summaries").await;
+                    let r = call(
+                        &shard,
+                        |reply| ShardMsg::Summaries { user, conversations, reply },
+                        timeout,
+                        "shard summaries",
+                    )
+                    .await;
                     NodePayload::SummariesResult(r.unwrap_or_else(|e| Err(e.code())))
                 }
                 None => NodePayload::SummariesResult(Err(unavailable(&ctx))),
@@ -139,7 +156,12 @@ impl Actor for GatewayActor {
         Ok(GatewayState { ctx: args.ctx, agent: args.agent })
     }
 
-    async fn handle(&self, _me: ActorRef<GatewayMsg>, msg: GatewayMsg, state: &mut GatewayState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<GatewayMsg>,
+        msg: GatewayMsg,
+        state: &mut GatewayState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             GatewayMsg::Frame(bytes) => match codec::decode::<NodePayload>(&bytes) {
                 Ok(payload) => state.frame(payload),
@@ -153,13 +175,17 @@ impl Actor for GatewayActor {
                     let timeout = state.timeout();
                     let Some(shard) = state.local_shard(cmd.conversation_id) else {
                         ctx.count_redirect();
-                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(ErrorCode::Unavailable))));
+                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(
+                            ErrorCode::Unavailable,
+                        ))));
                         return Ok(());
                     };
                     let (tx, rx) = ractor::concurrency::oneshot();
                     if shard.cast(ShardMsg::Send { cmd, reply: tx.into() }).is_err() {
                         ctx.count_redirect();
-                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(ErrorCode::Unavailable))));
+                        let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(
+                            ErrorCode::Unavailable,
+                        ))));
                         return Ok(());
                     }
                     tokio::spawn(async move {

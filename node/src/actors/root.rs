@@ -52,26 +52,40 @@ impl Actor for RootActor {
     async fn pre_start(&self, me: ActorRef<RootMsg>, args: RootArgs) -> Result<RootState, ActorProcessingErr> {
         let ctx = args.ctx;
         let (sessions, _) = Actor::spawn_linked(None, SessionSupervisorActor, ctx.clone(), me.get_cell()).await?;
-        let (shards, _) = Actor::spawn_linked(None, ShardManagerActor, ShardManagerArgs { ctx: ctx.clone() }, me.get_cell()).await?;
+        let (shards, _) =
+            Actor::spawn_linked(None, ShardManagerActor, ShardManagerArgs { ctx: ctx.clone() }, me.get_cell()).await?;
         let agent_args = ClusterAgentArgs { ctx: ctx.clone(), shards: shards.clone(), listen: args.cluster_listen };
         let (agent, _) = Actor::spawn_linked(None, ClusterAgentActor, agent_args, me.get_cell()).await?;
         Actor::spawn_linked(None, GatewayActor, GatewayArgs { ctx, agent: agent.clone() }, me.get_cell()).await?;
         Ok(RootState { shards, agent, sessions, shutting_down: false })
     }
 
-    async fn handle(&self, me: ActorRef<RootMsg>, msg: RootMsg, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<RootMsg>,
+        msg: RootMsg,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::Children { reply } => {
                 let _ = reply.send((state.agent.clone(), state.sessions.clone()));
             }
             RootMsg::Shutdown { reply } => {
                 state.shutting_down = true;
-                if let Err(e) =
-                    call(&state.sessions, |r| SessionSupervisorMsg::StopAll { reply: r }, SHUTDOWN_STEP_TIMEOUT, "stop sessions").await
+                if let Err(e) = call(
+                    &state.sessions,
+                    |r| SessionSupervisorMsg::StopAll { reply: r },
+                    SHUTDOWN_STEP_TIMEOUT,
+                    "stop sessions",
+                )
+                .await
                 {
                     tracing::warn!(error = %e, "sessions did not stop in time");
                 }
-                if let Err(e) = call(&state.shards, |r| ShardManagerMsg::Drain { reply: r }, SHUTDOWN_STEP_TIMEOUT, "drain shards").await {
+                if let Err(e) =
+                    call(&state.shards, |r| ShardManagerMsg::Drain { reply: r }, SHUTDOWN_STEP_TIMEOUT, "drain shards")
+                        .await
+                {
                     tracing::warn!(error = %e, "shards did not drain in time");
                 }
                 let _ = reply.send(());
@@ -81,7 +95,12 @@ impl Actor for RootActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<RootMsg>, evt: SupervisionEvent, state: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 tracing::error!(child = %cell.get_id(), error = %err, "root child failed; stopping node");

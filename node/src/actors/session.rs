@@ -146,16 +146,20 @@ impl SessionState {
                 self.send(&ServerFrame::error(ErrorCode::InvalidField, "already authenticated"));
             }
             ClientFrame::Send { client_msg_id, to, conversation_id, body } => {
-                let dispatched = self
-                    .ctx
-                    .dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, self.id)
-                    .await;
+                let dispatched =
+                    self.ctx.dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, self.id).await;
                 let outbox = self.outbox.clone();
                 let close = self.close.clone();
                 let reply = move |result: Result<_, NodeError>| {
                     let frame = match result {
                         Ok(ack) => {
-                            let parley_protocol::cluster::StoredAck { message_id, conversation_id, seq, sent_at_ms, duplicate } = ack;
+                            let parley_protocol::cluster::StoredAck {
+                                message_id,
+                                conversation_id,
+                                seq,
+                                sent_at_ms,
+                                duplicate,
+                            } = ack;
                             ServerFrame::Ack { client_msg_id, message_id, conversation_id, seq, sent_at_ms, duplicate }
                         }
                         Err(e) => ServerFrame::Error {
@@ -174,19 +178,27 @@ impl SessionState {
                     Err(e) => reply(Err(e)),
                 }
             }
-            ClientFrame::Delivered { conversation_id, seq } => self.receipt(user, conversation_id, ReceiptKind::Delivered, seq).await,
-            ClientFrame::Read { conversation_id, seq } => self.receipt(user, conversation_id, ReceiptKind::Read, seq).await,
+            ClientFrame::Delivered { conversation_id, seq } => {
+                self.receipt(user, conversation_id, ReceiptKind::Delivered, seq).await
+            }
+            ClientFrame::Read { conversation_id, seq } => {
+                self.receipt(user, conversation_id, ReceiptKind::Read, seq).await
+            }
             ClientFrame::History { req_id, conversation_id, before_seq, limit } => {
                 let frame = match self.ctx.history(user, conversation_id, before_seq, limit).await {
                     Ok((messages, has_more)) => ServerFrame::History { req_id, conversation_id, messages, has_more },
-                    Err(e) => ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id },
+                    Err(e) => {
+                        ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id }
+                    }
                 };
                 self.send(&frame);
             }
             ClientFrame::Conversations { req_id } => {
                 let frame = match self.ctx.conversations(user).await {
                     Ok(conversations) => ServerFrame::Conversations { req_id, conversations },
-                    Err(e) => ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id },
+                    Err(e) => {
+                        ServerFrame::Error { code: e.code(), message: e.client_message(), client_msg_id: None, req_id }
+                    }
                 };
                 self.send(&frame);
             }
@@ -253,7 +265,12 @@ impl SessionState {
         };
         let reply = self
             .ctx
-            .sync(SyncRequest { user: user.id, device, conversations, per_conversation_limit: MAX_SYNC_PER_CONVERSATION })
+            .sync(SyncRequest {
+                user: user.id,
+                device,
+                conversations,
+                per_conversation_limit: MAX_SYNC_PER_CONVERSATION,
+            })
             .await;
         let count = reply.messages.len() as u64;
         for m in reply.messages {
@@ -287,7 +304,12 @@ impl Actor for SessionActor {
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Text(text) => state.on_text(&me, &text).await,
             SessionMsg::Binary(bytes) => match String::from_utf8(bytes) {

@@ -35,11 +35,20 @@ impl Actor for SessionSupervisorActor {
     type State = SessionSupervisorState;
     type Arguments = Arc<NodeContext>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, ctx: Arc<NodeContext>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<NodeContext>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SessionSupervisorState { ctx })
     }
 
-    async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionSupervisorMsg::Start { id, outbox, close, reply } => {
                 let args = SessionArgs { ctx: state.ctx.clone(), id, outbox, close };
@@ -55,7 +64,12 @@ impl Actor for SessionSupervisorActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, _state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         // Policy: ignore (see module doc).
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             tracing::warn!(session = %cell.get_id(), error = %err, "session failed");

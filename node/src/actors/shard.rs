@@ -68,24 +68,34 @@ pub struct ShardState {
 
 #[derive(RactorMessage)]
 pub enum ShardMsg {
-    Send { cmd: SendCommand, reply: RpcReplyPort<SendOutcome> },
+    Send {
+        cmd: SendCommand,
+        reply: RpcReplyPort<SendOutcome>,
+    },
     Receipt(ReceiptCommand),
     /// From the store: the in-flight batch's fate.
-    Committed { outcome: CommitOutcome },
+    Committed {
+        outcome: CommitOutcome,
+    },
     History {
         conversation: ConversationId,
         before_seq: Option<Seq>,
         limit: u32,
         reply: RpcReplyPort<Result<(Vec<MessageView>, bool), ErrorCode>>,
     },
-    Sync { req: SyncRequest, reply: RpcReplyPort<Result<SyncReply, ErrorCode>> },
+    Sync {
+        req: SyncRequest,
+        reply: RpcReplyPort<Result<SyncReply, ErrorCode>>,
+    },
     Summaries {
         user: UserId,
         conversations: Vec<ConversationId>,
         reply: RpcReplyPort<Result<Vec<ShardSummary>, ErrorCode>>,
     },
     /// Stop taking sends, finish what is queued, answer, stop. Used for hand-off and shutdown.
-    Drain { reply: RpcReplyPort<()> },
+    Drain {
+        reply: RpcReplyPort<()>,
+    },
 }
 
 impl ShardState {
@@ -173,7 +183,8 @@ impl ShardState {
                 self.receipts_sent.clear();
             }
             self.receipts_sent.insert(key, r.seq);
-            let event = UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq: r.seq };
+            let event =
+                UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq: r.seq };
             self.ctx.fan_out(&r.members, event, 0);
         }
     }
@@ -224,13 +235,23 @@ impl Actor for ShardActor {
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<ShardMsg>, msg: ShardMsg, state: &mut ShardState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Send { cmd, reply } => {
                 if state.draining.is_some() || state.pending.len() >= MAX_PENDING_SENDS {
                     let _ = reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
                 } else {
-                    state.pending.push_back(PendingSend { cmd, message_id: MessageId::new(), sent_at_ms: now_ms(), reply });
+                    state.pending.push_back(PendingSend {
+                        cmd,
+                        message_id: MessageId::new(),
+                        sent_at_ms: now_ms(),
+                        reply,
+                    });
                     state.flush(&me);
                 }
             }

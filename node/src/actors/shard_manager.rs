@@ -64,7 +64,9 @@ pub enum ShardManagerMsg {
     /// The live members of the cluster changed (this node included).
     Members(Vec<String>),
     /// Drain and release every shard (shutdown). Answers when done.
-    Drain { reply: RpcReplyPort<()> },
+    Drain {
+        reply: RpcReplyPort<()>,
+    },
 }
 
 impl ShardManagerState {
@@ -148,13 +150,15 @@ impl ShardManagerState {
         }
         let owner = self.ctx.boot_id.clone();
         let ttl = self.ctx.config.cluster.lease_ttl_ms;
-        let attempts = wanted.into_iter().filter_map(|shard| self.stores.get(&shard).cloned().map(|s| (shard, s))).map(|(shard, store)| {
-            let owner = owner.clone();
-            async move {
-                let started = Instant::now();
-                (shard, store.acquire_lease(&owner, ttl).await, started)
-            }
-        });
+        let attempts = wanted.into_iter().filter_map(|shard| self.stores.get(&shard).cloned().map(|s| (shard, s))).map(
+            |(shard, store)| {
+                let owner = owner.clone();
+                async move {
+                    let started = Instant::now();
+                    (shard, store.acquire_lease(&owner, ttl).await, started)
+                }
+            },
+        );
         for (shard, result, started) in join_all(attempts).await {
             match result {
                 Ok(Some(grant)) => {
@@ -208,7 +212,11 @@ impl Actor for ShardManagerActor {
     type State = ShardManagerState;
     type Arguments = ShardManagerArgs;
 
-    async fn pre_start(&self, me: ActorRef<ShardManagerMsg>, args: ShardManagerArgs) -> Result<ShardManagerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<ShardManagerMsg>,
+        args: ShardManagerArgs,
+    ) -> Result<ShardManagerState, ActorProcessingErr> {
         let members = vec![args.ctx.node_name.clone()];
         let mut state = ShardManagerState {
             ctx: args.ctx,
@@ -231,7 +239,12 @@ impl Actor for ShardManagerActor {
         Ok(state)
     }
 
-    async fn handle(&self, me: ActorRef<ShardManagerMsg>, msg: ShardManagerMsg, state: &mut ShardManagerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<ShardManagerMsg>,
+        msg: ShardManagerMsg,
+        state: &mut ShardManagerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardManagerMsg::Tick => {
                 if state.stopping {
@@ -239,7 +252,9 @@ impl Actor for ShardManagerActor {
                 }
                 state.renew_all().await;
                 state.rebalance(&me).await;
-                me.send_after(Duration::from_millis(state.ctx.config.cluster.renew_interval_ms), || ShardManagerMsg::Tick);
+                me.send_after(Duration::from_millis(state.ctx.config.cluster.renew_interval_ms), || {
+                    ShardManagerMsg::Tick
+                });
             }
             ShardManagerMsg::Members(mut members) => {
                 members.sort();

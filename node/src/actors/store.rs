@@ -36,14 +36,21 @@ pub enum CommitOutcome {
 #[derive(RactorMessage)]
 pub enum StoreMsg {
     /// Commit `batch` under `epoch`, then cast `ShardMsg::Committed` to `reply_to`.
-    Commit { epoch: Epoch, batch: WriteBatch, reply_to: ActorRef<ShardMsg> },
+    Commit {
+        epoch: Epoch,
+        batch: WriteBatch,
+        reply_to: ActorRef<ShardMsg>,
+    },
     History {
         conversation: ConversationId,
         before_seq: Option<Seq>,
         limit: u32,
         reply: RpcReplyPort<Result<(Vec<MessageView>, bool), ErrorCode>>,
     },
-    Sync { req: SyncRequest, reply: RpcReplyPort<Result<SyncReply, ErrorCode>> },
+    Sync {
+        req: SyncRequest,
+        reply: RpcReplyPort<Result<SyncReply, ErrorCode>>,
+    },
     Summaries {
         user: UserId,
         conversations: Vec<ConversationId>,
@@ -93,7 +100,12 @@ impl Actor for StoreActor {
         Ok(StoreState { store: args.store })
     }
 
-    async fn handle(&self, _me: ActorRef<StoreMsg>, msg: StoreMsg, state: &mut StoreState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<StoreMsg>,
+        msg: StoreMsg,
+        state: &mut StoreState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             StoreMsg::Commit { epoch, batch, reply_to } => {
                 let outcome = match state.store.commit(epoch, &batch).await {

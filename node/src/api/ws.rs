@@ -63,7 +63,12 @@ pub async fn upgrade(
     Ok(warp::reply::Reply::into_response(ws.on_upgrade(move |socket| pump(socket, ctx, sessions, guard))))
 }
 
-async fn pump(socket: WebSocket, ctx: Arc<NodeContext>, sessions: ActorRef<SessionSupervisorMsg>, _guard: ConnectionGuard) {
+async fn pump(
+    socket: WebSocket,
+    ctx: Arc<NodeContext>,
+    sessions: ActorRef<SessionSupervisorMsg>,
+    _guard: ConnectionGuard,
+) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outbox_rx) = mpsc::channel::<Outgoing>(ctx.config.limits.outbox_frames);
     let (close_tx, mut close_rx) = watch::channel::<Option<(u16, String)>>(None);
