@@ -399,12 +399,11 @@ pub struct SqliteShard {
 }
 
 impl SqliteShard {
-    /// Try the kernel session lock; true only if this call obtained it (a lock held since an
-    /// earlier grant proves nothing about the current lease holder).
+    /// Try the kernel session lock; true if this instance holds it now.
     fn try_session_lock(&self) -> Result<bool> {
         let mut held = self.lock_file.lock().map_err(|_| StorageError::Join("lock mutex poisoned".into()))?;
         if held.is_some() {
-            return Ok(false);
+            return Ok(true);
         }
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&self.lock_path)?;
         match file.try_lock() {
@@ -481,9 +480,8 @@ impl ShardStore for SqliteShard {
             Ok(Some(LeaseGrant { epoch: Epoch(epoch), expires_at_ms }))
         })
         .await?;
-        if granted.is_none() {
-            // Not ours: a lock we still hold (from a lease since taken over by expiry) would only
-            // stop the next crash takeover from being immediate.
+        if granted.is_none() && got_lock {
+            // Taken just now for nothing: give it back.
             self.drop_session_lock();
         }
         Ok(granted)
@@ -507,11 +505,6 @@ impl ShardStore for SqliteShard {
             Ok(LeaseGrant { epoch, expires_at_ms })
         })
         .await
-        .inspect_err(|e| {
-            if matches!(e, StorageError::StaleEpoch { .. }) {
-                self.drop_session_lock();
-            }
-        })
     }
 
     async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {
