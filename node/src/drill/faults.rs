@@ -1,0 +1,173 @@
+//! The fault schedule of `parley drill`: kill -9 and freeze nodes of the local cluster in turn,
+//! measure how long the cluster takes to serve every shard again, and bring the node back.
+//!
+//! Faults run one at a time, each as a full cycle — kill, failover, restart after
+//! `--restart-after-ms`, readiness; or SIGSTOP for longer than a lease, SIGCONT, readiness — so
+//! at most one node is down at any moment and every failover has a survivor to be measured on.
+//! A cycle that straddles the end of the sending phase is finished, never abandoned: the checks
+//! afterwards need every node running.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::sim::Stats;
+use super::{cluster_view, say};
+use crate::client::Client;
+use crate::launcher::{signal, LocalCluster, READY_TIMEOUT};
+
+/// Failover is sampled this often: fine enough for the millisecond figures of a local cluster,
+/// coarse enough that the polling is not a load of its own.
+const FAILOVER_POLL: Duration = Duration::from_millis(20);
+/// Give up measuring a failover after this long (recorded as a timeout). Far beyond the lease
+/// TTL, so it only triggers when takeover is broken.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// When and how to fault.
+pub struct FaultPlan {
+    /// Time between faults; `None` = no faults.
+    pub every: Option<Duration>,
+    /// Every k-th fault is a freeze (0 = never).
+    pub freeze_every: u32,
+    pub restart_after: Duration,
+    /// How long a frozen node stays stopped (its lease TTL plus a margin).
+    pub freeze_for: Duration,
+}
+
+/// What the schedule did.
+#[derive(Debug, Default)]
+pub struct FaultLog {
+    pub kills: u32,
+    pub freezes: u32,
+    /// One entry per kill: milliseconds until every shard was served by another node (the
+    /// timeout's length if that never happened).
+    pub failover_ms: Vec<u64>,
+    pub failover_timeouts: u32,
+    pub freeze_takeover_ms: Vec<Option<u64>>,
+    pub restarts_after_thaw: u32,
+}
+
+/// Run the schedule from `start` until `end`, finishing the cycle in progress.
+pub async fn run(
+    cluster: &mut LocalCluster,
+    plan: &FaultPlan,
+    start: Instant,
+    end: Instant,
+    stats: &Stats,
+) -> anyhow::Result<FaultLog> {
+    let mut log = FaultLog::default();
+    let Some(every) = plan.every else {
+        tokio::time::sleep_until(end).await;
+        return Ok(log);
+    };
+    let mut k: u32 = 0;
+    loop {
+        // On the beat of the schedule; if a cycle overran it, at once.
+        let at = (start + every * (k + 1)).max(Instant::now());
+        if at >= end {
+            break;
+        }
+        tokio::time::sleep_until(at).await;
+        k += 1;
+        let victim = (k as usize - 1) % cluster.nodes.len();
+        stats.faults.fetch_add(1, Ordering::Relaxed);
+        if plan.freeze_every > 0 && k.is_multiple_of(plan.freeze_every) {
+            freeze(cluster, victim, plan, &mut log).await?;
+        } else {
+            kill(cluster, victim, plan, &mut log).await?;
+        }
+    }
+    tokio::time::sleep_until(end).await;
+    Ok(log)
+}
+
+/// Start any node that is not running (a cycle cut short by an error path, a node that died on
+/// its own) and wait until every node is ready.
+pub async fn ensure_all_running(cluster: &mut LocalCluster) -> anyhow::Result<()> {
+    for i in 0..cluster.nodes.len() {
+        if !cluster.nodes[i].is_running() {
+            say(format!("{} is not running; starting it", cluster.nodes[i].name));
+            cluster.spawn(i)?;
+        }
+        cluster.nodes[i].wait_ready(READY_TIMEOUT).await?;
+    }
+    Ok(())
+}
+
+async fn kill(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log: &mut FaultLog) -> anyhow::Result<()> {
+    let name = cluster.nodes[victim].name.clone();
+    let observer = cluster.nodes[(victim + 1) % cluster.nodes.len()].client();
+    let killed_at = Instant::now();
+    cluster.nodes[victim].kill9();
+    log.kills += 1;
+    let failover = served_without(&observer, &name, killed_at, killed_at + FAILOVER_TIMEOUT).await;
+    match failover {
+        Some(d) => {
+            log.failover_ms.push(d.as_millis() as u64);
+            say(format!("kill -9 {name}: every shard served again after {}ms", d.as_millis()));
+        }
+        None => {
+            log.failover_ms.push(FAILOVER_TIMEOUT.as_millis() as u64);
+            log.failover_timeouts += 1;
+            say(format!("kill -9 {name}: shards still not served elsewhere after {FAILOVER_TIMEOUT:?}"));
+        }
+    }
+    // The restart waits for the failover measurement: a node back too early would take its shards
+    // back and the measurement would never end.
+    tokio::time::sleep_until(killed_at + plan.restart_after).await;
+    cluster.spawn(victim)?;
+    cluster.nodes[victim].wait_ready(READY_TIMEOUT).await?;
+    say(format!("{name} restarted and ready {}ms after the kill", killed_at.elapsed().as_millis()));
+    Ok(())
+}
+
+async fn freeze(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log: &mut FaultLog) -> anyhow::Result<()> {
+    let name = cluster.nodes[victim].name.clone();
+    let Some(pid) = cluster.nodes[victim].pid() else {
+        say(format!("{name} is not running; skipping its freeze"));
+        return Ok(());
+    };
+    let observer = cluster.nodes[(victim + 1) % cluster.nodes.len()].client();
+    let frozen_at = Instant::now();
+    signal(pid, libc::SIGSTOP);
+    log.freezes += 1;
+    // Nothing between SIGSTOP and SIGCONT may return early: a node left stopped would hang the
+    // checks (and, through its flock and leases, the cluster).
+    let takeover = served_without(&observer, &name, frozen_at, frozen_at + plan.freeze_for).await;
+    tokio::time::sleep_until(frozen_at + plan.freeze_for).await;
+    signal(pid, libc::SIGCONT);
+    log.freeze_takeover_ms.push(takeover.map(|d| d.as_millis() as u64));
+    say(format!(
+        "froze {name} for {}ms; its shards served elsewhere after {}",
+        plan.freeze_for.as_millis(),
+        takeover.map_or("(not while frozen)".to_string(), |d| format!("{}ms", d.as_millis()))
+    ));
+    if let Err(e) = cluster.nodes[victim].wait_ready(READY_TIMEOUT).await {
+        // A node may decide, on waking with stale leases, to exit; that is allowed (its
+        // supervisor escalates) as long as nothing it held is lost. Bring it back.
+        say(format!("{name} after thaw: {e:#}; starting it again"));
+        log.restarts_after_thaw += 1;
+        cluster.spawn(victim)?;
+        cluster.nodes[victim].wait_ready(READY_TIMEOUT).await?;
+    }
+    Ok(())
+}
+
+/// Poll `observer` until every shard is served (`healthy`) by a node other than `gone`; the time
+/// from `since` (the fault), or `None` if `deadline` passed first.
+async fn served_without(observer: &Client, gone: &str, since: Instant, deadline: Instant) -> Option<Duration> {
+    loop {
+        if let Ok(view) = cluster_view(observer).await {
+            if !view.shards.is_empty()
+                && view.shards.iter().all(|s| s.status == "healthy" && s.owner.as_deref().is_some_and(|o| o != gone))
+            {
+                return Some(since.elapsed());
+            }
+        }
+        if Instant::now() + FAILOVER_POLL >= deadline {
+            return None;
+        }
+        tokio::time::sleep(FAILOVER_POLL).await;
+    }
+}
