@@ -10,7 +10,8 @@
 //!
 //! The drill talks to the nodes the way any client does (HTTP, WebSocket, `/v1/cluster`), plus two
 //! read-only audits through the store itself: the lease rows and the epoch every message was
-//! written under. Restarting Postgres is not part of the drill: the store is assumed up.
+//! written under. With a Postgres store, every K-th fault can restart Postgres instead of a node,
+//! through a command the operator supplies (the drill does not own the database server).
 
 mod faults;
 mod sim;
@@ -54,6 +55,15 @@ pub struct DrillArgs {
     /// killing it (0 = never freeze).
     #[arg(long, default_value_t = 0)]
     pub freeze_every: u32,
+    /// Every K-th fault restarts Postgres instead of a node (0 = never). Needs a Postgres store
+    /// and `--postgres-restart-cmd`.
+    #[arg(long, default_value_t = 0)]
+    pub postgres_every: u32,
+    /// Shell command (run with `sh -c`) that restarts the Postgres the cluster uses, for example
+    /// `pg_ctl restart -m fast -w -D /var/lib/postgresql/data`. It may return before Postgres is
+    /// back: recovery is measured until the database answers and every shard is served.
+    #[arg(long)]
+    pub postgres_restart_cmd: Option<String>,
     /// How long a killed node stays down before it is started again.
     #[arg(long, default_value_t = 2_000)]
     pub restart_after_ms: u64,
@@ -116,6 +126,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         bail!("faults need at least two nodes (a survivor to fail over to); the config has {}", config.nodes.len());
     }
     let store = crate::store_config(&config)?;
+    if args.postgres_every > 0 && !matches!(store, parley_storage::StoreConfig::Postgres { .. }) {
+        bail!("--postgres-every needs a Postgres store (storage.kind = \"postgres\")");
+    }
     let store_kind = match store {
         parley_storage::StoreConfig::Embedded { .. } => "embedded",
         parley_storage::StoreConfig::Postgres { .. } => "postgres",
@@ -165,9 +178,16 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .collect();
     let progress = tokio::spawn(progress(stats.clone(), started));
 
+    // Opened before the faults: the Postgres restart polls it to see the database answer again,
+    // and the audits read lease rows and epochs through it afterwards.
+    let stores = parley_storage::open(&store).await.context("opening the store for the audit")?;
+    let shard_stores = verify::open_shards(&stores, config.cluster.shard_count).await?;
     let plan = faults::FaultPlan {
         every: (args.kill_every_secs > 0).then(|| Duration::from_secs(args.kill_every_secs)),
         freeze_every: args.freeze_every,
+        postgres_every: args.postgres_every,
+        postgres_restart_cmd: args.postgres_restart_cmd.clone(),
+        probe: shard_stores[0].clone(),
         restart_after: Duration::from_millis(args.restart_after_ms),
         freeze_for: Duration::from_millis(config.cluster.lease_ttl_ms) + FREEZE_PAST_LEASE,
     };
@@ -204,8 +224,6 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     if !settled {
         say("the cluster did not settle on one owner per shard; checking the last view".to_string());
     }
-    let stores = parley_storage::open(&store).await.context("opening the store for the audit")?;
-    let shard_stores = verify::open_shards(&stores, config.cluster.shard_count).await?;
     let ownership = verify::ownership(&views, &shard_stores).await?;
 
     let conversations: Vec<verify::Conversation> = outcomes
@@ -244,6 +262,8 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         failover_ms: fault_log.failover_ms,
         failover_timeouts: fault_log.failover_timeouts,
         freeze_takeover_ms: fault_log.freeze_takeover_ms,
+        postgres_restarts: fault_log.postgres_restarts,
+        postgres_recovery_ms: fault_log.postgres_recovery_ms,
         restarts_after_thaw: fault_log.restarts_after_thaw,
         redirected: views.iter().map(|v| v.redirects).sum::<u64>() + stats.unavailable.load(Ordering::Relaxed),
         max_client_gap_ms: outcomes.iter().map(|o| o.max_gap.as_millis() as u64).max().unwrap_or(0),
@@ -270,6 +290,9 @@ fn check_args(args: &DrillArgs) -> anyhow::Result<()> {
     }
     if !(args.rate > 0.0 && args.rate <= MAX_RATE) {
         bail!("--rate must be in (0, {MAX_RATE}] messages per second");
+    }
+    if args.postgres_every > 0 && args.postgres_restart_cmd.as_deref().is_none_or(|c| c.trim().is_empty()) {
+        bail!("--postgres-every needs --postgres-restart-cmd (the drill does not own the database server)");
     }
     if args.duration_secs == 0 || args.duration_secs > MAX_DURATION_SECS {
         bail!("--duration-secs must be in 1..={MAX_DURATION_SECS}");
@@ -314,6 +337,10 @@ struct Report {
     /// Per freeze: how long until the frozen node's shards were served elsewhere (null: not
     /// while it was frozen).
     freeze_takeover_ms: Vec<Option<u64>>,
+    postgres_restarts: u32,
+    /// Per Postgres restart: from running the command until the database answered again and
+    /// every shard was served.
+    postgres_recovery_ms: Vec<u64>,
     /// Frozen nodes that had exited when thawed and were started again.
     restarts_after_thaw: u32,
     /// Requests the nodes forwarded elsewhere plus client resends caused by `unavailable`.
@@ -374,6 +401,7 @@ impl Report {
             "\n== parley drill: {} clients, {} conversations, {} nodes ({} store), {:.1}s at {}/s per client ==\n\
              messages   acked {}  unacked {}  refused {}  resends {}  redirected {}  max client gap {}ms\n\
              faults     kills {}  freezes {}  failover {}  (timeouts {})  freeze takeover {}\n\
+             postgres   restarts {}  recovery {}\n\
              invariants acked_lost {}  duplicates {}  order_violations {}  undelivered {}  stale_epoch_writes {}\n\
              ownership  max owners per shard {}  unowned {}  lease mismatches {}  settled {}\n\
              logs       {}\n\
@@ -395,6 +423,8 @@ impl Report {
             failover,
             self.failover_timeouts,
             takeover,
+            self.postgres_restarts,
+            list(self.postgres_recovery_ms.iter().map(|m| format!("{m}ms")).collect()),
             self.acked_lost,
             self.duplicates,
             self.order_violations,

@@ -51,6 +51,8 @@ enum Source {
 
 struct Cluster {
     child: Child,
+    /// The port the server listens on, kept across restarts so that its URL stays valid.
+    port: u16,
     /// Holds the data directory, the socket and the logs; removed on drop.
     base: PathBuf,
     bin: PathBuf,
@@ -91,6 +93,44 @@ impl TestPostgres {
         Ok(TestPostgres { url, source: Source::Shared { server_url, database } })
     }
 
+    /// A fresh private cluster even when [`PG_URL_ENV`] is set: for a test that stops and restarts
+    /// the server, which must not disturb the tests sharing that one.
+    pub async fn start_private() -> anyhow::Result<TestPostgres> {
+        Self::start_cluster().await
+    }
+
+    /// A shell command that stops the private server with a fast shutdown (as a Postgres restart
+    /// begins) and returns once the server is back, which [`TestPostgres::revive_if_exited`]
+    /// takes care of; the caller must keep calling that while the command may run. `None` for a
+    /// shared server, which a test must never stop.
+    pub fn restart_command(&self) -> Option<String> {
+        let Source::Private(cluster) = &self.source else { return None };
+        let pid_file = cluster.base.join("data").join("postmaster.pid");
+        // Wait (bounded) until the old postmaster is gone, i.e. reaped by `revive_if_exited`,
+        // then until the new one accepts connections.
+        Some(format!(
+            "set -e; pid=$(head -n 1 '{pid}'); kill -INT \"$pid\"; \
+             for _ in $(seq 1 600); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.05; done; \
+             for _ in $(seq 1 600); do pg_isready -q -h 127.0.0.1 -p {port} && exit 0; sleep 0.05; done; exit 1",
+            pid = pid_file.display(),
+            port = cluster.port,
+        ))
+    }
+
+    /// If the private server has exited (a [`TestPostgres::restart_command`] stopped it), start it
+    /// again on the same port and data directory. True if it was restarted.
+    pub async fn revive_if_exited(&mut self) -> anyhow::Result<bool> {
+        let Source::Private(cluster) = &mut self.source else { return Ok(false) };
+        if cluster.child.try_wait()?.is_none() {
+            return Ok(false);
+        }
+        let (child, _) =
+            start_server(&cluster.bin, &cluster.base, &cluster.base.join("data"), cluster.account, cluster.port)
+                .await?;
+        cluster.child = child;
+        Ok(true)
+    }
+
     async fn start_cluster() -> anyhow::Result<TestPostgres> {
         let bin = newest_bin_dir()?;
         let account = server_account()?;
@@ -114,10 +154,11 @@ impl TestPostgres {
         }
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match start_server(&bin, &base, &data, account).await {
+            let port = free_port()?;
+            match start_server(&bin, &base, &data, account, port).await {
                 Ok((child, url)) => {
                     guard.0 = None;
-                    let cluster = Cluster { child, base, bin, account };
+                    let cluster = Cluster { child, port, base, bin, account };
                     return Ok(TestPostgres { url, source: Source::Private(cluster) });
                 }
                 Err(e) => last_error = Some(e),
@@ -295,9 +336,14 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Start `postgres` on a free port and wait until it accepts connections.
-async fn start_server(bin: &Path, base: &Path, data: &Path, account: Account) -> anyhow::Result<(Child, String)> {
-    let port = free_port()?;
+/// Start `postgres` on `port` and wait until it accepts connections.
+async fn start_server(
+    bin: &Path,
+    base: &Path,
+    data: &Path,
+    account: Account,
+    port: u16,
+) -> anyhow::Result<(Child, String)> {
     let log = base.join("postgres.log");
     let mut child = server_command(&bin.join("postgres"), account)
         .arg("-D")

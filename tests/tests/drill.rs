@@ -1,5 +1,6 @@
-//! End-to-end test of `parley drill`: the real binary starts a three-node cluster on the embedded
-//! store, runs simulated clients while it kills nodes and freezes one, and its JSON report must
+//! End-to-end tests of `parley drill`: the real binary starts a three-node cluster (on the
+//! embedded store, and on Postgres with a database restart among the faults), runs simulated
+//! clients while it kills nodes and freezes one, and its JSON report must
 //! show that every invariant held (nothing acked lost, duplicated, reordered or undelivered, no
 //! stale-epoch write, one owner per shard) and that the faults really happened.
 
@@ -7,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use parley_tests::postgres::TestPostgres;
 use parley_tests::{free_port, TempDir};
 
 /// The whole drill: three node startups, 20 s of sending, a fault cycle that may straddle the end,
@@ -28,16 +30,55 @@ const ZERO_KEYS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_keeps_every_invariant_through_kills_and_a_freeze() {
     let dir = TempDir::new("parley-drill");
-    let config = dir.path().join("cluster.toml");
-    std::fs::write(&config, three_node_config()).expect("write config");
-    let logs = dir.path().join("logs");
-    let stdout_path = dir.path().join("drill.out");
-    let stderr_path = dir.path().join("drill.err");
+    let storage = "[storage]\nkind = \"embedded\"\ndir = \"data\"\n";
+    // 20 clients for 20 s; a fault every 5 s where every third is a freeze: kill, kill, freeze.
+    let report = run_drill(dir.path(), storage, &["--freeze-every", "3"], None).await;
+    let mut problems = invariant_problems(&report);
+    let kills = report["kills"].as_u64().unwrap_or(0);
+    if kills < 2 {
+        problems.push(format!("kills = {kills}, expected at least 2"));
+    }
+    if report["freezes"].as_u64() != Some(1) {
+        problems.push(format!("freezes = {}, expected 1", report["freezes"]));
+    }
+    finish(dir.path(), &report, problems);
+}
+
+/// The same drill on Postgres, where every second fault restarts the database server (a private
+/// one: the shared server of the test run must not go down under other tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_on_postgres_survives_a_database_restart() {
+    let dir = TempDir::new("parley-drill-pg");
+    let mut pg = TestPostgres::start_private().await.expect("private postgres");
+    let restart = pg.restart_command().expect("a private server can be restarted");
+    let storage = format!("[storage]\nkind = \"postgres\"\npostgres_url = \"{}\"\n", pg.url());
+    // Faults every 5 s: kill, Postgres restart, kill.
+    let extra = ["--postgres-every", "2", "--postgres-restart-cmd", restart.as_str()];
+    let report = run_drill(dir.path(), &storage, &extra, Some(&mut pg)).await;
+    let mut problems = invariant_problems(&report);
+    if report["kills"].as_u64().unwrap_or(0) < 1 {
+        problems.push(format!("kills = {}, expected at least 1", report["kills"]));
+    }
+    if report["postgres_restarts"].as_u64().unwrap_or(0) < 1 {
+        problems.push(format!("postgres_restarts = {}, expected at least 1", report["postgres_restarts"]));
+    }
+    finish(dir.path(), &report, problems);
+}
+
+/// Run `parley drill` on a three-node cluster with `storage` (a TOML `[storage]` table): 20
+/// clients for 20 s, a fault every 5 s, plus `extra` arguments. While it runs, `pg` (if given) is
+/// revived whenever the drill's restart command stops it. Returns the JSON report.
+async fn run_drill(dir: &Path, storage: &str, extra: &[&str], mut pg: Option<&mut TestPostgres>) -> serde_json::Value {
+    let config = dir.join("cluster.toml");
+    std::fs::write(&config, three_node_config(storage)).expect("write config");
+    let logs = dir.join("logs");
+    let stdout_path = dir.join("drill.out");
+    let stderr_path = dir.join("drill.err");
 
     let mut cmd = Command::new(parley_tests::node::parley_bin().expect("parley binary"));
     cmd.arg("drill").arg("--config").arg(&config).arg("--log-dir").arg(&logs);
-    // 20 clients for 20 s; a fault every 5 s where every third is a freeze: kill, kill, freeze.
-    cmd.args(["--clients", "20", "--duration-secs", "20", "--kill-every-secs", "5", "--freeze-every", "3", "--json"]);
+    cmd.args(["--clients", "20", "--duration-secs", "20", "--kill-every-secs", "5", "--json"]);
+    cmd.args(extra);
     // The drill must use the store the config names, whatever the environment of the test run
     // says (a CI job may export a Postgres URL for other tests).
     for (key, _) in std::env::vars() {
@@ -59,20 +100,32 @@ async fn drill_keeps_every_invariant_through_kills_and_a_freeze() {
         if tokio::time::Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            fail(dir.path(), &format!("drill still running after {DRILL_TIMEOUT:?}"));
+            fail(dir, &format!("drill still running after {DRILL_TIMEOUT:?}"));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(pg) = pg.as_deref_mut() {
+            match pg.revive_if_exited().await {
+                Ok(true) => eprintln!("postgres restarted"),
+                Ok(false) => {}
+                Err(e) => fail(dir, &format!("restarting postgres: {e:#}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
     let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
     // The report is the one JSON object on stdout; take the last line that is one, in case a
     // log line ever lands on stdout too.
-    let Some(report) =
+    let Some(mut report) =
         stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
     else {
-        fail(dir.path(), &format!("no JSON report on stdout (exit {status})"));
+        fail(dir, &format!("no JSON report on stdout (exit {status})"));
     };
+    report["exit_success"] = serde_json::Value::Bool(status.success());
+    report
+}
 
+/// Every invariant the drill checks, plus evidence that it really ran and really faulted.
+fn invariant_problems(report: &serde_json::Value) -> Vec<String> {
     let mut problems = Vec::new();
     for key in ZERO_KEYS {
         if report[*key].as_u64() != Some(0) {
@@ -83,9 +136,6 @@ async fn drill_keeps_every_invariant_through_kills_and_a_freeze() {
         problems.push(format!("max_owners_per_shard = {}", report["max_owners_per_shard"]));
     }
     let kills = report["kills"].as_u64().unwrap_or(0);
-    if kills < 2 {
-        problems.push(format!("kills = {kills}, expected at least 2"));
-    }
     let failovers = report["failover_ms"].as_array().map_or(0, Vec::len) as u64;
     if failovers != kills {
         problems.push(format!("{failovers} failover measurements for {kills} kills"));
@@ -93,21 +143,23 @@ async fn drill_keeps_every_invariant_through_kills_and_a_freeze() {
     if report["acked"].as_u64().unwrap_or(0) == 0 {
         problems.push("no message was acked".to_string());
     }
-    if !status.success() {
-        problems.push(format!("drill exited with {status}"));
+    if report["exit_success"] != serde_json::Value::Bool(true) {
+        problems.push("the drill exited with a failure".to_string());
     }
+    problems
+}
+
+fn finish(dir: &Path, report: &serde_json::Value, problems: Vec<String>) {
     if !problems.is_empty() {
-        fail(dir.path(), &format!("{}\nreport: {report}", problems.join("\n")));
+        fail(dir, &format!("{}\nreport: {report}", problems.join("\n")));
     }
     eprintln!("drill report: {report}");
 }
 
-/// Three nodes on free loopback ports, the embedded store in the config's directory, and few
+/// Three nodes on free loopback ports, the given storage, and few
 /// shards (startup is faster; the behaviour does not depend on the count).
-fn three_node_config() -> String {
-    let mut toml = String::from(
-        "[cluster]\nshard_count = 8\nlease_ttl_ms = 3000\nrenew_interval_ms = 1000\n\n[storage]\nkind = \"embedded\"\ndir = \"data\"\n",
-    );
+fn three_node_config(storage: &str) -> String {
+    let mut toml = format!("[cluster]\nshard_count = 8\nlease_ttl_ms = 3000\nrenew_interval_ms = 1000\n\n{storage}");
     for i in 1..=3 {
         toml.push_str(&format!(
             "\n[[node]]\nname = \"n{i}\"\nhttp = \"127.0.0.1:{}\"\ncluster = \"127.0.0.1:{}\"\n",

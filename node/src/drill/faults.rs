@@ -8,7 +8,11 @@
 //! afterwards need every node running.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::bail;
+use parley_storage::ShardStore;
 
 use tokio::time::Instant;
 
@@ -23,6 +27,13 @@ const FAILOVER_POLL: Duration = Duration::from_millis(20);
 /// Give up measuring a failover after this long (recorded as a timeout). Far beyond the lease
 /// TTL, so it only triggers when takeover is broken.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The operator's Postgres restart command must finish within this (a `pg_ctl restart -w` takes
+/// about a second; a checkpoint of a large database can take longer).
+const POSTGRES_RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the cluster may take to serve every shard once Postgres was restarted: it must notice
+/// (a failed renew or commit), stop the shards it can no longer prove it owns, and re-acquire
+/// them when the database answers. Far beyond a lease TTL, so it only trips when recovery is broken.
+const POSTGRES_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// When and how to fault.
 pub struct FaultPlan {
@@ -33,6 +44,11 @@ pub struct FaultPlan {
     pub restart_after: Duration,
     /// How long a frozen node stays stopped (its lease TTL plus a margin).
     pub freeze_for: Duration,
+    /// Every k-th fault restarts Postgres with `postgres_restart_cmd` (0 = never).
+    pub postgres_every: u32,
+    pub postgres_restart_cmd: Option<String>,
+    /// A shard store used to see the database answer again after a restart.
+    pub probe: Arc<dyn ShardStore>,
 }
 
 /// What the schedule did.
@@ -46,6 +62,8 @@ pub struct FaultLog {
     pub failover_timeouts: u32,
     pub freeze_takeover_ms: Vec<Option<u64>>,
     pub restarts_after_thaw: u32,
+    pub postgres_restarts: u32,
+    pub postgres_recovery_ms: Vec<u64>,
 }
 
 /// Run the schedule from `start` until `end`, finishing the cycle in progress.
@@ -72,7 +90,9 @@ pub async fn run(
         k += 1;
         let victim = (k as usize - 1) % cluster.nodes.len();
         stats.faults.fetch_add(1, Ordering::Relaxed);
-        if plan.freeze_every > 0 && k.is_multiple_of(plan.freeze_every) {
+        if plan.postgres_every > 0 && k.is_multiple_of(plan.postgres_every) {
+            restart_postgres(cluster, plan, &mut log).await?;
+        } else if plan.freeze_every > 0 && k.is_multiple_of(plan.freeze_every) {
             freeze(cluster, victim, plan, &mut log).await?;
         } else {
             kill(cluster, victim, plan, &mut log).await?;
@@ -154,16 +174,65 @@ async fn freeze(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log
     Ok(())
 }
 
+/// Run the operator's restart command, then wait until the database answers and every node
+/// serves every shard again; the time from the command's start is the recovery time.
+async fn restart_postgres(cluster: &mut LocalCluster, plan: &FaultPlan, log: &mut FaultLog) -> anyhow::Result<()> {
+    let Some(cmd) = plan.postgres_restart_cmd.as_deref() else {
+        bail!("a Postgres restart is scheduled but no --postgres-restart-cmd was given");
+    };
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new("sh");
+    child.arg("-c").arg(cmd).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    match tokio::time::timeout(POSTGRES_RESTART_TIMEOUT, child.status()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => bail!("the Postgres restart command failed ({status}): {cmd}"),
+        Ok(Err(e)) => bail!("running the Postgres restart command `{cmd}`: {e}"),
+        Err(_) => bail!("the Postgres restart command did not finish within {POSTGRES_RESTART_TIMEOUT:?}: {cmd}"),
+    }
+    log.postgres_restarts += 1;
+    let deadline = started + POSTGRES_RECOVERY_TIMEOUT;
+    while plan.probe.lease_info().await.is_err() {
+        if Instant::now() >= deadline {
+            bail!("Postgres did not answer within {POSTGRES_RECOVERY_TIMEOUT:?} of its restart");
+        }
+        tokio::time::sleep(FAILOVER_POLL).await;
+    }
+    let mut pending: Vec<Client> = cluster.nodes.iter().map(|n| n.client()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for node in pending {
+            if !all_served(&node, None).await {
+                still.push(node);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            if Instant::now() >= deadline {
+                bail!("shards not served again within {POSTGRES_RECOVERY_TIMEOUT:?} of a Postgres restart");
+            }
+            tokio::time::sleep(FAILOVER_POLL).await;
+        }
+    }
+    let took = started.elapsed();
+    log.postgres_recovery_ms.push(took.as_millis() as u64);
+    say(format!("restarted Postgres: the database answers and every shard is served after {}ms", took.as_millis()));
+    Ok(())
+}
+
+/// Whether `observer` sees every shard served (`healthy`), by a node other than `gone` if given.
+async fn all_served(observer: &Client, gone: Option<&str>) -> bool {
+    cluster_view(observer).await.is_ok_and(|view| {
+        !view.shards.is_empty()
+            && view.shards.iter().all(|s| s.status == "healthy" && s.owner.as_deref().is_some_and(|o| Some(o) != gone))
+    })
+}
+
 /// Poll `observer` until every shard is served (`healthy`) by a node other than `gone`; the time
 /// from `since` (the fault), or `None` if `deadline` passed first.
 async fn served_without(observer: &Client, gone: &str, since: Instant, deadline: Instant) -> Option<Duration> {
     loop {
-        if let Ok(view) = cluster_view(observer).await {
-            if !view.shards.is_empty()
-                && view.shards.iter().all(|s| s.status == "healthy" && s.owner.as_deref().is_some_and(|o| o != gone))
-            {
-                return Some(since.elapsed());
-            }
+        if all_served(observer, Some(gone)).await {
+            return Some(since.elapsed());
         }
         if Instant::now() + FAILOVER_POLL >= deadline {
             return None;
