@@ -11,6 +11,7 @@ pub mod ws;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use parley_protocol::cluster::UserEvent;
 use parley_protocol::error::ErrorCode;
 use parley_protocol::frames::{classify_serde_error, ConversationKind, MessageView};
 use parley_protocol::http::*;
@@ -95,7 +96,7 @@ fn authed(ctx: Arc<NodeContext>) -> impl Filter<Extract = (Arc<NodeContext>, Use
         .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
             let token = token
                 .ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
-            let user = ctx.authenticate(&token).await?;
+            let user = ctx.authenticate(&token).await?.user;
             Ok::<_, Rejection>((ctx, user))
         })
         .untuple_one()
@@ -304,8 +305,11 @@ async fn issue_token(ctx: &NodeContext, user: UserId, username: String) -> Resul
 async fn logout(ctx: Arc<NodeContext>, token: Option<String>) -> Result<warp::reply::Response, Rejection> {
     let token =
         token.ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
-    ctx.authenticate(&token).await?;
-    ctx.stores.directory.delete_token(&token_hash(&token)).await.map_err(NodeError::from)?;
+    let grant = ctx.authenticate(&token).await?;
+    let hash = token_hash(&token);
+    ctx.stores.directory.delete_token(&hash).await.map_err(NodeError::from)?;
+    // Open WebSockets authenticated by this token end too, wherever they are connected.
+    ctx.fan_out(&[grant.user.id], UserEvent::TokenRevoked { token_hash: hash }, 0);
     Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
 }
 

@@ -17,7 +17,7 @@ use parley_protocol::http::UserView;
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_PAGE};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};
-use parley_storage::{now_ms, token_hash, ConversationRecord, Stores};
+use parley_storage::{now_ms, token_hash, ConversationRecord, Stores, TokenGrant};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
@@ -94,8 +94,8 @@ impl NodeContext {
         Duration::from_millis(self.config.limits.shard_call_timeout_ms)
     }
 
-    /// The user a bearer token belongs to.
-    pub async fn authenticate(&self, token: &str) -> NodeResult<UserView> {
+    /// The user a bearer token belongs to, and until when the token is valid.
+    pub async fn authenticate(&self, token: &str) -> NodeResult<TokenGrant> {
         if token.is_empty() {
             return Err(NodeError::client(ErrorCode::NotAuthenticated, "a bearer token is required"));
         }

@@ -79,6 +79,9 @@ pub struct SyncReply {
 pub enum UserEvent {
     Message(MessageView),
     Receipt { conversation_id: ConversationId, user_id: UserId, kind: ReceiptKind, seq: Seq },
+    /// The token with this hash was logged out: sessions authenticated by it end now, on every
+    /// node (a stolen token must not keep a socket open after its owner logged out).
+    TokenRevoked { token_hash: String },
 }
 
 /// A conversation as its shard knows it, for the conversation list.

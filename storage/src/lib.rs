@@ -41,8 +41,8 @@ pub trait Directory: Send + Sync + 'static {
     async fn list_users(&self, limit: u32) -> Result<Vec<UserView>>;
     /// Store a token (by its hash, see [`token_hash`]) for `user` until `expires_at_ms`.
     async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()>;
-    /// The user of a token that exists and has not expired at `now_ms`.
-    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>>;
+    /// The user of a token that exists and has not expired at `now_ms`, and its expiry.
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<TokenGrant>>;
     async fn delete_token(&self, token_hash: &str) -> Result<()>;
     /// Record a conversation and index it under each member. Idempotent.
     async fn add_conversation(

@@ -29,6 +29,13 @@ pub struct LeaseGrant {
     pub expires_at_ms: i64,
 }
 
+/// A live token: whose it is and until when. Sessions authenticated by it end at `expires_at_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub user: parley_protocol::http::UserView,
+    pub expires_at_ms: i64,
+}
+
 /// The lease as the database sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseInfo {

@@ -475,15 +475,16 @@ impl Directory for PgDirectory {
         Ok(())
     }
 
-    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>> {
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<TokenGrant>> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT u.id, u.username FROM tokens t JOIN users u ON u.id = t.user_id
+                "SELECT u.id, u.username, t.expires_at_ms FROM tokens t JOIN users u ON u.id = t.user_id
                  WHERE t.token_hash = $1 AND t.expires_at_ms > $2",
             )
             .await?;
-        client.query_opt(&stmt, &[&token_hash, &now_ms]).await?.as_ref().map(user_view).transpose()
+        let row = client.query_opt(&stmt, &[&token_hash, &now_ms]).await?;
+        row.map(|r| Ok(TokenGrant { user: user_view(&r)?, expires_at_ms: r.try_get(2)? })).transpose()
     }
 
     async fn delete_token(&self, token_hash: &str) -> Result<()> {

@@ -296,18 +296,21 @@ impl Directory for SqliteDirectory {
         .await
     }
 
-    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<UserView>> {
+    async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<TokenGrant>> {
         let token_hash = token_hash.to_string();
         with(&self.conn, move |c| {
             let row = c
                 .query_row(
-                    "SELECT u.id, u.username FROM tokens t JOIN users u ON u.id = t.user_id
+                    "SELECT u.id, u.username, t.expires_at_ms FROM tokens t JOIN users u ON u.id = t.user_id
                      WHERE t.token_hash = ?1 AND t.expires_at_ms > ?2",
                     params![token_hash, now_ms],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?)),
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
-            row.map(|(id, username)| Ok(UserView { id: UserId(uuid_of(id)?), username })).transpose()
+            row.map(|(id, username, expires_at_ms)| {
+                Ok(TokenGrant { user: UserView { id: UserId(uuid_of(id)?), username }, expires_at_ms })
+            })
+            .transpose()
         })
         .await
     }

@@ -65,7 +65,58 @@ both_backends!(
     bad_input_is_refused_and_changes_nothing,
     stale_epoch_writes_are_refused,
     sigterm_drains_and_releases_leases,
+    logout_and_expiry_end_open_sessions,
 );
+
+/// A token's WebSocket sessions end when it is logged out or expires; other tokens' sessions stay.
+async fn logout_and_expiry_end_open_sessions(pg: bool) {
+    const TTL_SECS: u64 = 4;
+    let backend = Backend::new(pg).await;
+    let node = backend.node(&format!("[auth]\ntoken_ttl_secs = {TTL_SECS}\n")).await;
+    let client = node.client();
+    let first = register(&client, "alice").await;
+    let second = client.login(&first.username, "password-123").await.expect("login");
+    let mut by_first = client.connect(&first.token, "phone").await.expect("connect with the first token");
+    let mut by_second = client.connect(&second.token, "laptop").await.expect("connect with the second token");
+
+    client.logout(&second.token).await.expect("logout");
+    expect_error(&mut by_second, ErrorCode::BadToken).await;
+    assert_eq!(expect_closed(&mut by_second).await, 4001, "close code of a logged-out session");
+    // The other token's session is untouched by the logout.
+    by_first.send(&ClientFrame::Ping { nonce: Some(7) }).await.expect("ping");
+    match by_first.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await {
+        Ok(ServerFrame::Pong { nonce: Some(7) }) => {}
+        other => panic!("the other session must still answer, got {other:?}"),
+    }
+    assert!(
+        first.expires_at_ms - parley_storage::now_ms() < (TTL_SECS * 1000) as i64 + 1000,
+        "the token's expiry follows the configured TTL"
+    );
+    // Then the first token expires, and its session ends with it.
+    let wait = Duration::from_secs(TTL_SECS) + T;
+    match by_first.expect(wait, |f| matches!(f, ServerFrame::Error { .. })).await {
+        Ok(ServerFrame::Error { code: ErrorCode::BadToken, .. }) => {}
+        other => panic!("expected bad_token when the token expired, got {other:?}"),
+    }
+    assert_eq!(expect_closed(&mut by_first).await, 4001, "close code of an expired session");
+    assert_eq!(
+        client.users(&first.token).await.err().and_then(|e| e.code()),
+        Some(ErrorCode::BadToken),
+        "the expired token is refused over HTTP too"
+    );
+}
+
+/// Read past any frames until the server closes the connection; its close code.
+async fn expect_closed(conn: &mut Connection) -> u16 {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match conn.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            Ok(_) => continue,
+            Err(ClientError::Closed(Some((code, _)))) => return code,
+            Err(e) => panic!("expected the server to close the connection, got {e:?}"),
+        }
+    }
+}
 
 async fn register(client: &Client, name: &str) -> TokenResponse {
     let name = format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);

@@ -20,7 +20,7 @@ use parley_protocol::http::UserView;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
     now_ms, token_hash, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage, ShardStore,
-    StorageError, StoreConfig, Stores, UserRecord, WriteBatch,
+    StorageError, StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -279,7 +279,8 @@ async fn tokens_expire_and_can_be_deleted(f: &Fixture) -> Result<()> {
     d.insert_token(&live, alice.id, now + 60_000).await?;
     d.insert_token(&stale, alice.id, now - 1).await?;
 
-    assert_eq!(d.token_user(&live, now).await?, Some(alice_view));
+    let expires_at_ms = now + 60_000;
+    assert_eq!(d.token_user(&live, now).await?, Some(TokenGrant { user: alice_view, expires_at_ms }));
     assert_eq!(d.token_user(&stale, now).await?, None, "expired token");
     assert_eq!(d.token_user(&live, now + 120_000).await?, None, "expired by the given clock");
     assert_eq!(d.token_user(&token_hash("never-issued"), now).await?, None);

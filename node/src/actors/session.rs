@@ -43,6 +43,10 @@ pub mod close_code {
     pub const UNAVAILABLE: u16 = 4503;
 }
 
+/// The longest single expiry timer; a longer-lived token re-arms it. Keeps timer durations in a
+/// range every timer implementation handles, whatever `token_ttl_secs` is configured to.
+const MAX_EXPIRY_TIMER_MS: u64 = 24 * 3600 * 1000;
+
 pub struct SessionActor;
 
 /// What the writer task should do.
@@ -64,6 +68,10 @@ pub struct SessionArgs {
 struct Authed {
     user: UserId,
     device: DeviceId,
+    /// Hash of the token the session authenticated with: a logout of that token ends it.
+    token_hash: String,
+    /// The token's expiry: the session ends then, as any request with the token would fail.
+    expires_at_ms: i64,
 }
 
 pub struct SessionState {
@@ -87,6 +95,8 @@ pub enum SessionMsg {
     Event(Arc<UserEvent>),
     /// Fired `hello_timeout_ms` after connect.
     HelloTimeout,
+    /// Fired when the session's token expires.
+    TokenExpired,
 }
 
 /// Push a frame, or close the connection as a slow consumer if its outbox is full.
@@ -231,8 +241,8 @@ impl SessionState {
             self.close(close_code::UNSUPPORTED_PROTOCOL, "unsupported_protocol");
             return;
         }
-        let user = match self.ctx.authenticate(token).await {
-            Ok(u) => u,
+        let grant = match self.ctx.authenticate(token).await {
+            Ok(g) => g,
             Err(e) => {
                 self.send(&error_frame(&e));
                 let code = if e.code().retryable() { close_code::UNAVAILABLE } else { close_code::UNAUTHENTICATED };
@@ -242,8 +252,16 @@ impl SessionState {
         };
         // Register before reading the sync snapshot: anything committed after this point is
         // pushed live, anything before is in the snapshot; `pushed` removes the overlap.
+        let user = grant.user;
         self.ctx.hub.register(user.id, self.id, me.clone());
-        self.auth = Some(Authed { user: user.id, device: device.clone() });
+        self.auth = Some(Authed {
+            user: user.id,
+            device: device.clone(),
+            token_hash: parley_storage::token_hash(token),
+            expires_at_ms: grant.expires_at_ms,
+        });
+        let ttl = u64::try_from(grant.expires_at_ms - parley_storage::now_ms()).unwrap_or(0);
+        me.send_after(Duration::from_millis(ttl.min(MAX_EXPIRY_TIMER_MS)), || SessionMsg::TokenExpired);
         self.send(&ServerFrame::Welcome {
             protocol: PROTOCOL_VERSION,
             user_id: user.id,
@@ -319,6 +337,12 @@ impl Actor for SessionActor {
                 }
             },
             SessionMsg::Event(event) => match event.as_ref() {
+                UserEvent::TokenRevoked { token_hash } => {
+                    if state.auth.as_ref().is_some_and(|a| a.token_hash == *token_hash) {
+                        state.send(&ServerFrame::error(ErrorCode::BadToken, "the token was logged out"));
+                        state.close(close_code::UNAUTHENTICATED, "logged out");
+                    }
+                }
                 UserEvent::Message(m) => state.push_message(m.clone()),
                 UserEvent::Receipt { conversation_id, user_id, kind, seq } => {
                     state.send(&ServerFrame::Receipt {
@@ -329,6 +353,18 @@ impl Actor for SessionActor {
                     });
                 }
             },
+            SessionMsg::TokenExpired => {
+                let Some(auth) = &state.auth else { return Ok(()) };
+                let left = auth.expires_at_ms - parley_storage::now_ms();
+                if left <= 0 {
+                    state.send(&ServerFrame::error(ErrorCode::BadToken, "the token expired"));
+                    state.close(close_code::UNAUTHENTICATED, "token expired");
+                } else {
+                    // The timer was capped (or fired early): wait for the rest.
+                    let wait = (left as u64).min(MAX_EXPIRY_TIMER_MS);
+                    me.send_after(Duration::from_millis(wait), || SessionMsg::TokenExpired);
+                }
+            }
             SessionMsg::HelloTimeout => {
                 if state.auth.is_none() {
                     state.send(&ServerFrame::error(ErrorCode::NotAuthenticated, "no hello in time"));
