@@ -5,6 +5,10 @@
 //! place that turns any rejection (ours or warp's) into a status and an `ErrorBody` with a stable
 //! code. Bodies are read as bytes with a size cap and decoded here (not by warp's json filter) so
 //! that bad JSON, wrong fields and invalid UTF-8 get distinct codes.
+//!
+//! Every route matches its path before its method: warp reports the rejection of the route that
+//! got furthest, so an unknown path is `404 not_found` and a known path with the wrong method is
+//! `405 method_not_allowed` only when the method filter comes second.
 
 pub mod ws;
 
@@ -54,7 +58,7 @@ pub async fn handle_rejection(err: Rejection) -> Result<warp::reply::Response, I
     } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
         (ErrorCode::FrameTooLarge, format!("request body exceeds {MAX_HTTP_BODY_BYTES} bytes"))
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (ErrorCode::NotFound, "method not allowed on this route".to_string())
+        (ErrorCode::MethodNotAllowed, "method not allowed on this route".to_string())
     } else if err.find::<warp::reject::InvalidQuery>().is_some() {
         (ErrorCode::InvalidField, "invalid query string".to_string())
     } else if err.find::<warp::reject::LengthRequired>().is_some() {
@@ -113,8 +117,8 @@ pub fn routes(
     agent: ActorRef<ClusterAgentMsg>,
     connections: Arc<ws::ConnectionCounter>,
 ) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
-    let cluster = warp::get()
-        .and(warp::path!("v1" / "cluster"))
+    let cluster = warp::path!("v1" / "cluster")
+        .and(warp::get())
         .and(with_ctx(ctx.clone()))
         .and(warp::any().map(move || agent.clone()))
         .and_then(|ctx: Arc<NodeContext>, agent: ActorRef<ClusterAgentMsg>| async move {
@@ -136,44 +140,48 @@ pub fn routes(
             Ok::<_, Rejection>(json(&body, StatusCode::OK))
         });
 
-    let health = warp::get()
-        .and(warp::path("healthz").or(warp::path("health")).unify())
+    let health = warp::path("healthz")
+        .or(warp::path("health"))
+        .unify()
         .and(warp::path::end())
+        .and(warp::get())
         .and(with_ctx(ctx.clone()))
         .map(|ctx: Arc<NodeContext>| {
             json(&HealthResponse { status: "ok".into(), node: ctx.node_name.clone() }, StatusCode::OK)
         });
 
-    let ready = warp::get().and(warp::path!("readyz")).and(with_ctx(ctx.clone())).map(|ctx: Arc<NodeContext>| {
+    let ready = warp::path!("readyz").and(warp::get()).and(with_ctx(ctx.clone())).map(|ctx: Arc<NodeContext>| {
         let served = ctx.routing.served_count();
         let total = ctx.config.cluster.shard_count as usize;
         let body = serde_json::json!({ "ready": served == total, "shards_routed": served, "shard_count": total, "node": ctx.node_name });
         json(&body, if served == total { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE })
     });
 
-    let register = warp::post()
-        .and(warp::path!("v1" / "register"))
+    let register = warp::path!("v1" / "register")
+        .and(warp::post())
         .and(with_ctx(ctx.clone()))
         .and(json_body::<Credentials>())
         .and_then(register);
-    let login = warp::post()
-        .and(warp::path!("v1" / "login"))
+    let login = warp::path!("v1" / "login")
+        .and(warp::post())
         .and(with_ctx(ctx.clone()))
         .and(json_body::<Credentials>())
         .and_then(login);
     let logout =
-        warp::post().and(warp::path!("v1" / "logout")).and(with_ctx(ctx.clone())).and(bearer()).and_then(logout);
+        warp::path!("v1" / "logout").and(warp::post()).and(with_ctx(ctx.clone())).and(bearer()).and_then(logout);
 
-    let users = warp::get()
-        .and(warp::path!("v1" / "users").or(warp::path!("api" / "users")).unify())
+    let users = warp::path!("v1" / "users")
+        .or(warp::path!("api" / "users"))
+        .unify()
+        .and(warp::get())
         .and(authed(ctx.clone()))
         .and_then(|ctx: Arc<NodeContext>, _me: UserView| async move {
             let list = ctx.stores.directory.list_users(1000).await.map_err(NodeError::from)?;
             Ok::<_, Rejection>(json(&list, StatusCode::OK))
         });
 
-    let send = warp::post()
-        .and(warp::path!("v1" / "messages"))
+    let send = warp::path!("v1" / "messages")
+        .and(warp::post())
         .and(authed(ctx.clone()))
         .and(json_body::<SendRequest>())
         .and_then(|ctx: Arc<NodeContext>, me: UserView, req: SendRequest| async move {
@@ -189,17 +197,18 @@ pub fn routes(
             Ok::<_, Rejection>(json(&resp, if ack.duplicate { StatusCode::OK } else { StatusCode::CREATED }))
         });
 
-    let conversations = warp::get().and(warp::path!("v1" / "conversations")).and(authed(ctx.clone())).and_then(
+    let conversations = warp::path!("v1" / "conversations").and(warp::get()).and(authed(ctx.clone())).and_then(
         |ctx: Arc<NodeContext>, me: UserView| async move {
             Ok::<_, Rejection>(json(&ctx.conversations(me.id).await?, StatusCode::OK))
         },
     );
 
-    let history = warp::get()
-        .and(warp::path!("v1" / "conversations" / String / "messages"))
-        .and(warp::query::<PageQuery>())
+    let history = warp::path!("v1" / "conversations" / String / "messages")
+        .and(warp::get())
+        // Authentication before the query: a request without a valid token learns nothing else.
         .and(authed(ctx.clone()))
-        .and_then(|id: String, q: PageQuery, ctx: Arc<NodeContext>, me: UserView| async move {
+        .and(warp::query::<PageQuery>())
+        .and_then(|id: String, ctx: Arc<NodeContext>, me: UserView, q: PageQuery| async move {
             let conversation = parse_conversation(&id)?;
             let (messages, has_more) = ctx.history(me.id, conversation, q.before_seq, q.limit).await?;
             Ok::<_, Rejection>(json(
@@ -218,11 +227,11 @@ pub fn routes(
     let seed = seed_routes(ctx.clone());
 
     let ui_dir = ctx.config.ui_dir.clone();
-    let index = warp::get()
-        .and(warp::path::end())
+    let index = warp::path::end()
+        .and(warp::get())
         .and(warp::fs::file(ui_dir.join("index.html")))
         .map(|f: warp::fs::File| f.into_response());
-    let ui = warp::get().and(warp::path("ui")).and(warp::fs::dir(ui_dir)).map(|f: warp::fs::File| f.into_response());
+    let ui = warp::path("ui").and(warp::get()).and(warp::fs::dir(ui_dir)).map(|f: warp::fs::File| f.into_response());
 
     health
         .or(ready)
@@ -315,12 +324,13 @@ async fn logout(ctx: Arc<NodeContext>, token: Option<String>) -> Result<warp::re
 
 /// The seed systems' REST API, same paths and JSON shapes, but authenticated.
 fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
-    let send = warp::post()
-        .and(warp::path!("api" / "messages"))
+    let send = warp::path!("api" / "messages")
+        .and(warp::post())
         .and(authed(ctx.clone()))
         .and(json_body::<SeedSendRequest>())
         .and_then(|ctx: Arc<NodeContext>, me: UserView, req: SeedSendRequest| async move {
-            if req.from_user_id != me.id.to_string() {
+            // Compared as UUIDs: the same id in upper case is the same user, not a spoof.
+            if req.from_user_id.parse::<UserId>().ok() != Some(me.id) {
                 return Err(reject(ErrorCode::SpoofedSender, "from_user_id must be the authenticated user"));
             }
             let to = parse_user(&req.to_user_id)?;
@@ -344,11 +354,11 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
             Ok(json(&body, if ack.duplicate { StatusCode::OK } else { StatusCode::CREATED }))
         });
 
-    let conversation = warp::get()
-        .and(warp::path!("api" / "conversations" / String / String))
-        .and(warp::query::<PageQuery>())
+    let conversation = warp::path!("api" / "conversations" / String / String)
+        .and(warp::get())
         .and(authed(ctx.clone()))
-        .and_then(|a: String, b: String, q: PageQuery, ctx: Arc<NodeContext>, me: UserView| async move {
+        .and(warp::query::<PageQuery>())
+        .and_then(|a: String, b: String, ctx: Arc<NodeContext>, me: UserView, q: PageQuery| async move {
             let (a, b) = (parse_user(&a)?, parse_user(&b)?);
             if me.id != a && me.id != b {
                 return Err(reject(ErrorCode::UnknownConversation, "no such conversation"));
@@ -375,7 +385,7 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
             Ok(json(&rows, StatusCode::OK))
         });
 
-    let user_messages = warp::get().and(warp::path!("api" / "messages" / String)).and(authed(ctx.clone())).and_then(
+    let user_messages = warp::path!("api" / "messages" / String).and(warp::get()).and(authed(ctx.clone())).and_then(
         |user: String, ctx: Arc<NodeContext>, me: UserView| async move {
             let user = parse_user(&user)?;
             if user != me.id {
@@ -394,11 +404,11 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
         },
     );
 
-    let shards = warp::get()
-        .and(warp::path!("api" / "shards"))
+    let shards = warp::path!("api" / "shards")
+        .and(warp::get())
         .and(authed(ctx.clone()))
         .map(|ctx: Arc<NodeContext>, _me: UserView| json(&shard_views(&ctx), StatusCode::OK));
-    let shard_health = warp::get().and(warp::path!("api" / "health" / "shards")).and(authed(ctx)).map(
+    let shard_health = warp::path!("api" / "health" / "shards").and(warp::get()).and(authed(ctx)).map(
         |ctx: Arc<NodeContext>, _me: UserView| {
             let shards = shard_views(&ctx);
             let healthy = shards.iter().all(|s| s.status == "healthy");

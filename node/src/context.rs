@@ -13,7 +13,6 @@ use parley_protocol::cluster::{
 };
 use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, MessageView};
-use parley_protocol::http::UserView;
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_PAGE};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};

@@ -78,10 +78,17 @@ pub struct SyncReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UserEvent {
     Message(MessageView),
-    Receipt { conversation_id: ConversationId, user_id: UserId, kind: ReceiptKind, seq: Seq },
+    Receipt {
+        conversation_id: ConversationId,
+        user_id: UserId,
+        kind: ReceiptKind,
+        seq: Seq,
+    },
     /// The token with this hash was logged out: sessions authenticated by it end now, on every
     /// node (a stolen token must not keep a socket open after its owner logged out).
-    TokenRevoked { token_hash: String },
+    TokenRevoked {
+        token_hash: String,
+    },
 }
 
 /// A conversation as its shard knows it, for the conversation list.

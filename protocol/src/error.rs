@@ -46,6 +46,8 @@ pub enum ErrorCode {
     SlowConsumer,
     /// Unknown route (HTTP 404).
     NotFound,
+    /// A known route asked with a method it does not serve (HTTP 405).
+    MethodNotAllowed,
     /// Something failed inside the server; details are in the server log.
     Internal,
 }
@@ -60,6 +62,7 @@ impl ErrorCode {
             NotAuthenticated | BadToken | BadCredentials => 401,
             SpoofedSender => 403,
             UnknownUser | UnknownConversation | NotFound => 404,
+            MethodNotAllowed => 405,
             UsernameTaken => 409,
             RateLimited => 429,
             Unavailable | SlowConsumer => 503,
@@ -93,6 +96,7 @@ impl ErrorCode {
             RateLimited => "rate_limited",
             SlowConsumer => "slow_consumer",
             NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
             Internal => "internal",
         }
     }

@@ -505,6 +505,10 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
         ),
         ("POST", "/v1/register", None, Some(br#"{"username":"shorty","password":"1"}"#.to_vec()), 400, "invalid_field"),
         ("GET", "/no/such/route", None, None, 404, "not_found"),
+        ("DELETE", "/v1/conversations", Some(&alice.token), None, 405, "method_not_allowed"),
+        // Authentication comes before anything else about the request.
+        ("GET", "/v1/conversations/x/messages?limit=oops", None, None, 401, "not_authenticated"),
+        ("GET", "/v1/conversations/x/messages?limit=oops", Some(&alice.token), None, 400, "invalid_field"),
     ];
     for (method, path, token, body, status, code) in checks {
         // A fresh connection per request: a refused oversized body leaves its connection unusable.
@@ -527,6 +531,20 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
     let bobs = http.conversations(&bob.token).await.unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(bobs[0].last_seq, 1);
+
+    // The sender's own id in upper case is still the sender (UUIDs compare as values).
+    let upper = serde_json::json!({
+        "from_user_id": alice.user_id.to_string().to_uppercase(),
+        "to_user_id": bob.user_id.to_string(),
+        "content": "upper-case sender id",
+        "client_msg_id": "upper-1",
+    });
+    let (status, got) = node
+        .client()
+        .raw("POST", "/api/messages", Some(&alice.token), Some(serde_json::to_vec(&upper).unwrap()))
+        .await
+        .unwrap();
+    assert!((200..300).contains(&status), "upper-case from_user_id refused: {status} {got}");
 
     // Logout revokes the token.
     http.logout(&alice.token).await.unwrap();
