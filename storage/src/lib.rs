@@ -76,7 +76,7 @@ pub trait ShardStore: Send + Sync + 'static {
     /// Commit a batch in one transaction, under `epoch`. Messages get the next seqs of their
     /// conversations in batch order; an idempotency key (conversation, sender, client_msg_id)
     /// seen before is answered with the original; cursors only move forward. `StaleEpoch`: nothing was written.
-    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>>;
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed>;
 
     /// Up to `limit` messages before `before_seq` (exclusive; `None` = from the end), returned in
     /// ascending seq, and whether older ones exist.

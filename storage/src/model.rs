@@ -77,6 +77,17 @@ pub struct WriteBatch {
     pub cursors: Vec<CursorUpdate>,
 }
 
+/// What one commit did, in batch order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The fate of each message.
+    pub messages: Vec<MessageResult>,
+    /// Per cursor update, the seq it was applied as: the requested seq clamped to the
+    /// conversation's last seq (a client cannot acknowledge messages that do not exist yet). This
+    /// is what receipts announce to the other members.
+    pub cursors: Vec<Seq>,
+}
+
 /// The fate of one message of a batch, in batch order. An enum so that later refusals (e.g. a
 /// group member removed mid-flight) can be added without changing every caller's shape.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -618,7 +618,7 @@ impl PgShard {
     }
 
     /// One attempt of [`ShardStore::commit`].
-    async fn commit_once(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+    async fn commit_once(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
         let shard = self.shard_db();
         let epoch_db = to_db(epoch.0);
         let mut client = self.backend.pool.get().await?;
@@ -801,11 +801,10 @@ impl PgShard {
             }
         }
 
-        if !batch.cursors.is_empty() {
-            apply_cursors(&tx, shard, &batch.cursors).await?;
-        }
+        let applied =
+            if batch.cursors.is_empty() { Vec::new() } else { apply_cursors(&tx, shard, &batch.cursors).await? };
         tx.commit().await?;
-        Ok(results)
+        Ok(Committed { messages: results, cursors: applied })
     }
 }
 
@@ -835,12 +834,31 @@ impl<'a> NewColumns<'a> {
 
 /// Move cursors forward (never back) in one upsert. A device update also moves the member-level
 /// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
-/// are clamped to it, so a client cannot mark messages that do not exist yet as received.
-async fn apply_cursors(tx: &deadpool_postgres::Transaction<'_>, shard: i32, updates: &[CursorUpdate]) -> Result<()> {
+/// are clamped to it, so a client cannot mark messages that do not exist yet as received. Returns
+/// each update's seq as applied (clamped), in order.
+async fn apply_cursors(
+    tx: &deadpool_postgres::Transaction<'_>,
+    shard: i32,
+    updates: &[CursorUpdate],
+) -> Result<Vec<Seq>> {
+    // The conversations' last seqs, read in this transaction after its own inserts (only the
+    // lease holder writes them, and the fence above proved that is us).
+    let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());
+    let stmt = tx
+        .prepare_cached(
+            "SELECT conversation_id, last_seq FROM shard_conversations
+             WHERE shard = $1 AND conversation_id = ANY($2)",
+        )
+        .await?;
+    let mut last: HashMap<Uuid, i64> = HashMap::with_capacity(convs.len());
+    for row in tx.query(&stmt, &[&shard, &convs]).await? {
+        last.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    let applied: Vec<i64> =
+        updates.iter().map(|u| to_db(u.seq).min(last.get(&u.conversation_id.0).copied().unwrap_or(0))).collect();
     // Merge first: one upsert may not touch the same row twice.
     let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
-    for u in updates {
-        let seq = to_db(u.seq);
+    for (u, &seq) in updates.iter().zip(&applied) {
         let (delivered, read) = match u.kind {
             ReceiptKind::Delivered => (seq, 0),
             ReceiptKind::Read => (seq, seq),
@@ -877,7 +895,7 @@ async fn apply_cursors(tx: &deadpool_postgres::Transaction<'_>, shard: i32, upda
         )
         .await?;
     tx.execute(&stmt, &[&shard, &convs, &users, &devices, &delivered, &read]).await?;
-    Ok(())
+    applied.into_iter().map(|s| from_db(s, "seq")).collect()
 }
 
 #[async_trait]
@@ -967,7 +985,7 @@ impl ShardStore for PgShard {
         })
     }
 
-    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
         let mut attempt = 1;
         loop {
             match self.commit_once(epoch, batch).await {

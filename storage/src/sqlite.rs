@@ -537,7 +537,7 @@ impl ShardStore for SqliteShard {
         .await
     }
 
-    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Vec<MessageResult>> {
+    async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
         let batch = batch.clone();
         let shard = self.shard;
         with(&self.writer, move |c| {
@@ -547,6 +547,7 @@ impl ShardStore for SqliteShard {
                 return Err(StorageError::StaleEpoch { shard: shard.0, held: epoch.0, current });
             }
             let mut results = Vec::with_capacity(batch.messages.len());
+            let mut applied = Vec::with_capacity(batch.cursors.len());
             {
                 let mut find = tx.prepare_cached(
                     "SELECT seq, message_id, sent_at_ms FROM messages
@@ -636,6 +637,7 @@ impl ShardStore for SqliteShard {
                         .optional()?
                         .unwrap_or(0);
                     let seq = (u.seq.min(i64::MAX as u64) as i64).min(last);
+                    applied.push(seq.max(0) as u64);
                     let (delivered, read) = match u.kind {
                         ReceiptKind::Delivered => (seq, 0),
                         // Reading implies having received.
@@ -650,7 +652,7 @@ impl ShardStore for SqliteShard {
                 }
             }
             tx.commit()?;
-            Ok(results)
+            Ok(Committed { messages: results, cursors: applied })
         })
         .await
     }

@@ -19,7 +19,7 @@ use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
-    now_ms, token_hash, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage, ShardStore,
+    now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage, ShardStore,
     StorageError, StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
@@ -211,7 +211,7 @@ async fn fill(
 ) -> Result<()> {
     let batch =
         (1..=count).map(|i| msg(conversation, sender, &format!("{prefix}-{i}"), &format!("{prefix}{i}"))).collect();
-    let results = store.commit(epoch, &messages(batch)).await?;
+    let results = store.commit(epoch, &messages(batch)).await?.messages;
     ensure!(results.len() == count, "one result per message");
     Ok(())
 }
@@ -415,7 +415,7 @@ async fn commit_assigns_gapless_seqs_in_batch_order(f: &Fixture) -> Result<()> {
     let (c1, c2) = (new_conversation(), new_conversation());
 
     let first = vec![msg(c1, alice, "a1", "c1 one"), msg(c2, bob, "b1", "c2 one"), msg(c1, bob, "b2", "c1 two")];
-    let results = store.commit(epoch, &messages(first.clone())).await?;
+    let results = store.commit(epoch, &messages(first.clone())).await?.messages;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
     assert_eq!(acks.iter().map(|a| (a.conversation_id, a.seq)).collect::<Vec<_>>(), vec![(c1, 1), (c2, 1), (c1, 2)]);
     for (a, m) in acks.iter().zip(&first) {
@@ -423,13 +423,13 @@ async fn commit_assigns_gapless_seqs_in_batch_order(f: &Fixture) -> Result<()> {
     }
 
     let second = vec![msg(c2, alice, "a2", "c2 two"), msg(c1, alice, "a3", "c1 three"), msg(c1, bob, "b3", "c1 four")];
-    let results = store.commit(epoch, &messages(second)).await?;
+    let results = store.commit(epoch, &messages(second)).await?.messages;
     let got = results.iter().map(|r| ack(r).map(|a| (a.conversation_id, a.seq))).collect::<Result<Vec<_>>>()?;
     assert_eq!(got, vec![(c2, 2), (c1, 3), (c1, 4)]);
 
-    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "b4", "c1 five")])).await?;
+    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "b4", "c1 five")])).await?.messages;
     assert_eq!(ack(&results[0])?.seq, 5);
-    assert_eq!(store.commit(epoch, &WriteBatch::default()).await?, vec![], "empty batch");
+    assert_eq!(store.commit(epoch, &WriteBatch::default()).await?, Committed::default(), "empty batch");
 
     let (page, more) = store.history(c1, None, 100).await?;
     assert!(!more);
@@ -460,14 +460,14 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
     let (alice, bob) = (UserId::random(), UserId::random());
     let c1 = new_conversation();
     let original = msg(c1, alice, "x1", "hello");
-    let results = store.commit(epoch, &messages(vec![original.clone()])).await?;
+    let results = store.commit(epoch, &messages(vec![original.clone()])).await?.messages;
     let first = ack(&results[0])?.clone();
     assert_eq!((first.seq, first.duplicate), (1, false));
 
     // The retry carries a new message id and time (the shard picks them per attempt).
     let retry =
         NewMessage { message_id: MessageId::new(), sent_at_ms: now_ms() + 5, body: "hello?".into(), ..original };
-    let results = store.commit(epoch, &messages(vec![retry])).await?;
+    let results = store.commit(epoch, &messages(vec![retry])).await?.messages;
     let dup = ack(&results[0])?;
     assert_eq!(*dup, StoredAck { duplicate: true, ..first.clone() }, "the original's ids");
 
@@ -477,7 +477,7 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
 
     // The key includes the sender: bob may use "x1" in the same conversation, and the duplicate
     // did not move the counter.
-    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "x1", "bob's")])).await?;
+    let results = store.commit(epoch, &messages(vec![msg(c1, bob, "x1", "bob's")])).await?.messages;
     let bobs = ack(&results[0])?;
     assert_eq!((bobs.seq, bobs.duplicate), (2, false));
     Ok(())
@@ -493,7 +493,7 @@ async fn repeat_within_a_batch_is_a_duplicate_of_the_first(f: &Fixture) -> Resul
         msg(c1, bob, "k", "bob's"),
         msg(c1, alice, "k", "third"),
     ];
-    let results = store.commit(epoch, &messages(batch.clone())).await?;
+    let results = store.commit(epoch, &messages(batch.clone())).await?.messages;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
     assert_eq!((acks[0].seq, acks[0].duplicate, acks[0].message_id), (1, false, batch[0].message_id));
     assert_eq!(*acks[1], StoredAck { duplicate: true, ..acks[0].clone() });
@@ -510,27 +510,27 @@ async fn client_id_is_scoped_to_its_conversation(f: &Fixture) -> Result<()> {
     let (store, epoch) = leased(&f.stores, 1, "node-a").await?;
     let alice = UserId::random();
     let (c1, c2, c3, c4) = (new_conversation(), new_conversation(), new_conversation(), new_conversation());
-    let first = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1")])).await?;
+    let first = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1")])).await?.messages;
     let first = ack(&first[0])?.clone();
 
     let to_c2 = msg(c2, alice, "k", "to c2");
-    let results = store.commit(epoch, &messages(vec![to_c2.clone()])).await?;
+    let results = store.commit(epoch, &messages(vec![to_c2.clone()])).await?.messages;
     let second = ack(&results[0])?.clone();
     assert_eq!(
         (second.conversation_id, second.seq, second.duplicate, second.message_id),
         (c2, 1, false, to_c2.message_id),
         "a new message in c2"
     );
-    let retry = store.commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")])).await?;
+    let retry = store.commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")])).await?.messages;
     assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..second }, "c2's original, not c1's");
-    let retry = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")])).await?;
+    let retry = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")])).await?.messages;
     assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..first }, "c1's original");
     assert_eq!(seqs(&store.history(c1, None, 100).await?.0), vec![1]);
     assert_eq!(seqs(&store.history(c2, None, 100).await?.0), vec![1]);
 
     // Within one batch, too.
     let batch = vec![msg(c3, alice, "z", "to c3"), msg(c4, alice, "z", "to c4"), msg(c3, alice, "z", "c3 again")];
-    let results = store.commit(epoch, &messages(batch.clone())).await?;
+    let results = store.commit(epoch, &messages(batch.clone())).await?.messages;
     let acks = results.iter().map(ack).collect::<Result<Vec<_>>>()?;
     assert_eq!((acks[0].conversation_id, acks[0].seq, acks[0].duplicate), (c3, 1, false));
     assert_eq!((acks[1].conversation_id, acks[1].seq, acks[1].duplicate), (c4, 1, false));
@@ -584,7 +584,7 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
 
 /// Commit one message and check the seq it got.
 async fn store_one(store: &dyn ShardStore, epoch: Epoch, m: NewMessage, seq: Seq) -> Result<()> {
-    let results = store.commit(epoch, &messages(vec![m])).await?;
+    let results = store.commit(epoch, &messages(vec![m])).await?.messages;
     ensure!(results.len() == 1);
     assert_eq!(ack(&results[0])?.seq, seq);
     Ok(())
@@ -731,9 +731,18 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
         messages: vec![msg(c1, bob, "reply", "ok")],
         cursors: vec![cursor(c1, bob, None, ReceiptKind::Read, 7)],
     };
-    let results = store.commit(epoch, &batch).await?;
-    assert_eq!(ack(&results[0])?.seq, 7);
+    let committed = store.commit(epoch, &batch).await?;
+    assert_eq!(ack(&committed.messages[0])?.seq, 7);
+    assert_eq!(committed.cursors, vec![7], "applied as asked");
     assert_eq!(store.member_cursor(c1, bob).await?, (7, 7));
+
+    // The future is clamped to the last message, and the commit says so (receipts announce it).
+    let ahead = store.commit(epoch, &step(ReceiptKind::Read, Some("d3"), 1_000_000)).await?;
+    assert_eq!(ahead.cursors, vec![7], "clamped to the last seq");
+    assert_eq!(store.member_cursor(c1, bob).await?, (7, 7));
+    let nowhere =
+        store.commit(epoch, &cursors(vec![cursor(new_conversation(), bob, None, ReceiptKind::Read, 3)])).await?;
+    assert_eq!(nowhere.cursors, vec![0], "a conversation without messages has nothing to acknowledge");
     Ok(())
 }
 

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use parley_protocol::cluster::{ReceiptCommand, SendCommand, SendOutcome, SyncReply, SyncRequest, UserEvent};
 use parley_protocol::frames::{MessageView, ReceiptKind};
 use parley_protocol::{ConversationId, Epoch, ErrorCode, MessageId, Seq, ShardId, UserId};
-use parley_storage::{now_ms, CursorUpdate, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch};
+use parley_storage::{
+    now_ms, Committed, CursorUpdate, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
@@ -141,8 +143,8 @@ impl ShardState {
         }
     }
 
-    fn committed(&mut self, results: Vec<MessageResult>, sends: Vec<PendingSend>, receipts: Vec<ReceiptCommand>) {
-        for (p, result) in sends.into_iter().zip(results) {
+    fn committed(&mut self, results: Committed, sends: Vec<PendingSend>, receipts: Vec<ReceiptCommand>) {
+        for (p, result) in sends.into_iter().zip(results.messages) {
             match result {
                 MessageResult::Stored(ack) if ack.duplicate => {
                     // Push the stored original again before acking: the retry may come after a
@@ -174,17 +176,18 @@ impl ShardState {
                 }
             }
         }
-        for r in receipts {
+        // Receipts announce the seq as stored, clamped to the conversation's last message: a client
+        // claiming to have read the future does not make the sender's messages look read.
+        for (r, seq) in receipts.into_iter().zip(results.cursors) {
             let key = (r.conversation_id, r.user, r.kind);
-            if self.receipts_sent.get(&key).is_some_and(|s| *s >= r.seq) {
+            if seq == 0 || self.receipts_sent.get(&key).is_some_and(|s| *s >= seq) {
                 continue;
             }
             if self.receipts_sent.len() >= RECEIPT_CACHE_MAX {
                 self.receipts_sent.clear();
             }
-            self.receipts_sent.insert(key, r.seq);
-            let event =
-                UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq: r.seq };
+            self.receipts_sent.insert(key, seq);
+            let event = UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq };
             self.ctx.fan_out(&r.members, event, 0);
         }
     }

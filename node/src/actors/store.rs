@@ -8,7 +8,7 @@ use std::sync::Arc;
 use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::MessageView;
 use parley_protocol::{ConversationId, Epoch, ErrorCode, Seq, UserId};
-use parley_storage::{MessageResult, ShardStore, ShardSummary, StorageError, WriteBatch};
+use parley_storage::{Committed, ShardStore, ShardSummary, StorageError, WriteBatch};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
@@ -26,7 +26,7 @@ pub struct StoreState {
 
 /// What a commit came to.
 pub enum CommitOutcome {
-    Committed(Vec<MessageResult>),
+    Committed(Committed),
     /// The lease moved on: nothing was written and this shard must stop.
     StaleEpoch,
     /// The database failed; the transaction may or may not have committed.

@@ -183,6 +183,10 @@ async fn restart_postgres(cluster: &mut LocalCluster, plan: &FaultPlan, log: &mu
     let started = Instant::now();
     let mut child = tokio::process::Command::new("sh");
     child.arg("-c").arg(cmd).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    // Whatever the command prints goes to stderr with the progress: stdout carries the report.
+    if let Ok(fd) = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        child.stdout(std::process::Stdio::from(fd));
+    }
     match tokio::time::timeout(POSTGRES_RESTART_TIMEOUT, child.status()).await {
         Ok(Ok(status)) if status.success() => {}
         Ok(Ok(status)) => bail!("the Postgres restart command failed ({status}): {cmd}"),
