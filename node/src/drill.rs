@@ -86,8 +86,10 @@ const MAX_DURATION_SECS: u64 = 24 * 3600;
 /// How long clients may keep resending their last unacked message after sending stops. Covers a
 /// fault cycle that straddles the end (failover, restart, readiness) with room to spare.
 const FINAL_GRACE: Duration = Duration::from_secs(20);
-/// How far past a node's lease a freeze lasts, so that its shards are certainly taken over while
-/// it is stopped, and it wakes up holding leases that are no longer its own.
+/// How far past a node's lease (and two renew intervals, the survivors' acquisition ticks) a
+/// freeze lasts, so that its shards are certainly taken over while it is stopped and it wakes up
+/// holding leases that are no longer its own. Measured: lease + 1.5 s was not always enough on a
+/// loaded 2-core machine.
 const FREEZE_PAST_LEASE: Duration = Duration::from_millis(1_500);
 /// Registrations at once: each costs an argon2 hash on the node, so more only queue up there.
 const REGISTER_CONCURRENCY: usize = 8;
@@ -189,7 +191,8 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         postgres_restart_cmd: args.postgres_restart_cmd.clone(),
         probe: shard_stores[0].clone(),
         restart_after: Duration::from_millis(args.restart_after_ms),
-        freeze_for: Duration::from_millis(config.cluster.lease_ttl_ms) + FREEZE_PAST_LEASE,
+        freeze_for: Duration::from_millis(config.cluster.lease_ttl_ms + 2 * config.cluster.renew_interval_ms)
+            + FREEZE_PAST_LEASE,
     };
     let fault_log = faults::run(&mut cluster, &plan, started, stop_sending_at, &stats).await?;
     faults::ensure_all_running(&mut cluster).await?;

@@ -115,9 +115,7 @@ impl ShardManagerState {
     /// Hand off what we should no longer serve, take what we should.
     async fn rebalance(&mut self, me: &ActorRef<ShardManagerMsg>) {
         let unwanted: Vec<ShardId> = self.owned.keys().copied().filter(|s| !self.should_own(*s)).collect();
-        for shard in unwanted {
-            self.hand_off(shard).await;
-        }
+        self.hand_off(unwanted).await;
         self.acquire_missing(me).await;
     }
 
@@ -192,18 +190,32 @@ impl ShardManagerState {
         Ok(())
     }
 
-    /// Drain a shard, then release its lease so the next owner need not wait for expiry.
-    async fn hand_off(&mut self, shard: ShardId) {
-        let Some(o) = self.owned.remove(&shard) else { return };
-        self.by_actor.remove(&o.actor.get_id());
-        self.ctx.routing.clear_if(shard, o.epoch);
-        if let Err(e) = call(&o.actor, |reply| ShardMsg::Drain { reply }, DRAIN_TIMEOUT, "shard drain").await {
-            tracing::warn!(%shard, error = %e, "drain did not finish; stopping");
+    /// Drain the shards, then release their leases so the next owners need not wait for expiry.
+    /// All at once: one by one, a node handing a third of its shards to a joining peer would hold
+    /// this actor (and with it lease renewals and the reaction to a peer's death) for up to
+    /// `DRAIN_TIMEOUT` per shard.
+    async fn hand_off(&mut self, shards: Vec<ShardId>) {
+        let mut leaving = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let Some(o) = self.owned.remove(&shard) else { continue };
+            self.by_actor.remove(&o.actor.get_id());
+            self.ctx.routing.clear_if(shard, o.epoch);
+            leaving.push((shard, o));
         }
-        o.actor.stop(None);
-        if let Err(e) = o.store.release_lease(&self.ctx.boot_id, o.epoch).await {
-            tracing::warn!(%shard, error = %e, "lease release failed (it will expire)");
-        }
+        let owner = self.ctx.boot_id.clone();
+        join_all(leaving.into_iter().map(|(shard, o)| {
+            let owner = owner.clone();
+            async move {
+                if let Err(e) = call(&o.actor, |reply| ShardMsg::Drain { reply }, DRAIN_TIMEOUT, "shard drain").await {
+                    tracing::warn!(%shard, error = %e, "drain did not finish; stopping");
+                }
+                o.actor.stop(None);
+                if let Err(e) = o.store.release_lease(&owner, o.epoch).await {
+                    tracing::warn!(%shard, error = %e, "lease release failed (it will expire)");
+                }
+            }
+        }))
+        .await;
     }
 }
 
@@ -269,9 +281,7 @@ impl Actor for ShardManagerActor {
             ShardManagerMsg::Drain { reply } => {
                 state.stopping = true;
                 let shards: Vec<ShardId> = state.owned.keys().copied().collect();
-                for shard in shards {
-                    state.hand_off(shard).await;
-                }
+                state.hand_off(shards).await;
                 let _ = reply.send(());
             }
         }
