@@ -12,8 +12,8 @@
 //! read-only audits through the store itself: the lease rows and the epoch every message was
 //! written under. Restarting Postgres is not part of the drill: the store is assumed up.
 
-mod faults;
-mod sim;
+pub(crate) mod faults;
+pub(crate) mod sim;
 mod verify;
 
 use std::path::PathBuf;
@@ -101,11 +101,11 @@ struct ClusterView {
     redirects: u64,
 }
 
-/// One registered simulated user.
-struct DrillUser {
-    token: String,
-    user: parley_protocol::UserId,
-    device: String,
+/// One registered simulated user (`parley bench` registers its users the same way).
+pub(crate) struct DrillUser {
+    pub(crate) token: String,
+    pub(crate) user: parley_protocol::UserId,
+    pub(crate) device: String,
 }
 
 /// Run `parley drill`.
@@ -434,7 +434,7 @@ async fn progress(stats: Arc<sim::Stats>, started: Instant) {
 }
 
 /// Register `count` users with names unique to this run, spread over the nodes.
-async fn register_all(nodes: &[Client], count: usize) -> anyhow::Result<Vec<DrillUser>> {
+pub(crate) async fn register_all(nodes: &[Client], count: usize) -> anyhow::Result<Vec<DrillUser>> {
     // Usernames: "d" + 8 hex + "-" + index stays far under the 32-character limit.
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let results: Vec<anyhow::Result<(usize, DrillUser)>> = stream::iter(0..count)

@@ -44,6 +44,8 @@ pub struct FaultLog {
     /// timeout's length if that never happened).
     pub failover_ms: Vec<u64>,
     pub failover_timeouts: u32,
+    /// When each kill happened and which node it hit (for `parley bench`'s chart).
+    pub killed: Vec<(Instant, String)>,
     pub freeze_takeover_ms: Vec<Option<u64>>,
     pub restarts_after_thaw: u32,
 }
@@ -101,6 +103,7 @@ async fn kill(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log: 
     let killed_at = Instant::now();
     cluster.nodes[victim].kill9();
     log.kills += 1;
+    log.killed.push((killed_at, name.clone()));
     let failover = served_without(&observer, &name, killed_at, killed_at + FAILOVER_TIMEOUT).await;
     match failover {
         Some(d) => {
