@@ -9,7 +9,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_ansi(std::io::stdout().is_terminal())
+        // Logs go to stderr: stdout carries data (`status --json`, `drill --json`, `bench --json`).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match parley_node::cli::dispatch(parley_node::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

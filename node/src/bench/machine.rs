@@ -24,7 +24,8 @@ pub(crate) struct Machine {
     pub loadavg_end: String,
     /// Open-file limit of the bench process (soft).
     pub nofile_limit: u64,
-    /// The processes that used the most CPU during the run (ours included, named by `comm`).
+    /// The processes that used the most CPU during the run among those still alive at its end
+    /// (the bench's own nodes included; its load processes have exited by then).
     pub busiest_processes: Vec<ProcessCpu>,
 }
 
@@ -154,6 +155,17 @@ pub(crate) fn total_cpu_ms(pids: &[u32]) -> f64 {
 /// CPU time this process has used, ms.
 pub(crate) fn self_cpu_ms() -> u64 {
     cpu_ms(std::process::id()).unwrap_or(0.0) as u64
+}
+
+/// CPU time the whole machine spent busy (everything but idle and iowait, all CPUs) so far, ms:
+/// what the phases compare their own processes' CPU with, to show what else ran.
+pub(crate) fn machine_busy_ms() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|n| n.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already inside user).
+    let busy: u64 = v.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, n)| n).sum();
+    busy as f64 * 1000.0 / ticks_per_sec()
 }
 
 /// `pid` and all its direct children (a postmaster and its backends and helpers).
