@@ -44,6 +44,15 @@ pub enum Command {
     /// Run simulated clients against a local cluster while killing and freezing nodes, then check
     /// that nothing acknowledged was lost, duplicated or reordered.
     Drill(crate::drill::DrillArgs),
+    /// Benchmark a local cluster (throughput, latency, sessions, failover, history) against a
+    /// bare WebSocket relay, from separate load processes; see BENCHMARKS.md.
+    Bench(crate::bench::BenchArgs),
+    /// One load process of `parley bench` (started by it).
+    #[command(hide = true)]
+    BenchLoad(crate::bench::LoadArgs),
+    /// The bare WebSocket relay `parley bench` compares against (started by it).
+    #[command(hide = true)]
+    Relay(crate::bench::RelayArgs),
     /// Show a cluster's members and shard map (owner and epoch per shard).
     Status {
         #[arg(long, default_value = "cluster.toml")]
@@ -71,8 +80,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Up { config: path, log_dir } => up(&path, &log_dir).await,
         Command::Drill(args) => crate::drill::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::BenchLoad(args) => on_own_thread(move || crate::bench::run_load_blocking(args)).await,
+        Command::Relay(args) => on_own_thread(move || crate::bench::run_relay_blocking(args)).await,
         Command::Status { config, node, json } => status(&config, node, json).await,
     }
+}
+
+/// Run `f` (which builds its own single-threaded runtime) on a plain thread: a runtime cannot be
+/// started from a thread that already belongs to one.
+async fn on_own_thread(f: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<()> {
+    let thread = std::thread::spawn(f);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?
 }
 
 async fn up(path: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -13,8 +13,8 @@
 //! written under. With a Postgres store, every K-th fault can restart Postgres instead of a node,
 //! through a command the operator supplies (the drill does not own the database server).
 
-mod faults;
-mod sim;
+pub(crate) mod faults;
+pub(crate) mod sim;
 mod verify;
 
 use std::path::PathBuf;
@@ -113,11 +113,11 @@ struct ClusterView {
     redirects: u64,
 }
 
-/// One registered simulated user.
-struct DrillUser {
-    token: String,
-    user: parley_protocol::UserId,
-    device: String,
+/// One registered simulated user (`parley bench` registers its users the same way).
+pub(crate) struct DrillUser {
+    pub(crate) token: String,
+    pub(crate) user: parley_protocol::UserId,
+    pub(crate) device: String,
 }
 
 /// Run `parley drill`.
@@ -189,7 +189,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         freeze_every: args.freeze_every,
         postgres_every: args.postgres_every,
         postgres_restart_cmd: args.postgres_restart_cmd.clone(),
-        probe: shard_stores[0].clone(),
+        probe: Some(shard_stores[0].clone()),
         restart_after: Duration::from_millis(args.restart_after_ms),
         freeze_for: Duration::from_millis(config.cluster.lease_ttl_ms + 2 * config.cluster.renew_interval_ms)
             + FREEZE_PAST_LEASE,
@@ -467,7 +467,7 @@ async fn progress(stats: Arc<sim::Stats>, started: Instant) {
 }
 
 /// Register `count` users with names unique to this run, spread over the nodes.
-async fn register_all(nodes: &[Client], count: usize) -> anyhow::Result<Vec<DrillUser>> {
+pub(crate) async fn register_all(nodes: &[Client], count: usize) -> anyhow::Result<Vec<DrillUser>> {
     // Usernames: "d" + 8 hex + "-" + index stays far under the 32-character limit.
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let results: Vec<anyhow::Result<(usize, DrillUser)>> = stream::iter(0..count)

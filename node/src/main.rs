@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    // Logs go to stderr: stdout is for what a command prints as its result (`--json` reports).
+    // Logs go to stderr: stdout carries data (`status --json`, `drill --json`, `bench --json`).
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_ansi(std::io::stderr().is_terminal())

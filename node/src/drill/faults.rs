@@ -47,8 +47,9 @@ pub struct FaultPlan {
     /// Every k-th fault restarts Postgres with `postgres_restart_cmd` (0 = never).
     pub postgres_every: u32,
     pub postgres_restart_cmd: Option<String>,
-    /// A shard store used to see the database answer again after a restart.
-    pub probe: Arc<dyn ShardStore>,
+    /// A shard store used to see the database answer again after a restart (needed only when
+    /// `postgres_every` > 0).
+    pub probe: Option<Arc<dyn ShardStore>>,
 }
 
 /// What the schedule did.
@@ -60,6 +61,8 @@ pub struct FaultLog {
     /// timeout's length if that never happened).
     pub failover_ms: Vec<u64>,
     pub failover_timeouts: u32,
+    /// When each kill happened and which node it hit (for `parley bench`'s chart).
+    pub killed: Vec<(Instant, String)>,
     pub freeze_takeover_ms: Vec<Option<u64>>,
     pub restarts_after_thaw: u32,
     pub postgres_restarts: u32,
@@ -121,6 +124,7 @@ async fn kill(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log: 
     let killed_at = Instant::now();
     cluster.nodes[victim].kill9();
     log.kills += 1;
+    log.killed.push((killed_at, name.clone()));
     let failover = served_without(&observer, &name, killed_at, killed_at + FAILOVER_TIMEOUT).await;
     match failover {
         Some(d) => {
@@ -180,6 +184,9 @@ async fn restart_postgres(cluster: &mut LocalCluster, plan: &FaultPlan, log: &mu
     let Some(cmd) = plan.postgres_restart_cmd.as_deref() else {
         bail!("a Postgres restart is scheduled but no --postgres-restart-cmd was given");
     };
+    let Some(probe) = plan.probe.as_ref() else {
+        bail!("a Postgres restart is scheduled but there is no store to probe");
+    };
     let started = Instant::now();
     let mut child = tokio::process::Command::new("sh");
     child.arg("-c").arg(cmd).stdin(std::process::Stdio::null()).kill_on_drop(true);
@@ -195,7 +202,7 @@ async fn restart_postgres(cluster: &mut LocalCluster, plan: &FaultPlan, log: &mu
     }
     log.postgres_restarts += 1;
     let deadline = started + POSTGRES_RECOVERY_TIMEOUT;
-    while plan.probe.lease_info().await.is_err() {
+    while probe.lease_info().await.is_err() {
         if Instant::now() >= deadline {
             bail!("Postgres did not answer within {POSTGRES_RECOVERY_TIMEOUT:?} of its restart");
         }

@@ -1,0 +1,175 @@
+//! End-to-end test of `parley bench` in a tiny configuration: the real binary runs the relay, a
+//! durable closed loop, an open loop, a few idle sessions and history reads against a two-node
+//! cluster on the embedded store, and its JSON report must carry the keys the benchmark promises
+//! with sane, non-zero values. Behaviour only: no timing threshold, a debug build on a busy CI
+//! box is allowed to be slow.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use parley_tests::TempDir;
+
+/// Startup of two nodes, seeding, five short phases and the drain: well under this on an idle
+/// machine; only a hung bench trips it.
+const BENCH_TIMEOUT: Duration = Duration::from_secs(110);
+
+/// Keys the report must have at the top level (the list).
+const REQUIRED_KEYS: &[&str] = &[
+    "machine",
+    "relay_msgs_per_s",
+    "durable_msgs_per_s",
+    "ratio_to_relay",
+    "p99_deliver_ms_at_10k",
+    "sessions_held",
+    "rss_bytes_per_session",
+    "failover_ms_p50",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_every_key_with_sane_values() {
+    let dir = TempDir::new("parley-bench");
+    let stdout_path = dir.path().join("bench.out");
+    let stderr_path = dir.path().join("bench.err");
+    let plot = dir.path().join("latency.svg");
+
+    let mut cmd = Command::new(parley_tests::node::parley_bin().expect("parley binary"));
+    cmd.arg("bench").arg("--work-dir").arg(dir.path().join("work")).arg("--plot").arg(&plot);
+    cmd.args([
+        "--scenarios",
+        "relay,durable,open,sessions,history",
+        "--nodes",
+        "2",
+        "--shards",
+        "4",
+        "--clients",
+        "8",
+        "--duration-secs",
+        "2",
+        "--warmup-ms",
+        "300",
+        "--rates",
+        "10000",
+        "--sessions-per-node",
+        "20",
+        "--session-users",
+        "4",
+        "--history-messages",
+        "500",
+        "--history-readers",
+        "2",
+        "--json",
+    ]);
+    // The bench must use the embedded store it generates, whatever the test environment exports.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PARLEY_") && key != "PARLEY_BIN" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+    parley_node::launcher::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().expect("spawn parley bench");
+
+    let deadline = tokio::time::Instant::now() + BENCH_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the bench") {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            fail(dir.path(), &format!("bench still running after {BENCH_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    let Some(report) =
+        stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
+    else {
+        fail(dir.path(), &format!("no JSON report on stdout (exit {status})"));
+    };
+
+    let mut problems = Vec::new();
+    if !status.success() {
+        problems.push(format!("bench exited with {status}"));
+    }
+    for key in REQUIRED_KEYS {
+        if report.get(*key).is_none() {
+            problems.push(format!("missing key {key}"));
+        }
+    }
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|x| x > 0.0);
+    for key in ["relay_msgs_per_s", "durable_msgs_per_s", "ratio_to_relay", "p99_deliver_ms_at_10k"] {
+        if !positive(&report[key]) {
+            problems.push(format!("{key} = {} (expected > 0)", report[key]));
+        }
+    }
+    // Every session was held by the nodes (2 nodes × 20), and each cost some memory.
+    if report["sessions_held"].as_u64() != Some(40) {
+        problems.push(format!("sessions_held = {} (expected 40)", report["sessions_held"]));
+    }
+    if report["rss_bytes_per_session"].is_null() {
+        problems.push("rss_bytes_per_session is null".to_string());
+    }
+    // Failover was not selected: its key is there, and null.
+    if !report["failover_ms_p50"].is_null() {
+        problems.push(format!("failover_ms_p50 = {} without a failover phase", report["failover_ms_p50"]));
+    }
+    if report["machine"]["cores"].as_u64().unwrap_or(0) == 0 || report["machine"]["cpu_model"].as_str().is_none() {
+        problems.push(format!("machine = {}", report["machine"]));
+    }
+    if report["groups"].as_str().is_none_or(|g| !g.starts_with("not measured")) {
+        problems.push(format!("groups = {}", report["groups"]));
+    }
+    for phase in report["phases"].as_array().into_iter().flatten() {
+        let name = phase["name"].as_str().unwrap_or("?");
+        if phase["deliver_ms"]["count"].as_u64().unwrap_or(0) == 0 {
+            problems.push(format!("phase {name}: no delivery measured"));
+        }
+        if phase["ack_ms"]["p99_ms"].as_f64().unwrap_or(0.0) <= 0.0 {
+            problems.push(format!("phase {name}: no ack latency"));
+        }
+        if phase["errors"].as_u64() != Some(0) || phase["connect_failures"].as_u64() != Some(0) {
+            problems.push(format!(
+                "phase {name}: errors {} connect failures {}",
+                phase["errors"], phase["connect_failures"]
+            ));
+        }
+    }
+    let history = &report["history"];
+    if history["messages"].as_u64() != Some(500) || history["pages"].as_u64().unwrap_or(0) == 0 {
+        problems.push(format!("history = {history}"));
+    }
+    if history["page_errors"].as_u64() != Some(0) {
+        problems.push(format!("history page errors = {}", history["page_errors"]));
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap_or_default();
+    if !svg.starts_with("<svg") || !svg.contains("<polyline") {
+        problems.push(format!("plot {} is not a chart", plot.display()));
+    }
+    if !problems.is_empty() {
+        fail(dir.path(), &format!("{}\nreport: {report}", problems.join("\n")));
+    }
+    eprintln!("bench report: {report}");
+}
+
+/// Fail with the bench's stderr and the tail of every log of its run, where the evidence is.
+fn fail(dir: &Path, why: &str) -> ! {
+    let mut text = format!(
+        "{why}\n\n--- bench stderr ---\n{}",
+        std::fs::read_to_string(dir.join("bench.err")).unwrap_or_default()
+    );
+    let runs = std::fs::read_dir(dir.join("work")).into_iter().flatten().flatten().map(|e| e.path().join("logs"));
+    let mut logs: Vec<_> =
+        runs.flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten()).map(|e| e.path()).collect();
+    logs.sort();
+    for log in logs {
+        let content = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = content.lines().collect();
+        text.push_str(&format!("\n--- {} (last 30 lines) ---\n", log.display()));
+        text.push_str(&lines[lines.len().saturating_sub(30)..].join("\n"));
+    }
+    panic!("{text}");
+}
