@@ -225,3 +225,49 @@ pub fn signal(pid: u32, sig: i32) {
         libc::kill(pid as i32, sig);
     }
 }
+
+/// Run a `parley` subcommand that prints one JSON report on stdout (`drill`, `bench`) and wait
+/// for it, at most `timeout`. Its stdout and stderr go to `<dir>/<name>.out` and `.err` (where a
+/// failing test finds the evidence); the `PARLEY_*` environment of the test run is removed so the
+/// command uses the store its own config names. While it runs, `pg` (if given) is restarted
+/// whenever the command's restart command stops it. Returns the exit status and the report (the
+/// last stdout line that is a JSON object), or why there is none.
+pub async fn run_json_report(
+    mut cmd: Command,
+    dir: &Path,
+    name: &str,
+    timeout: Duration,
+    mut pg: Option<&mut crate::postgres::TestPostgres>,
+) -> Result<(ExitStatus, serde_json::Value), String> {
+    let stdout_path = dir.join(format!("{name}.out"));
+    let stderr_path = dir.join(format!("{name}.err"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PARLEY_") && key != "PARLEY_BIN" {
+            cmd.env_remove(key);
+        }
+    }
+    let file = |p: &Path| File::create(p).map_err(|e| format!("create {}: {e}", p.display()));
+    cmd.stdin(Stdio::null()).stdout(file(&stdout_path)?).stderr(file(&stderr_path)?);
+    parley_node::launcher::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| format!("spawn parley {name}: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| format!("wait for {name}: {e}"))? {
+            break status;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{name} still running after {timeout:?}"));
+        }
+        if let Some(pg) = pg.as_deref_mut() {
+            pg.revive_if_exited().await.map_err(|e| format!("restarting postgres: {e:#}"))?;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    // The last line that is a JSON object, in case a log line ever lands on stdout too.
+    let report =
+        stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()));
+    report.map(|r| (status, r)).ok_or_else(|| format!("no JSON report on stdout (exit {status})"))
+}

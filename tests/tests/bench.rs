@@ -5,9 +5,10 @@
 //! box is allowed to be slow.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use parley_tests::node::run_json_report;
 use parley_tests::TempDir;
 
 /// Startup of two nodes, seeding, five short phases and the drain: well under this on an idle
@@ -29,8 +30,6 @@ const REQUIRED_KEYS: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_every_key_with_sane_values() {
     let dir = TempDir::new("parley-bench");
-    let stdout_path = dir.path().join("bench.out");
-    let stderr_path = dir.path().join("bench.err");
     let plot = dir.path().join("latency.svg");
 
     let mut cmd = Command::new(parley_tests::node::parley_bin().expect("parley binary"));
@@ -61,34 +60,9 @@ async fn bench_reports_every_key_with_sane_values() {
         "--json",
     ]);
     // The bench must use the embedded store it generates, whatever the test environment exports.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PARLEY_") && key != "PARLEY_BIN" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
-    parley_node::launcher::die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().expect("spawn parley bench");
-
-    let deadline = tokio::time::Instant::now() + BENCH_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the bench") {
-            break status;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            fail(dir.path(), &format!("bench still running after {BENCH_TIMEOUT:?}"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-    let Some(report) =
-        stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
-    else {
-        fail(dir.path(), &format!("no JSON report on stdout (exit {status})"));
+    let (status, report) = match run_json_report(cmd, dir.path(), "bench", BENCH_TIMEOUT, None).await {
+        Ok(done) => done,
+        Err(why) => fail(dir.path(), &why),
     };
 
     let mut problems = Vec::new();

@@ -5,9 +5,10 @@
 //! stale-epoch write, one owner per shard) and that the faults really happened.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use parley_tests::node::run_json_report;
 use parley_tests::postgres::TestPostgres;
 use parley_tests::{free_port, TempDir};
 
@@ -68,57 +69,17 @@ async fn drill_on_postgres_survives_a_database_restart() {
 /// Run `parley drill` on a three-node cluster with `storage` (a TOML `[storage]` table): 20
 /// clients for 20 s, a fault every 5 s, plus `extra` arguments. While it runs, `pg` (if given) is
 /// revived whenever the drill's restart command stops it. Returns the JSON report.
-async fn run_drill(dir: &Path, storage: &str, extra: &[&str], mut pg: Option<&mut TestPostgres>) -> serde_json::Value {
+async fn run_drill(dir: &Path, storage: &str, extra: &[&str], pg: Option<&mut TestPostgres>) -> serde_json::Value {
     let config = dir.join("cluster.toml");
     std::fs::write(&config, three_node_config(storage)).expect("write config");
     let logs = dir.join("logs");
-    let stdout_path = dir.join("drill.out");
-    let stderr_path = dir.join("drill.err");
-
     let mut cmd = Command::new(parley_tests::node::parley_bin().expect("parley binary"));
     cmd.arg("drill").arg("--config").arg(&config).arg("--log-dir").arg(&logs);
     cmd.args(["--clients", "20", "--duration-secs", "20", "--kill-every-secs", "5", "--json"]);
     cmd.args(extra);
-    // The drill must use the store the config names, whatever the environment of the test run
-    // says (a CI job may export a Postgres URL for other tests).
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PARLEY_") && key != "PARLEY_BIN" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
-    parley_node::launcher::die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().expect("spawn parley drill");
-
-    let deadline = tokio::time::Instant::now() + DRILL_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the drill") {
-            break status;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            fail(dir, &format!("drill still running after {DRILL_TIMEOUT:?}"));
-        }
-        if let Some(pg) = pg.as_deref_mut() {
-            match pg.revive_if_exited().await {
-                Ok(true) => eprintln!("postgres restarted"),
-                Ok(false) => {}
-                Err(e) => fail(dir, &format!("restarting postgres: {e:#}")),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-
-    let stdout = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-    // The report is the one JSON object on stdout; take the last line that is one, in case a
-    // log line ever lands on stdout too.
-    let Some(mut report) =
-        stdout.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.is_object()))
-    else {
-        fail(dir, &format!("no JSON report on stdout (exit {status})"));
+    let (status, mut report) = match run_json_report(cmd, dir, "drill", DRILL_TIMEOUT, pg).await {
+        Ok(done) => done,
+        Err(why) => fail(dir, &why),
     };
     report["exit_success"] = serde_json::Value::Bool(status.success());
     report
