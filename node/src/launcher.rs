@@ -42,6 +42,40 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// SIGSTOP a process we started and wait until every one of its threads has stopped.
+///
+/// kill(2) only queues the signal: one thread dequeues it and then stops the others, so for a
+/// while another thread can still read a socket and commit a write. A test or drill that must
+/// know "from here on the process does nothing" waits for the whole group stop; returns whether
+/// it was seen within `timeout` (it is not when the process has already exited).
+pub fn freeze(pid: u32, timeout: Duration) -> bool {
+    signal(pid, libc::SIGSTOP);
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if all_threads_stopped(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    false
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped by a signal), from /proc/<pid>/task.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    let mut any = false;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { return false };
+        // The state follows the last ')' (the command name may itself contain parentheses).
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+        if state != Some('T') {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// One node process of a local cluster.
 pub struct LocalNode {
     pub name: String,

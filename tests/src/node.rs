@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -65,23 +64,8 @@ pub fn spawn_tied(cmd: &mut Command, log: &Path) -> anyhow::Result<Child> {
     let out = File::create(log)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    set_parent_death_signal(cmd);
+    parley_node::launcher::die_with_parent(cmd);
     Ok(cmd.spawn()?)
-}
-
-/// Ask the kernel to SIGKILL the child when the spawning thread exits.
-#[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent;
-    // it is the only call made between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// One running (or stopped) node process.
@@ -217,14 +201,7 @@ impl Drop for NodeProcess {
     }
 }
 
-/// Send a signal to a process we started.
-pub fn signal(pid: u32, sig: i32) {
-    #[allow(unsafe_code)]
-    // SAFETY: kill(2) with a pid of a child this harness spawned; no memory is involved.
-    unsafe {
-        libc::kill(pid as i32, sig);
-    }
-}
+pub use parley_node::launcher::{freeze, signal};
 
 /// Run a `parley` subcommand that prints one JSON report on stdout (`drill`, `bench`) and wait
 /// for it, at most `timeout`. Its stdout and stderr go to `<dir>/<name>.out` and `.err` (where a

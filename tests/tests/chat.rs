@@ -11,7 +11,7 @@ use parley_protocol::http::{SendRequest, TokenResponse};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, UserId, PROTOCOL_VERSION};
 use parley_storage::{StoreConfig, Stores};
-use parley_tests::node::{signal, NodeOptions, NodeProcess, Storage};
+use parley_tests::node::{freeze, signal, NodeOptions, NodeProcess, Storage};
 use parley_tests::postgres::TestPostgres;
 use parley_tests::TempDir;
 
@@ -566,8 +566,8 @@ async fn stale_epoch_writes_are_refused(pg: bool) {
     let shard = stores.shard(shard_for(conv, 8)).await.unwrap();
     let before = shard.lease_info().await.unwrap();
     let pid = node.pid().unwrap();
-    signal(pid, libc::SIGSTOP);
     let _resume = Resume(pid);
+    assert!(freeze(pid, T), "the node did not stop");
     // The old owner's send is already in its socket when it wakes up.
     a.send(&ClientFrame::Send {
         client_msg_id: cid("e-2"),

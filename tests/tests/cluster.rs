@@ -181,8 +181,8 @@ async fn a_frozen_owner_past_its_lease_cannot_write() {
     c.send_message(dave.user_id, "before", "f-0").await.unwrap();
 
     let pid = cluster.nodes.nodes[2].pid().unwrap();
-    parley_node::launcher::signal(pid, libc::SIGSTOP);
     let _resume = Resume(pid);
+    assert!(parley_node::launcher::freeze(pid, T), "the owner did not stop");
     c.send(&ClientFrame::Send {
         client_msg_id: cid("f-1"),
         to: Some(dave.user_id),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::sim::Stats;
 use super::{cluster_view, say};
 use crate::client::Client;
-use crate::launcher::{signal, LocalCluster, READY_TIMEOUT};
+use crate::launcher::{freeze as freeze_pid, signal, LocalCluster, READY_TIMEOUT};
 
 /// Failover is sampled this often: fine enough for the millisecond figures of a local cluster,
 /// coarse enough that the polling is not a load of its own.
@@ -154,7 +154,10 @@ async fn freeze(cluster: &mut LocalCluster, victim: usize, plan: &FaultPlan, log
     };
     let observer = cluster.nodes[(victim + 1) % cluster.nodes.len()].client();
     let frozen_at = Instant::now();
-    signal(pid, libc::SIGSTOP);
+    // Wait for the whole group stop, so that "frozen" means no thread of it runs any more.
+    if !tokio::task::spawn_blocking(move || freeze_pid(pid, Duration::from_secs(5))).await.unwrap_or(false) {
+        say(format!("{name}: not every thread reported stopped within 5s; freezing anyway"));
+    }
     log.freezes += 1;
     // Nothing between SIGSTOP and SIGCONT may return early: a node left stopped would hang the
     // checks (and, through its flock and leases, the cluster).
