@@ -426,6 +426,7 @@ fn shard_views(ctx: &NodeContext) -> Vec<ShardView> {
         .into_iter()
         .map(|(shard, route)| ShardView {
             shard_id: shard.0,
+            group: ctx.stores.group_name(shard).to_string(),
             status: if route.is_some() { "healthy" } else { "unowned" }.into(),
             epoch: route.as_ref().map_or(0, |(_, e)| e.0),
             owner: route.map(|(n, _)| n),

@@ -23,12 +23,19 @@ pub enum Command {
         /// Cluster configuration file (missing = defaults: one node, embedded store).
         #[arg(long, default_value = "cluster.toml")]
         config: PathBuf,
-        /// Which `[[node]]` entry of the config to run.
+        /// Which `[[node]]` entry of the config to run. A name the config does not list joins
+        /// through `cluster.seeds` and needs `--http` and `--cluster`.
         #[arg(long, default_value = "n1")]
         name: String,
         /// Override the entry's HTTP listen address.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// Override the entry's node-to-node listen address.
+        #[arg(long)]
+        cluster: Option<SocketAddr>,
+        /// `host:port` peers dial to reach this node, when it differs from `--cluster`.
+        #[arg(long)]
+        advertise: Option<String>,
         /// Override the embedded store's data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -69,13 +76,13 @@ pub enum Command {
 /// Run the parsed command line.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node { config, name, http, data_dir } => {
+        Command::Node { config, name, http, cluster, advertise, data_dir } => {
             let mut config = Config::load(&config).with_context(|| format!("loading {}", config.display()))?;
             if let Some(dir) = data_dir {
                 config.storage.dir = dir;
             }
-            let entry = config.node(&name).with_context(|| format!("no [[node]] named `{name}` in the config"))?;
-            let spec = NodeSpec { name: name.clone(), http: http.unwrap_or(entry.http), cluster: entry.cluster };
+            let entry = config.join_as(&name, http, cluster, advertise)?;
+            let spec = NodeSpec { name: name.clone(), http: entry.http, cluster: entry.cluster };
             crate::run(config, spec, crate::shutdown_signal()).await
         }
         Command::Up { config: path, log_dir } => up(&path, &log_dir).await,
@@ -107,10 +114,7 @@ async fn up(path: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result
     println!(
         "starting {} nodes ({} store); logs in {}",
         cluster.nodes.len(),
-        crate::store_config(&config).map(|s| match s {
-            parley_storage::StoreConfig::Embedded { .. } => "embedded",
-            parley_storage::StoreConfig::Postgres { .. } => "postgres",
-        })?,
+        crate::store_summary(&crate::store_layout(&config)?),
         log_dir.display()
     );
     cluster.start_all().await?;
@@ -171,8 +175,14 @@ fn print_status(url: &str, body: &serde_json::Value) {
         body["sessions"],
         body["redirects"]
     );
-    println!("SHARD  OWNER   EPOCH");
+    println!("SHARD  OWNER   EPOCH  GROUP");
     for s in &shards {
-        println!("{:>5}  {:<7} {:>5}", s["shard_id"], s["owner"].as_str().unwrap_or("-"), s["epoch"]);
+        println!(
+            "{:>5}  {:<7} {:>5}  {}",
+            s["shard_id"],
+            s["owner"].as_str().unwrap_or("-"),
+            s["epoch"],
+            s["group"].as_str().unwrap_or("home")
+        );
     }
 }

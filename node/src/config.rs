@@ -15,7 +15,17 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub cluster: ClusterConfig,
+    /// The home store: users, tokens and conversation membership, plus every shard no
+    /// `[[shard_group]]` claims.
     pub storage: StorageConfig,
+    /// The Redis recent-history cache of the shards no `[[shard_group]]` claims (and its limits,
+    /// which every group shares).
+    pub redis: RedisConfig,
+    /// Groups of shards with their own store and/or Redis, so that one deployment can spread
+    /// its conversations over several databases. Shards not in any group use `[storage]` and
+    /// `[redis]`.
+    #[serde(rename = "shard_group")]
+    pub shard_groups: Vec<ShardGroupConfig>,
     pub limits: LimitsConfig,
     pub auth: AuthConfig,
     /// Directory of the browser UI served at `/`. Relative paths are resolved against the config
@@ -37,6 +47,11 @@ pub struct ClusterConfig {
     pub lease_ttl_ms: u64,
     /// How often leases are renewed. A third of the TTL leaves two retries before expiry.
     pub renew_interval_ms: u64,
+    /// `host:port` cluster addresses a node dials to join when the other nodes do not list it:
+    /// a node started with `parley node --name NEW --http .. --cluster ..` contacts the seeds and
+    /// learns the rest of the cluster from them by gossip. Nodes listed in `[[node]]` are dialled
+    /// anyway; seeds are for the ones that are not.
+    pub seeds: Vec<String>,
     /// Shared secret nodes present to each other. Only from `PARLEY_COOKIE` or the file named by
     /// `PARLEY_COOKIE_FILE`; never written in the TOML.
     #[serde(skip)]
@@ -64,6 +79,52 @@ pub struct StorageConfig {
     /// Postgres connections per node. Each shard's writes are serial, so a handful of connections
     /// serve all shards of a node; reads use the rest.
     pub pool_size: usize,
+}
+
+/// The optional Redis cache of each shard's most recent messages (see
+/// `parley_storage::cache`). Redis is never the source of truth: without it, or while it is down,
+/// reads go to the store and give the same answers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` of the shards outside every group; none = no cache. Prefer
+    /// `PARLEY_REDIS_URL` when the URL carries a password.
+    pub url: Option<String>,
+    /// Most recent messages kept per conversation (a page of history inside them is a hit).
+    pub capacity: u32,
+    /// Every cached key expires after this long without writes, which bounds Redis memory to the
+    /// conversations active within it.
+    pub ttl_ms: u64,
+    /// Longest a cache operation may take before the node gives up on it (and reads the store).
+    pub op_timeout_ms: u64,
+}
+
+/// A group of shards with its own store and/or Redis.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardGroupConfig {
+    /// Names the group in logs and `parley status`, and in its environment overrides
+    /// (`PARLEY_DATABASE_URL_<NAME>`, `PARLEY_REDIS_URL_<NAME>`, upper-cased).
+    pub name: String,
+    /// First and last shard of the group, inclusive.
+    pub shards: [u16; 2],
+    /// The group's store; omitted = the home store (`[storage]`).
+    #[serde(default)]
+    pub storage: Option<StorageConfig>,
+    /// The group's Redis cache; omitted = no cache for these shards.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+}
+
+impl ShardGroupConfig {
+    pub fn contains(&self, shard: u16) -> bool {
+        (self.shards[0]..=self.shards[1]).contains(&shard)
+    }
+
+    /// The group's name as used in environment variable names.
+    fn env_suffix(&self) -> String {
+        self.name.to_ascii_uppercase().replace('-', "_")
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -121,6 +182,8 @@ impl Default for Config {
         Config {
             cluster: ClusterConfig::default(),
             storage: StorageConfig::default(),
+            redis: RedisConfig::default(),
+            shard_groups: Vec::new(),
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             ui_dir: PathBuf::from("ui"),
@@ -136,13 +199,25 @@ impl Default for Config {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { shard_count: 64, lease_ttl_ms: 3_000, renew_interval_ms: 1_000, cookie: None }
+        ClusterConfig {
+            shard_count: 64,
+            lease_ttl_ms: 3_000,
+            renew_interval_ms: 1_000,
+            seeds: Vec::new(),
+            cookie: None,
+        }
     }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig { kind: StorageKind::Embedded, dir: PathBuf::from("data"), postgres_url: None, pool_size: 16 }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: None, capacity: 200, ttl_ms: 3_600_000, op_timeout_ms: 250 }
     }
 }
 
@@ -249,6 +324,24 @@ impl Config {
                 self.storage.kind = StorageKind::Postgres;
             }
         }
+        if let Some(v) = get("PARLEY_SEEDS") {
+            self.cluster.seeds = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        }
+        if let Some(v) = get("PARLEY_REDIS_URL") {
+            self.redis.url = Some(v);
+        }
+        for group in &mut self.shard_groups {
+            let suffix = group.env_suffix();
+            if let Some(v) = get(&format!("PARLEY_DATABASE_URL_{suffix}")) {
+                let storage =
+                    group.storage.get_or_insert_with(|| StorageConfig { dir: PathBuf::new(), ..Default::default() });
+                storage.kind = StorageKind::Postgres;
+                storage.postgres_url = Some(v);
+            }
+            if let Some(v) = get(&format!("PARLEY_REDIS_URL_{suffix}")) {
+                group.redis_url = Some(v);
+            }
+        }
         if let Some(v) = get("PARLEY_SHARD_COUNT") {
             self.cluster.shard_count = parse("PARLEY_SHARD_COUNT", v)?;
         }
@@ -275,6 +368,11 @@ impl Config {
         if self.storage.dir.is_relative() {
             self.storage.dir = base.join(&self.storage.dir);
         }
+        for group in &mut self.shard_groups {
+            if let Some(storage) = group.storage.as_mut().filter(|s| s.dir.is_relative()) {
+                storage.dir = base.join(&storage.dir);
+            }
+        }
         if self.ui_dir.is_relative() {
             self.ui_dir = base.join(&self.ui_dir);
         }
@@ -298,13 +396,106 @@ impl Config {
         if self.storage.kind == StorageKind::Postgres && self.storage.postgres_url.is_none() {
             return bad("storage.kind = postgres needs PARLEY_DATABASE_URL (or storage.postgres_url)");
         }
+        if self.redis.capacity == 0 || self.redis.ttl_ms == 0 || self.redis.op_timeout_ms == 0 {
+            return bad("redis.capacity, redis.ttl_ms and redis.op_timeout_ms must be positive");
+        }
+        self.validate_groups()?;
         let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         names.sort();
         names.dedup();
         if names.len() != self.nodes.len() {
             return bad("node names must be unique");
         }
+        if names.iter().any(|n| n.is_empty() || n.contains(['#', '@'])) {
+            return bad("node names must be non-empty, without '#' or '@' (they name ractor_cluster peers)");
+        }
         Ok(())
+    }
+
+    /// Groups must name real, disjoint shard ranges and complete stores: a shard claimed twice
+    /// would have two homes, and its lease (the fencing token) would exist twice.
+    fn validate_groups(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let mut names: Vec<&str> = Vec::new();
+        for (i, g) in self.shard_groups.iter().enumerate() {
+            let [first, last] = g.shards;
+            if g.name.is_empty() || !g.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return bad(format!("shard_group name `{}` must be non-empty ASCII letters, digits, - or _", g.name));
+            }
+            if names.contains(&g.name.as_str()) {
+                return bad(format!("shard_group `{}` is defined twice", g.name));
+            }
+            names.push(&g.name);
+            if first > last || last >= self.cluster.shard_count {
+                return bad(format!(
+                    "shard_group `{}`: shards = [{first}, {last}] must be a range within 0..{}",
+                    g.name, self.cluster.shard_count
+                ));
+            }
+            if let Some(other) = self.shard_groups[..i].iter().find(|o| o.shards[0] <= last && first <= o.shards[1]) {
+                return bad(format!("shard_groups `{}` and `{}` overlap", other.name, g.name));
+            }
+            if let Some(s) = &g.storage {
+                if s.kind == StorageKind::Postgres && s.postgres_url.is_none() {
+                    return bad(format!(
+                        "shard_group `{}`: a postgres store needs PARLEY_DATABASE_URL_{} (or storage.postgres_url)",
+                        g.name,
+                        g.env_suffix()
+                    ));
+                }
+                if s.kind == StorageKind::Embedded && s.postgres_url.is_some() {
+                    return bad(format!("shard_group `{}`: postgres_url given but storage.kind is embedded", g.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this node is part of a cluster (more than one node listed, or seeds to join).
+    pub fn is_clustered(&self) -> bool {
+        self.nodes.len() > 1 || !self.cluster.seeds.is_empty()
+    }
+
+    /// The group a shard belongs to, if any.
+    pub fn group_of(&self, shard: u16) -> Option<&ShardGroupConfig> {
+        self.shard_groups.iter().find(|g| g.contains(shard))
+    }
+
+    /// The entry this process runs as `name`, with command-line overrides applied. A name the
+    /// config does not list is added (it joins through `cluster.seeds`), which needs both
+    /// addresses and at least one seed.
+    pub fn join_as(
+        &mut self,
+        name: &str,
+        http: Option<SocketAddr>,
+        cluster: Option<SocketAddr>,
+        advertise: Option<String>,
+    ) -> Result<NodeEntry, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        match self.nodes.iter_mut().find(|n| n.name == name) {
+            Some(entry) => {
+                entry.http = http.unwrap_or(entry.http);
+                entry.cluster = cluster.unwrap_or(entry.cluster);
+                entry.advertise = advertise.or(entry.advertise.take());
+                Ok(entry.clone())
+            }
+            None => {
+                let (Some(http), Some(cluster)) = (http, cluster) else {
+                    return bad(format!("no [[node]] named `{name}` in the config (to join through cluster.seeds, give --http and --cluster)"));
+                };
+                if self.cluster.seeds.is_empty() {
+                    return bad(format!(
+                        "node `{name}` is not in the config and cluster.seeds is empty: nothing to join"
+                    ));
+                }
+                if name.is_empty() || name.contains(['#', '@']) {
+                    return bad(format!("node name `{name}` must be non-empty without '#' or '@'"));
+                }
+                let entry = NodeEntry { name: name.to_string(), http, cluster, advertise };
+                self.nodes.push(entry.clone());
+                Ok(entry)
+            }
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeEntry> {
@@ -336,6 +527,40 @@ mod tests {
         assert!(Config::from_toml("[cluster]\nshard_count = 0\n").is_err());
         assert!(Config::from_toml("[cluster]\nbogus = 1\n").is_err());
         assert!(Config::from_toml("[storage]\nkind = \"postgres\"\n").is_err());
+    }
+
+    #[test]
+    fn shard_groups_are_validated_and_take_env_overrides() {
+        let two = "[cluster]\nshard_count = 8\n\n[[shard_group]]\nname = \"east\"\nshards = [0, 3]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[[shard_group]]\nname = \"west-2\"\nshards = [4, 7]\nstorage = { kind = \"embedded\", dir = \"west\" }\n";
+        let c = Config::from_toml(two).unwrap();
+        assert_eq!(c.group_of(2).map(|g| g.name.as_str()), Some("east"));
+        assert_eq!(c.group_of(7).map(|g| g.name.as_str()), Some("west-2"));
+        assert!(c.group_of(2).unwrap().storage.is_none(), "east uses the home store");
+
+        let mut c = c;
+        let env = |k: &str| match k {
+            "PARLEY_DATABASE_URL_WEST_2" => Some("postgres://x@127.0.0.1/west".to_string()),
+            "PARLEY_REDIS_URL_EAST" => Some("redis://:secret@127.0.0.1:6380".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        let west = c.group_of(5).unwrap().storage.clone().unwrap();
+        assert_eq!(
+            (west.kind, west.postgres_url.as_deref()),
+            (StorageKind::Postgres, Some("postgres://x@127.0.0.1/west"))
+        );
+        assert_eq!(c.group_of(0).unwrap().redis_url.as_deref(), Some("redis://:secret@127.0.0.1:6380"));
+        c.validate().unwrap();
+
+        let group = |name: &str, a: u16, b: u16| format!("[[shard_group]]\nname = \"{name}\"\nshards = [{a}, {b}]\n");
+        let base = "[cluster]\nshard_count = 8\n";
+        assert!(Config::from_toml(&format!("{base}{}{}", group("a", 0, 4), group("b", 4, 7))).is_err(), "overlap");
+        assert!(Config::from_toml(&format!("{base}{}", group("a", 0, 8))).is_err(), "past shard_count");
+        assert!(Config::from_toml(&format!("{base}{}", group("a", 5, 2))).is_err(), "reversed");
+        assert!(Config::from_toml(&format!("{base}{}{}", group("a", 0, 1), group("a", 2, 3))).is_err(), "same name");
+        assert!(Config::from_toml(&format!("{base}{}", group("no spaces", 0, 1))).is_err(), "bad name");
+        let pg_without_url = format!("{base}{}storage = {{ kind = \"postgres\" }}\n", group("a", 0, 1));
+        assert!(Config::from_toml(&pg_without_url).is_err(), "postgres group without a URL");
     }
 
     #[test]

@@ -69,6 +69,11 @@ impl NodeContext {
         let _ = self.http.set(addr);
     }
 
+    /// Where peers dial this node (its config entry's advertised or cluster address).
+    pub fn dial_address(&self) -> String {
+        self.config.node(&self.node_name).map(|n| n.dial_address()).unwrap_or_default()
+    }
+
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.get().copied()
     }

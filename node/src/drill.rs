@@ -127,14 +127,11 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     if config.nodes.len() < 2 && args.kill_every_secs > 0 {
         bail!("faults need at least two nodes (a survivor to fail over to); the config has {}", config.nodes.len());
     }
-    let store = crate::store_config(&config)?;
-    if args.postgres_every > 0 && !matches!(store, parley_storage::StoreConfig::Postgres { .. }) {
+    let layout = crate::store_layout(&config)?;
+    if args.postgres_every > 0 && !matches!(layout.home, parley_storage::StoreConfig::Postgres { .. }) {
         bail!("--postgres-every needs a Postgres store (storage.kind = \"postgres\")");
     }
-    let store_kind = match store {
-        parley_storage::StoreConfig::Embedded { .. } => "embedded",
-        parley_storage::StoreConfig::Postgres { .. } => "postgres",
-    };
+    let store_kind = crate::store_summary(&layout);
     // PARLEY_DATABASE_URL and any other PARLEY_* setting reach the children by inheritance; only
     // a missing cookie is made up here, handed over through the environment like `parley up` does.
     let mut env = Vec::new();
@@ -182,7 +179,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
 
     // Opened before the faults: the Postgres restart polls it to see the database answer again,
     // and the audits read lease rows and epochs through it afterwards.
-    let stores = parley_storage::open(&store).await.context("opening the store for the audit")?;
+    let stores = parley_storage::open_layout(&layout).await.context("opening the stores for the audit")?;
     let shard_stores = verify::open_shards(&stores, config.cluster.shard_count).await?;
     let plan = faults::FaultPlan {
         every: (args.kill_every_secs > 0).then(|| Duration::from_secs(args.kill_every_secs)),
@@ -309,7 +306,7 @@ struct Report {
     clients: u32,
     conversations: usize,
     nodes: usize,
-    store: &'static str,
+    store: String,
     /// Length of the sending phase including the last resends, seconds.
     duration_s: f64,
     rate: f64,

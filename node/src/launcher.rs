@@ -83,6 +83,9 @@ pub struct LocalNode {
     child: Option<Child>,
     log_dir: PathBuf,
     starts: u32,
+    /// Extra `parley node` arguments and environment (a node that joins through seeds).
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 /// A local cluster: one child process per `[[node]]` of a config file.
@@ -174,6 +177,8 @@ impl LocalCluster {
                 child: None,
                 log_dir: log_dir.to_path_buf(),
                 starts: 0,
+                extra_args: Vec::new(),
+                extra_env: Vec::new(),
             })
             .collect();
         Ok(LocalCluster { nodes, bin, config_path: config_path.to_path_buf(), env })
@@ -187,11 +192,34 @@ impl LocalCluster {
         let log = File::create(node.log_path()).with_context(|| format!("creating {}", node.log_path().display()))?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("node").arg("--config").arg(&self.config_path).args(["--name", &node.name]);
-        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.args(&node.extra_args);
+        cmd.envs(self.env.iter().chain(&node.extra_env).map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         die_with_parent(&mut cmd);
         node.child = Some(cmd.spawn().with_context(|| format!("spawning {}", self.bin.display()))?);
         Ok(())
+    }
+
+    /// Add (not start) a node the config does not list, which joins through `seeds`; returns its
+    /// index. Used to show that membership is not limited to the config file.
+    pub fn add_joiner(
+        &mut self,
+        name: &str,
+        http: std::net::SocketAddr,
+        cluster: std::net::SocketAddr,
+        seeds: &[String],
+    ) -> usize {
+        let log_dir = self.nodes.first().map_or_else(|| PathBuf::from("."), |n| n.log_dir.clone());
+        self.nodes.push(LocalNode {
+            name: name.to_string(),
+            http,
+            child: None,
+            log_dir,
+            starts: 0,
+            extra_args: vec!["--http".into(), http.to_string(), "--cluster".into(), cluster.to_string()],
+            extra_env: vec![("PARLEY_SEEDS".into(), seeds.join(","))],
+        });
+        self.nodes.len() - 1
     }
 
     /// Spawn every node and wait until all are ready.

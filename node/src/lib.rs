@@ -24,11 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use parley_storage::StoreConfig;
+use parley_storage::{GroupLayout, Layout, StoreConfig};
 use ractor::Actor;
 
 use crate::actors::root::{RootActor, RootArgs, RootMsg};
-use crate::config::{Config, StorageKind};
+use crate::config::{Config, StorageConfig, StorageKind};
 use crate::context::{call, NodeContext};
 
 /// How long the whole drain (sessions, shards) may take before the process exits regardless.
@@ -43,21 +43,55 @@ pub struct NodeSpec {
     pub cluster: SocketAddr,
 }
 
-/// The store configuration a node config describes.
-pub fn store_config(config: &Config) -> anyhow::Result<StoreConfig> {
-    Ok(match config.storage.kind {
-        StorageKind::Embedded => StoreConfig::Embedded { dir: config.storage.dir.clone() },
+/// The store a `[storage]` table describes.
+pub fn store_config(storage: &StorageConfig) -> anyhow::Result<StoreConfig> {
+    Ok(match storage.kind {
+        StorageKind::Embedded => StoreConfig::Embedded { dir: storage.dir.clone() },
         StorageKind::Postgres => StoreConfig::Postgres {
-            url: config.storage.postgres_url.clone().context("postgres storage needs PARLEY_DATABASE_URL")?,
-            pool_size: config.storage.pool_size,
+            url: storage.postgres_url.clone().context("postgres storage needs PARLEY_DATABASE_URL")?,
+            pool_size: storage.pool_size,
         },
     })
+}
+
+/// Where a node config puts every shard: the home `[storage]`, and each `[[shard_group]]` that
+/// names its own store.
+pub fn store_layout(config: &Config) -> anyhow::Result<Layout> {
+    let mut layout = Layout::from(store_config(&config.storage)?);
+    for g in &config.shard_groups {
+        let store = match &g.storage {
+            Some(s) => store_config(s).with_context(|| format!("shard_group `{}`", g.name))?,
+            None => layout.home.clone(),
+        };
+        layout.groups.push(GroupLayout { name: g.name.clone(), first: g.shards[0], last: g.shards[1], store });
+    }
+    Ok(layout)
+}
+
+/// "embedded", "postgres", or e.g. "postgres (2 stores)" when shard groups spread the shards.
+pub fn store_summary(layout: &Layout) -> String {
+    let kind = |s: &StoreConfig| match s {
+        StoreConfig::Embedded { .. } => "embedded",
+        StoreConfig::Postgres { .. } => "postgres",
+    };
+    let mut stores: Vec<&StoreConfig> = vec![&layout.home];
+    for g in &layout.groups {
+        if !stores.contains(&&g.store) {
+            stores.push(&g.store);
+        }
+    }
+    let mut kinds: Vec<&str> = stores.iter().map(|s| kind(s)).collect();
+    kinds.dedup();
+    match stores.len() {
+        1 => kinds[0].to_string(),
+        n => format!("{} ({n} stores)", kinds.join("+")),
+    }
 }
 
 /// Run one node until `shutdown` resolves (or the actor tree fails), then drain: stop accepting,
 /// close sessions, drain shards and release their leases, close the stores.
 pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let stores = parley_storage::open(&store_config(&config)?).await.context("opening the store")?;
+    let stores = parley_storage::open_layout(&store_layout(&config)?).await.context("opening the stores")?;
     tracing::info!(node = %spec.name, store = stores.kind(), shards = config.cluster.shard_count, "starting node");
     let ctx = NodeContext::new(config, spec.name.clone(), stores);
 

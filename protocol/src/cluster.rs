@@ -134,6 +134,9 @@ pub enum NodePayload {
         node: String,
         boot_id: String,
         http: String,
+        /// Where peers dial this node (`host:port` of its cluster listener, or its advertised
+        /// address), so that nodes that learn of it by gossip can reach it.
+        dial: String,
     },
     History {
         conversation: ConversationId,
@@ -147,4 +150,10 @@ pub enum NodePayload {
     },
     SummariesResult(Result<Vec<ShardSummary>, ErrorCode>),
     SyncFailed(ErrorCode),
+    /// Gossip: the live members the sender knows, as (node name, dial address). A node that
+    /// joined through a seed learns the rest of the cluster from it and dials them (ractor_cluster
+    /// needs a full mesh).
+    Members {
+        members: Vec<(String, String)>,
+    },
 }

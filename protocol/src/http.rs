@@ -111,6 +111,9 @@ pub struct ShardView {
     pub epoch: u64,
     /// `healthy` when a live owner serves it, else `unowned`.
     pub status: String,
+    /// The `[[shard_group]]` whose store (and Redis) holds the shard; `home` when none claims it.
+    #[serde(default)]
+    pub group: String,
 }
 
 /// Answer of `GET /health` and `/healthz`.

@@ -1,4 +1,4 @@
-//! Parley persistence: the only crate that speaks SQL (or, later, Redis).
+//! Parley persistence: the only crate that speaks SQL or Redis.
 //!
 //! Two traits split persistence by who writes it:
 //! - [`Directory`] — cluster-wide facts written rarely: accounts, tokens, the user → conversation
@@ -9,7 +9,8 @@
 //!
 //! Two backends implement both and pass one conformance suite (`tests/tests/storage_conformance.rs`):
 //! [`sqlite`] (embedded, zero setup, shareable by several processes on one machine) and [`pg`]
-//! (Postgres through deadpool). [`open`] picks one from a [`StoreConfig`].
+//! (Postgres through deadpool). [`open`] picks one from a [`StoreConfig`]; [`open_layout`] opens a
+//! [`Layout`] that spreads groups of shards over several stores.
 
 pub mod error;
 pub mod model;
@@ -98,7 +99,7 @@ pub trait ShardStore: Send + Sync + 'static {
 }
 
 /// Which backend, and where.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreConfig {
     /// Embedded SQLite files under this directory (one per shard plus `directory.db`).
     Embedded { dir: std::path::PathBuf },
@@ -106,11 +107,38 @@ pub enum StoreConfig {
     Postgres { url: String, pool_size: usize },
 }
 
-/// An opened backend: the directory plus a constructor for shard stores.
+/// Where every shard's data lives: a home store (the [`Directory`], and every shard no group
+/// claims) and any number of groups of shards with their own store. Two entries naming the same
+/// store share one backend (one pool, one set of files).
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub home: StoreConfig,
+    pub groups: Vec<GroupLayout>,
+}
+
+/// One group of shards and its store.
+#[derive(Clone, Debug)]
+pub struct GroupLayout {
+    pub name: String,
+    /// First and last shard, inclusive.
+    pub first: u16,
+    pub last: u16,
+    pub store: StoreConfig,
+}
+
+impl From<StoreConfig> for Layout {
+    fn from(home: StoreConfig) -> Self {
+        Layout { home, groups: Vec::new() }
+    }
+}
+
+/// An opened layout: the directory plus, per shard, the backend that stores it.
 #[derive(Clone)]
 pub struct Stores {
     pub directory: Arc<dyn Directory>,
-    backend: Backend,
+    home: Backend,
+    /// (first, last, group name, backend), disjoint.
+    groups: Vec<(u16, u16, String, Backend)>,
 }
 
 #[derive(Clone)]
@@ -119,36 +147,84 @@ enum Backend {
     Pg(pg::PgBackend),
 }
 
-impl Stores {
-    /// The store of one shard. Cheap; opens files/locks lazily for SQLite, shares the pool for Postgres.
-    pub async fn shard(&self, shard: ShardId) -> Result<Arc<dyn ShardStore>> {
-        match &self.backend {
-            Backend::Sqlite(b) => Ok(Arc::new(b.shard(shard).await?)),
-            Backend::Pg(b) => Ok(Arc::new(b.shard(shard))),
-        }
+impl Backend {
+    async fn open(config: &StoreConfig) -> Result<Backend> {
+        Ok(match config {
+            StoreConfig::Embedded { dir } => Backend::Sqlite(sqlite::SqliteBackend::open(dir).await?),
+            StoreConfig::Postgres { url, pool_size } => Backend::Pg(pg::PgBackend::open(url, *pool_size).await?),
+        })
     }
 
-    /// Human-readable backend name for logs and `/api/shards`.
-    pub fn kind(&self) -> &'static str {
-        match &self.backend {
+    fn kind(&self) -> &'static str {
+        match self {
             Backend::Sqlite(_) => "embedded",
             Backend::Pg(_) => "postgres",
         }
     }
 }
 
-/// Open (and migrate) the configured backend.
-pub async fn open(config: &StoreConfig) -> Result<Stores> {
-    match config {
-        StoreConfig::Embedded { dir } => {
-            let b = sqlite::SqliteBackend::open(dir).await?;
-            Ok(Stores { directory: Arc::new(b.directory()), backend: Backend::Sqlite(b) })
-        }
-        StoreConfig::Postgres { url, pool_size } => {
-            let b = pg::PgBackend::open(url, *pool_size).await?;
-            Ok(Stores { directory: Arc::new(b.directory()), backend: Backend::Pg(b) })
+impl Stores {
+    fn backend(&self, shard: ShardId) -> &Backend {
+        self.groups
+            .iter()
+            .find(|(first, last, _, _)| (*first..=*last).contains(&shard.0))
+            .map_or(&self.home, |(_, _, _, b)| b)
+    }
+
+    /// The store of one shard (in its group's backend). Cheap; opens files/locks lazily for
+    /// SQLite, shares the pool for Postgres.
+    pub async fn shard(&self, shard: ShardId) -> Result<Arc<dyn ShardStore>> {
+        match self.backend(shard) {
+            Backend::Sqlite(b) => Ok(Arc::new(b.shard(shard).await?)),
+            Backend::Pg(b) => Ok(Arc::new(b.shard(shard))),
         }
     }
+
+    /// The name of the group that stores `shard` ("home" when no group claims it).
+    pub fn group_name(&self, shard: ShardId) -> &str {
+        self.groups
+            .iter()
+            .find(|(first, last, _, _)| (*first..=*last).contains(&shard.0))
+            .map_or("home", |(_, _, name, _)| name.as_str())
+    }
+
+    /// Human-readable backend name of the home store, for logs and `/api/shards`.
+    pub fn kind(&self) -> &'static str {
+        self.home.kind()
+    }
+
+    /// The backend name of the store of `shard`.
+    pub fn shard_kind(&self, shard: ShardId) -> &'static str {
+        self.backend(shard).kind()
+    }
+}
+
+/// Open (and migrate) a single store that holds everything.
+pub async fn open(config: &StoreConfig) -> Result<Stores> {
+    open_layout(&Layout::from(config.clone())).await
+}
+
+/// Open (and migrate) every store of a layout, each distinct one once.
+pub async fn open_layout(layout: &Layout) -> Result<Stores> {
+    let home = Backend::open(&layout.home).await?;
+    let directory: Arc<dyn Directory> = match &home {
+        Backend::Sqlite(b) => Arc::new(b.directory()),
+        Backend::Pg(b) => Arc::new(b.directory()),
+    };
+    let mut opened: Vec<(StoreConfig, Backend)> = vec![(layout.home.clone(), home.clone())];
+    let mut groups = Vec::new();
+    for g in &layout.groups {
+        let backend = match opened.iter().find(|(c, _)| *c == g.store) {
+            Some((_, b)) => b.clone(),
+            None => {
+                let b = Backend::open(&g.store).await?;
+                opened.push((g.store.clone(), b.clone()));
+                b
+            }
+        };
+        groups.push((g.first, g.last, g.name.clone(), backend));
+    }
+    Ok(Stores { directory, home, groups })
 }
 
 /// Tokens are stored only as their SHA-256, so a leaked table does not leak live sessions.

@@ -35,6 +35,18 @@ impl TestCluster {
         shard_count: u16,
         lease_ttl_ms: u64,
     ) -> anyhow::Result<TestCluster> {
+        Self::start_with(n, start, storage, shard_count, lease_ttl_ms, "").await
+    }
+
+    /// [`TestCluster::start`] with `extra` TOML appended to the config (e.g. `[[shard_group]]`s).
+    pub async fn start_with(
+        n: usize,
+        start: usize,
+        storage: &Storage,
+        shard_count: u16,
+        lease_ttl_ms: u64,
+        extra: &str,
+    ) -> anyhow::Result<TestCluster> {
         let dir = TempDir::new("parley-cluster");
         let storage_toml = match storage {
             Storage::Embedded(path) => format!("kind = \"embedded\"\ndir = \"{}\"\n", path.display()),
@@ -45,6 +57,8 @@ impl TestCluster {
             "[cluster]\nshard_count = {shard_count}\nlease_ttl_ms = {lease_ttl_ms}\nrenew_interval_ms = {}\n\n[storage]\n{storage_toml}\n",
             (lease_ttl_ms / 3).max(1)
         );
+        text.push_str(extra);
+        text.push('\n');
         for i in 1..=n {
             text.push_str(&format!(
                 "[[node]]\nname = \"n{i}\"\nhttp = \"127.0.0.1:{}\"\ncluster = \"127.0.0.1:{}\"\n\n",

@@ -257,6 +257,50 @@ async fn a_joining_node_takes_its_shards_without_loss() {
     }
 }
 
+/// A node no config lists joins through a seed: it learns the other members by gossip, they learn
+/// it, every pair connects, and it serves shards that the others route to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_missing_from_the_config_joins_through_a_seed() {
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(2, 2, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    // Seeded with n1 only; n2 (whose name sorts before "n9") must learn of it by gossip and dial it.
+    let seed = cluster.config.nodes[0].cluster.to_string();
+    let joiner = cluster.nodes.add_joiner(
+        "n9",
+        format!("127.0.0.1:{}", parley_tests::free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", parley_tests::free_port()).parse().unwrap(),
+        &[seed],
+    );
+    cluster.nodes.spawn(joiner).unwrap();
+    cluster.nodes.nodes[joiner].wait_ready(parley_node::launcher::READY_TIMEOUT).await.unwrap();
+    let map = cluster.wait_converged(&[0, 1, joiner], T).await.unwrap();
+    assert!(map.iter().any(|s| s.owner.as_deref() == Some("n9")), "the joiner serves shards: {map:?}");
+    for via in [0, 1] {
+        let (_, body) = cluster.client(via).raw("GET", "/v1/cluster", None, None).await.unwrap();
+        let n9 = body["members"].as_array().unwrap().iter().find(|m| m["node"] == "n9").cloned();
+        assert_eq!(
+            n9.map(|m| m["alive"].clone()),
+            Some(serde_json::json!(true)),
+            "{} sees n9 alive",
+            cluster.name(via)
+        );
+    }
+    // Sender on n1, recipient on n2, the conversation's shard on n9: both links to n9 carry it.
+    let (alice, bob, _) = pair_on(&cluster, &map, joiner).await;
+    let mut a = cluster.client(0).connect(&alice.token, "a").await.unwrap();
+    let mut b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
+    b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    a.send_message(bob.user_id, "via the joiner", "s-1").await.unwrap();
+    expect_body(&mut b, "via the joiner").await;
+}
+
+async fn expect_body(conn: &mut Connection, body: &str) {
+    match conn.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == body)).await {
+        Ok(_) => {}
+        other => panic!("expected {body:?}, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_from_a_peer_crash_nobody() {
     use parley_node::actors::gateway::{GatewayMsg, GATEWAY_GROUP};

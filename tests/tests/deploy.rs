@@ -32,6 +32,10 @@ fn compose_services_match_the_shipped_cluster_config() {
         assert!(compose.contains(&format!("\n  {service}")), "service {service} missing");
     }
     assert!(!compose.contains("POSTGRES_PASSWORD:"), "passwords come from secret files");
+    assert!(
+        compose.contains("PARLEY_REDIS_URL: redis://redis:6379/0"),
+        "the nodes use the redis service as their cache"
+    );
 }
 
 #[test]

@@ -8,7 +8,12 @@
 //!   frozen peer (SIGSTOP), so the agent pings every peer's gateway each [`HEARTBEAT`] and declares
 //!   it down after [`PEER_DOWN_AFTER`] of silence;
 //! - **identity per boot**: the `NodeServer` name is the node's boot id (`n1#<uuid>`), so a
-//!   restarted node is a new peer, never confused with (or refused because of) its previous life.
+//!   restarted node is a new peer, never confused with (or refused because of) its previous life;
+//! - **joining through seeds**: a node need not be listed in every peer's config. It dials the
+//!   `cluster.seeds` addresses, and every node gossips its live members (name, dial address) each
+//!   second, so the newcomer learns the others and the others learn it; each pair then connects
+//!   (ractor_cluster does not relay, so the mesh must be full). Learned nodes silent for
+//!   [`FORGET_LEARNED_AFTER`] stop being dialled.
 //!
 //! Its outputs: the live member list for the shard manager (placement), the peers' gateways for
 //! fan-out, and remote routes (peers announce the shards they serve every heartbeat).
@@ -38,6 +43,13 @@ const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bound on one identify or ping call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Members are gossiped every this many heartbeats (1 s).
+const GOSSIP_EVERY_TICKS: u64 = 5;
+/// A gossip list longer than this is ignored (a bound on what a peer can make us dial).
+const MAX_GOSSIP_MEMBERS: usize = 1_024;
+/// A node learned by gossip (not in our config) that has not been alive for this long is
+/// forgotten: it left the cluster, and dialling it forever would be noise.
+const FORGET_LEARNED_AFTER: Duration = Duration::from_secs(300);
 
 pub struct ClusterAgentActor;
 
@@ -52,8 +64,16 @@ struct Peer {
     boot_id: String,
     gateway: ActorRef<GatewayMsg>,
     http: String,
+    /// Where it is dialled (from its identity).
+    dial: String,
     last_seen: Instant,
     alive: bool,
+}
+
+struct Known {
+    dial: String,
+    /// `None` for nodes of our own config (never forgotten).
+    learned: Option<Instant>,
 }
 
 struct Dial {
@@ -72,7 +92,11 @@ pub struct ClusterAgentState {
     /// Open ractor_cluster sessions per peer node name.
     sessions: HashMap<String, usize>,
     dials: HashMap<String, Dial>,
+    /// Every node we know how to dial, by name: the config's, and those learned by gossip (with
+    /// when they were learned or last alive, for forgetting them).
+    known: HashMap<String, Known>,
     members: Vec<String>,
+    ticks: u64,
     started: Instant,
     /// Whether the shard manager has been told it may place shards (see `STARTUP_SETTLE`).
     settled: bool,
@@ -97,12 +121,32 @@ pub enum ClusterAgentMsg {
     Tick,
     SessionUp(String),
     SessionDown(String),
-    DialDone { node: String, ok: bool },
-    Identified { cell: ActorId, gateway: ActorRef<GatewayMsg>, node: String, boot_id: String, http: String },
+    DialDone {
+        node: String,
+        ok: bool,
+    },
+    Identified {
+        cell: ActorId,
+        gateway: ActorRef<GatewayMsg>,
+        node: String,
+        boot_id: String,
+        http: String,
+        dial: String,
+    },
     IdentifyFailed(ActorId),
-    Alive { node: String, boot_id: String },
-    Served { node: String, boot_id: String, shards: Vec<(ShardId, Epoch)> },
-    Members { reply: RpcReplyPort<Vec<MemberView>> },
+    Alive {
+        node: String,
+        boot_id: String,
+    },
+    Served {
+        node: String,
+        boot_id: String,
+        shards: Vec<(ShardId, Epoch)>,
+    },
+    Gossip(Vec<(String, String)>),
+    Members {
+        reply: RpcReplyPort<Vec<MemberView>>,
+    },
 }
 
 /// The node name in a ractor_cluster peer name `n1#<boot>@host`.
@@ -135,16 +179,23 @@ impl ClusterAgentState {
     fn dial_due(&mut self, me: &ActorRef<ClusterAgentMsg>) {
         let Some(ns) = self.node_server.clone() else { return };
         let now = Instant::now();
-        let targets: Vec<(String, String)> = self
-            .ctx
-            .config
-            .nodes
+        // The smaller name dials the larger: one connection per pair, no duplicate-session
+        // churn. Whoever restarts is re-dialled by (or re-dials) its peers.
+        let mut targets: Vec<(String, String)> = self
+            .known
             .iter()
-            // The smaller name dials the larger: one connection per pair, no duplicate-session
-            // churn. Whoever restarts is re-dialled by (or re-dials) its peers.
-            .filter(|n| n.name > self.ctx.node_name && !self.sessions.contains_key(&n.name))
-            .map(|n| (n.name.clone(), n.dial_address()))
+            .filter(|(name, _)| **name > self.ctx.node_name && !self.sessions.contains_key(*name))
+            .map(|(name, k)| (name.clone(), k.dial.clone()))
             .collect();
+        // Seeds are dialled by address, whatever their name, until a live peer answers from that
+        // address: that is how a node missing from the others' configs gets known to them.
+        let reached: HashSet<&str> = self.peers.values().filter(|p| p.alive).map(|p| p.dial.as_str()).collect();
+        let own = self.ctx.dial_address();
+        for seed in &self.ctx.config.cluster.seeds {
+            if !reached.contains(seed.as_str()) && *seed != own {
+                targets.push((format!("seed {seed}"), seed.clone()));
+            }
+        }
         for (node, addr) in targets {
             let dial = self.dials.entry(node.clone()).or_insert(Dial {
                 next: now,
@@ -179,8 +230,8 @@ impl ClusterAgentState {
             let me = me.clone();
             tokio::spawn(async move {
                 let msg = match remote_call(&gateway, &NodePayload::Identify, CALL_TIMEOUT).await {
-                    Ok(NodePayload::Identity { node, boot_id, http }) => {
-                        ClusterAgentMsg::Identified { cell: id, gateway, node, boot_id, http }
+                    Ok(NodePayload::Identity { node, boot_id, http, dial }) => {
+                        ClusterAgentMsg::Identified { cell: id, gateway, node, boot_id, http, dial }
                     }
                     _ => ClusterAgentMsg::IdentifyFailed(id),
                 };
@@ -216,7 +267,7 @@ impl ClusterAgentState {
         members.push(self.me().to_string());
         members.sort();
         let configured = self.ctx.config.nodes.len();
-        let settled_now = !self.settled && (members.len() == configured || self.started.elapsed() >= STARTUP_SETTLE);
+        let settled_now = !self.settled && (members.len() >= configured || self.started.elapsed() >= STARTUP_SETTLE);
         if members != self.members || settled_now {
             tracing::info!(?members, "membership changed");
             self.members = members.clone();
@@ -242,6 +293,58 @@ impl ClusterAgentState {
         }
     }
 
+    /// Tell every live peer who we know is alive (ourselves included).
+    fn gossip(&self) {
+        let mut members: Vec<(String, String)> =
+            self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.dial.clone())).collect();
+        members.push((self.ctx.node_name.clone(), self.ctx.dial_address()));
+        let bytes = codec::encode(&NodePayload::Members { members });
+        for peer in self.peers.values().filter(|p| p.alive) {
+            let _ = peer.gateway.cast(GatewayMsg::Frame(bytes.clone()));
+        }
+    }
+
+    /// Learn nodes from a peer's gossip; forget learned ones long gone.
+    fn learn(&mut self, members: Vec<(String, String)>) {
+        if members.len() > MAX_GOSSIP_MEMBERS {
+            tracing::warn!(n = members.len(), "oversized member gossip ignored");
+            return;
+        }
+        let now = Instant::now();
+        for (node, dial) in members {
+            if node == self.ctx.node_name || node.is_empty() || dial.is_empty() {
+                continue;
+            }
+            match self.known.get_mut(&node) {
+                Some(k) => {
+                    if k.learned.is_some() {
+                        k.learned = Some(now);
+                        k.dial = dial;
+                    }
+                }
+                None => {
+                    tracing::info!(peer = %node, %dial, "learned of a node by gossip");
+                    self.known.insert(node, Known { dial, learned: Some(now) });
+                }
+            }
+        }
+    }
+
+    fn forget_departed(&mut self) {
+        let now = Instant::now();
+        let alive: HashSet<String> = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, _)| n.clone()).collect();
+        self.known.retain(|name, k| match k.learned {
+            None => true,
+            Some(_) if alive.contains(name) => true,
+            Some(at) => now.duration_since(at) < FORGET_LEARNED_AFTER,
+        });
+        for (name, k) in self.known.iter_mut() {
+            if alive.contains(name) && k.learned.is_some() {
+                k.learned = Some(now);
+            }
+        }
+    }
+
     fn peer_down(&mut self, node: &str, why: &str) {
         if let Some(peer) = self.peers.get_mut(node) {
             if peer.alive {
@@ -263,7 +366,7 @@ impl Actor for ClusterAgentActor {
         me: ActorRef<ClusterAgentMsg>,
         args: ClusterAgentArgs,
     ) -> Result<ClusterAgentState, ActorProcessingErr> {
-        let clustered = args.ctx.config.nodes.len() > 1;
+        let clustered = args.ctx.config.is_clustered();
         let node_server = match (&args.ctx.config.cluster.cookie, clustered) {
             (Some(cookie), true) => {
                 let server = NodeServer::new(
@@ -290,7 +393,17 @@ impl Actor for ClusterAgentActor {
             _ => None,
         };
         let _ = me.cast(ClusterAgentMsg::Tick);
+        let known = args
+            .ctx
+            .config
+            .nodes
+            .iter()
+            .filter(|n| n.name != args.ctx.node_name)
+            .map(|n| (n.name.clone(), Known { dial: n.dial_address(), learned: None }))
+            .collect();
         Ok(ClusterAgentState {
+            known,
+            ticks: 0,
             members: vec![args.ctx.node_name.clone()],
             ctx: args.ctx,
             shards: args.shards,
@@ -318,6 +431,11 @@ impl Actor for ClusterAgentActor {
                     state.heartbeat(&me);
                     state.refresh_members();
                     state.announce();
+                    state.ticks += 1;
+                    if state.ticks.is_multiple_of(GOSSIP_EVERY_TICKS) {
+                        state.gossip();
+                        state.forget_departed();
+                    }
                     me.send_after(HEARTBEAT, || ClusterAgentMsg::Tick);
                 }
             }
@@ -354,12 +472,13 @@ impl Actor for ClusterAgentActor {
                     }
                 }
             }
-            ClusterAgentMsg::Identified { cell, gateway, node, boot_id, http } => {
+            ClusterAgentMsg::Identified { cell, gateway, node, boot_id, http, dial } => {
                 if node == state.ctx.node_name {
                     return Ok(());
                 }
-                tracing::info!(peer = %node, boot = %boot_id, %cell, "peer identified");
-                state.peers.insert(node, Peer { boot_id, gateway, http, last_seen: Instant::now(), alive: true });
+                tracing::info!(peer = %node, boot = %boot_id, %cell, %dial, "peer identified");
+                state.learn(vec![(node.clone(), dial.clone())]);
+                state.peers.insert(node, Peer { boot_id, gateway, http, dial, last_seen: Instant::now(), alive: true });
                 state.refresh_members();
             }
             ClusterAgentMsg::IdentifyFailed(cell) => {
@@ -377,6 +496,7 @@ impl Actor for ClusterAgentActor {
                     }
                 }
             }
+            ClusterAgentMsg::Gossip(members) => state.learn(members),
             ClusterAgentMsg::Served { node, boot_id, shards } => {
                 if let Some(p) = state.peers.get(&node) {
                     if p.alive && p.boot_id == boot_id {

@@ -72,6 +72,9 @@ impl GatewayState {
             NodePayload::ShardsServed { node, boot_id, shards } => {
                 let _ = self.agent.cast(ClusterAgentMsg::Served { node, boot_id, shards });
             }
+            NodePayload::Members { members } => {
+                let _ = self.agent.cast(ClusterAgentMsg::Gossip(members));
+            }
             other => tracing::warn!(payload = ?std::mem::discriminant(&other), "unexpected frame from a peer; dropped"),
         }
     }
@@ -93,6 +96,7 @@ impl GatewayState {
                 node: ctx.node_name.clone(),
                 boot_id: ctx.boot_id.clone(),
                 http: ctx.http_addr().map(|a| a.to_string()).unwrap_or_default(),
+                dial: ctx.dial_address(),
             },
             NodePayload::Sync(req) => match shard {
                 Some(shard) => match call(&shard, |reply| ShardMsg::Sync { req, reply }, timeout, "shard sync").await {

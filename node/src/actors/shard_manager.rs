@@ -241,7 +241,7 @@ impl Actor for ShardManagerActor {
         };
         // Alone, serve at once. In a cluster, wait until the agent reports a settled membership
         // (`Members`): acting on a one-node view would grab shards that live peers own.
-        let clustered = state.ctx.config.nodes.len() > 1 && state.ctx.config.cluster.cookie.is_some();
+        let clustered = state.ctx.config.is_clustered() && state.ctx.config.cluster.cookie.is_some();
         state.placing = !clustered;
         if state.placing {
             state.acquire_missing(&me).await;

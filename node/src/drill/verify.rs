@@ -406,6 +406,7 @@ mod tests {
                     shard_id: i as u16,
                     owner: (!o.is_empty()).then(|| o.to_string()),
                     epoch: 1,
+                    group: "home".into(),
                     status: if o.is_empty() { "unowned" } else { "healthy" }.into(),
                 })
                 .collect(),
