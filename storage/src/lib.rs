@@ -11,6 +11,7 @@
 //! [`sqlite`] (embedded, zero setup, shareable by several processes on one machine) and [`pg`]
 //! (Postgres through deadpool). [`open`] picks one from a [`StoreConfig`].
 
+pub mod cache;
 pub mod error;
 pub mod model;
 pub mod pg;
@@ -24,6 +25,7 @@ use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::{ConversationId, Epoch, Seq, ShardId, UserId};
 
+pub use cache::{CacheOptions, CacheStats, RecentCache, ShardCache};
 pub use error::StorageError;
 pub use model::*;
 
