@@ -13,6 +13,7 @@ need=()
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pg_isready >/dev/null || need+=(postgresql-client)
+command -v redis-server >/dev/null || need+=(redis-server)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 if ((${#need[@]})); then
   log "installing ${need[*]}"

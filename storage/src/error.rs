@@ -15,6 +15,11 @@ pub enum StorageError {
     Pool(String),
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A Redis round took longer than its bound; what it did in Redis is unknown.
+    #[error("redis: no answer within {0:?}")]
+    RedisTimeout(std::time::Duration),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("corrupt row: {0}")]

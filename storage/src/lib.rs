@@ -12,6 +12,7 @@
 //! (Postgres through deadpool). [`open`] picks one from a [`StoreConfig`]; [`open_layout`] opens a
 //! [`Layout`] that spreads groups of shards over several stores.
 
+pub mod cache;
 pub mod error;
 pub mod model;
 pub mod pg;
@@ -25,6 +26,7 @@ use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::{ConversationId, Epoch, Seq, ShardId, UserId};
 
+pub use cache::{CacheOptions, CacheStats, RecentCache, ShardCache};
 pub use error::StorageError;
 pub use model::*;
 

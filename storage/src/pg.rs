@@ -47,7 +47,7 @@ const MIGRATION_LOCK_CLASS: i32 = 0x7061_726d;
 
 /// Pages the store returns are clamped to this many rows whatever the caller asks: a bug or a
 /// hostile limit upstream must not turn into an unbounded read.
-const MAX_ROWS: u32 = 1_000;
+pub(crate) const MAX_ROWS: u32 = 1_000;
 
 /// Longest lease a caller can take. Leases are renewed every few seconds; a longer TTL would only
 /// let a stalled owner (whose session lock is still alive) block its shards for longer.

@@ -34,7 +34,7 @@ use crate::{Directory, Result, ShardStore, StorageError};
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
 /// The store refuses page sizes above this whatever the caller asks (defence in depth).
-const MAX_ROWS: u32 = 1_000;
+pub(crate) const MAX_ROWS: u32 = 1_000;
 
 type Conn = Arc<Mutex<Connection>>;
 

@@ -1,10 +1,12 @@
 //! Test harness for Parley's end-to-end tests: real node processes ([`node`]), a real Postgres
-//! ([`postgres`]) and scratch directories ([`TempDir`]). Tests live in `tests/tests/*.rs` and drive
-//! the `parley` binary from outside, through the typed client in `parley_node::client`.
+//! ([`postgres`]), a real Redis ([`redis`]) and scratch directories ([`TempDir`]). Tests live in
+//! `tests/tests/*.rs` and drive the `parley` binary from outside, through the typed client in
+//! `parley_node::client`.
 
 pub mod cluster;
 pub mod node;
 pub mod postgres;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
