@@ -90,10 +90,11 @@ pub struct RedisConfig {
     /// `redis://host:port/db` of the shards outside every group; none = no cache. Prefer
     /// `PARLEY_REDIS_URL` when the URL carries a password.
     pub url: Option<String>,
-    /// Most recent messages kept per conversation (a page of history inside them is a hit).
+    /// Most recent messages kept per conversation (a page of history inside them is a hit);
+    /// 1..=1000.
     pub capacity: u32,
     /// Every cached key expires after this long without writes, which bounds Redis memory to the
-    /// conversations active within it.
+    /// conversations active within it. At least 60 s (a fill must never outlive its guard key).
     pub ttl_ms: u64,
     /// Longest a cache operation may take before the node gives up on it (and reads the store).
     pub op_timeout_ms: u64,
@@ -396,8 +397,10 @@ impl Config {
         if self.storage.kind == StorageKind::Postgres && self.storage.postgres_url.is_none() {
             return bad("storage.kind = postgres needs PARLEY_DATABASE_URL (or storage.postgres_url)");
         }
-        if self.redis.capacity == 0 || self.redis.ttl_ms == 0 || self.redis.op_timeout_ms == 0 {
-            return bad("redis.capacity, redis.ttl_ms and redis.op_timeout_ms must be positive");
+        if !(1..=1000).contains(&self.redis.capacity) || self.redis.ttl_ms < 60_000 || self.redis.op_timeout_ms == 0 {
+            return bad(
+                "redis.capacity must be in 1..=1000, redis.ttl_ms at least 60000, redis.op_timeout_ms positive",
+            );
         }
         self.validate_groups()?;
         let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use parley_storage::{GroupLayout, Layout, StoreConfig};
+use parley_storage::{CacheOptions, GroupLayout, Layout, StoreConfig};
 use ractor::Actor;
 
 use crate::actors::root::{RootActor, RootArgs, RootMsg};
@@ -58,12 +58,25 @@ pub fn store_config(storage: &StorageConfig) -> anyhow::Result<StoreConfig> {
 /// names its own store.
 pub fn store_layout(config: &Config) -> anyhow::Result<Layout> {
     let mut layout = Layout::from(store_config(&config.storage)?);
+    layout.home_redis = config.redis.url.clone();
+    layout.cache = CacheOptions {
+        capacity: config.redis.capacity,
+        ttl_ms: config.redis.ttl_ms,
+        op_timeout: Duration::from_millis(config.redis.op_timeout_ms),
+        ..CacheOptions::default()
+    };
     for g in &config.shard_groups {
         let store = match &g.storage {
             Some(s) => store_config(s).with_context(|| format!("shard_group `{}`", g.name))?,
             None => layout.home.clone(),
         };
-        layout.groups.push(GroupLayout { name: g.name.clone(), first: g.shards[0], last: g.shards[1], store });
+        layout.groups.push(GroupLayout {
+            name: g.name.clone(),
+            first: g.shards[0],
+            last: g.shards[1],
+            store,
+            redis: g.redis_url.clone(),
+        });
     }
     Ok(layout)
 }

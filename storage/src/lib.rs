@@ -115,7 +115,11 @@ pub enum StoreConfig {
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub home: StoreConfig,
+    /// Redis history cache of the shards no group claims; none = no cache.
+    pub home_redis: Option<String>,
     pub groups: Vec<GroupLayout>,
+    /// How every cache behaves.
+    pub cache: CacheOptions,
 }
 
 /// One group of shards and its store.
@@ -126,11 +130,13 @@ pub struct GroupLayout {
     pub first: u16,
     pub last: u16,
     pub store: StoreConfig,
+    /// The group's Redis history cache; none = no cache for these shards.
+    pub redis: Option<String>,
 }
 
 impl From<StoreConfig> for Layout {
     fn from(home: StoreConfig) -> Self {
-        Layout { home, groups: Vec::new() }
+        Layout { home, home_redis: None, groups: Vec::new(), cache: CacheOptions::default() }
     }
 }
 
@@ -139,8 +145,18 @@ impl From<StoreConfig> for Layout {
 pub struct Stores {
     pub directory: Arc<dyn Directory>,
     home: Backend,
-    /// (first, last, group name, backend), disjoint.
-    groups: Vec<(u16, u16, String, Backend)>,
+    home_cache: Option<RecentCache>,
+    groups: Vec<OpenGroup>,
+}
+
+/// An opened group of shards (ranges are disjoint).
+#[derive(Clone)]
+struct OpenGroup {
+    first: u16,
+    last: u16,
+    name: String,
+    backend: Backend,
+    cache: Option<RecentCache>,
 }
 
 #[derive(Clone)]
@@ -166,11 +182,12 @@ impl Backend {
 }
 
 impl Stores {
+    fn group(&self, shard: ShardId) -> Option<&OpenGroup> {
+        self.groups.iter().find(|g| (g.first..=g.last).contains(&shard.0))
+    }
+
     fn backend(&self, shard: ShardId) -> &Backend {
-        self.groups
-            .iter()
-            .find(|(first, last, _, _)| (*first..=*last).contains(&shard.0))
-            .map_or(&self.home, |(_, _, _, b)| b)
+        self.group(shard).map_or(&self.home, |g| &g.backend)
     }
 
     /// The store of one shard (in its group's backend). Cheap; opens files/locks lazily for
@@ -182,12 +199,17 @@ impl Stores {
         }
     }
 
+    /// The Redis history cache of `shard`'s group, if it has one.
+    pub fn cache(&self, shard: ShardId) -> Option<&RecentCache> {
+        match self.group(shard) {
+            Some(g) => g.cache.as_ref(),
+            None => self.home_cache.as_ref(),
+        }
+    }
+
     /// The name of the group that stores `shard` ("home" when no group claims it).
     pub fn group_name(&self, shard: ShardId) -> &str {
-        self.groups
-            .iter()
-            .find(|(first, last, _, _)| (*first..=*last).contains(&shard.0))
-            .map_or("home", |(_, _, name, _)| name.as_str())
+        self.group(shard).map_or("home", |g| g.name.as_str())
     }
 
     /// Human-readable backend name of the home store, for logs and `/api/shards`.
@@ -214,6 +236,17 @@ pub async fn open_layout(layout: &Layout) -> Result<Stores> {
         Backend::Pg(b) => Arc::new(b.directory()),
     };
     let mut opened: Vec<(StoreConfig, Backend)> = vec![(layout.home.clone(), home.clone())];
+    let mut caches: Vec<(String, RecentCache)> = Vec::new();
+    let mut cache_for = |url: &Option<String>| -> Result<Option<RecentCache>> {
+        let Some(url) = url else { return Ok(None) };
+        if let Some((_, c)) = caches.iter().find(|(u, _)| u == url) {
+            return Ok(Some(c.clone()));
+        }
+        let c = RecentCache::new(url, layout.cache.clone())?;
+        caches.push((url.clone(), c.clone()));
+        Ok(Some(c))
+    };
+    let home_cache = cache_for(&layout.home_redis)?;
     let mut groups = Vec::new();
     for g in &layout.groups {
         let backend = match opened.iter().find(|(c, _)| *c == g.store) {
@@ -224,9 +257,10 @@ pub async fn open_layout(layout: &Layout) -> Result<Stores> {
                 b
             }
         };
-        groups.push((g.first, g.last, g.name.clone(), backend));
+        let cache = cache_for(&g.redis)?;
+        groups.push(OpenGroup { first: g.first, last: g.last, name: g.name.clone(), backend, cache });
     }
-    Ok(Stores { directory, home, groups })
+    Ok(Stores { directory, home, home_cache, groups })
 }
 
 /// Tokens are stored only as their SHA-256, so a leaked table does not leak live sessions.

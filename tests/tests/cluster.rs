@@ -257,6 +257,95 @@ async fn a_joining_node_takes_its_shards_without_loss() {
     }
 }
 
+/// Register pairs until one's conversation lands on a shard accepted by `want`.
+async fn pair_where(http: &Client, want: impl Fn(u16) -> bool) -> (TokenResponse, TokenResponse, ConversationId) {
+    for _ in 0..200 {
+        let (a, b) = (register(http, "g").await, register(http, "h").await);
+        let conv = ConversationId::direct(a.user_id, b.user_id);
+        if want(shard_for(conv, SHARDS).0) {
+            return (a, b, conv);
+        }
+    }
+    panic!("no pair landed where wanted");
+}
+
+/// `[[shard_group]]`: shards 0-7 live in their own Postgres database with a Redis history cache;
+/// 8-15 stay in the home database without one. Each conversation's rows and lease are in its
+/// group's store only, the cache fills for the group that has one, and a kill -9 of the owner
+/// loses nothing and serves correct pages from the new owner (new epoch, fresh cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_groups_keep_their_rows_leases_and_cache_apart() {
+    let home = TestPostgres::start().await.unwrap();
+    let east = TestPostgres::start().await.unwrap();
+    let redis = parley_tests::redis::TestRedis::start().await.unwrap();
+    let extra = format!(
+        "[[shard_group]]\nname = \"east\"\nshards = [0, 7]\nstorage = {{ kind = \"postgres\", pool_size = 4, postgres_url = \"{}\" }}\nredis_url = \"{}\"\n",
+        east.url(),
+        redis.url()
+    );
+    let mut cluster =
+        TestCluster::start_with(3, 3, &Storage::Postgres(home.url().into()), SHARDS, LEASE_MS, &extra).await.unwrap();
+    let http = cluster.client(0);
+    let (ea, eb, east_conv) = pair_where(&http, |s| s <= 7).await;
+    let (ha, hb, home_conv) = pair_where(&http, |s| s >= 8).await;
+    let mut conn = None;
+    for i in 0..3 {
+        send_until_acked(&cluster, &[0, 1, 2], &mut conn, &ea.token, eb.user_id, "e", &format!("e-{i}")).await;
+    }
+    let mut conn = None;
+    for i in 0..3 {
+        send_until_acked(&cluster, &[0, 1, 2], &mut conn, &ha.token, hb.user_id, "h", &format!("h-{i}")).await;
+    }
+    // Two reads each: the first fills the east cache, the second is served from it.
+    for _ in 0..2 {
+        assert_eq!(stored(&cluster.client(1), &eb.token, east_conv).await.len(), 3);
+        assert_eq!(stored(&cluster.client(1), &hb.token, home_conv).await.len(), 3);
+    }
+
+    let pg_store = |url: &str| StoreConfig::Postgres { url: url.into(), pool_size: 1 };
+    let home_db = parley_storage::open(&pg_store(home.url())).await.unwrap();
+    let east_db = parley_storage::open(&pg_store(east.url())).await.unwrap();
+    let (east_shard, home_shard) = (shard_for(east_conv, SHARDS), shard_for(home_conv, SHARDS));
+    let count = |stores: &parley_storage::Stores, shard, conv| {
+        let stores = stores.clone();
+        async move { stores.shard(shard).await.unwrap().history(conv, None, 100).await.unwrap().0.len() }
+    };
+    assert_eq!(count(&east_db, east_shard, east_conv).await, 3, "east rows in the east database");
+    assert_eq!(count(&home_db, east_shard, east_conv).await, 0, "and not in the home database");
+    assert_eq!(count(&home_db, home_shard, home_conv).await, 3, "home rows in the home database");
+    assert_eq!(count(&east_db, home_shard, home_conv).await, 0, "and not in the east database");
+    let lease = |stores: &parley_storage::Stores, shard| {
+        let stores = stores.clone();
+        async move { stores.shard(shard).await.unwrap().lease_info().await.unwrap() }
+    };
+    assert!(lease(&east_db, east_shard).await.owner.is_some(), "the east shard's lease is in its store");
+    assert_eq!(lease(&home_db, east_shard).await.epoch.0, 0, "the home store never leased an east shard");
+    // Users and tokens live in the home store only.
+    assert!(home_db.directory.user_by_name(&ea.username).await.unwrap().is_some());
+    assert!(east_db.directory.user_by_name(&ea.username).await.unwrap().is_none());
+
+    let mut r = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("parley:h:*").query_async(&mut r).await.unwrap();
+    assert!(keys.iter().any(|k| k.contains(&east_conv.0.to_string())), "the east page was cached: {keys:?}");
+    assert!(!keys.iter().any(|k| k.contains(&home_conv.0.to_string())), "home has no cache: {keys:?}");
+
+    // The owner of the east shard dies; the survivors take over and pages stay exact.
+    let map = cluster.wait_converged(&[0, 1, 2], T).await.unwrap();
+    let owner = cluster.owner_index(&map, east_shard.0).unwrap();
+    let (_, body) = cluster.client(0).raw("GET", "/v1/cluster", None, None).await.unwrap();
+    assert_eq!(body["shards"][east_shard.0 as usize]["group"], "east");
+    cluster.nodes.nodes[owner].kill9();
+    let live: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let mut conn = None;
+    send_until_acked(&cluster, &live, &mut conn, &ea.token, eb.user_id, "e", "e-3").await;
+    let rows = stored(&cluster.client(live[0]), &eb.token, east_conv).await;
+    assert_eq!(
+        rows.iter().map(|(id, seq)| (id.as_str(), *seq)).collect::<Vec<_>>(),
+        vec![("e-0", 1), ("e-1", 2), ("e-2", 3), ("e-3", 4)]
+    );
+    assert_eq!(count(&east_db, east_shard, east_conv).await, 4);
+}
+
 /// A node no config lists joins through a seed: it learns the other members by gossip, they learn
 /// it, every pair connects, and it serves shards that the others route to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

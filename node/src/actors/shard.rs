@@ -215,7 +215,11 @@ impl Actor for ShardActor {
 
     async fn pre_start(&self, me: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         let reader = args.store.clone();
-        let (store, _) = Actor::spawn_linked(None, StoreActor, StoreArgs { store: args.store }, me.get_cell()).await?;
+        // The history cache (if the shard's group has a Redis) lives exactly as long as this
+        // actor and its epoch: a successor never reads what this one cached.
+        let cache = args.ctx.stores.cache(args.shard).map(|c| c.shard(args.shard, args.epoch));
+        let (store, _) =
+            Actor::spawn_linked(None, StoreActor, StoreArgs { store: args.store, cache }, me.get_cell()).await?;
         tracing::info!(shard = %args.shard, epoch = %args.epoch, "shard serving");
         Ok(ShardState {
             ctx: args.ctx,

@@ -2,13 +2,17 @@
 //! it commits them one at a time (so batches queue here while one is in the database — that queue
 //! is the group commit) and casts the outcome back. Reads run as spawned tasks so a page of history
 //! never waits behind a commit.
+//!
+//! With a Redis history cache (the shard group's `redis_url`), every commit's new messages are
+//! appended to it *before* the outcome goes back to the shard (and so before any ack: an acked
+//! message is in every cached page that covers it), and history pages are read through it.
 
 use std::sync::Arc;
 
 use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::MessageView;
 use parley_protocol::{ConversationId, Epoch, ErrorCode, Seq, UserId};
-use parley_storage::{Committed, ShardStore, ShardSummary, StorageError, WriteBatch};
+use parley_storage::{Committed, MessageResult, ShardCache, ShardStore, ShardSummary, StorageError, WriteBatch};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
@@ -18,10 +22,33 @@ pub struct StoreActor;
 
 pub struct StoreArgs {
     pub store: Arc<dyn ShardStore>,
+    pub cache: Option<ShardCache>,
 }
 
 pub struct StoreState {
     store: Arc<dyn ShardStore>,
+    cache: Option<ShardCache>,
+}
+
+/// The messages a commit stored for the first time (duplicates were cached when first stored).
+fn new_messages(batch: &WriteBatch, committed: &Committed) -> Vec<MessageView> {
+    batch
+        .messages
+        .iter()
+        .zip(&committed.messages)
+        .filter_map(|(m, result)| match result {
+            MessageResult::Stored(ack) if !ack.duplicate => Some(MessageView {
+                message_id: ack.message_id,
+                conversation_id: m.conversation_id,
+                seq: ack.seq,
+                sender: m.sender,
+                client_msg_id: m.client_msg_id.clone(),
+                body: m.body.clone(),
+                sent_at_ms: ack.sent_at_ms,
+            }),
+            MessageResult::Stored(_) => None,
+        })
+        .collect()
 }
 
 /// What a commit came to.
@@ -97,7 +124,7 @@ impl Actor for StoreActor {
     type Arguments = StoreArgs;
 
     async fn pre_start(&self, _me: ActorRef<StoreMsg>, args: StoreArgs) -> Result<StoreState, ActorProcessingErr> {
-        Ok(StoreState { store: args.store })
+        Ok(StoreState { store: args.store, cache: args.cache })
     }
 
     async fn handle(
@@ -109,7 +136,13 @@ impl Actor for StoreActor {
         match msg {
             StoreMsg::Commit { epoch, batch, reply_to } => {
                 let outcome = match state.store.commit(epoch, &batch).await {
-                    Ok(results) => CommitOutcome::Committed(results),
+                    Ok(results) => {
+                        if let Some(cache) = &state.cache {
+                            // Bounded by the cache's op timeout; a failure only makes it forget.
+                            cache.append(&new_messages(&batch, &results)).await;
+                        }
+                        CommitOutcome::Committed(results)
+                    }
                     Err(StorageError::StaleEpoch { shard, held, current }) => {
                         tracing::warn!(shard, held, current, "write refused: stale lease epoch");
                         CommitOutcome::StaleEpoch
@@ -123,10 +156,13 @@ impl Actor for StoreActor {
                 let _ = reply_to.cast(ShardMsg::Committed { outcome });
             }
             StoreMsg::History { conversation, before_seq, limit, reply } => {
-                let store = state.store.clone();
+                let (store, cache) = (state.store.clone(), state.cache.clone());
                 tokio::spawn(async move {
-                    let r = store.history(conversation, before_seq, limit).await.map_err(read_error);
-                    let _ = reply.send(r);
+                    let r = match cache {
+                        Some(cache) => cache.history(&*store, conversation, before_seq, limit).await,
+                        None => store.history(conversation, before_seq, limit).await,
+                    };
+                    let _ = reply.send(r.map_err(read_error));
                 });
             }
             StoreMsg::Sync { req, reply } => {
