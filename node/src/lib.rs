@@ -108,7 +108,7 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     tracing::info!(node = %spec.name, store = stores.kind(), shards = config.cluster.shard_count, "starting node");
     let ctx = NodeContext::new(config, spec.name.clone(), stores);
 
-    let listener = tokio::net::TcpListener::bind(spec.http).await.with_context(|| format!("binding {}", spec.http))?;
+    let listener = bind_http(spec.http).with_context(|| format!("binding {}", spec.http))?;
     let bound = listener.local_addr()?;
     ctx.set_http_addr(bound);
     let root_args = RootArgs { ctx: ctx.clone(), cluster_listen: spec.cluster };
@@ -152,6 +152,21 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     Ok(())
 }
 
+/// Backlog of the HTTP listener: a reconnect storm after a node dies (thousands of clients at
+/// once) must queue, not be refused.
+const HTTP_BACKLOG: u32 = 4096;
+
+/// The HTTP/WebSocket listener, with TCP_NODELAY set on it. warp 0.4 gives no hook on accepted
+/// sockets, but Linux copies TCP_NODELAY from a listening socket to the sockets it accepts; without
+/// it, Nagle's algorithm holds small frames (acks, pushes) back for a round trip.
+pub fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -162,5 +177,19 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The accepted sockets inherit TCP_NODELAY from the listener (what `bind_http` relies on).
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        let listener = super::bind_http("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "accepted socket must have TCP_NODELAY");
+        assert!(!client.nodelay().unwrap(), "a plain client socket has it off (the check can fail)");
     }
 }
