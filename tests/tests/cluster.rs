@@ -376,10 +376,11 @@ async fn a_node_missing_from_the_config_joins_through_a_seed() {
     }
     // Sender on n1, recipient on n2, the conversation's shard on n9: both links to n9 carry it.
     let (alice, bob, _) = pair_on(&cluster, &map, joiner).await;
-    let mut a = cluster.client(0).connect(&alice.token, "a").await.unwrap();
     let mut b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
     b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
-    a.send_message(bob.user_id, "via the joiner", "s-1").await.unwrap();
+    // A client retries `unavailable` with the same id (a route may settle just after the maps).
+    let mut a = None;
+    send_until_acked(&cluster, &[0], &mut a, &alice.token, bob.user_id, "via the joiner", "s-1").await;
     expect_body(&mut b, "via the joiner").await;
 }
 

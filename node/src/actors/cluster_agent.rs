@@ -187,12 +187,14 @@ impl ClusterAgentState {
             .filter(|(name, _)| **name > self.ctx.node_name && !self.sessions.contains_key(*name))
             .map(|(name, k)| (name.clone(), k.dial.clone()))
             .collect();
-        // Seeds are dialled by address, whatever their name, until a live peer answers from that
-        // address: that is how a node missing from the others' configs gets known to them.
-        let reached: HashSet<&str> = self.peers.values().filter(|p| p.alive).map(|p| p.dial.as_str()).collect();
-        let own = self.ctx.dial_address();
-        for seed in &self.ctx.config.cluster.seeds {
-            if !reached.contains(seed.as_str()) && *seed != own {
+        // Seeds are dialled by address, whatever their name, only while this node has no session
+        // at all: that is how a node missing from the others' configs gets known to them, and
+        // gossip does the rest. Dialling a seed again once connected would open a second session
+        // to the same peer (its name is unknown until identified), and ractor_cluster tears down
+        // that peer's actor mirrors when one of two sessions closes.
+        if self.sessions.is_empty() {
+            let own = self.ctx.dial_address();
+            for seed in self.ctx.config.cluster.seeds.iter().filter(|s| **s != own) {
                 targets.push((format!("seed {seed}"), seed.clone()));
             }
         }
