@@ -63,6 +63,9 @@ pub async fn upgrade(
     Ok(warp::reply::Reply::into_response(ws.on_upgrade(move |socket| pump(socket, ctx, sessions, guard))))
 }
 
+/// How long a connection the server closed waits for the client's Close reply.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 async fn pump(
     socket: WebSocket,
     ctx: Arc<NodeContext>,
@@ -96,32 +99,36 @@ async fn pump(
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(idle / 3);
         ping.tick().await;
-        loop {
+        // Whether the socket still works, so that the close frame is worth sending.
+        let writable = loop {
             tokio::select! {
                 out = outbox_rx.recv() => match out {
                     Some(Outgoing::Frame(text)) => {
                         if sink.send(Message::text(text)).await.is_err() {
-                            break;
+                            break false;
                         }
                     }
-                    None => break,
+                    // The session is gone (it stops right after asking for a close, so this can
+                    // win the race against the close signal): close with its reason all the same.
+                    None => break true,
                 },
                 _ = ping.tick() => {
                     if sink.send(Message::ping(Vec::<u8>::new())).await.is_err() {
-                        break;
+                        break false;
                     }
                 }
-                changed = writer_close.changed() => {
-                    // Flush what is already queued (e.g. the error frame explaining the close).
-                    while let Ok(Outgoing::Frame(text)) = outbox_rx.try_recv() {
-                        let _ = sink.send(Message::text(text)).await;
-                    }
-                    let reason = if changed.is_ok() { writer_close.borrow().clone() } else { None };
-                    let (code, text) = reason.unwrap_or((close_code::GOING_AWAY, String::new()));
-                    let _ = sink.send(Message::close_with(code, text)).await;
-                    break;
-                }
+                _ = writer_close.changed() => break true,
             }
+        };
+        if writable {
+            // Flush what is already queued (e.g. the error frame explaining the close), then the
+            // Close frame with the code that says why.
+            while let Ok(Outgoing::Frame(text)) = outbox_rx.try_recv() {
+                let _ = sink.send(Message::text(text)).await;
+            }
+            let reason = writer_close.borrow().clone();
+            let (code, text) = reason.unwrap_or((close_code::GOING_AWAY, String::new()));
+            let _ = sink.send(Message::close_with(code, text)).await;
         }
         let _ = sink.close().await;
     });
@@ -158,9 +165,25 @@ async fn pump(
             _ = close_rx.changed() => break,
         }
     }
-    if close.borrow().is_none() {
+    let server_closed = close.borrow().is_some();
+    if !server_closed {
         close.send_replace(Some((close_code::GOING_AWAY, String::new())));
     }
     session.stop(Some("connection closed".into()));
     let _ = writer.await;
+    if server_closed {
+        // RFC 6455 closing handshake: having sent our Close, read (and discard) until the client's
+        // Close or end of stream, for a bounded time. Dropping the socket with unread input (the
+        // client's Close reply, a pong) makes the kernel send RST, and an RST can destroy our
+        // Close frame in the client's receive queue before it reads it: the client would see a
+        // reset instead of the close code that says why (e.g. 4001 bad_token).
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
