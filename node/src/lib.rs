@@ -81,19 +81,17 @@ pub fn store_layout(config: &Config) -> anyhow::Result<Layout> {
     Ok(layout)
 }
 
-/// "embedded", "postgres", or e.g. "postgres (2 stores)" when shard groups spread the shards.
+/// "embedded", "postgres", or e.g. "embedded+postgres (3 stores)" when shard groups spread the
+/// shards over several stores.
 pub fn store_summary(layout: &Layout) -> String {
-    let kind = |s: &StoreConfig| match s {
-        StoreConfig::Embedded { .. } => "embedded",
-        StoreConfig::Postgres { .. } => "postgres",
-    };
     let mut stores: Vec<&StoreConfig> = vec![&layout.home];
     for g in &layout.groups {
         if !stores.contains(&&g.store) {
             stores.push(&g.store);
         }
     }
-    let mut kinds: Vec<&str> = stores.iter().map(|s| kind(s)).collect();
+    let mut kinds: Vec<&str> = stores.iter().map(|s| s.kind()).collect();
+    kinds.sort_unstable();
     kinds.dedup();
     match stores.len() {
         1 => kinds[0].to_string(),

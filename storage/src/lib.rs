@@ -109,6 +109,16 @@ pub enum StoreConfig {
     Postgres { url: String, pool_size: usize },
 }
 
+impl StoreConfig {
+    /// The backend's name, for logs, `/api/shards` and tool summaries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreConfig::Embedded { .. } => "embedded",
+            StoreConfig::Postgres { .. } => "postgres",
+        }
+    }
+}
+
 /// Where every shard's data lives: a home store (the [`Directory`], and every shard no group
 /// claims) and any number of groups of shards with their own store. Two entries naming the same
 /// store share one backend (one pool, one set of files).
@@ -145,6 +155,7 @@ impl From<StoreConfig> for Layout {
 pub struct Stores {
     pub directory: Arc<dyn Directory>,
     home: Backend,
+    home_kind: &'static str,
     home_cache: Option<RecentCache>,
     groups: Vec<OpenGroup>,
 }
@@ -171,13 +182,6 @@ impl Backend {
             StoreConfig::Embedded { dir } => Backend::Sqlite(sqlite::SqliteBackend::open(dir).await?),
             StoreConfig::Postgres { url, pool_size } => Backend::Pg(pg::PgBackend::open(url, *pool_size).await?),
         })
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            Backend::Sqlite(_) => "embedded",
-            Backend::Pg(_) => "postgres",
-        }
     }
 }
 
@@ -214,12 +218,7 @@ impl Stores {
 
     /// Human-readable backend name of the home store, for logs and `/api/shards`.
     pub fn kind(&self) -> &'static str {
-        self.home.kind()
-    }
-
-    /// The backend name of the store of `shard`.
-    pub fn shard_kind(&self, shard: ShardId) -> &'static str {
-        self.backend(shard).kind()
+        self.home_kind
     }
 }
 
@@ -260,7 +259,7 @@ pub async fn open_layout(layout: &Layout) -> Result<Stores> {
         let cache = cache_for(&g.redis)?;
         groups.push(OpenGroup { first: g.first, last: g.last, name: g.name.clone(), backend, cache });
     }
-    Ok(Stores { directory, home, home_cache, groups })
+    Ok(Stores { directory, home, home_kind: layout.home.kind(), home_cache, groups })
 }
 
 /// Tokens are stored only as their SHA-256, so a leaked table does not leak live sessions.

@@ -306,7 +306,8 @@ impl ClusterAgentState {
         }
     }
 
-    /// Learn nodes from a peer's gossip; forget learned ones long gone.
+    /// Learn nodes from a peer's gossip (or identity), refreshing when each learned one was last
+    /// mentioned.
     fn learn(&mut self, members: Vec<(String, String)>) {
         if members.len() > MAX_GOSSIP_MEMBERS {
             tracing::warn!(n = members.len(), "oversized member gossip ignored");
@@ -332,19 +333,11 @@ impl ClusterAgentState {
         }
     }
 
+    /// A live node gossips itself every second, which keeps its `learned` time fresh (`learn`);
+    /// a learned node nobody has mentioned for [`FORGET_LEARNED_AFTER`] is gone.
     fn forget_departed(&mut self) {
         let now = Instant::now();
-        let alive: HashSet<String> = self.peers.iter().filter(|(_, p)| p.alive).map(|(n, _)| n.clone()).collect();
-        self.known.retain(|name, k| match k.learned {
-            None => true,
-            Some(_) if alive.contains(name) => true,
-            Some(at) => now.duration_since(at) < FORGET_LEARNED_AFTER,
-        });
-        for (name, k) in self.known.iter_mut() {
-            if alive.contains(name) && k.learned.is_some() {
-                k.learned = Some(now);
-            }
-        }
+        self.known.retain(|_, k| k.learned.is_none_or(|at| now.duration_since(at) < FORGET_LEARNED_AFTER));
     }
 
     fn peer_down(&mut self, node: &str, why: &str) {
