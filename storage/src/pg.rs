@@ -17,6 +17,17 @@
 //! carry a lock away). Postgres drops that lock when the connection dies, so after a `kill -9` a
 //! surviving node takes the shard at once instead of waiting for the lease to expire. The lock is a
 //! fast path only; the lease row and its epoch stay the single source of truth.
+//!
+//! Query shapes: every lookup of a list of keys (`UNNEST` of array parameters) probes each key
+//! with a `LATERAL (… LIMIT 1)` subquery instead of joining the table. Our statements are prepared,
+//! and Postgres runs a prepared statement with a *generic plan* made at its first executions and
+//! kept until the table is next analyzed. On a fresh database that plan is made while the tables
+//! are empty, and for a join an empty table is best hash-joined over a sequential scan; the plan
+//! then sticks while the table grows, and every commit reads the whole `messages` table (the
+//! benchmark measured 176 M rows read in 25 s, Postgres at 2-3x the node's CPU per message). A
+//! `LATERAL` subquery with `LIMIT 1` cannot be flattened into a join, so each key stays one index
+//! probe whatever the statistics say. `tests/tests/pg_plans.rs` checks the hot paths under
+//! `plan_cache_mode = force_generic_plan` on empty tables.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -455,7 +466,13 @@ impl Directory for PgDirectory {
     async fn users_by_id(&self, ids: &[UserId]) -> Result<Vec<UserView>> {
         let ids: Vec<Uuid> = distinct(ids).into_iter().map(|u| u.0).collect();
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached("SELECT id, username FROM users WHERE id = ANY($1) ORDER BY username").await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT u.id, u.username FROM UNNEST($1::uuid[]) AS k(id)
+                 CROSS JOIN LATERAL (SELECT id, username FROM users WHERE id = k.id LIMIT 1) u
+                 ORDER BY u.username",
+            )
+            .await?;
         client.query(&stmt, &[&ids]).await?.iter().map(user_view).collect()
     }
 
@@ -531,7 +548,10 @@ impl Directory for PgDirectory {
         let stmt = client
             .prepare_cached(
                 "SELECT c.id, c.kind, c.members FROM user_conversations uc
-                 JOIN conversations c ON c.id = uc.conversation_id
+                 CROSS JOIN LATERAL (
+                     SELECT id, kind, members, created_at_ms FROM conversations
+                     WHERE id = uc.conversation_id LIMIT 1
+                 ) c
                  WHERE uc.user_id = $1 ORDER BY c.created_at_ms, c.id",
             )
             .await?;
@@ -644,12 +664,16 @@ impl PgShard {
         let fence = tx.prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE").await?;
         let lookup = tx
             .prepare_cached(
-                "SELECT m.sender, m.client_msg_id, m.conversation_id, m.message_id, m.seq,
+                "SELECT k.sender, k.client_msg_id, k.conversation_id, m.message_id, m.seq,
                         m.sent_at_ms
                  FROM UNNEST($2::uuid[], $3::text[], $4::uuid[])
                       AS k(sender, client_msg_id, conversation_id)
-                 JOIN messages m ON m.conversation_id = k.conversation_id AND m.sender = k.sender
-                                AND m.client_msg_id = k.client_msg_id AND m.shard = $1",
+                 CROSS JOIN LATERAL (
+                     SELECT message_id, seq, sent_at_ms FROM messages
+                     WHERE conversation_id = k.conversation_id AND sender = k.sender
+                       AND client_msg_id = k.client_msg_id AND shard = $1
+                     LIMIT 1
+                 ) m",
             )
             .await?;
         let fence_params: [&(dyn ToSql + Sync); 1] = [&shard];
@@ -846,8 +870,11 @@ async fn apply_cursors(
     let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());
     let stmt = tx
         .prepare_cached(
-            "SELECT conversation_id, last_seq FROM shard_conversations
-             WHERE shard = $1 AND conversation_id = ANY($2)",
+            "SELECT sc.conversation_id, sc.last_seq FROM UNNEST($2::uuid[]) AS k(id)
+             CROSS JOIN LATERAL (
+                 SELECT conversation_id, last_seq FROM shard_conversations
+                 WHERE conversation_id = k.id AND shard = $1 LIMIT 1
+             ) sc",
         )
         .await?;
     let mut last: HashMap<Uuid, i64> = HashMap::with_capacity(convs.len());
@@ -888,7 +915,10 @@ async fn apply_cursors(
                     LEAST(t.rd, COALESCE(sc.last_seq, 0))
              FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
                   AS t(c, u, d, dl, rd)
-             LEFT JOIN shard_conversations sc ON sc.conversation_id = t.c AND sc.shard = $1
+             LEFT JOIN LATERAL (
+                 SELECT last_seq FROM shard_conversations
+                 WHERE conversation_id = t.c AND shard = $1 LIMIT 1
+             ) sc ON true
              ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
                  delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
                  read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
@@ -1074,11 +1104,18 @@ impl ShardStore for PgShard {
                            AND u.seq > COALESCE(cur.read_seq, 0) AND u.sender <> $2),
                         {MESSAGE_COLUMNS}
                  FROM UNNEST($3::uuid[]) WITH ORDINALITY AS c(id, ord)
-                 JOIN shard_conversations sc ON sc.conversation_id = c.id AND sc.shard = $1
-                 LEFT JOIN cursors cur ON cur.conversation_id = c.id AND cur.user_id = $2
-                                      AND cur.device_id = ''
-                 LEFT JOIN messages m ON m.conversation_id = sc.conversation_id
-                                     AND m.seq = sc.last_seq
+                 CROSS JOIN LATERAL (
+                     SELECT conversation_id, last_seq FROM shard_conversations
+                     WHERE conversation_id = c.id AND shard = $1 LIMIT 1
+                 ) sc
+                 LEFT JOIN LATERAL (
+                     SELECT read_seq FROM cursors
+                     WHERE conversation_id = c.id AND user_id = $2 AND device_id = '' LIMIT 1
+                 ) cur ON true
+                 LEFT JOIN LATERAL (
+                     SELECT * FROM messages
+                     WHERE conversation_id = sc.conversation_id AND seq = sc.last_seq LIMIT 1
+                 ) m ON true
                  ORDER BY c.ord"
             ))
             .await?;
