@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use parley_protocol::cluster::{
-    NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest, UserEvent,
+    Delivery, NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest,
+    UserEvent,
 };
 use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, MessageView};
@@ -393,15 +394,25 @@ impl NodeContext {
     /// peer through its gateway (a remote cast: at-most-once; a missed push is recovered by the
     /// device's reconnect sync, because its cursor only moves on its own `delivered`).
     pub fn fan_out(&self, users: &[UserId], event: UserEvent, skip_session: u64) {
+        self.fan_out_all(vec![Delivery { users: users.to_vec(), event, skip_session }]);
+    }
+
+    /// Hand every delivery (in order) to each peer, as one frame, and to this node's sessions.
+    /// A shard fans out a whole commit this way: one cluster frame per peer per commit.
+    pub fn fan_out_all(&self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let payload = NodePayload::DeliverBatch { deliveries };
         if !peers.is_empty() {
-            let bytes =
-                codec::encode(&NodePayload::Deliver { users: users.to_vec(), event: event.clone(), skip_session });
+            let bytes = codec::encode(&payload);
             for (_, gateway) in peers {
                 let _ = gateway.cast(GatewayMsg::Frame(bytes.clone()));
             }
         }
-        self.hub.deliver(users, &Arc::new(event), skip_session);
+        let NodePayload::DeliverBatch { deliveries } = payload else { unreachable!("built above") };
+        self.hub.deliver_all(deliveries);
     }
 }
 

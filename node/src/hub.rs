@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use parley_protocol::cluster::UserEvent;
+use parley_protocol::cluster::{Delivery, UserEvent};
 use parley_protocol::UserId;
 use ractor::ActorRef;
 
@@ -37,19 +37,24 @@ impl Hub {
         }
     }
 
-    /// Hand `event` to every local session of `users`, except session `skip`. Returns how many
-    /// sessions it reached.
-    pub fn deliver(&self, users: &[UserId], event: &Arc<UserEvent>, skip: u64) -> usize {
+    /// Hand each delivery's event (in order, under one read lock) to every local session of its
+    /// users except its `skip_session`. The event is shared (one `Arc`) by all its sessions and
+    /// not even allocated when none of them is on this node.
+    pub fn deliver_all(&self, deliveries: Vec<Delivery>) {
         let map = self.users.read().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
-        for user in users {
-            for (id, actor) in map.get(user).into_iter().flatten() {
-                if *id != skip && actor.cast(SessionMsg::Event(event.clone())).is_ok() {
-                    n += 1;
+        for Delivery { users, event, skip_session } in deliveries {
+            let mut event = Some(event);
+            let mut shared: Option<Arc<UserEvent>> = None;
+            for user in &users {
+                for (id, actor) in map.get(user).into_iter().flatten() {
+                    if *id == skip_session {
+                        continue;
+                    }
+                    let e = shared.get_or_insert_with(|| Arc::new(event.take().expect("taken once"))).clone();
+                    let _ = actor.cast(SessionMsg::Event(e));
                 }
             }
         }
-        n
     }
 
     /// Number of authenticated sessions on this node.

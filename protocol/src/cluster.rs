@@ -111,7 +111,7 @@ pub enum NodePayload {
         nonce: u64,
     },
     /// Deliver `event` to the live sessions of `users` on the receiving node, except the session
-    /// `skip_session` (the sender's own device; 0 = none).
+    /// `skip_session` (the sender's own device; 0 = none). Sent by older nodes; see `DeliverBatch`.
     Deliver {
         users: Vec<UserId>,
         event: UserEvent,
@@ -156,4 +156,19 @@ pub enum NodePayload {
     Members {
         members: Vec<(String, String)>,
     },
+    /// Every delivery of one shard commit, in commit order: one frame per peer per commit instead
+    /// of one per message (each frame costs a ractor_cluster round of encode, socket write, read,
+    /// decode and several mailbox hops). Supersedes `Deliver`, which nodes still accept.
+    DeliverBatch {
+        deliveries: Vec<Delivery>,
+    },
+}
+
+/// One event for the live sessions of `users` on the receiving node, except the session
+/// `skip_session` (the sender's own device; 0 = none).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub users: Vec<UserId>,
+    pub event: UserEvent,
+    pub skip_session: u64,
 }

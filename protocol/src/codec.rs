@@ -71,4 +71,22 @@ mod tests {
         let p = NodePayload::Ping { nonce: 42 };
         assert_eq!(decode::<NodePayload>(&encode(&p)).unwrap(), p);
     }
+
+    #[test]
+    fn delivery_batches_round_trip_in_order() {
+        use crate::cluster::{Delivery, UserEvent};
+        use crate::frames::ReceiptKind;
+        use crate::{ConversationId, UserId};
+        let (a, b) = (UserId::random(), UserId::random());
+        let conversation = ConversationId::direct(a, b);
+        let deliveries: Vec<Delivery> = (1..=3)
+            .map(|seq| Delivery {
+                users: vec![a, b],
+                event: UserEvent::Receipt { conversation_id: conversation, user_id: b, kind: ReceiptKind::Read, seq },
+                skip_session: seq,
+            })
+            .collect();
+        let p = NodePayload::DeliverBatch { deliveries };
+        assert_eq!(decode::<NodePayload>(&encode(&p)).unwrap(), p);
+    }
 }

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_protocol::cluster::{NodePayload, SendOutcome};
+use parley_protocol::cluster::{Delivery, NodePayload, SendOutcome};
 use parley_protocol::{codec, ErrorCode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
@@ -61,8 +61,9 @@ impl GatewayState {
     fn frame(&self, payload: NodePayload) {
         match payload {
             NodePayload::Deliver { users, event, skip_session } => {
-                self.ctx.hub.deliver(&users, &Arc::new(event), skip_session);
+                self.ctx.hub.deliver_all(vec![Delivery { users, event, skip_session }]);
             }
+            NodePayload::DeliverBatch { deliveries } => self.ctx.hub.deliver_all(deliveries),
             NodePayload::Receipt(cmd) => match self.local_shard(cmd.conversation_id) {
                 Some(shard) => {
                     let _ = shard.cast(ShardMsg::Receipt(cmd));

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use parley_protocol::cluster::{ReceiptCommand, SendCommand, SendOutcome, SyncReply, SyncRequest, UserEvent};
+use parley_protocol::cluster::{Delivery, ReceiptCommand, SendCommand, SendOutcome, SyncReply, SyncRequest, UserEvent};
 use parley_protocol::frames::{MessageView, ReceiptKind};
 use parley_protocol::{ConversationId, Epoch, ErrorCode, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
@@ -144,6 +144,10 @@ impl ShardState {
     }
 
     fn committed(&mut self, results: Committed, sends: Vec<PendingSend>, receipts: Vec<ReceiptCommand>) {
+        // The whole commit is fanned out at once (one cluster frame per peer), *then* its senders
+        // are acked: an acked message has always been pushed at least once.
+        let mut deliveries = Vec::with_capacity(sends.len() + receipts.len());
+        let mut acks = Vec::with_capacity(sends.len());
         for (p, result) in sends.into_iter().zip(results.messages) {
             match result {
                 MessageResult::Stored(ack) if ack.duplicate => {
@@ -161,18 +165,22 @@ impl ShardState {
                     });
                 }
                 MessageResult::Stored(ack) => {
-                    // Fan out before acking: an acked message has been pushed at least once.
+                    let SendCommand { sender, client_msg_id, members, body, origin_session, .. } = p.cmd;
                     let view = MessageView {
                         message_id: ack.message_id,
                         conversation_id: ack.conversation_id,
                         seq: ack.seq,
-                        sender: p.cmd.sender,
-                        client_msg_id: p.cmd.client_msg_id.clone(),
-                        body: p.cmd.body,
+                        sender,
+                        client_msg_id,
+                        body,
                         sent_at_ms: ack.sent_at_ms,
                     };
-                    self.ctx.fan_out(&p.cmd.members, UserEvent::Message(view), p.cmd.origin_session);
-                    let _ = p.reply.send(SendOutcome::Stored(ack));
+                    deliveries.push(Delivery {
+                        users: members,
+                        event: UserEvent::Message(view),
+                        skip_session: origin_session,
+                    });
+                    acks.push((p.reply, ack));
                 }
             }
         }
@@ -188,7 +196,11 @@ impl ShardState {
             }
             self.receipts_sent.insert(key, seq);
             let event = UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq };
-            self.ctx.fan_out(&r.members, event, 0);
+            deliveries.push(Delivery { users: r.members, event, skip_session: 0 });
+        }
+        self.ctx.fan_out_all(deliveries);
+        for (reply, ack) in acks {
+            let _ = reply.send(SendOutcome::Stored(ack));
         }
     }
 

@@ -130,7 +130,9 @@ async fn open_ws(url: &str, source: Option<IpAddr>) -> anyhow::Result<Ws> {
     }
     let stream = socket.connect(addr).await.with_context(|| format!("connecting {addr}"))?;
     stream.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async(url, stream).await.context("websocket upgrade")?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(super::relay::ws_config()))
+        .await
+        .context("websocket upgrade")?;
     Ok(ws)
 }
 

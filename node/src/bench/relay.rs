@@ -18,7 +18,20 @@ use parley_protocol::frames::{ClientFrame, Limits, MessageView, ServerFrame};
 use parley_protocol::limits::{MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE};
 use parley_protocol::{ConversationId, ErrorCode, MessageId, UserId, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Read buffer of the benchmark's own WebSockets (the relay's and the load clients'), bytes.
+/// tungstenite zero-fills its whole read buffer (128 KiB by default) before every read; on sockets
+/// that carry one small frame per read that costs more than the frame. A node's sockets use the
+/// same size (`api::ws`), so relay and node are compared on the same footing.
+const READ_BUFFER_BYTES: usize = 4096;
+
+/// WebSocket settings of the relay's and the load clients' sockets: a small read buffer (see
+/// [`READ_BUFFER_BYTES`]) and no write buffering (every send is flushed at once anyway).
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES).write_buffer_size(0)
+}
 
 /// Options of `parley relay`.
 #[derive(Debug, clap::Args)]
@@ -55,7 +68,7 @@ async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn connection(stream: tokio::net::TcpStream, id: u64, registry: Registry, seq: Arc<AtomicU64>) {
-    let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await else { return };
     let (mut sink, mut source) = ws.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
