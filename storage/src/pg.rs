@@ -725,33 +725,68 @@ impl PgShard {
                 slots.push(slot);
             }
 
-            // Reserve the seqs: one upsert bumps every counter by its conversation's new messages.
+            // Reserve the seqs and insert the new messages, in one statement (one round trip): the
+            // upsert bumps every counter by its conversation's new messages and returns the new last
+            // seq; each new row's seq is that minus how many of its conversation's new messages
+            // follow it in the batch (`back`).
             let mut bases: HashMap<ConversationId, i64> = HashMap::with_capacity(counts.len());
             if !counts.is_empty() {
-                let mut convs: Vec<(ConversationId, i64)> = counts.into_iter().collect();
+                let mut convs: Vec<(ConversationId, i64)> = counts.iter().map(|(c, n)| (*c, *n)).collect();
                 // A fixed order so two transactions touching the same counters cannot deadlock.
                 convs.sort_unstable_by_key(|(c, _)| *c);
                 let conv_ids: Vec<Uuid> = convs.iter().map(|(c, _)| c.0).collect();
                 let ns: Vec<i64> = convs.iter().map(|(_, n)| *n).collect();
-                let bump = tx
+                let mut cols = NewColumns::default();
+                for (m, slot) in messages.iter().zip(&slots) {
+                    if let Slot::New { offset } = slot {
+                        cols.push(m, counts[&m.conversation_id] - offset);
+                    }
+                }
+                let store = tx
                     .prepare_cached(
-                        "INSERT INTO shard_conversations (conversation_id, shard, last_seq)
-                         SELECT c, $1, n FROM UNNEST($2::uuid[], $3::bigint[]) AS t(c, n)
-                         ON CONFLICT (conversation_id) DO UPDATE
-                             SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
-                             WHERE shard_conversations.shard = EXCLUDED.shard
-                         RETURNING conversation_id, last_seq",
+                        "WITH bump AS (
+                             INSERT INTO shard_conversations (conversation_id, shard, last_seq)
+                             SELECT c, $1, n FROM UNNEST($3::uuid[], $4::bigint[]) AS t(c, n)
+                             ON CONFLICT (conversation_id) DO UPDATE
+                                 SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
+                                 WHERE shard_conversations.shard = EXCLUDED.shard
+                             RETURNING conversation_id, last_seq
+                         ), stored AS (
+                             INSERT INTO messages (shard, conversation_id, seq, message_id, sender,
+                                                   client_msg_id, body, sent_at_ms, epoch)
+                             SELECT $1, t.c, b.last_seq - t.back, t.m, t.u, t.k, t.b, t.at, $2
+                             FROM UNNEST($5::uuid[], $6::bigint[], $7::uuid[], $8::uuid[], $9::text[],
+                                         $10::text[], $11::bigint[]) AS t(c, back, m, u, k, b, at)
+                             JOIN bump b ON b.conversation_id = t.c
+                         )
+                         SELECT conversation_id, last_seq FROM bump",
                     )
                     .await?;
                 let last: HashMap<ConversationId, i64> = tx
-                    .query(&bump, &[&shard, &conv_ids, &ns])
+                    .query(
+                        &store,
+                        &[
+                            &shard,
+                            &epoch_db,
+                            &conv_ids,
+                            &ns,
+                            &cols.conversations,
+                            &cols.back,
+                            &cols.message_ids,
+                            &cols.senders,
+                            &cols.client_ids,
+                            &cols.bodies,
+                            &cols.sent_at,
+                        ],
+                    )
                     .await?
                     .iter()
                     .map(|r| Ok((ConversationId(r.try_get(0)?), r.try_get(1)?)))
                     .collect::<Result<_>>()?;
                 for (conv, n) in convs {
                     let Some(last) = last.get(&conv) else {
-                        // The counter row belongs to another shard: a routing bug upstream.
+                        // The counter row belongs to another shard: a routing bug upstream. The
+                        // transaction is dropped uncommitted, so nothing of the batch stays.
                         return Err(StorageError::Corrupt(format!(
                             "conversation {conv} is counted by another shard than {}",
                             self.shard
@@ -760,15 +795,10 @@ impl PgShard {
                     bases.insert(conv, last - n);
                 }
             }
-
-            // Insert every new message with one statement.
             let mut new_results: HashMap<usize, StoredAck> = HashMap::new();
-            let mut cols = NewColumns::default();
             for (i, (m, slot)) in messages.iter().zip(&slots).enumerate() {
                 let Slot::New { offset } = slot else { continue };
-                let base = bases.get(&m.conversation_id).copied().unwrap_or(0);
-                let seq = base + offset;
-                cols.push(m, seq);
+                let seq = bases.get(&m.conversation_id).copied().unwrap_or(0) + offset;
                 new_results.insert(
                     i,
                     StoredAck {
@@ -779,32 +809,6 @@ impl PgShard {
                         duplicate: false,
                     },
                 );
-            }
-            if !cols.seqs.is_empty() {
-                let insert = tx
-                    .prepare_cached(
-                        "INSERT INTO messages (shard, conversation_id, seq, message_id, sender,
-                                               client_msg_id, body, sent_at_ms, epoch)
-                         SELECT $1, t.c, t.s, t.m, t.u, t.k, t.b, t.at, $2
-                         FROM UNNEST($3::uuid[], $4::bigint[], $5::uuid[], $6::uuid[], $7::text[],
-                                     $8::text[], $9::bigint[]) AS t(c, s, m, u, k, b, at)",
-                    )
-                    .await?;
-                tx.execute(
-                    &insert,
-                    &[
-                        &shard,
-                        &epoch_db,
-                        &cols.conversations,
-                        &cols.seqs,
-                        &cols.message_ids,
-                        &cols.senders,
-                        &cols.client_ids,
-                        &cols.bodies,
-                        &cols.sent_at,
-                    ],
-                )
-                .await?;
             }
 
             for (i, slot) in slots.into_iter().enumerate() {
@@ -836,7 +840,8 @@ impl PgShard {
 #[derive(Default)]
 struct NewColumns<'a> {
     conversations: Vec<Uuid>,
-    seqs: Vec<i64>,
+    /// New messages of the same conversation after this one in the batch.
+    back: Vec<i64>,
     message_ids: Vec<Uuid>,
     senders: Vec<Uuid>,
     client_ids: Vec<&'a str>,
@@ -845,9 +850,9 @@ struct NewColumns<'a> {
 }
 
 impl<'a> NewColumns<'a> {
-    fn push(&mut self, m: &'a NewMessage, seq: i64) {
+    fn push(&mut self, m: &'a NewMessage, back: i64) {
         self.conversations.push(m.conversation_id.0);
-        self.seqs.push(seq);
+        self.back.push(back);
         self.message_ids.push(m.message_id.0);
         self.senders.push(m.sender.0);
         self.client_ids.push(m.client_msg_id.as_str());
