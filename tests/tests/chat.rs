@@ -152,6 +152,28 @@ async fn websocket_upgrade_checks_the_handshake_and_the_message_cap() {
     );
 }
 
+/// The hello timer: a socket that never says `hello` is closed with 4001 when it runs out; one that
+/// authenticated in time is not (the session now cancels the timer on `hello` instead of letting
+/// it fire and find the session authenticated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_timeout_closes_only_unauthenticated_sockets() {
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nhello_timeout_ms = 500\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let mut silent = http.connect_raw().await.unwrap();
+    let mut authed = http.connect(&alice.token, "a1").await.unwrap();
+    expect_error(&mut silent, ErrorCode::NotAuthenticated).await;
+    assert_eq!(expect_closed(&mut silent).await, 4001, "close code of a socket without hello");
+    // Well past the timeout, the authenticated session still answers.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    authed.send(&ClientFrame::Ping { nonce: Some(2) }).await.unwrap();
+    assert_eq!(
+        authed.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(2) }
+    );
+}
+
 /// One HTTP/1.1 request on a fresh connection: status, head and body of the answer (a `101` has
 /// no body: the head is all that is read).
 async fn raw_http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
