@@ -1,5 +1,6 @@
 //! The HTTP surface (warp): accounts, the native `/v1` API, the seed systems' `/api` REST shapes,
-//! health/readiness, the WebSocket upgrade (`/v1/ws`, pumped in [`ws`]) and the static UI.
+//! health/readiness, the WebSocket upgrade (`/v1/ws`: handshake in [`upgrade`], pumped in [`ws`])
+//! and the static UI.
 //!
 //! Errors: every handler fails with an [`ApiError`] rejection; [`handle_rejection`] is the one
 //! place that turns any rejection (ours or warp's) into a status and an `ErrorBody` with a stable
@@ -10,6 +11,7 @@
 //! got furthest, so an unknown path is `404 not_found` and a known path with the wrong method is
 //! `405 method_not_allowed` only when the method filter comes second.
 
+pub mod upgrade;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -218,7 +220,7 @@ pub fn routes(
         });
 
     let ws = warp::path!("v1" / "ws")
-        .and(warp::ws())
+        .and(upgrade::websocket())
         .and(with_ctx(ctx.clone()))
         .and(warp::any().map(move || sessions.clone()))
         .and(warp::any().map(move || connections.clone()))

@@ -106,6 +106,109 @@ async fn logout_and_expiry_end_open_sessions(pg: bool) {
     );
 }
 
+/// The node's own WebSocket upgrade (`api/upgrade.rs`): a handshake that lacks a required header is
+/// refused with `400 invalid_field` naming it, a valid one gets the RFC 6455 accept value, and a
+/// message over the transport's hard cap still ends the connection with 1009.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_checks_the_handshake_and_the_message_cap() {
+    let backend = Backend::new(false).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let addr = node.base_url().trim_start_matches("http://").to_string();
+    let valid: [(&str, &str); 4] = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    for skip in 0..valid.len() {
+        let headers: Vec<_> = valid.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, h)| *h).collect();
+        let (status, _, body) = raw_http(&addr, "GET", "/v1/ws", &headers).await;
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_field")), "without {}: {body}", valid[skip].0);
+        let message = body["message"].as_str().unwrap_or("");
+        assert!(message.contains(&format!("`{}", valid[skip].0)), "without {}: {message}", valid[skip].0);
+    }
+    let (status, _, _) = raw_http(&addr, "POST", "/v1/ws", &valid).await;
+    assert_eq!(status, 405, "an upgrade with the wrong method");
+    let (status, head, _) = raw_http(&addr, "GET", "/v1/ws", &valid).await;
+    assert_eq!(status, 101, "{head}");
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+
+    // Over the cap: the server refuses the message after its header and closes with 1009. The
+    // client may still be writing when that happens, so its send may fail; the close code is read
+    // after.
+    let alice = register(&http, "alice").await;
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    let _ = a.send_text("x".repeat(parley_node::api::ws::HARD_MAX_MESSAGE_BYTES + 1)).await;
+    assert_eq!(expect_closed(&mut a).await, 1009, "close code of an over-cap message");
+    // The node is fine and the next connection works.
+    let mut again = http.connect(&alice.token, "a1").await.unwrap();
+    again.send(&ClientFrame::Ping { nonce: Some(1) }).await.unwrap();
+    assert_eq!(
+        again.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(1) }
+    );
+}
+
+/// The hello timer: a socket that never says `hello` is closed with 4001 when it runs out; one that
+/// authenticated in time is not (the session now cancels the timer on `hello` instead of letting
+/// it fire and find the session authenticated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_timeout_closes_only_unauthenticated_sockets() {
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nhello_timeout_ms = 500\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let mut silent = http.connect_raw().await.unwrap();
+    let mut authed = http.connect(&alice.token, "a1").await.unwrap();
+    expect_error(&mut silent, ErrorCode::NotAuthenticated).await;
+    assert_eq!(expect_closed(&mut silent).await, 4001, "close code of a socket without hello");
+    // Well past the timeout, the authenticated session still answers.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    authed.send(&ClientFrame::Ping { nonce: Some(2) }).await.unwrap();
+    assert_eq!(
+        authed.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(2) }
+    );
+}
+
+/// One HTTP/1.1 request on a fresh connection: status, head and body of the answer (a `101` has
+/// no body: the head is all that is read).
+async fn raw_http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = text[..end].to_string();
+            let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if status == 101 || got.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&got[end + 4..(end + 4 + length).min(got.len())]).to_string();
+                return (status, head, body);
+            }
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await.expect("answer in time").unwrap();
+        assert!(n > 0, "connection closed before a full answer: {text}");
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// Read past any frames until the server closes the connection; its close code.
 async fn expect_closed(conn: &mut Connection) -> u16 {
     let deadline = tokio::time::Instant::now() + T;

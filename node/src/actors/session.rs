@@ -83,6 +83,22 @@ pub struct SessionState {
     /// Highest seq pushed to this device per conversation, so a message that arrives both live and
     /// through reconnect sync is pushed once.
     pushed: HashMap<ConversationId, Seq>,
+    /// `HelloTimeout`, until `hello` succeeds.
+    hello_timer: Option<Timer>,
+    /// `TokenExpired`, once authenticated.
+    expiry_timer: Option<Timer>,
+}
+
+/// A pending `send_after`, aborted when dropped. The timer's task holds a reference to the actor,
+/// which keeps the actor's mailbox (ractor's two channel blocks, ≈ 7.5 KB) allocated until the
+/// timer fires: left running, the expiry timer (up to `MAX_EXPIRY_TIMER_MS`) kept ≈ 10 KB of
+/// every closed session for up to a day. Dropped with the state, however the actor ends.
+struct Timer(ractor::concurrency::JoinHandle<Result<(), ractor::MessagingErr<SessionMsg>>>);
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[derive(RactorMessage)]
@@ -254,6 +270,7 @@ impl SessionState {
         // pushed live, anything before is in the snapshot; `pushed` removes the overlap.
         let user = grant.user;
         self.ctx.hub.register(user.id, self.id, me.clone());
+        self.hello_timer = None;
         self.auth = Some(Authed {
             user: user.id,
             device: device.clone(),
@@ -261,7 +278,9 @@ impl SessionState {
             expires_at_ms: grant.expires_at_ms,
         });
         let ttl = u64::try_from(grant.expires_at_ms - parley_storage::now_ms()).unwrap_or(0);
-        me.send_after(Duration::from_millis(ttl.min(MAX_EXPIRY_TIMER_MS)), || SessionMsg::TokenExpired);
+        self.expiry_timer = Some(Timer(
+            me.send_after(Duration::from_millis(ttl.min(MAX_EXPIRY_TIMER_MS)), || SessionMsg::TokenExpired),
+        ));
         self.send(&ServerFrame::Welcome {
             protocol: PROTOCOL_VERSION,
             user_id: user.id,
@@ -304,7 +323,8 @@ impl Actor for SessionActor {
     type Arguments = SessionArgs;
 
     async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
-        me.send_after(Duration::from_millis(args.ctx.config.limits.hello_timeout_ms), || SessionMsg::HelloTimeout);
+        let hello_timer =
+            me.send_after(Duration::from_millis(args.ctx.config.limits.hello_timeout_ms), || SessionMsg::HelloTimeout);
         Ok(SessionState {
             ctx: args.ctx,
             id: args.id,
@@ -312,6 +332,8 @@ impl Actor for SessionActor {
             close: args.close,
             auth: None,
             pushed: HashMap::new(),
+            hello_timer: Some(Timer(hello_timer)),
+            expiry_timer: None,
         })
     }
 
@@ -328,10 +350,14 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
+        // `on_text` is boxed: ractor allocates the handler's future once per actor, sized for its
+        // largest state, for the actor's whole life. Inline, `on_text` (hello, sync, history, send
+        // with their store calls) set that size for every idle session; boxed, it costs one
+        // allocation per client frame, freed when the frame is handled.
         match msg {
-            SessionMsg::Text(text) => state.on_text(&me, &text).await,
+            SessionMsg::Text(text) => Box::pin(state.on_text(&me, &text)).await,
             SessionMsg::Binary(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => state.on_text(&me, &text).await,
+                Ok(text) => Box::pin(state.on_text(&me, &text)).await,
                 Err(_) => {
                     state.send(&ServerFrame::error(ErrorCode::InvalidUtf8, "frames must be UTF-8 JSON text"));
                 }
@@ -362,7 +388,8 @@ impl Actor for SessionActor {
                 } else {
                     // The timer was capped (or fired early): wait for the rest.
                     let wait = (left as u64).min(MAX_EXPIRY_TIMER_MS);
-                    me.send_after(Duration::from_millis(wait), || SessionMsg::TokenExpired);
+                    state.expiry_timer =
+                        Some(Timer(me.send_after(Duration::from_millis(wait), || SessionMsg::TokenExpired)));
                 }
             }
             SessionMsg::HelloTimeout => {

@@ -14,9 +14,13 @@ use futures_util::{SinkExt, StreamExt};
 use parley_protocol::ErrorCode;
 use ractor::ActorRef;
 use tokio::sync::{mpsc, watch};
-use warp::filters::ws::{Message, WebSocket, Ws};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
 use warp::Rejection;
 
+use super::upgrade::{Socket, Upgrade};
 use crate::actors::session::{close_code, Outgoing, SessionMsg};
 use crate::actors::session_supervisor::SessionSupervisorMsg;
 use crate::context::{call, NodeContext};
@@ -26,6 +30,35 @@ use crate::error::NodeError;
 /// answered with a `frame_too_large` error, connection kept) and this are read and refused;
 /// beyond this the connection is closed (1009) without buffering the rest.
 pub const HARD_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Initial read buffer of a connection. tungstenite allocates (and zero-fills) it up front, so it
+/// is paid by every idle session: its default, 128 KiB, was most of a session's memory. A client
+/// frame is a few hundred bytes and is read in one go; a larger one grows the buffer to the frame's
+/// size (at most [`HARD_MAX_MESSAGE_BYTES`]), reading at most this much per read call.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Bytes tungstenite collects before writing to the socket. 0: every frame is written at once. The
+/// writer flushes after each frame anyway, so a threshold (default 128 KiB) would batch nothing.
+pub const WRITE_BUFFER_BYTES: usize = 0;
+
+/// Backstop on tungstenite's write buffer. Since the writer flushes after each frame, the buffer
+/// holds at most the frame being written plus an automatic pong and a close, and the outbox
+/// (`limits.outbox_frames`) bounds what waits behind it. Server frames have no fixed cap (a history
+/// page is up to 500 × 16 KiB bodies, a conversation list grows with the user), so the bound is
+/// generous: 64 MiB, tungstenite's own default cap on a received message — a client with default
+/// settings could not read a larger one. Exceeding it ends the connection instead of buffering more.
+pub const MAX_WRITE_BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
+/// The configuration of every server WebSocket.
+pub fn socket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
+        // One message may be one frame: the frame cap is the message cap.
+        .max_message_size(Some(HARD_MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(HARD_MAX_MESSAGE_BYTES))
+}
 
 /// Live WebSocket connections on this node, to enforce `limits.max_connections`.
 #[derive(Default)]
@@ -48,7 +81,7 @@ impl Drop for ConnectionGuard {
 
 /// `GET /v1/ws`: refuse over the connection limit, else upgrade.
 pub async fn upgrade(
-    ws: Ws,
+    ws: Upgrade,
     ctx: Arc<NodeContext>,
     sessions: ActorRef<SessionSupervisorMsg>,
     connections: Arc<ConnectionCounter>,
@@ -59,15 +92,19 @@ pub async fn upgrade(
         return Err(NodeError::client(ErrorCode::Unavailable, format!("connection limit ({max}) reached")).into());
     }
     let guard = ConnectionGuard(connections);
-    let ws = ws.max_message_size(HARD_MAX_MESSAGE_BYTES).max_frame_size(HARD_MAX_MESSAGE_BYTES);
-    Ok(warp::reply::Reply::into_response(ws.on_upgrade(move |socket| pump(socket, ctx, sessions, guard))))
+    Ok(ws.into_response(socket_config(), move |socket| pump(socket, ctx, sessions, guard)))
 }
 
 /// How long a connection the server closed waits for the client's Close reply.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// A close frame with `code` and `reason`.
+fn close_message(code: u16, reason: impl Into<String>) -> Message {
+    Message::Close(Some(CloseFrame { code: code.into(), reason: reason.into().into() }))
+}
+
 async fn pump(
-    socket: WebSocket,
+    socket: Socket,
     ctx: Arc<NodeContext>,
     sessions: ActorRef<SessionSupervisorMsg>,
     _guard: ConnectionGuard,
@@ -90,7 +127,7 @@ async fn pump(
     )
     .await;
     let Ok(Some(session)) = started else {
-        let _ = sink.send(Message::close_with(close_code::GOING_AWAY, "node is shutting down")).await;
+        let _ = sink.send(close_message(close_code::GOING_AWAY, "node is shutting down")).await;
         return;
     };
 
@@ -113,7 +150,7 @@ async fn pump(
                     None => break true,
                 },
                 _ = ping.tick() => {
-                    if sink.send(Message::ping(Vec::<u8>::new())).await.is_err() {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
                         break false;
                     }
                 }
@@ -128,7 +165,7 @@ async fn pump(
             }
             let reason = writer_close.borrow().clone();
             let (code, text) = reason.unwrap_or((close_code::GOING_AWAY, String::new()));
-            let _ = sink.send(Message::close_with(code, text)).await;
+            let _ = sink.send(close_message(code, text)).await;
         }
         let _ = sink.close().await;
     });
@@ -143,24 +180,23 @@ async fn pump(
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
                     // Over the transport's hard cap: say so with the standard code (RFC 6455 1009).
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("Space limit") {
+                    if matches!(e, WsError::Capacity(_)) {
                         close.send_replace(Some((close_code::MESSAGE_TOO_BIG, "message too big".into())));
                     }
                     break;
                 }
-                Ok(Some(Ok(msg))) => {
-                    if msg.is_text() {
-                        let text = msg.to_str().unwrap_or_default().to_string();
-                        if session.cast(SessionMsg::Text(text)).is_err() { break; }
-                    } else if msg.is_binary() {
-                        if session.cast(SessionMsg::Binary(msg.into_bytes().to_vec())).is_err() { break; }
-                    } else if msg.is_close() {
-                        break;
+                Ok(Some(Ok(msg))) => match msg {
+                    Message::Text(text) => {
+                        if session.cast(SessionMsg::Text(text.as_str().to_owned())).is_err() { break; }
                     }
+                    Message::Binary(bytes) => {
+                        if session.cast(SessionMsg::Binary(bytes.to_vec())).is_err() { break; }
+                    }
+                    Message::Close(_) => break,
                     // Pings are answered by the library; pongs only prove liveness (handled by
                     // the idle timeout above).
-                }
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                },
             },
             _ = close_rx.changed() => break,
         }
