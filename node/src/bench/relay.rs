@@ -21,16 +21,12 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Read buffer of the benchmark's own WebSockets (the relay's and the load clients'), bytes.
-/// tungstenite zero-fills its whole read buffer (128 KiB by default) before every read; on sockets
-/// that carry one small frame per read that costs more than the frame. A node's sockets use the
-/// same size (`api::ws`), so relay and node are compared on the same footing.
-const READ_BUFFER_BYTES: usize = 4096;
-
-/// WebSocket settings of the relay's and the load clients' sockets: a small read buffer (see
-/// [`READ_BUFFER_BYTES`]) and no write buffering (every send is flushed at once anyway).
+/// WebSocket settings of the relay's and the load clients' sockets: a node's read buffer size
+/// ([`crate::api::ws::READ_BUFFER_BYTES`]; tungstenite zero-fills its whole read buffer, 128 KiB
+/// by default, before every read, which costs more than a small frame), so that relay and node
+/// are compared on the same footing, and no write buffering (every send is flushed at once).
 pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES).write_buffer_size(0)
+    WebSocketConfig::default().read_buffer_size(crate::api::ws::READ_BUFFER_BYTES).write_buffer_size(0)
 }
 
 /// Options of `parley relay`.
