@@ -112,20 +112,36 @@ pub struct PgShard {
     backend: PgBackend,
 }
 
+/// The connection settings of every pooled and lock connection: the URL's, plus our defaults for
+/// what it leaves unset (timeouts, application name) and `jit=off`. Why no JIT: our statements
+/// are short index probes, but a prepared statement's generic plan cannot see its `LIMIT` and
+/// assumes a tenth of the table; with millions of rows that estimate crosses `jit_above_cost`,
+/// and Postgres then spends seconds compiling LLVM code for a query that reads 100 rows (seen in
+/// the benchmark: every reconnect sync took ~4 s and emptied the pool). A URL that sets `jit`
+/// itself (in `options`) keeps its choice.
+fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
+        config.application_name("parley");
+    }
+    let options = config.get_options().unwrap_or_default().to_string();
+    if !options.contains("jit") {
+        config.options(format!("{options} -c jit=off").trim());
+    }
+    Ok(config)
+}
+
 impl PgBackend {
     /// Connect with up to `pool_size` pooled connections and bring the schema up to date.
     pub async fn open(url: &str, pool_size: usize) -> Result<Self> {
-        let mut config: tokio_postgres::Config = url.parse()?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        if config.get_tcp_user_timeout().is_none() {
-            config.tcp_user_timeout(TCP_USER_TIMEOUT);
-        }
-        if config.get_application_name().is_none() {
-            // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
-            config.application_name("parley");
-        }
+        let config = connection_config(url)?;
         let manager =
             Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -1166,5 +1182,21 @@ impl ShardStore for PgShard {
             .iter()
             .map(|row| Ok((from_db(row.try_get(0)?, "seq")?, Epoch(from_db(row.try_get(1)?, "epoch")?))))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_run_without_jit_unless_the_url_says_otherwise() {
+        let plain = connection_config("postgres://u@127.0.0.1:5432/db").unwrap();
+        assert_eq!(plain.get_options(), Some("-c jit=off"));
+        assert_eq!(plain.get_application_name(), Some("parley"));
+        let with_options = connection_config("postgres://u@127.0.0.1/db?options=-c%20work_mem%3D8MB").unwrap();
+        assert_eq!(with_options.get_options(), Some("-c work_mem=8MB -c jit=off"));
+        let chosen = connection_config("postgres://u@127.0.0.1/db?options=-c%20jit%3Don").unwrap();
+        assert_eq!(chosen.get_options(), Some("-c jit=on"));
     }
 }
