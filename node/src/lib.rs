@@ -178,20 +178,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// The accepted sockets inherit TCP_NODELAY from the listener (what `bind_http` relies on).
-    #[tokio::test]
-    async fn accepted_sockets_have_nodelay() {
-        let listener = super::bind_http("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(accepted.nodelay().unwrap(), "accepted socket must have TCP_NODELAY");
-        assert!(!client.nodelay().unwrap(), "a plain client socket has it off (the check can fail)");
-    }
-}
-
 /// Allocations at least this large are always mmapped by glibc, and unmapped when freed.
 pub const MMAP_THRESHOLD_BYTES: i32 = 4 * 1024 * 1024;
 
@@ -208,5 +194,19 @@ pub fn pin_mmap_threshold() {
     // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The accepted sockets inherit TCP_NODELAY from the listener (what `bind_http` relies on).
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay() {
+        let listener = super::bind_http("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "accepted socket must have TCP_NODELAY");
+        assert!(!client.nodelay().unwrap(), "a plain client socket has it off (the check can fail)");
     }
 }

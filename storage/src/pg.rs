@@ -26,8 +26,13 @@
 //! then sticks while the table grows, and every commit reads the whole `messages` table (the
 //! benchmark measured 176 M rows read in 25 s, Postgres at 2-3x the node's CPU per message). A
 //! `LATERAL` subquery with `LIMIT 1` cannot be flattened into a join, so each key stays one index
-//! probe whatever the statistics say. `tests/tests/pg_plans.rs` checks the hot paths under
-//! `plan_cache_mode = force_generic_plan` on empty tables.
+//! probe whatever the statistics say. Range reads of `messages` (history, sync) filter on the
+//! conversation only, not also on `shard`: a conversation's rows all carry its shard (the counter
+//! upsert refuses another shard's conversation), and when one shard holds most rows the planner
+//! estimates `shard = <another>` at about one row and picks a sequential scan of the whole table
+//! (the benchmark, with one 10M-message conversation, read 1.9 G rows and every reconnect sync
+//! took seconds). `tests/tests/pg_plans.rs` checks the hot paths with generic plans made on empty
+//! tables; the skewed case was checked by hand with EXPLAIN on the benchmark's database.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -1061,11 +1066,11 @@ impl ShardStore for PgShard {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages m
-                 WHERE m.shard = $1 AND m.conversation_id = $2 AND m.seq < $3
-                 ORDER BY m.seq DESC LIMIT $4"
+                 WHERE m.conversation_id = $1 AND m.seq < $2
+                 ORDER BY m.seq DESC LIMIT $3"
             ))
             .await?;
-        let rows = client.query(&stmt, &[&self.shard_db(), &conversation.0, &before, &(i64::from(limit) + 1)]).await?;
+        let rows = client.query(&stmt, &[&conversation.0, &before, &(i64::from(limit) + 1)]).await?;
         let has_more = rows.len() > limit as usize;
         let mut page = rows.iter().take(limit as usize).map(|r| message_view(r, 0)).collect::<Result<Vec<_>>>()?;
         page.reverse();
@@ -1079,25 +1084,22 @@ impl ShardStore for PgShard {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS}
-                 FROM UNNEST($2::uuid[]) WITH ORDINALITY AS c(id, ord)
+                 FROM UNNEST($1::uuid[]) WITH ORDINALITY AS c(id, ord)
                  CROSS JOIN LATERAL (
                      SELECT COALESCE((SELECT delivered_seq FROM cursors
-                                      WHERE conversation_id = c.id AND user_id = $3
-                                        AND device_id = $4), 0) AS after
+                                      WHERE conversation_id = c.id AND user_id = $2
+                                        AND device_id = $3), 0) AS after
                  ) cur
                  CROSS JOIN LATERAL (
                      SELECT * FROM messages
-                     WHERE shard = $1 AND conversation_id = c.id AND seq > cur.after
-                     ORDER BY seq LIMIT $5
+                     WHERE conversation_id = c.id AND seq > cur.after
+                     ORDER BY seq LIMIT $4
                  ) m
                  ORDER BY c.ord, m.seq"
             ))
             .await?;
         let rows = client
-            .query(
-                &stmt,
-                &[&self.shard_db(), &conversations, &request.user.0, &request.device.as_str(), &(i64::from(limit) + 1)],
-            )
+            .query(&stmt, &[&conversations, &request.user.0, &request.device.as_str(), &(i64::from(limit) + 1)])
             .await?;
         let mut reply = SyncReply::default();
         let mut taken: HashMap<ConversationId, u32> = HashMap::new();
