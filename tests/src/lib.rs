@@ -54,3 +54,14 @@ where
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
+
+/// A user record for storage-level checks: a fresh id, `name`, and a placeholder password hash
+/// (these checks never verify passwords).
+pub fn user_record(name: &str) -> parley_storage::UserRecord {
+    parley_storage::UserRecord {
+        id: parley_protocol::UserId::random(),
+        username: name.to_string(),
+        password_hash: format!("$argon2id$fake${name}"),
+        created_at_ms: parley_storage::now_ms(),
+    }
+}

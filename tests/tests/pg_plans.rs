@@ -26,12 +26,7 @@ const SMALL_TABLES: &[&str] = &["shard_leases", "parley_migrations"];
 const STATS_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn user(name: &str) -> UserRecord {
-    UserRecord {
-        id: UserId::random(),
-        username: name.to_string(),
-        password_hash: format!("$argon2id$fake${name}"),
-        created_at_ms: now_ms(),
-    }
+    parley_tests::user_record(name)
 }
 
 fn message(conversation: ConversationId, sender: UserId, id: &str) -> NewMessage {

@@ -130,12 +130,7 @@ conformance!(
 // ---------------------------------------------------------------------------------------------
 
 fn user(name: &str) -> UserRecord {
-    UserRecord {
-        id: UserId::random(),
-        username: name.to_string(),
-        password_hash: format!("$argon2id$fake${name}"),
-        created_at_ms: now_ms(),
-    }
+    parley_tests::user_record(name)
 }
 
 fn cid(s: &str) -> ClientMsgId {
