@@ -66,6 +66,8 @@ pub struct SessionArgs {
 }
 
 struct Authed {
+    /// The session's entry in the hub, removed when this is dropped.
+    _registration: Registration,
     user: UserId,
     device: DeviceId,
     /// Hash of the token the session authenticated with: a logout of that token ends it.
@@ -87,6 +89,29 @@ pub struct SessionState {
     hello_timer: Option<Timer>,
     /// `TokenExpired`, once authenticated.
     expiry_timer: Option<Timer>,
+}
+
+/// A session's entry in the node's hub, removed on drop. A guard rather than `post_stop`: ractor
+/// skips `post_stop` when an actor panics or is killed, and the hub would then keep routing to (and
+/// `is_online` would keep reporting) a session that is gone. The state is dropped however the
+/// actor ends.
+struct Registration {
+    ctx: Arc<NodeContext>,
+    user: UserId,
+    session: u64,
+}
+
+impl Registration {
+    fn new(ctx: &Arc<NodeContext>, user: UserId, session: u64, actor: ActorRef<SessionMsg>) -> Self {
+        ctx.hub.register(user, session, actor);
+        Registration { ctx: ctx.clone(), user, session }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.ctx.hub.unregister(self.user, self.session);
+    }
 }
 
 /// A pending `send_after`, aborted when dropped. The timer's task holds a reference to the actor,
@@ -269,9 +294,10 @@ impl SessionState {
         // Register before reading the sync snapshot: anything committed after this point is
         // pushed live, anything before is in the snapshot; `pushed` removes the overlap.
         let user = grant.user;
-        self.ctx.hub.register(user.id, self.id, me.clone());
+        let registration = Registration::new(&self.ctx, user.id, self.id, me.clone());
         self.hello_timer = None;
         self.auth = Some(Authed {
+            _registration: registration,
             user: user.id,
             device: device.clone(),
             token_hash: parley_storage::token_hash(token),
@@ -337,13 +363,6 @@ impl Actor for SessionActor {
         })
     }
 
-    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
-        if let Some(auth) = &state.auth {
-            state.ctx.hub.unregister(auth.user, state.id);
-        }
-        Ok(())
-    }
-
     async fn handle(
         &self,
         me: ActorRef<SessionMsg>,
@@ -400,5 +419,63 @@ impl Actor for SessionActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An actor whose state holds a hub registration, as a session's does, and whose handler
+    /// panics: the registration must go with the state although ractor skips `post_stop`.
+    struct Panicky;
+
+    impl Actor for Panicky {
+        type Msg = SessionMsg;
+        type State = (Registration, Arc<std::sync::atomic::AtomicBool>);
+        type Arguments = (Arc<NodeContext>, UserId, Arc<std::sync::atomic::AtomicBool>);
+
+        async fn pre_start(
+            &self,
+            me: ActorRef<SessionMsg>,
+            args: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            let (ctx, user, post_stop_ran) = args;
+            Ok((Registration::new(&ctx, user, 7, me), post_stop_ran))
+        }
+
+        async fn post_stop(
+            &self,
+            _me: ActorRef<SessionMsg>,
+            state: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            state.1.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _me: ActorRef<SessionMsg>,
+            _msg: SessionMsg,
+            _state: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            panic!("a bug in a session handler");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_session_leaves_the_hub() {
+        let dir = std::env::temp_dir().join(format!("parley-session-test-{}", uuid::Uuid::new_v4()));
+        let stores = parley_storage::open(&parley_storage::StoreConfig::Embedded { dir: dir.clone() }).await.unwrap();
+        let ctx = NodeContext::new(crate::config::Config::default(), "n-test".into(), stores);
+        let user = UserId::random();
+        let post_stop_ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (actor, handle) = Actor::spawn(None, Panicky, (ctx.clone(), user, post_stop_ran.clone())).await.unwrap();
+        assert!(ctx.hub.is_online(user), "registered while running");
+        actor.cast(SessionMsg::HelloTimeout).unwrap();
+        handle.await.unwrap();
+        assert!(!post_stop_ran.load(std::sync::atomic::Ordering::SeqCst), "ractor skips post_stop on a panic");
+        assert!(!ctx.hub.is_online(user), "the registration went with the state");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
