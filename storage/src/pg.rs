@@ -590,23 +590,6 @@ impl Directory for PgDirectory {
 // Shard store
 // ---------------------------------------------------------------------------------------------
 
-/// How one message of a batch resolves before seqs are known.
-enum Slot {
-    /// Decided by a row stored earlier (a duplicate).
-    Done(MessageResult),
-    /// New: the `offset`-th new message (1-based) of its conversation in this batch.
-    New { offset: i64 },
-    /// A repeat of the new message at this batch index.
-    RepeatOf(usize),
-}
-
-/// Who owns an idempotency key (conversation, sender, client_msg_id) while a batch is resolved.
-enum KeyOwner {
-    Stored(StoredAck),
-    /// The new message at this batch index.
-    Batch(usize),
-}
-
 impl PgShard {
     fn shard_db(&self) -> i32 {
         shard_db(self.shard)
@@ -658,227 +641,246 @@ impl PgShard {
         }
     }
 
-    /// One attempt of [`ShardStore::commit`].
+    /// One attempt of [`ShardStore::commit`]: `BEGIN`, the [`COMMIT_SQL`] statement and (for a
+    /// batch without receipts) `COMMIT`, pipelined: one round trip and three statements per commit,
+    /// where a lookup-then-write sequence needed four round trips and five statements. The
+    /// commit's fixed cost is what limits the durable throughput when many shards each commit
+    /// small batches (BENCHMARKS.md, session 5).
     async fn commit_once(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
         let shard = self.shard_db();
         let epoch_db = to_db(epoch.0);
-        let mut client = self.backend.pool.get().await?;
-        let tx = client.transaction().await?;
-
-        // The batch's distinct idempotency keys (conversation, sender, client_msg_id).
         let messages = &batch.messages;
-        let mut senders = Vec::with_capacity(messages.len());
-        let mut client_ids = Vec::with_capacity(messages.len());
-        let mut conv_keys = Vec::with_capacity(messages.len());
-        let mut keys = HashSet::with_capacity(messages.len());
-        for m in messages {
-            if keys.insert((m.conversation_id, m.sender, m.client_msg_id.as_str())) {
-                senders.push(m.sender.0);
-                client_ids.push(m.client_msg_id.as_str());
-                conv_keys.push(m.conversation_id.0);
+
+        // Repeats of an idempotency key inside the batch answer with their first occurrence (the
+        // candidate); only candidates go to the server, which tells them stored-before from new.
+        let mut first_of: HashMap<(ConversationId, UserId, &str), usize> = HashMap::with_capacity(messages.len());
+        let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
+        let mut cols = CandidateColumns::default();
+        for (i, m) in messages.iter().enumerate() {
+            match first_of.entry((m.conversation_id, m.sender, m.client_msg_id.as_str())) {
+                std::collections::hash_map::Entry::Occupied(first) => repeat_of.push(Some(*first.get())),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    repeat_of.push(None);
+                    cols.push(m, i);
+                }
             }
         }
 
-        // Fencing, in this transaction: a concurrent acquire (FOR UPDATE) waits for us or we for
-        // it. The dedupe lookup is pipelined behind it (one round trip for both); the server runs
-        // them in order, and if the fence fails the lookup's answer is simply dropped.
-        let fence = tx.prepare_cached("SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE").await?;
-        let lookup = tx
-            .prepare_cached(
-                "SELECT k.sender, k.client_msg_id, k.conversation_id, m.message_id, m.seq,
-                        m.sent_at_ms
-                 FROM UNNEST($2::uuid[], $3::text[], $4::uuid[])
-                      AS k(sender, client_msg_id, conversation_id)
-                 CROSS JOIN LATERAL (
-                     SELECT message_id, seq, sent_at_ms FROM messages
-                     WHERE conversation_id = k.conversation_id AND sender = k.sender
-                       AND client_msg_id = k.client_msg_id AND shard = $1
-                     LIMIT 1
-                 ) m",
-            )
-            .await?;
-        let fence_params: [&(dyn ToSql + Sync); 1] = [&shard];
-        let lookup_params: [&(dyn ToSql + Sync); 4] = [&shard, &senders, &client_ids, &conv_keys];
-        let existing = async {
-            if senders.is_empty() {
-                Ok(Vec::new())
-            } else {
-                tx.query(&lookup, &lookup_params).await
-            }
+        let mut tx = PipelinedTx { client: Some(self.backend.pool.get().await?) };
+        let client = tx.client();
+        let stmt = client.prepare_cached(COMMIT_SQL).await?;
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &shard,
+            &epoch_db,
+            &cols.conversations,
+            &cols.message_ids,
+            &cols.senders,
+            &cols.client_ids,
+            &cols.bodies,
+            &cols.sent_at,
+            &cols.ords,
+        ];
+        let rows = if batch.cursors.is_empty() {
+            // All three requests are sent before any answer is awaited. If the statement fails,
+            // the server turns the `COMMIT` into a rollback; either way the transaction is over.
+            let result = tokio::try_join!(
+                client.batch_execute("BEGIN"),
+                client.query(&stmt, &params),
+                client.batch_execute("COMMIT")
+            );
+            tx.ended();
+            result.map_err(commit_error)?.1
+        } else {
+            let rows =
+                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
+            rows
         };
-        let (fenced, existing) = tokio::try_join!(tx.query_opt(&fence, &fence_params), existing)?;
-        let current = fenced.map(|row| row.try_get::<_, i64>(0)).transpose()?;
-        if current != Some(epoch_db) {
-            tx.rollback().await?;
-            let current = current.map(|c| from_db(c, "epoch")).transpose()?.unwrap_or(0);
+
+        // Row 0 is the fence; then one row per candidate, stored before or new.
+        let mut fence: Option<i64> = None;
+        let mut acks: HashMap<usize, StoredAck> = HashMap::with_capacity(messages.len());
+        for row in &rows {
+            let Some(ord) = row.try_get::<_, Option<i64>>(0)? else {
+                fence = row.try_get(1)?;
+                continue;
+            };
+            let ord = usize::try_from(ord).map_err(|_| StorageError::Corrupt(format!("batch index {ord}")))?;
+            let m = messages.get(ord).ok_or_else(|| StorageError::Corrupt(format!("batch index {ord}")))?;
+            let seq: Option<i64> = row.try_get(1)?;
+            let seq = seq.ok_or_else(|| StorageError::Corrupt("a stored message without a seq".into()))?;
+            acks.insert(
+                ord,
+                StoredAck {
+                    message_id: MessageId(row.try_get(2)?),
+                    conversation_id: m.conversation_id,
+                    seq: from_db(seq, "seq")?,
+                    sent_at_ms: row.try_get(3)?,
+                    duplicate: row.try_get(4)?,
+                },
+            );
+        }
+        if fence != Some(epoch_db) {
+            // Nothing was written (every write of the statement is conditioned on the fence).
+            if !batch.cursors.is_empty() {
+                tx.rollback().await;
+            }
+            let current = fence.map(|c| from_db(c, "epoch")).transpose()?.unwrap_or(0);
             return Err(StorageError::StaleEpoch { shard: self.shard.0, held: epoch.0, current });
         }
 
         let mut results = Vec::with_capacity(messages.len());
-        if !messages.is_empty() {
-            let mut owners: HashMap<(ConversationId, UserId, String), KeyOwner> = HashMap::new();
-            for row in existing {
-                let ack = StoredAck {
-                    message_id: MessageId(row.try_get(3)?),
-                    conversation_id: ConversationId(row.try_get(2)?),
-                    seq: from_db(row.try_get(4)?, "seq")?,
-                    sent_at_ms: row.try_get(5)?,
-                    duplicate: true,
-                };
-                owners.insert((ack.conversation_id, UserId(row.try_get(0)?), row.try_get(1)?), KeyOwner::Stored(ack));
-            }
-
-            // Resolve in batch order, as if each message were committed on its own.
-            let mut slots = Vec::with_capacity(messages.len());
-            let mut counts: HashMap<ConversationId, i64> = HashMap::new();
-            for (i, m) in messages.iter().enumerate() {
-                let key = (m.conversation_id, m.sender, m.client_msg_id.as_str().to_string());
-                let slot = match owners.get(&key) {
-                    Some(KeyOwner::Stored(ack)) => Slot::Done(MessageResult::Stored(ack.clone())),
-                    Some(KeyOwner::Batch(first)) => Slot::RepeatOf(*first),
-                    None => {
-                        owners.insert(key, KeyOwner::Batch(i));
-                        let n = counts.entry(m.conversation_id).or_insert(0);
-                        *n += 1;
-                        Slot::New { offset: *n }
-                    }
-                };
-                slots.push(slot);
-            }
-
-            // Reserve the seqs and insert the new messages, in one statement (one round trip): the
-            // upsert bumps every counter by its conversation's new messages and returns the new last
-            // seq; each new row's seq is that minus how many of its conversation's new messages
-            // follow it in the batch (`back`).
-            let mut bases: HashMap<ConversationId, i64> = HashMap::with_capacity(counts.len());
-            if !counts.is_empty() {
-                let mut convs: Vec<(ConversationId, i64)> = counts.iter().map(|(c, n)| (*c, *n)).collect();
-                // A fixed order so two transactions touching the same counters cannot deadlock.
-                convs.sort_unstable_by_key(|(c, _)| *c);
-                let conv_ids: Vec<Uuid> = convs.iter().map(|(c, _)| c.0).collect();
-                let ns: Vec<i64> = convs.iter().map(|(_, n)| *n).collect();
-                let mut cols = NewColumns::default();
-                for (m, slot) in messages.iter().zip(&slots) {
-                    if let Slot::New { offset } = slot {
-                        cols.push(m, counts[&m.conversation_id] - offset);
-                    }
-                }
-                let store = tx
-                    .prepare_cached(
-                        "WITH bump AS (
-                             INSERT INTO shard_conversations (conversation_id, shard, last_seq)
-                             SELECT c, $1, n FROM UNNEST($3::uuid[], $4::bigint[]) AS t(c, n)
-                             ON CONFLICT (conversation_id) DO UPDATE
-                                 SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
-                                 WHERE shard_conversations.shard = EXCLUDED.shard
-                             RETURNING conversation_id, last_seq
-                         ), stored AS (
-                             INSERT INTO messages (shard, conversation_id, seq, message_id, sender,
-                                                   client_msg_id, body, sent_at_ms, epoch)
-                             SELECT $1, t.c, b.last_seq - t.back, t.m, t.u, t.k, t.b, t.at, $2
-                             FROM UNNEST($5::uuid[], $6::bigint[], $7::uuid[], $8::uuid[], $9::text[],
-                                         $10::text[], $11::bigint[]) AS t(c, back, m, u, k, b, at)
-                             JOIN bump b ON b.conversation_id = t.c
-                         )
-                         SELECT conversation_id, last_seq FROM bump",
-                    )
-                    .await?;
-                let last: HashMap<ConversationId, i64> = tx
-                    .query(
-                        &store,
-                        &[
-                            &shard,
-                            &epoch_db,
-                            &conv_ids,
-                            &ns,
-                            &cols.conversations,
-                            &cols.back,
-                            &cols.message_ids,
-                            &cols.senders,
-                            &cols.client_ids,
-                            &cols.bodies,
-                            &cols.sent_at,
-                        ],
-                    )
-                    .await?
-                    .iter()
-                    .map(|r| Ok((ConversationId(r.try_get(0)?), r.try_get(1)?)))
-                    .collect::<Result<_>>()?;
-                for (conv, n) in convs {
-                    let Some(last) = last.get(&conv) else {
-                        // The counter row belongs to another shard: a routing bug upstream. The
-                        // transaction is dropped uncommitted, so nothing of the batch stays.
-                        return Err(StorageError::Corrupt(format!(
-                            "conversation {conv} is counted by another shard than {}",
-                            self.shard
-                        )));
-                    };
-                    bases.insert(conv, last - n);
-                }
-            }
-            let mut new_results: HashMap<usize, StoredAck> = HashMap::new();
-            for (i, (m, slot)) in messages.iter().zip(&slots).enumerate() {
-                let Slot::New { offset } = slot else { continue };
-                let seq = bases.get(&m.conversation_id).copied().unwrap_or(0) + offset;
-                new_results.insert(
-                    i,
-                    StoredAck {
-                        message_id: m.message_id,
-                        conversation_id: m.conversation_id,
-                        seq: from_db(seq, "seq")?,
-                        sent_at_ms: m.sent_at_ms,
-                        duplicate: false,
-                    },
-                );
-            }
-
-            for (i, slot) in slots.into_iter().enumerate() {
-                let first = match slot {
-                    Slot::Done(result) => {
-                        results.push(result);
-                        continue;
-                    }
-                    Slot::New { .. } => i,
-                    Slot::RepeatOf(first) => first,
-                };
-                let mut ack = new_results
-                    .get(&first)
-                    .cloned()
-                    .ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
-                ack.duplicate = first != i;
-                results.push(MessageResult::Stored(ack));
-            }
+        for (i, repeat) in repeat_of.iter().enumerate() {
+            let first = repeat.unwrap_or(i);
+            let mut ack =
+                acks.get(&first).cloned().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
+            ack.duplicate |= repeat.is_some();
+            results.push(MessageResult::Stored(ack));
         }
 
-        let applied =
-            if batch.cursors.is_empty() { Vec::new() } else { apply_cursors(&tx, shard, &batch.cursors).await? };
-        tx.commit().await?;
+        let applied = if batch.cursors.is_empty() {
+            Vec::new()
+        } else {
+            let client = tx.client();
+            let applied = match apply_cursors(client, shard, &batch.cursors).await {
+                Ok(applied) => applied,
+                Err(e) => {
+                    tx.rollback().await;
+                    return Err(e);
+                }
+            };
+            let committed = client.batch_execute("COMMIT").await;
+            tx.ended();
+            committed?;
+            applied
+        };
         Ok(Committed { messages: results, cursors: applied })
     }
 }
 
-/// The new rows of a batch as column arrays, for one `INSERT .. SELECT FROM UNNEST`.
+/// A commit's one statement: fence, dedupe lookup, seq reservation and insert.
+///
+/// - `fence` reads the lease row `FOR SHARE` (see the module doc); every write below is
+///   conditioned on its epoch being ours (`$2`), so a stale holder writes nothing.
+/// - `cand` are the batch's distinct idempotency keys with their batch index (`ord`); `old` finds
+///   those stored before (one index probe each, see "Query shapes").
+/// - `fresh` are the rest, each with `back`: how many new messages of its conversation follow it
+///   in the batch. `bump` raises each counter by its conversation's new messages, in conversation
+///   order (two commits touching the same counters cannot deadlock), and returns the new last seq;
+///   a new message's seq is that minus its `back`.
+/// - A counter row owned by another shard (a routing bug upstream) is not bumped, so its messages
+///   get a NULL seq and the statement fails on `messages.seq NOT NULL`: the whole batch is refused,
+///   nothing of it is stored ([`commit_error`] reports it as corruption).
+///
+/// Output: first the fence row (`ord` NULL, the lease's epoch), then per candidate its batch
+/// index, seq, message id, sent-at and whether it was stored before.
+const COMMIT_SQL: &str = "
+WITH fence AS (
+    SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE
+), cand AS (
+    SELECT * FROM UNNEST($3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+        AS t(c, m, u, k, b, at, ord)
+), old AS (
+    SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms
+    FROM cand CROSS JOIN LATERAL (
+        SELECT seq, message_id, sent_at_ms FROM messages
+        WHERE conversation_id = cand.c AND sender = cand.u AND client_msg_id = cand.k AND shard = $1
+        LIMIT 1
+    ) x
+), fresh AS (
+    SELECT cand.*, count(*) OVER (PARTITION BY cand.c ORDER BY cand.ord DESC) - 1 AS back
+    FROM cand
+    WHERE (SELECT epoch FROM fence) = $2 AND NOT EXISTS (SELECT 1 FROM old WHERE old.ord = cand.ord)
+), bump AS (
+    INSERT INTO shard_conversations (conversation_id, shard, last_seq)
+    SELECT c, $1, count(*) FROM fresh GROUP BY c ORDER BY c
+    ON CONFLICT (conversation_id) DO UPDATE
+        SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
+        WHERE shard_conversations.shard = EXCLUDED.shard
+    RETURNING conversation_id, last_seq
+), stored AS (
+    INSERT INTO messages (shard, conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
+    SELECT $1, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, $2
+    FROM fresh f LEFT JOIN bump b ON b.conversation_id = f.c
+    RETURNING 1
+)
+SELECT NULL::bigint, (SELECT epoch FROM fence), NULL::uuid, NULL::bigint, NULL::boolean
+UNION ALL
+SELECT ord, seq, message_id, sent_at_ms, true FROM old
+UNION ALL
+SELECT f.ord, b.last_seq - f.back, f.m, f.at, false FROM fresh f JOIN bump b ON b.conversation_id = f.c";
+
+/// A commit statement's error: a NULL seq means a counter row owned by another shard (see
+/// [`COMMIT_SQL`]); anything else is Postgres's own.
+fn commit_error(e: tokio_postgres::Error) -> StorageError {
+    let foreign_counter = e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::NOT_NULL_VIOLATION && db.table() == Some("messages") && db.column() == Some("seq")
+    });
+    if foreign_counter {
+        StorageError::Corrupt("a conversation of the batch is counted by another shard".into())
+    } else {
+        e.into()
+    }
+}
+
+/// A transaction begun with a pipelined `BEGIN` (tokio-postgres's `Transaction` awaits its
+/// `BEGIN` alone, costing a round trip). Until [`ended`](Self::ended), dropping it — an error path
+/// we did not roll back, or the commit future being cancelled — detaches its connection from the
+/// pool and closes it, so the server aborts the transaction and no pooled connection is ever
+/// handed out inside one.
+struct PipelinedTx {
+    client: Option<deadpool_postgres::Client>,
+}
+
+impl PipelinedTx {
+    fn client(&self) -> &deadpool_postgres::Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+
+    /// The transaction is over (committed or rolled back): the connection may return to the pool.
+    fn ended(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(client);
+        }
+    }
+
+    async fn rollback(&mut self) {
+        if self.client().batch_execute("ROLLBACK").await.is_ok() {
+            self.ended();
+        }
+    }
+}
+
+impl Drop for PipelinedTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// A batch's candidates (first occurrences of its idempotency keys) as column arrays.
 #[derive(Default)]
-struct NewColumns<'a> {
+struct CandidateColumns<'a> {
     conversations: Vec<Uuid>,
-    /// New messages of the same conversation after this one in the batch.
-    back: Vec<i64>,
     message_ids: Vec<Uuid>,
     senders: Vec<Uuid>,
     client_ids: Vec<&'a str>,
     bodies: Vec<&'a str>,
     sent_at: Vec<i64>,
+    /// Index in the batch.
+    ords: Vec<i64>,
 }
 
-impl<'a> NewColumns<'a> {
-    fn push(&mut self, m: &'a NewMessage, back: i64) {
+impl<'a> CandidateColumns<'a> {
+    fn push(&mut self, m: &'a NewMessage, index: usize) {
         self.conversations.push(m.conversation_id.0);
-        self.back.push(back);
         self.message_ids.push(m.message_id.0);
         self.senders.push(m.sender.0);
         self.client_ids.push(m.client_msg_id.as_str());
         self.bodies.push(&m.body);
         self.sent_at.push(m.sent_at_ms);
+        self.ords.push(index as i64);
     }
 }
 
@@ -886,11 +888,7 @@ impl<'a> NewColumns<'a> {
 /// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
 /// are clamped to it, so a client cannot mark messages that do not exist yet as received. Returns
 /// each update's seq as applied (clamped), in order.
-async fn apply_cursors(
-    tx: &deadpool_postgres::Transaction<'_>,
-    shard: i32,
-    updates: &[CursorUpdate],
-) -> Result<Vec<Seq>> {
+async fn apply_cursors(tx: &deadpool_postgres::Client, shard: i32, updates: &[CursorUpdate]) -> Result<Vec<Seq>> {
     // The conversations' last seqs, read in this transaction after its own inserts (only the
     // lease holder writes them, and the fence above proved that is us).
     let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());

@@ -762,3 +762,35 @@ async fn postgres_concurrent_opens_migrate_once() -> Result<()> {
     assert_eq!(nodes[0].directory.list_users(10).await?.len(), 4);
     Ok(())
 }
+
+/// Postgres keeps every shard's counters in one table, so it can see a routing bug the embedded
+/// store (one database per shard) cannot: a batch reaching a shard for a conversation another shard
+/// counts. The whole batch is refused as corruption and nothing of it is stored, not even its
+/// messages for conversations that were fine.
+#[tokio::test]
+async fn postgres_refuses_a_batch_for_a_conversation_another_shard_counts() -> Result<()> {
+    let f = Fixture::postgres().await?;
+    let (a, b) = (f.stores.shard(ShardId(3)).await?, f.stores.shard(ShardId(4)).await?);
+    let ga = a.acquire_lease("node-a", LONG_TTL_MS).await?.context("fresh shard")?;
+    let gb = b.acquire_lease("node-a", LONG_TTL_MS).await?.context("fresh shard")?;
+    let alice = UserId::random();
+    let (counted_by_a, fine) = (new_conversation(), new_conversation());
+    store_one(&*a, ga.epoch, msg(counted_by_a, alice, "a1", "on its own shard"), 1).await?;
+
+    let misrouted = messages(vec![msg(fine, alice, "f1", "fine"), msg(counted_by_a, alice, "a2", "wrong shard")]);
+    match b.commit(gb.epoch, &misrouted).await {
+        Err(StorageError::Corrupt(_)) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(seqs(&b.history(fine, None, 100).await?.0), Vec::<Seq>::new(), "nothing of the batch was stored");
+    assert_eq!(seqs(&a.history(counted_by_a, None, 100).await?.0), vec![1]);
+    let client = f.postgres_db().context("postgres fixture")?.connect().await?;
+    let rows: i64 = client.query_one("SELECT count(*) FROM messages WHERE shard = 4", &[]).await?.get(0);
+    assert_eq!(rows, 0, "no row under the refusing shard");
+    let counters: i64 = client.query_one("SELECT count(*) FROM shard_conversations WHERE shard = 4", &[]).await?.get(0);
+    assert_eq!(counters, 0, "no counter bumped for the batch's good conversation either");
+
+    // The shard still works for a well-routed batch.
+    store_one(&*b, gb.epoch, msg(fine, alice, "f1", "fine"), 1).await?;
+    Ok(())
+}
