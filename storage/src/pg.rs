@@ -692,33 +692,29 @@ impl PgShard {
             tx.ended();
             result.map_err(commit_error)?.1
         } else {
-            let rows =
-                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
-            rows
+            tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1
         };
 
-        // Row 0 is the fence; then one row per candidate, stored before or new.
+        // One row without a batch index carries the fence; every other row is a candidate's ack.
         let mut fence: Option<i64> = None;
-        let mut acks: HashMap<usize, StoredAck> = HashMap::with_capacity(messages.len());
+        let mut acks: Vec<Option<StoredAck>> = vec![None; messages.len()];
         for row in &rows {
             let Some(ord) = row.try_get::<_, Option<i64>>(0)? else {
                 fence = row.try_get(1)?;
                 continue;
             };
-            let ord = usize::try_from(ord).map_err(|_| StorageError::Corrupt(format!("batch index {ord}")))?;
-            let m = messages.get(ord).ok_or_else(|| StorageError::Corrupt(format!("batch index {ord}")))?;
+            let bad_index = || StorageError::Corrupt(format!("batch index {ord}"));
+            let index = usize::try_from(ord).map_err(|_| bad_index())?;
+            let m = messages.get(index).ok_or_else(bad_index)?;
             let seq: Option<i64> = row.try_get(1)?;
             let seq = seq.ok_or_else(|| StorageError::Corrupt("a stored message without a seq".into()))?;
-            acks.insert(
-                ord,
-                StoredAck {
-                    message_id: MessageId(row.try_get(2)?),
-                    conversation_id: m.conversation_id,
-                    seq: from_db(seq, "seq")?,
-                    sent_at_ms: row.try_get(3)?,
-                    duplicate: row.try_get(4)?,
-                },
-            );
+            acks[index] = Some(StoredAck {
+                message_id: MessageId(row.try_get(2)?),
+                conversation_id: m.conversation_id,
+                seq: from_db(seq, "seq")?,
+                sent_at_ms: row.try_get(3)?,
+                duplicate: row.try_get(4)?,
+            });
         }
         if fence != Some(epoch_db) {
             // Nothing was written (every write of the statement is conditioned on the fence).
@@ -732,8 +728,7 @@ impl PgShard {
         let mut results = Vec::with_capacity(messages.len());
         for (i, repeat) in repeat_of.iter().enumerate() {
             let first = repeat.unwrap_or(i);
-            let mut ack =
-                acks.get(&first).cloned().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
+            let mut ack = acks[first].clone().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
             ack.duplicate |= repeat.is_some();
             results.push(MessageResult::Stored(ack));
         }
@@ -772,8 +767,8 @@ impl PgShard {
 ///   get a NULL seq and the statement fails on `messages.seq NOT NULL`: the whole batch is refused,
 ///   nothing of it is stored ([`commit_error`] reports it as corruption).
 ///
-/// Output: first the fence row (`ord` NULL, the lease's epoch), then per candidate its batch
-/// index, seq, message id, sent-at and whether it was stored before.
+/// Output: one fence row (`ord` NULL, the lease's epoch) and per candidate its batch index, seq,
+/// message id, sent-at and whether it was stored before.
 const COMMIT_SQL: &str = "
 WITH fence AS (
     SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE
@@ -839,9 +834,7 @@ impl PipelinedTx {
 
     /// The transaction is over (committed or rolled back): the connection may return to the pool.
     fn ended(&mut self) {
-        if let Some(client) = self.client.take() {
-            drop(client);
-        }
+        self.client = None;
     }
 
     async fn rollback(&mut self) {
