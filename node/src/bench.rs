@@ -99,8 +99,12 @@ pub struct BenchArgs {
     /// has its own device id.
     #[arg(long, default_value_t = 1_000)]
     pub session_users: u32,
-    /// Failover phase: total open-loop rate while nodes are killed.
-    #[arg(long, default_value_t = 5_000)]
+    /// Failover phase: total open-loop rate while nodes are killed. Well under the box's capacity
+    /// on purpose: each kill adds reconnects (with their sync), resends and a node's restart on
+    /// top of the traffic, and on a 2-core box running everything at 5,000 msg/s the backlog of
+    /// one kill is not worked off before the next, so the measured gap is that backlog rather
+    /// than the failover (BENCHMARKS.md, session 6, has both).
+    #[arg(long, default_value_t = 2_000)]
     pub failover_rate: u32,
     /// Failover phase length, seconds.
     #[arg(long, default_value_t = 30)]

@@ -57,8 +57,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const OPEN_LOOP_MAX_IN_FLIGHT: usize = 5_000;
 /// Pause between reconnect attempts of one client while a node is down.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
-/// An `unavailable` send is resent after this pause (same client message id): the shard is moving.
-const RESEND_PAUSE: Duration = Duration::from_millis(20);
+/// An `unavailable` send is resent after a pause (same client message id): the shard is moving.
+/// The pause starts here and doubles while answers stay `unavailable`, up to [`RESEND_PAUSE_MAX`];
+/// an ack resets it. Without the back-off, a thousand clients resending every few milliseconds
+/// through a failover would be a retry storm on the surviving nodes (and not what a real client
+/// does).
+const RESEND_PAUSE: Duration = Duration::from_millis(25);
+const RESEND_PAUSE_MAX: Duration = Duration::from_millis(400);
 /// How long the coordinator may take to say `go` after `ready`; past it the worker gives up
 /// rather than holding sockets forever.
 const GO_TIMEOUT: Duration = Duration::from_secs(600);
@@ -145,8 +150,9 @@ struct Incoming<'a> {
     client_msg_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     code: Option<Cow<'a, str>>,
+    /// A pushed message (`message` frames), or the human-readable text of an `error` frame.
     #[serde(default, borrow)]
-    message: Option<IncomingMessage<'a>>,
+    message: Option<MessageField<'a>>,
     #[serde(default, borrow)]
     req_id: Option<Cow<'a, str>>,
     /// A page's messages (`history`), or a count (`sync_done`).
@@ -168,6 +174,36 @@ struct IncomingMessage<'a> {
     sender: Cow<'a, str>,
     #[serde(borrow)]
     body: Cow<'a, str>,
+}
+
+/// The `message` key means a message object in `message` frames and a sentence in `error` frames.
+/// Typed as only the object, every error frame failed to parse and was dropped — `unavailable`
+/// answers were never seen, so their sends waited for the next reconnect instead of being resent.
+/// A hand-written visitor (not `#[serde(untagged)]`) keeps the hot path zero-copy: untagged enums
+/// buffer the value before trying each variant.
+enum MessageField<'a> {
+    Message(IncomingMessage<'a>),
+    Text,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for MessageField<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = MessageField<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object or an error text")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MessageField::Text)
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+                let message = IncomingMessage::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(MessageField::Message(message))
+            }
+        }
+        deserializer.deserialize_any(Visitor(std::marker::PhantomData))
+    }
 }
 
 /// Open a socket and authenticate; with `until_sync_done`, also wait for the reconnect sync to end
@@ -324,6 +360,8 @@ struct TrafficClient {
     /// `unavailable` answers to resend (same id) at `resend_at`.
     resend: Vec<u64>,
     resend_at: Option<Instant>,
+    /// The pause before the next resend (see [`RESEND_PAUSE`]).
+    resend_pause: Duration,
     next_id: u64,
     /// Highest seq of the partner's messages seen (pushes can repeat after a reconnect).
     seen_seq: u64,
@@ -349,6 +387,7 @@ impl TrafficClient {
             pending: HashMap::new(),
             resend: Vec::new(),
             resend_at: None,
+            resend_pause: RESEND_PAUSE,
             next_id: 0,
             seen_seq: 0,
             last_ack_us: clock.measure_from,
@@ -468,6 +507,7 @@ impl TrafficClient {
             "ack" => {
                 let Some(id) = frame.client_msg_id.as_deref().and_then(|c| self.own_id(c)) else { return true };
                 let Some(sent) = self.pending.remove(&id) else { return true };
+                self.resend_pause = RESEND_PAUSE;
                 if now >= self.clock.measure_from && now <= self.clock.stop_sending {
                     self.max_gap_us = self.max_gap_us.max(now - self.last_ack_us.max(self.clock.measure_from));
                     self.last_ack_us = now;
@@ -488,7 +528,7 @@ impl TrafficClient {
                 }
             }
             "message" => {
-                let Some(m) = frame.message else { return true };
+                let Some(MessageField::Message(m)) = frame.message else { return true };
                 if m.sender != self.partner_user || m.seq <= self.seen_seq {
                     return true;
                 }
@@ -514,7 +554,10 @@ impl TrafficClient {
                 if frame.code.as_deref() == Some("unavailable") {
                     self.lock().result.unavailable += 1;
                     self.resend.push(id);
-                    self.resend_at.get_or_insert_with(|| Instant::now() + RESEND_PAUSE);
+                    if self.resend_at.is_none() {
+                        self.resend_at = Some(Instant::now() + self.resend_pause);
+                        self.resend_pause = (self.resend_pause * 2).min(RESEND_PAUSE_MAX);
+                    }
                 } else {
                     self.lock().result.errors += 1;
                     self.pending.remove(&id);
@@ -699,4 +742,55 @@ async fn history(worker: u32, spec: HistorySpec) -> anyhow::Result<()> {
     result.ack_hist = encode_hist(&shared.ack);
     result.cpu_ms = machine::self_cpu_ms();
     emit(&WorkerLine::Result(Box::new(result)))
+}
+
+#[cfg(test)]
+mod tests {
+    use parley_protocol::frames::{MessageView, ServerFrame};
+    use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, MessageId, UserId};
+
+    use super::{Incoming, MessageField};
+
+    fn wire(frame: &ServerFrame) -> String {
+        serde_json::to_string(frame).expect("server frames serialize")
+    }
+
+    /// The load client must see `unavailable` answers (it resends on them); it used to drop every
+    /// error frame because their `message` is a sentence, not a message object.
+    #[test]
+    fn error_frames_are_understood() {
+        let text = wire(&ServerFrame::Error {
+            code: ErrorCode::Unavailable,
+            message: "shard 7 is moving; retry".into(),
+            client_msg_id: Some(ClientMsgId::new("failover-42").unwrap()),
+            req_id: None,
+        });
+        let frame: Incoming<'_> = serde_json::from_str(&text).expect("an error frame parses");
+        assert_eq!(frame.kind, "error");
+        assert_eq!(frame.code.as_deref(), Some("unavailable"));
+        assert_eq!(frame.client_msg_id.as_deref(), Some("failover-42"));
+        assert!(matches!(frame.message, Some(MessageField::Text)));
+    }
+
+    #[test]
+    fn pushed_messages_are_understood() {
+        let (a, b) = (UserId::random(), UserId::random());
+        let text = wire(&ServerFrame::Message {
+            message: MessageView {
+                message_id: MessageId::new(),
+                conversation_id: ConversationId::direct(a, b),
+                seq: 17,
+                sender: a,
+                client_msg_id: ClientMsgId::new("durable-3").unwrap(),
+                body: "0000001795313380 durable \"quoted\" xx".into(),
+                sent_at_ms: 1,
+            },
+        });
+        let frame: Incoming<'_> = serde_json::from_str(&text).expect("a message frame parses");
+        assert_eq!(frame.kind, "message");
+        let Some(MessageField::Message(m)) = frame.message else { panic!("no message object") };
+        assert_eq!(m.seq, 17);
+        assert_eq!(m.sender, a.to_string());
+        assert_eq!(m.body, "0000001795313380 durable \"quoted\" xx");
+    }
 }
