@@ -2,9 +2,9 @@
 //! durable closed loop, an open loop, a few idle sessions, a failover phase (a node killed with
 //! SIGKILL and restarted) and history reads against a two-node cluster on the embedded store, and
 //! its JSON report must carry the keys the benchmark promises with sane, non-zero values — and
-//! every message the load sent must have been acked, through the kill too (the load client resends
-//! on `unavailable`; when it could not parse error frames, sends that met a moving shard were
-//! never resent and stayed unacked). Behaviour only: no timing threshold, a debug build on a busy
+//! every message the failover phase sent must have been acked, through the kill (the load client
+//! resends on `unavailable`; when it could not parse error frames, sends that met a moving shard
+//! were never resent and stayed unacked). Behaviour only: no timing threshold, a debug build on a busy
 //! CI box is allowed to be slow.
 
 use std::path::Path;
