@@ -6,14 +6,20 @@
 #
 #   scripts/bench.sh --json > bench.json          # the full run (about 15 minutes)
 #   scripts/bench.sh --scenarios relay,durable    # a subset
+#   BENCH_BIN=/tmp/parley-a scripts/bench.sh ...  # run a given binary, no build
+#   BENCH_PG_ARGS="-c plan_cache_mode=auto" scripts/bench.sh ...   # extra server settings, for A/B runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
-log "release build"
-cargo build --release --locked -p parley-node --bin parley >&2
-BIN="${CARGO_TARGET_DIR:-target}/release/parley"
+if [ -n "${BENCH_BIN:-}" ]; then
+  BIN="$BENCH_BIN" # a binary built earlier (A/B runs while the tree changes)
+else
+  log "release build"
+  cargo build --release --locked -p parley-node --bin parley >&2
+  BIN="${CARGO_TARGET_DIR:-target}/release/parley"
+fi
 
 if [ "${BENCH_STORE:-postgres}" = embedded ]; then
   exec "$BIN" bench "$@"
@@ -37,7 +43,7 @@ log "private Postgres on 127.0.0.1:$PGPORT ($PGBIN), durable settings"
 # shared_buffers sized for a history table of millions of rows. Everything else is the default.
 (cd /tmp && exec setpriv --reuid="$PGUSER_OS" --regid="$(id -g "$PGUSER_OS")" --init-groups --pdeathsig KILL \
   "$PGBIN/postgres" -D "$PGBASE/data" -p "$PGPORT" -k "$PGBASE" -c listen_addresses=127.0.0.1 \
-  -c max_connections=200 -c shared_buffers=1GB >"$PGBASE/postgres.log" 2>&1) &
+  -c max_connections=200 -c shared_buffers=1GB ${BENCH_PG_ARGS:-} >"$PGBASE/postgres.log" 2>&1) &
 PGPID=$!
 for _ in $(seq 1 100); do pg_isready -q -h 127.0.0.1 -p "$PGPORT" && break; sleep 0.1; done
 pg_isready -q -h 127.0.0.1 -p "$PGPORT" || { cat "$PGBASE/postgres.log" >&2; exit 1; }
