@@ -138,6 +138,7 @@ pub fn routes(
                 "shards": shard_views(&ctx),
                 "sessions": ctx.hub.session_count(),
                 "redirects": ctx.redirects(),
+                "events": ctx.events.to_json(),
             });
             Ok::<_, Rejection>(json(&body, StatusCode::OK))
         });

@@ -283,7 +283,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.phases.push(r);
     }
     if has("durable") {
-        let pids = CpuPids::of(cluster.as_ref(), postmaster);
+        let pids = Probes::of(cluster.as_ref(), postmaster);
         let mode = Mode { in_flight: args.in_flight, rate: None, reconnect: false };
         let r =
             traffic_phase(&ctx, &args, "durable", &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
@@ -296,7 +296,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if has("open") {
         for rate in parse_rates(&args.rates)? {
-            let pids = CpuPids::of(cluster.as_ref(), postmaster);
+            let pids = Probes::of(cluster.as_ref(), postmaster);
             let per_client = rate as f64 / traffic_users.len().max(1) as f64;
             let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: false };
             let name = format!("open-{rate}");
@@ -483,19 +483,37 @@ async fn postmaster_pid(url: &str) -> Option<u32> {
     machine::parent_of(pid as u32)
 }
 
-/// Processes whose CPU a phase charges to the server side.
+/// What a phase samples around its window: the processes whose CPU it charges to the server side,
+/// and the nodes whose unplanned cluster events (`/v1/cluster` → `events`) it counts.
 #[derive(Clone, Default)]
-struct CpuPids {
+struct Probes {
     server: Vec<u32>,
     postmaster: Option<u32>,
+    nodes: Vec<Client>,
 }
 
-impl CpuPids {
-    fn of(cluster: Option<&LocalCluster>, postmaster: Option<u32>) -> CpuPids {
-        CpuPids {
+impl Probes {
+    fn of(cluster: Option<&LocalCluster>, postmaster: Option<u32>) -> Probes {
+        Probes {
             server: cluster.map(|c| c.nodes.iter().filter_map(|n| n.pid()).collect()).unwrap_or_default(),
             postmaster,
+            nodes: cluster.map(|c| c.nodes.iter().map(|n| n.client()).collect()).unwrap_or_default(),
         }
+    }
+
+    /// (peers declared silent, shards lost) summed over the nodes so far; `None` without nodes or
+    /// when one of them did not answer (a phase then reports no count rather than a low one).
+    async fn events(&self) -> Option<(u64, u64)> {
+        if self.nodes.is_empty() {
+            return None;
+        }
+        let mut sum = (0, 0);
+        for node in &self.nodes {
+            let (200, body) = node.raw("GET", "/v1/cluster", None, None).await.ok()? else { return None };
+            sum.0 += body["events"]["peers_declared_silent"].as_u64()?;
+            sum.1 += body["events"]["shards_lost"].as_u64()?;
+        }
+        Some(sum)
     }
 
     /// (server ms, postgres ms, whole machine busy ms) so far.
@@ -588,6 +606,11 @@ struct PhaseReport {
     machine_cores_busy: Option<f64>,
     /// CPU of the load processes per acked message (whole phase incl. connect and drain), µs.
     load_cpu_us_per_msg: Option<f64>,
+    /// Over the whole phase (connect to drain), summed over the nodes: live-looking peers declared
+    /// down for not answering heartbeats, and shards lost without a planned hand-off. Both should
+    /// be 0 in a phase without faults; overload that starves the control plane shows here first.
+    peers_declared_silent: Option<u64>,
+    shards_lost: Option<u64>,
     /// (seconds since the bench started, p99 send→deliver ms) per bucket.
     #[serde(skip)]
     timeline: Vec<(f64, f64)>,
@@ -804,7 +827,7 @@ async fn traffic_phase(
     users: &[TrafficUser],
     mode: Mode,
     duration_secs: u64,
-    pids: &CpuPids,
+    pids: &Probes,
 ) -> anyhow::Result<PhaseReport> {
     run_traffic(ctx, args, phase, urls, users, mode, duration_secs, DRAIN_MS, pids, |_| async { Ok(()) }).await
 }
@@ -819,7 +842,7 @@ async fn run_traffic<F, Fut>(
     mode: Mode,
     duration_secs: u64,
     drain_ms: u64,
-    pids: &CpuPids,
+    pids: &Probes,
     during: F,
 ) -> anyhow::Result<PhaseReport>
 where
@@ -827,6 +850,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let specs = traffic_specs(args, phase, urls, users, mode, duration_secs, drain_ms);
+    let events_before = pids.events().await;
     let mut workers = Workers::spawn(ctx, phase, specs)?;
     let ready = workers.ready(READY_TIMEOUT).await?;
     let connected: u64 = ready.iter().map(|r| r.connected).sum();
@@ -866,6 +890,10 @@ where
     let wait = Duration::from_millis(args.warmup_ms + drain_ms) + Duration::from_secs(duration_secs) + RESULT_MARGIN;
     let results = workers.results(wait).await?;
     drop(load_pids);
+    let events = match (events_before, pids.events().await) {
+        (Some(b), Some(a)) => Some((a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))),
+        _ => None,
+    };
     let m = merge(&results)?;
     let secs = duration_secs as f64;
     let acked = m.r.acked_in_window;
@@ -897,6 +925,8 @@ where
         postgres_cores_busy: pids.postmaster.map(|_| round(cpu.1 / (secs * 1000.0), 2)),
         machine_cores_busy: Some(round(cpu.2 / (secs * 1000.0), 2)),
         load_cpu_us_per_msg: per_msg(m.r.cpu_ms as f64),
+        peers_declared_silent: events.map(|e| e.0),
+        shards_lost: events.map(|e| e.1),
         timeline: m
             .timeline
             .iter()
@@ -909,8 +939,17 @@ where
             .collect(),
     };
     say(format!(
-        "{phase}: {:.0} msg/s  ack p50/p99 {}/{} ms  deliver p50/p99 {}/{} ms  unacked {}  errors {}",
-        r.msgs_per_s, r.ack_ms.p50_ms, r.ack_ms.p99_ms, r.deliver_ms.p50_ms, r.deliver_ms.p99_ms, r.unacked, r.errors
+        "{phase}: {:.0} msg/s  ack p50/p99 {}/{} ms  deliver p50/p99 {}/{} ms  unacked {}  errors {}{}",
+        r.msgs_per_s,
+        r.ack_ms.p50_ms,
+        r.ack_ms.p99_ms,
+        r.deliver_ms.p50_ms,
+        r.deliver_ms.p99_ms,
+        r.unacked,
+        r.errors,
+        events
+            .map(|(silent, lost)| format!("  peers declared silent {silent}  shards lost {lost}"))
+            .unwrap_or_default()
     ));
     Ok(r)
 }
@@ -939,7 +978,7 @@ async fn relay_phase(ctx: &Ctx, args: &BenchArgs, port: u16) -> anyhow::Result<P
             TrafficUser { user: id.clone(), token: id, device: format!("relay-{i}") }
         })
         .collect();
-    let pids = CpuPids { server: relay.id().into_iter().collect(), postmaster: None };
+    let pids = Probes { server: relay.id().into_iter().collect(), ..Probes::default() };
     let urls = vec![format!("ws://127.0.0.1:{port}/v1/ws")];
     let mode = Mode { in_flight: args.in_flight, rate: None, reconnect: false };
     let r = traffic_phase(ctx, args, "relay", &urls, &users, mode, args.duration_secs, &pids).await;
@@ -1115,7 +1154,7 @@ async fn failover_phase(
         mode,
         args.failover_secs,
         FAILOVER_DRAIN_MS,
-        &CpuPids::default(),
+        &Probes::default(),
         |start| async move {
             let from = start + warmup;
             *log_ref = crate::drill::faults::run(cluster_ref, &plan, from, from + duration, &stats).await?;
@@ -1255,7 +1294,7 @@ impl Report {
             m.loadavg_end
         );
         out.push_str(&format!(
-            "{:<12} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}\n",
+            "{:<12} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
             "phase",
             "loop",
             "msg/s",
@@ -1268,11 +1307,16 @@ impl Report {
             "dlv max",
             "srv µs",
             "pg µs",
-            "box cores"
+            "box cores",
+            "events"
         ));
         for p in &self.phases {
+            let events = match (p.peers_declared_silent, p.shards_lost) {
+                (Some(silent), Some(lost)) => format!("{silent}/{lost}"),
+                _ => "-".to_string(),
+            };
             out.push_str(&format!(
-                "{:<12} {:>6} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}\n",
+                "{:<12} {:>6} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
                 p.name,
                 p.loop_kind,
                 p.msgs_per_s,
@@ -1286,8 +1330,10 @@ impl Report {
                 opt(p.server_cpu_us_per_msg),
                 opt(p.postgres_cpu_us_per_msg),
                 opt(p.machine_cores_busy),
+                events,
             ));
         }
+        out.push_str("events: peers declared silent / shards lost, summed over the nodes (0/0 without faults)\n");
         out.push_str(&format!(
             "\nrelay {} msg/s, durable {} msg/s, ratio {}; p99 send→deliver at 10k: {} ms\n",
             opt(self.relay_msgs_per_s),

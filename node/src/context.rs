@@ -47,6 +47,31 @@ pub struct NodeContext {
     /// Requests that reached a node which did not (or no longer) serve the shard: the client was
     /// told `unavailable` and retries. Counted to report hand-off cost.
     redirects: AtomicU64,
+    /// Cluster events an operator (and the benchmark) wants counted since this process started.
+    pub events: ClusterEvents,
+}
+
+/// Counters of the cluster's unplanned events, reported in `GET /v1/cluster` under `events`.
+/// Each one is costly (shards move, sends in flight come back `unavailable`), so a rising count
+/// on a healthy cluster is the sign of trouble: overload starving the control plane, a flapping
+/// link, a database too slow for lease renewals.
+#[derive(Default)]
+pub struct ClusterEvents {
+    /// Live-looking peers this node declared down because they stopped answering heartbeats
+    /// (a closed connection is not counted: that is a peer really gone).
+    pub peers_declared_silent: AtomicU64,
+    /// Shards this node served that stopped without a planned hand-off: lease lost to another
+    /// owner, lease not renewed in time, or the shard actor exited.
+    pub shards_lost: AtomicU64,
+}
+
+impl ClusterEvents {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "peers_declared_silent": self.peers_declared_silent.load(Ordering::Relaxed),
+            "shards_lost": self.shards_lost.load(Ordering::Relaxed),
+        })
+    }
 }
 
 impl NodeContext {
@@ -63,6 +88,7 @@ impl NodeContext {
             peers: RwLock::new(Vec::new()),
             http: OnceLock::new(),
             redirects: AtomicU64::new(0),
+            events: ClusterEvents::default(),
         })
     }
 

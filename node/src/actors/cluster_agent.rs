@@ -6,7 +6,17 @@
 //!   no session with, with exponential backoff;
 //! - **failure detection**: ractor_cluster notices a closed socket (kill -9: ~1 ms) but never a
 //!   frozen peer (SIGSTOP), so the agent pings every peer's gateway each [`HEARTBEAT`] and declares
-//!   it down after [`PEER_DOWN_AFTER`] of silence;
+//!   it down when it has not *answered* for [`ClusterAgentState::peer_down_after`]: the lease TTL,
+//!   at least [`PEER_DOWN_AFTER`]. *Silence*, not slowness: a ping may take up to [`PING_TIMEOUT`]
+//!   and its answer still counts when it comes. Pings travel the same ractor_cluster connection,
+//!   runtime and gateway mailbox as the data, so on a saturated box every answer is late and some
+//!   come in bursts; a live peer keeps answering, a frozen one answers nothing. Why no shorter
+//!   than the lease TTL: a frozen peer's database connections stay open, so its session locks and
+//!   leases hold until the lease expires, and declaring it down earlier moves nothing sooner; but
+//!   every false verdict on a live, merely overloaded peer costs routes and shard moves. (Until
+//!   session 7 a ping slower than 1.5 s was discarded and 1.5 s of silence was "down": overload
+//!   alone declared live peers down by the dozen, shards moved, in-flight sends came back
+//!   `unavailable`, and the resends added load — a metastable loop.);
 //! - **identity per boot**: the `NodeServer` name is the node's boot id (`n1#<uuid>`), so a
 //!   restarted node is a new peer, never confused with (or refused because of) its previous life;
 //! - **joining through seeds**: a node need not be listed in every peer's config. It dials the
@@ -20,6 +30,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,10 +46,13 @@ use crate::context::{remote_call, NodeContext};
 /// How often peers are pinged, dialled and told our shards. 200 ms keeps failure detection and
 /// route convergence well under a second at a cost of a few small messages per peer per tick.
 pub const HEARTBEAT: Duration = Duration::from_millis(200);
-/// A peer silent for this long is declared down (its shards move). Long enough to ride out a GC-
-/// free Rust process's worst scheduling hiccup on a loaded 2-core box, short enough that a frozen
-/// node is replaced in about `PEER_DOWN_AFTER + lease_ttl`.
+/// The shortest silence after which a peer is declared down (its shards move); the actual bound
+/// is the lease TTL when that is longer ([`ClusterAgentState::peer_down_after`]).
 pub const PEER_DOWN_AFTER: Duration = Duration::from_millis(1_500);
+/// Bound on one ping. Longer than any down verdict on purpose (see the module doc): a late answer
+/// proves the peer alive. At most `PING_TIMEOUT / HEARTBEAT` (50) pings per peer are in
+/// flight, each a spawned task holding a few hundred bytes.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Bound on one identify or ping call.
@@ -154,6 +168,11 @@ fn node_of(peer_name: &str) -> String {
     peer_name.split(['#', '@']).next().unwrap_or(peer_name).to_string()
 }
 
+/// One heartbeat: whether the peer's gateway answered within [`PING_TIMEOUT`], however late.
+async fn ping(gateway: &ActorRef<GatewayMsg>) -> bool {
+    matches!(remote_call(gateway, &NodePayload::Ping { nonce: 0 }, PING_TIMEOUT).await, Ok(NodePayload::Pong { .. }))
+}
+
 struct Events(ActorRef<ClusterAgentMsg>);
 
 impl NodeEventSubscription for Events {
@@ -174,6 +193,12 @@ impl NodeEventSubscription for Events {
 impl ClusterAgentState {
     fn me(&self) -> &str {
         &self.ctx.node_name
+    }
+
+    /// How long a peer may go without answering a heartbeat before it is declared down: the lease
+    /// TTL, at least [`PEER_DOWN_AFTER`] (see the module doc).
+    fn peer_down_after(&self) -> Duration {
+        Duration::from_millis(self.ctx.config.cluster.lease_ttl_ms).max(PEER_DOWN_AFTER)
     }
 
     fn dial_due(&mut self, me: &ActorRef<ClusterAgentMsg>) {
@@ -246,9 +271,7 @@ impl ClusterAgentState {
         for (node, peer) in &self.peers {
             let (gateway, node, boot_id, me) = (peer.gateway.clone(), node.clone(), peer.boot_id.clone(), me.clone());
             tokio::spawn(async move {
-                if let Ok(NodePayload::Pong { .. }) =
-                    remote_call(&gateway, &NodePayload::Ping { nonce: 0 }, PEER_DOWN_AFTER).await
-                {
+                if ping(&gateway).await {
                     let _ = me.cast(ClusterAgentMsg::Alive { node, boot_id });
                 }
             });
@@ -258,9 +281,11 @@ impl ClusterAgentState {
     /// Mark silent peers down, and publish membership changes.
     fn refresh_members(&mut self) {
         let now = Instant::now();
+        let down_after = self.peer_down_after();
         for (node, peer) in self.peers.iter_mut() {
-            if peer.alive && now.duration_since(peer.last_seen) > PEER_DOWN_AFTER {
+            if peer.alive && now.duration_since(peer.last_seen) > down_after {
                 tracing::warn!(peer = %node, "peer silent; declaring it down");
+                self.ctx.events.peers_declared_silent.fetch_add(1, Ordering::Relaxed);
                 peer.alive = false;
                 self.ctx.routing.clear_node(node);
             }
@@ -546,5 +571,66 @@ impl Actor for ClusterAgentActor {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer's gateway on a saturated box: every call is answered, but only after a queueing
+    /// delay longer than [`PEER_DOWN_AFTER`].
+    struct SlowGateway;
+
+    const SLOW: Duration = Duration::from_millis(2_000);
+
+    impl Actor for SlowGateway {
+        type Msg = GatewayMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _me: ActorRef<GatewayMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _me: ActorRef<GatewayMsg>,
+            msg: GatewayMsg,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            if let GatewayMsg::Call(bytes, reply) = msg {
+                let Ok(NodePayload::Ping { nonce }) = codec::decode::<NodePayload>(&bytes) else { return Ok(()) };
+                tokio::spawn(async move {
+                    tokio::time::sleep(SLOW).await;
+                    let _ = reply.send(codec::encode(&NodePayload::Pong { nonce }));
+                });
+            }
+            Ok(())
+        }
+    }
+
+    /// Slow is not dead: an answer that takes longer than `PEER_DOWN_AFTER` still proves the peer
+    /// alive. (Before session 7 the ping gave up after `PEER_DOWN_AFTER`, so a saturated but
+    /// healthy peer was declared down and its shards moved.)
+    #[tokio::test]
+    async fn a_late_answer_still_counts() {
+        assert!(SLOW > PEER_DOWN_AFTER && SLOW < PING_TIMEOUT);
+        let (gateway, handle) = Actor::spawn(None, SlowGateway, ()).await.expect("spawn");
+        let started = Instant::now();
+        assert!(ping(&gateway).await, "a ping answered after {SLOW:?} must count");
+        assert!(started.elapsed() >= SLOW);
+        gateway.stop(None);
+        handle.await.expect("stopped");
+    }
+
+    /// A gateway that is gone answers nothing: the ping says so (without waiting out the timeout,
+    /// since the cast itself fails).
+    #[tokio::test]
+    async fn no_answer_is_not_alive() {
+        let (gateway, handle) = Actor::spawn(None, SlowGateway, ()).await.expect("spawn");
+        gateway.stop(None);
+        handle.await.expect("stopped");
+        assert!(!ping(&gateway).await);
     }
 }

@@ -13,6 +13,7 @@
 //! one-tick backoff, because the usual causes (store hiccup, lease moved) heal on their own.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -304,6 +305,9 @@ impl Actor for ShardManagerActor {
         if let Some(shard) = state.by_actor.remove(&id) {
             if let Some(o) = state.owned.remove(&shard) {
                 state.ctx.routing.clear_if(shard, o.epoch);
+                // Planned hand-offs remove the shard from `owned` before stopping it, so only the
+                // unplanned exits (lease lost or lapsed, actor failed) are counted here.
+                state.ctx.events.shards_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%shard, epoch = %o.epoch, reason = %why, "shard actor exited; will re-acquire");
             }
         }
