@@ -7,8 +7,9 @@
 //! Shape: all shards share the tables and shard-local rows carry a `shard` column, so adding a shard
 //! is free and a single `pg_dump` backs everything up.
 //!
-//! Fencing: [`PgShard::commit`] reads the shard's lease row `FOR SHARE` in the commit's own
-//! transaction and refuses the batch when the epoch moved. A concurrent acquire takes the same row
+//! Fencing: [`PgShard::commit`] (run by the group commit of [`commit`], which may combine the
+//! batches of several shards in one statement, each fenced on its own) reads the shard's lease row
+//! `FOR SHARE` in the commit's own transaction and refuses the batch when the epoch moved. A concurrent acquire takes the same row
 //! `FOR UPDATE`, so either the acquire waits for the commit (and the commit's rows predate the new
 //! epoch) or the commit waits for the acquire (and then sees the new epoch and writes nothing).
 //!
@@ -40,17 +41,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use parley_protocol::cluster::{StoredAck, SyncReply, SyncRequest};
-use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
+use parley_protocol::cluster::{SyncReply, SyncRequest};
+use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use crate::model::*;
 use crate::{Directory, Result, ShardStore, StorageError};
+
+mod commit;
 
 /// Schema migrations in order. A version, once released, is never edited: add a new file instead.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("pg/0001_init.sql"))];
@@ -84,10 +85,6 @@ const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// without it a query sent into a network partition waits for the kernel's default of minutes.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A commit that hits a unique violation, serialisation failure or deadlock is retried this many
-/// times in total: a racing writer's rows are visible to the retry, whose dedupe then answers them.
-const MAX_COMMIT_ATTEMPTS: u32 = 3;
-
 /// The columns of a message row in the order [`message_view`] reads them.
 const MESSAGE_COLUMNS: &str = "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms";
 
@@ -104,6 +101,8 @@ macro_rules! ms {
 pub struct PgBackend {
     pool: Pool,
     locks: Arc<SessionLocks>,
+    /// Every shard's commits go through here (group commit, see [`commit`]).
+    committer: commit::Committer,
 }
 
 /// Accounts, tokens and the conversation index.
@@ -159,7 +158,8 @@ impl PgBackend {
             .map_err(|e| StorageError::Pool(e.to_string()))?;
         migrate(&pool).await?;
         let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
-        Ok(PgBackend { pool, locks: Arc::new(locks) })
+        let committer = commit::Committer::start(pool.clone(), commit::workers_for(pool_size));
+        Ok(PgBackend { pool, locks: Arc::new(locks), committer })
     }
 
     pub fn directory(&self) -> PgDirectory {
@@ -433,19 +433,6 @@ fn distinct<T: Copy + Eq + std::hash::Hash>(items: &[T]) -> Vec<T> {
     items.iter().copied().filter(|x| seen.insert(*x)).collect()
 }
 
-/// Whether a failed commit may succeed when run again from the start.
-fn retryable(e: &StorageError) -> bool {
-    let StorageError::Postgres(e) = e else {
-        return false;
-    };
-    matches!(
-        e.code(),
-        Some(&SqlState::UNIQUE_VIOLATION)
-            | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
-            | Some(&SqlState::T_R_DEADLOCK_DETECTED)
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Directory
 // ---------------------------------------------------------------------------------------------
@@ -640,309 +627,6 @@ impl PgShard {
             None => Ok((None, 0)),
         }
     }
-
-    /// One attempt of [`ShardStore::commit`]: `BEGIN`, the [`COMMIT_SQL`] statement and (for a
-    /// batch without receipts) `COMMIT`, pipelined: one round trip and three statements per commit,
-    /// where a lookup-then-write sequence needed four round trips and five statements. The
-    /// commit's fixed cost is what limits the durable throughput when many shards each commit
-    /// small batches (BENCHMARKS.md, session 5).
-    async fn commit_once(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
-        let shard = self.shard_db();
-        let epoch_db = to_db(epoch.0);
-        let messages = &batch.messages;
-
-        // Repeats of an idempotency key inside the batch answer with their first occurrence (the
-        // candidate); only candidates go to the server, which tells them stored-before from new.
-        let mut first_of: HashMap<(ConversationId, UserId, &str), usize> = HashMap::with_capacity(messages.len());
-        let mut repeat_of: Vec<Option<usize>> = Vec::with_capacity(messages.len());
-        let mut cols = CandidateColumns::default();
-        for (i, m) in messages.iter().enumerate() {
-            match first_of.entry((m.conversation_id, m.sender, m.client_msg_id.as_str())) {
-                std::collections::hash_map::Entry::Occupied(first) => repeat_of.push(Some(*first.get())),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(i);
-                    repeat_of.push(None);
-                    cols.push(m, i);
-                }
-            }
-        }
-
-        let mut tx = PipelinedTx { client: Some(self.backend.pool.get().await?) };
-        let client = tx.client();
-        let stmt = client.prepare_cached(COMMIT_SQL).await?;
-        let params: [&(dyn ToSql + Sync); 9] = [
-            &shard,
-            &epoch_db,
-            &cols.conversations,
-            &cols.message_ids,
-            &cols.senders,
-            &cols.client_ids,
-            &cols.bodies,
-            &cols.sent_at,
-            &cols.ords,
-        ];
-        let rows = if batch.cursors.is_empty() {
-            // All three requests are sent before any answer is awaited. If the statement fails,
-            // the server turns the `COMMIT` into a rollback; either way the transaction is over.
-            let result = tokio::try_join!(
-                client.batch_execute("BEGIN"),
-                client.query(&stmt, &params),
-                client.batch_execute("COMMIT")
-            );
-            tx.ended();
-            result.map_err(commit_error)?.1
-        } else {
-            tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1
-        };
-
-        // One row without a batch index carries the fence; every other row is a candidate's ack.
-        let mut fence: Option<i64> = None;
-        let mut acks: Vec<Option<StoredAck>> = vec![None; messages.len()];
-        for row in &rows {
-            let Some(ord) = row.try_get::<_, Option<i64>>(0)? else {
-                fence = row.try_get(1)?;
-                continue;
-            };
-            let bad_index = || StorageError::Corrupt(format!("batch index {ord}"));
-            let index = usize::try_from(ord).map_err(|_| bad_index())?;
-            let m = messages.get(index).ok_or_else(bad_index)?;
-            let seq: Option<i64> = row.try_get(1)?;
-            let seq = seq.ok_or_else(|| StorageError::Corrupt("a stored message without a seq".into()))?;
-            acks[index] = Some(StoredAck {
-                message_id: MessageId(row.try_get(2)?),
-                conversation_id: m.conversation_id,
-                seq: from_db(seq, "seq")?,
-                sent_at_ms: row.try_get(3)?,
-                duplicate: row.try_get(4)?,
-            });
-        }
-        if fence != Some(epoch_db) {
-            // Nothing was written (every write of the statement is conditioned on the fence).
-            if !batch.cursors.is_empty() {
-                tx.rollback().await;
-            }
-            let current = fence.map(|c| from_db(c, "epoch")).transpose()?.unwrap_or(0);
-            return Err(StorageError::StaleEpoch { shard: self.shard.0, held: epoch.0, current });
-        }
-
-        let mut results = Vec::with_capacity(messages.len());
-        for (i, repeat) in repeat_of.iter().enumerate() {
-            let first = repeat.unwrap_or(i);
-            let mut ack = acks[first].clone().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
-            ack.duplicate |= repeat.is_some();
-            results.push(MessageResult::Stored(ack));
-        }
-
-        let applied = if batch.cursors.is_empty() {
-            Vec::new()
-        } else {
-            let client = tx.client();
-            let applied = match apply_cursors(client, shard, &batch.cursors).await {
-                Ok(applied) => applied,
-                Err(e) => {
-                    tx.rollback().await;
-                    return Err(e);
-                }
-            };
-            let committed = client.batch_execute("COMMIT").await;
-            tx.ended();
-            committed?;
-            applied
-        };
-        Ok(Committed { messages: results, cursors: applied })
-    }
-}
-
-/// A commit's one statement: fence, dedupe lookup, seq reservation and insert.
-///
-/// - `fence` reads the lease row `FOR SHARE` (see the module doc); every write below is
-///   conditioned on its epoch being ours (`$2`), so a stale holder writes nothing.
-/// - `cand` are the batch's distinct idempotency keys with their batch index (`ord`); `old` finds
-///   those stored before (one index probe each, see "Query shapes").
-/// - `fresh` are the rest, each with `back`: how many new messages of its conversation follow it
-///   in the batch. `bump` raises each counter by its conversation's new messages, in conversation
-///   order (two commits touching the same counters cannot deadlock), and returns the new last seq;
-///   a new message's seq is that minus its `back`.
-/// - A counter row owned by another shard (a routing bug upstream) is not bumped, so its messages
-///   get a NULL seq and the statement fails on `messages.seq NOT NULL`: the whole batch is refused,
-///   nothing of it is stored ([`commit_error`] reports it as corruption).
-///
-/// Output: one fence row (`ord` NULL, the lease's epoch) and per candidate its batch index, seq,
-/// message id, sent-at and whether it was stored before.
-const COMMIT_SQL: &str = "
-WITH fence AS (
-    SELECT epoch FROM shard_leases WHERE shard = $1 FOR SHARE
-), cand AS (
-    SELECT * FROM UNNEST($3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-        AS t(c, m, u, k, b, at, ord)
-), old AS (
-    SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms
-    FROM cand CROSS JOIN LATERAL (
-        SELECT seq, message_id, sent_at_ms FROM messages
-        WHERE conversation_id = cand.c AND sender = cand.u AND client_msg_id = cand.k AND shard = $1
-        LIMIT 1
-    ) x
-), fresh AS (
-    SELECT cand.*, count(*) OVER (PARTITION BY cand.c ORDER BY cand.ord DESC) - 1 AS back
-    FROM cand
-    WHERE (SELECT epoch FROM fence) = $2 AND NOT EXISTS (SELECT 1 FROM old WHERE old.ord = cand.ord)
-), bump AS (
-    INSERT INTO shard_conversations (conversation_id, shard, last_seq)
-    SELECT c, $1, count(*) FROM fresh GROUP BY c ORDER BY c
-    ON CONFLICT (conversation_id) DO UPDATE
-        SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
-        WHERE shard_conversations.shard = EXCLUDED.shard
-    RETURNING conversation_id, last_seq
-), stored AS (
-    INSERT INTO messages (shard, conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
-    SELECT $1, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, $2
-    FROM fresh f LEFT JOIN bump b ON b.conversation_id = f.c
-    RETURNING 1
-)
-SELECT NULL::bigint, (SELECT epoch FROM fence), NULL::uuid, NULL::bigint, NULL::boolean
-UNION ALL
-SELECT ord, seq, message_id, sent_at_ms, true FROM old
-UNION ALL
-SELECT f.ord, b.last_seq - f.back, f.m, f.at, false FROM fresh f JOIN bump b ON b.conversation_id = f.c";
-
-/// A commit statement's error: a NULL seq means a counter row owned by another shard (see
-/// [`COMMIT_SQL`]); anything else is Postgres's own.
-fn commit_error(e: tokio_postgres::Error) -> StorageError {
-    let foreign_counter = e.as_db_error().is_some_and(|db| {
-        db.code() == &SqlState::NOT_NULL_VIOLATION && db.table() == Some("messages") && db.column() == Some("seq")
-    });
-    if foreign_counter {
-        StorageError::Corrupt("a conversation of the batch is counted by another shard".into())
-    } else {
-        e.into()
-    }
-}
-
-/// A transaction begun with a pipelined `BEGIN` (tokio-postgres's `Transaction` awaits its
-/// `BEGIN` alone, costing a round trip). Until [`ended`](Self::ended), dropping it — an error path
-/// we did not roll back, or the commit future being cancelled — detaches its connection from the
-/// pool and closes it, so the server aborts the transaction and no pooled connection is ever
-/// handed out inside one.
-struct PipelinedTx {
-    client: Option<deadpool_postgres::Client>,
-}
-
-impl PipelinedTx {
-    fn client(&self) -> &deadpool_postgres::Client {
-        self.client.as_ref().expect("present until dropped")
-    }
-
-    /// The transaction is over (committed or rolled back): the connection may return to the pool.
-    fn ended(&mut self) {
-        self.client = None;
-    }
-
-    async fn rollback(&mut self) {
-        if self.client().batch_execute("ROLLBACK").await.is_ok() {
-            self.ended();
-        }
-    }
-}
-
-impl Drop for PipelinedTx {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
-    }
-}
-
-/// A batch's candidates (first occurrences of its idempotency keys) as column arrays.
-#[derive(Default)]
-struct CandidateColumns<'a> {
-    conversations: Vec<Uuid>,
-    message_ids: Vec<Uuid>,
-    senders: Vec<Uuid>,
-    client_ids: Vec<&'a str>,
-    bodies: Vec<&'a str>,
-    sent_at: Vec<i64>,
-    /// Index in the batch.
-    ords: Vec<i64>,
-}
-
-impl<'a> CandidateColumns<'a> {
-    fn push(&mut self, m: &'a NewMessage, index: usize) {
-        self.conversations.push(m.conversation_id.0);
-        self.message_ids.push(m.message_id.0);
-        self.senders.push(m.sender.0);
-        self.client_ids.push(m.client_msg_id.as_str());
-        self.bodies.push(&m.body);
-        self.sent_at.push(m.sent_at_ms);
-        self.ords.push(index as i64);
-    }
-}
-
-/// Move cursors forward (never back) in one upsert. A device update also moves the member-level
-/// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
-/// are clamped to it, so a client cannot mark messages that do not exist yet as received. Returns
-/// each update's seq as applied (clamped), in order.
-async fn apply_cursors(tx: &deadpool_postgres::Client, shard: i32, updates: &[CursorUpdate]) -> Result<Vec<Seq>> {
-    // The conversations' last seqs, read in this transaction after its own inserts (only the
-    // lease holder writes them, and the fence above proved that is us).
-    let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());
-    let stmt = tx
-        .prepare_cached(
-            "SELECT sc.conversation_id, sc.last_seq FROM UNNEST($2::uuid[]) AS k(id)
-             CROSS JOIN LATERAL (
-                 SELECT conversation_id, last_seq FROM shard_conversations
-                 WHERE conversation_id = k.id AND shard = $1 LIMIT 1
-             ) sc",
-        )
-        .await?;
-    let mut last: HashMap<Uuid, i64> = HashMap::with_capacity(convs.len());
-    for row in tx.query(&stmt, &[&shard, &convs]).await? {
-        last.insert(row.try_get(0)?, row.try_get(1)?);
-    }
-    let applied: Vec<i64> =
-        updates.iter().map(|u| to_db(u.seq).min(last.get(&u.conversation_id.0).copied().unwrap_or(0))).collect();
-    // Merge first: one upsert may not touch the same row twice.
-    let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
-    for (u, &seq) in updates.iter().zip(&applied) {
-        let (delivered, read) = match u.kind {
-            ReceiptKind::Delivered => (seq, 0),
-            ReceiptKind::Read => (seq, seq),
-        };
-        let mut raise = |device: String| {
-            let e = rows.entry((u.conversation_id.0, u.user.0, device)).or_insert((0, 0));
-            e.0 = e.0.max(delivered);
-            e.1 = e.1.max(read);
-        };
-        raise(String::new());
-        if let Some(device) = &u.device {
-            raise(device.as_str().to_string());
-        }
-    }
-    let mut rows: Vec<_> = rows.into_iter().collect();
-    // A fixed order so that concurrent upserts of overlapping rows cannot deadlock.
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let convs: Vec<Uuid> = rows.iter().map(|((c, _, _), _)| *c).collect();
-    let users: Vec<Uuid> = rows.iter().map(|((_, u, _), _)| *u).collect();
-    let devices: Vec<&str> = rows.iter().map(|((_, _, d), _)| d.as_str()).collect();
-    let delivered: Vec<i64> = rows.iter().map(|(_, (d, _))| *d).collect();
-    let read: Vec<i64> = rows.iter().map(|(_, (_, r))| *r).collect();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
-             SELECT t.c, t.u, t.d, LEAST(t.dl, COALESCE(sc.last_seq, 0)),
-                    LEAST(t.rd, COALESCE(sc.last_seq, 0))
-             FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
-                  AS t(c, u, d, dl, rd)
-             LEFT JOIN LATERAL (
-                 SELECT last_seq FROM shard_conversations
-                 WHERE conversation_id = t.c AND shard = $1 LIMIT 1
-             ) sc ON true
-             ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
-                 delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
-                 read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
-        )
-        .await?;
-    tx.execute(&stmt, &[&shard, &convs, &users, &devices, &delivered, &read]).await?;
-    applied.into_iter().map(|s| from_db(s, "seq")).collect()
 }
 
 #[async_trait]
@@ -1033,16 +717,7 @@ impl ShardStore for PgShard {
     }
 
     async fn commit(&self, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
-        let mut attempt = 1;
-        loop {
-            match self.commit_once(epoch, batch).await {
-                Err(e) if attempt < MAX_COMMIT_ATTEMPTS && retryable(&e) => {
-                    tracing::warn!(shard = %self.shard, attempt, error = %e, "retrying commit");
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
+        self.backend.committer.commit(self.shard, epoch, batch).await
     }
 
     async fn history(

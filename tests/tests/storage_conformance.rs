@@ -119,6 +119,7 @@ conformance!(
     repeat_within_a_batch_is_a_duplicate_of_the_first,
     client_id_is_scoped_to_its_conversation,
     stale_epoch_commit_stores_nothing,
+    concurrent_commits_of_many_shards_are_fenced_each_on_its_own,
     history_pages_backwards,
     sync_follows_each_device_cursor,
     summaries_count_unread_from_others,
@@ -577,6 +578,85 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
     Ok(())
 }
 
+/// Shards commit at the same moment, as a node's store actors do; the Postgres backend combines
+/// such commits into shared statements (group commit). Whatever it combines, each shard's batch
+/// must come out as if committed alone: its own gapless seqs in batch order, its own duplicates,
+/// and a stale epoch refusing that shard's batch only.
+async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixture) -> Result<()> {
+    const SHARDS: u16 = 8;
+    const ROUNDS: u64 = 4;
+    let stale_shard = 7;
+    let mut shards = Vec::new();
+    for i in 0..SHARDS {
+        let (store, epoch) = leased(&f.stores, 20 + i, "node-a").await?;
+        // One shard commits under an epoch it never held: refused, round after round.
+        let epoch = if i == stale_shard { Epoch(epoch.0 + 5) } else { epoch };
+        shards.push((store, epoch, new_conversation()));
+    }
+    let alice = UserId::random();
+    for round in 0..ROUNDS {
+        let batches: Vec<WriteBatch> = shards
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, c))| {
+                let mut batch: Vec<NewMessage> = (1..=3)
+                    .map(|k| msg(*c, alice, &format!("r{round}-{k}"), &format!("shard {i} round {round}")))
+                    .collect();
+                if i == 1 {
+                    // A repeat inside the batch, and a retry of the previous round's last message.
+                    batch.push(msg(*c, alice, &format!("r{round}-1"), "repeat"));
+                    if round > 0 {
+                        batch.push(msg(*c, alice, &format!("r{}-3", round - 1), "retry"));
+                    }
+                }
+                messages(batch)
+            })
+            .collect();
+        // All at once: every commit is queued before any of them is answered.
+        let results = futures_util::future::join_all(
+            shards.iter().zip(&batches).map(|((store, epoch, _), batch)| store.commit(*epoch, batch)),
+        )
+        .await;
+        for (i, result) in results.into_iter().enumerate() {
+            if i == usize::from(stale_shard) {
+                assert_stale(result, shards[i].1 .0, shards[i].1 .0 - 5);
+                continue;
+            }
+            let results = result?.messages;
+            let got: Vec<(Seq, bool)> =
+                results.iter().map(|r| ack(r).map(|a| (a.seq, a.duplicate))).collect::<Result<_>>()?;
+            let mut want: Vec<(Seq, bool)> = (1..=3).map(|k| (round * 3 + k, false)).collect();
+            if i == 1 {
+                want.push((round * 3 + 1, true));
+                if round > 0 {
+                    want.push((round * 3, true));
+                }
+            }
+            assert_eq!(got, want, "shard {i}, round {round}: seqs and duplicates as if committed alone");
+        }
+    }
+    for (i, (store, _, c)) in shards.iter().enumerate() {
+        let want: Vec<Seq> = if i == usize::from(stale_shard) { vec![] } else { (1..=ROUNDS * 3).collect() };
+        assert_eq!(seqs(&store.history(*c, None, 100).await?.0), want, "shard {i}: history");
+    }
+    if let Some(pg) = f.postgres_db() {
+        // The combining did happen: rows of different shards share a transaction. (Without it
+        // this check fails and the rest of the test proves nothing about group commit.)
+        let client = pg.connect().await?;
+        let conversations: Vec<Uuid> = shards.iter().map(|(_, _, c)| c.0).collect();
+        let transactions: i64 = client
+            .query_one(
+                "SELECT count(DISTINCT xmin::text) FROM messages WHERE conversation_id = ANY($1)",
+                &[&conversations],
+            )
+            .await?
+            .get(0);
+        let batches = i64::from(SHARDS - 1) * ROUNDS as i64;
+        assert!(transactions < batches, "{batches} batches in {transactions} transactions: nothing was combined");
+    }
+    Ok(())
+}
+
 /// Commit one message and check the seq it got.
 async fn store_one(store: &dyn ShardStore, epoch: Epoch, m: NewMessage, seq: Seq) -> Result<()> {
     let results = store.commit(epoch, &messages(vec![m])).await?.messages;
@@ -792,5 +872,46 @@ async fn postgres_refuses_a_batch_for_a_conversation_another_shard_counts() -> R
 
     // The shard still works for a well-routed batch.
     store_one(&*b, gb.epoch, msg(fine, alice, "f1", "fine"), 1).await?;
+    Ok(())
+}
+
+/// The same misrouted batch committed at the same moment as good batches of other shards: the
+/// group commit may put them in one statement, which then fails as a whole; the good batches must
+/// still commit and only the misrouted one is refused.
+#[tokio::test]
+async fn postgres_one_bad_batch_does_not_fail_the_batches_committed_with_it() -> Result<()> {
+    let f = Fixture::postgres().await?;
+    let a = f.stores.shard(ShardId(3)).await?;
+    let ga = a.acquire_lease("node-a", LONG_TTL_MS).await?.context("fresh shard")?;
+    let alice = UserId::random();
+    let counted_by_a = new_conversation();
+    store_one(&*a, ga.epoch, msg(counted_by_a, alice, "a1", "on its own shard"), 1).await?;
+    let mut good = Vec::new();
+    for shard in 10..16 {
+        let (store, epoch) = leased(&f.stores, shard, "node-a").await?;
+        good.push((store, epoch, new_conversation()));
+    }
+    let (bad, bad_epoch, fine) = (&good[0].0, good[0].1, good[0].2);
+    let misrouted = messages(vec![msg(fine, alice, "f1", "fine"), msg(counted_by_a, alice, "a2", "wrong shard")]);
+    let batches: Vec<WriteBatch> = good[1..]
+        .iter()
+        .map(|(_, _, c)| messages(vec![msg(*c, alice, "g1", "good"), msg(*c, alice, "g2", "good")]))
+        .collect();
+    let (bad_result, good_results) = tokio::join!(
+        bad.commit(bad_epoch, &misrouted),
+        futures_util::future::join_all(
+            good[1..].iter().zip(&batches).map(|((store, epoch, _), batch)| store.commit(*epoch, batch))
+        )
+    );
+    match bad_result {
+        Err(StorageError::Corrupt(_)) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    for (result, (store, _, c)) in good_results.into_iter().zip(&good[1..]) {
+        let seqs_acked: Vec<Seq> = result?.messages.iter().map(|r| ack(r).map(|a| a.seq)).collect::<Result<_>>()?;
+        assert_eq!(seqs_acked, vec![1, 2]);
+        assert_eq!(seqs(&store.history(*c, None, 100).await?.0), vec![1, 2]);
+    }
+    assert_eq!(seqs(&bad.history(fine, None, 100).await?.0), Vec::<Seq>::new(), "nothing of the bad batch");
     Ok(())
 }

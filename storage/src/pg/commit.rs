@@ -1,0 +1,508 @@
+//! Group commit: the batches of every shard one [`super::PgBackend`] serves, combined into shared
+//! statements.
+//!
+//! Why. A commit's fixed cost in Postgres (statement start-up, the transaction, WAL, the backend's
+//! wake-ups) is several hundred µs of CPU, and with 64 shards each committing on its own a commit
+//! carried ≈3 messages at the benchmark's closed loop: Postgres spent 120-140 µs of CPU per
+//! message, where 16 shards (≈4x larger batches) needed ≈55 (BENCHMARKS.md, sessions 5 and 7).
+//! Fewer shards would buy that at the cost of how far a cluster can spread; combining the batches
+//! that wait *at the same moment* buys it without.
+//!
+//! What stays per shard. Each shard's store actor still decides what its shard writes and under
+//! which lease epoch, and hands over one batch at a time (so a group never holds two batches of
+//! one shard, and a shard's batches commit in order). Fencing stays per shard: the statement
+//! locks the lease row of every shard in the group `FOR SHARE` and writes a shard's rows only if
+//! that shard's epoch is its batch's; a stale shard of a group writes nothing and gets
+//! `StaleEpoch`, the others commit. A group whose statement fails as a whole (one batch's bad
+//! row, a serialisation failure) is re-run batch by batch, so one shard's error stays its own.
+//!
+//! How. [`Committer`] runs a few worker tasks over one queue. A worker takes the first waiting
+//! batch and every other one waiting at that moment (up to [`MAX_GROUP_MESSAGES`]), runs them as
+//! one statement, answers each, and comes back. Under light load a batch finds an idle worker and
+//! goes alone, with no added wait; under load batches pile up behind busy workers and the groups
+//! grow — group commit, one level above the store actors' own batching. Batches with receipts
+//! (cursor updates) need a second statement in the same transaction and are committed alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use parley_protocol::cluster::StoredAck;
+use parley_protocol::frames::ReceiptKind;
+use parley_protocol::{ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{distinct, from_db, shard_db, to_db};
+use crate::model::*;
+use crate::{Result, StorageError};
+
+/// A commit that hits a unique violation, serialisation failure or deadlock is retried this many
+/// times in total: a racing writer's rows are visible to the retry, whose dedupe then answers them.
+const MAX_COMMIT_ATTEMPTS: u32 = 3;
+
+/// A worker stops taking batches into its group once it holds this many messages: one statement's
+/// arrays stay a few hundred KB, and one slow group delays a bounded number of sends.
+const MAX_GROUP_MESSAGES: usize = 2_000;
+
+/// The workers of a backend with a pool of `pool_size` connections: a quarter of the pool (the
+/// rest serves reads, syncs, leases and receipts), at least 1, at most 8. Few workers are the
+/// point: the fewer groups in flight, the larger each one.
+pub(super) fn workers_for(pool_size: usize) -> usize {
+    (pool_size / 4).clamp(1, 8)
+}
+
+/// One shard's batch, waiting for a worker.
+struct Job {
+    shard: ShardId,
+    epoch: Epoch,
+    batch: WriteBatch,
+    reply: oneshot::Sender<Result<Committed>>,
+}
+
+/// The queue to a backend's commit workers. Cheap to clone; the workers end when the last clone
+/// is dropped. The queue is unbounded in type only: every shard hands over one batch at a time,
+/// so it never holds more batches than the node serves shards.
+#[derive(Clone)]
+pub(super) struct Committer {
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl Committer {
+    /// Start `workers` workers on `pool` (inside a Tokio runtime).
+    pub(super) fn start(pool: Pool, workers: usize) -> Committer {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..workers.max(1) {
+            tokio::spawn(work(pool.clone(), rx.clone()));
+        }
+        Committer { queue }
+    }
+
+    /// Commit `batch` of `shard` under `epoch` (see [`crate::ShardStore::commit`]). Dropping the
+    /// future does not withdraw the batch: it may still commit (the outcome is then unknown to the
+    /// caller, as with any commit cut short).
+    pub(super) async fn commit(&self, shard: ShardId, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { shard, epoch, batch: batch.clone(), reply };
+        self.queue.send(job).map_err(|_| StorageError::Pool("the commit workers have stopped".into()))?;
+        answer.await.map_err(|_| StorageError::Pool("a commit worker stopped before answering".into()))?
+    }
+}
+
+/// One worker: take a group, commit it, answer, repeat until the queue closes.
+async fn work(pool: Pool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    loop {
+        let group = {
+            let mut rx = queue.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut messages = first.batch.messages.len();
+            let mut group = vec![first];
+            while messages < MAX_GROUP_MESSAGES {
+                let Ok(job) = rx.try_recv() else { break };
+                messages += job.batch.messages.len();
+                group.push(job);
+            }
+            group
+        };
+        commit_group(&pool, group).await;
+    }
+}
+
+/// Commit a group and answer every batch of it.
+async fn commit_group(pool: &Pool, group: Vec<Job>) {
+    let (plain, with_receipts): (Vec<Job>, Vec<Job>) = group.into_iter().partition(|j| j.batch.cursors.is_empty());
+    if plain.len() > 1 {
+        match attempt(pool, &plain).await {
+            Ok(results) => {
+                for (job, result) in plain.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(batches = plain.len(), error = %e, "group commit failed; committing its batches one by one");
+                for job in plain {
+                    commit_alone(pool, job).await;
+                }
+            }
+        }
+    } else {
+        for job in plain {
+            commit_alone(pool, job).await;
+        }
+    }
+    for job in with_receipts {
+        commit_alone(pool, job).await;
+    }
+}
+
+/// Commit one batch by itself, retrying what a retry can fix.
+async fn commit_alone(pool: &Pool, job: Job) {
+    let mut attempt_no = 1;
+    let result = loop {
+        match attempt(pool, std::slice::from_ref(&job)).await {
+            Err(e) if attempt_no < MAX_COMMIT_ATTEMPTS && retryable(&e) => {
+                tracing::warn!(shard = %job.shard, attempt = attempt_no, error = %e, "retrying commit");
+                attempt_no += 1;
+            }
+            Err(e) => break Err(e),
+            Ok(mut results) => break results.pop().unwrap_or_else(|| Err(StorageError::Corrupt("no result".into()))),
+        }
+    };
+    let _ = job.reply.send(result);
+}
+
+/// Whether a failed commit may succeed when run again from the start.
+fn retryable(e: &StorageError) -> bool {
+    let StorageError::Postgres(e) = e else {
+        return false;
+    };
+    matches!(
+        e.code(),
+        Some(&SqlState::UNIQUE_VIOLATION)
+            | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            | Some(&SqlState::T_R_DEADLOCK_DETECTED)
+    )
+}
+
+/// One attempt at `jobs` (several batches only if none has receipts): per batch, its outcome
+/// (`StaleEpoch` when its shard's epoch moved); `Err` when the statement failed as a whole.
+///
+/// Batches without receipts are the [`COMMIT_SQL`] statement alone, in autocommit: one statement is
+/// its own transaction in Postgres, so the fence's `FOR SHARE` locks are held to its commit exactly
+/// as inside `BEGIN`…`COMMIT`, and the two extra statements are saved (≈10% of Postgres's CPU per
+/// commit, BENCHMARKS.md session 7). A batch with receipts needs a transaction around two
+/// statements: `BEGIN` and the statement are pipelined, then the cursor upsert and `COMMIT`.
+async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
+    debug_assert!(jobs.len() == 1 || jobs.iter().all(|j| j.batch.cursors.is_empty()));
+    // Repeats of an idempotency key inside a batch answer with their first occurrence (the
+    // candidate); only candidates go to the server, which tells them stored-before from new.
+    // `ord` numbers the group's messages: batch after batch, each in its own order.
+    let mut cols = CandidateColumns::default();
+    let mut repeats: Vec<Vec<Option<usize>>> = Vec::with_capacity(jobs.len());
+    let mut offsets: Vec<usize> = Vec::with_capacity(jobs.len());
+    let mut total = 0;
+    for job in jobs {
+        let messages = &job.batch.messages;
+        let mut first_of: HashMap<(ConversationId, UserId, &str), usize> = HashMap::with_capacity(messages.len());
+        let mut repeat_of = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            match first_of.entry((m.conversation_id, m.sender, m.client_msg_id.as_str())) {
+                std::collections::hash_map::Entry::Occupied(first) => repeat_of.push(Some(*first.get())),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    repeat_of.push(None);
+                    cols.push(m, shard_db(job.shard), to_db(job.epoch.0), total + i);
+                }
+            }
+        }
+        repeats.push(repeat_of);
+        offsets.push(total);
+        total += messages.len();
+    }
+    let shards: Vec<i32> = distinct(&jobs.iter().map(|j| shard_db(j.shard)).collect::<Vec<_>>());
+
+    let pooled = pool.get().await?;
+    let stmt = pooled.prepare_cached(COMMIT_SQL).await?;
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &cols.shards,
+        &cols.epochs,
+        &cols.conversations,
+        &cols.message_ids,
+        &cols.senders,
+        &cols.client_ids,
+        &cols.bodies,
+        &cols.sent_at,
+        &cols.ords,
+        &shards,
+    ];
+    let receipts = jobs.first().filter(|j| !j.batch.cursors.is_empty());
+    let (rows, mut tx) = match receipts {
+        // Autocommit: no transaction is left open on the connection whatever happens, so it goes
+        // back to the pool as it is (a cancelled query is drained by tokio-postgres).
+        None => (pooled.query(&stmt, &params).await.map_err(commit_error)?, None),
+        Some(_) => {
+            let tx = PipelinedTx { client: Some(pooled) };
+            let client = tx.client();
+            let rows =
+                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
+            (rows, Some(tx))
+        }
+    };
+
+    // Rows without a group index carry the fences (shard, epoch); every other row is a
+    // candidate's ack.
+    let mut fences: HashMap<i32, i64> = HashMap::with_capacity(shards.len());
+    let mut acks: Vec<Option<StoredAck>> = vec![None; total];
+    let conversation_at = |index: usize| -> Option<ConversationId> {
+        let job = offsets.partition_point(|&o| o <= index).checked_sub(1)?;
+        jobs[job].batch.messages.get(index - offsets[job]).map(|m| m.conversation_id)
+    };
+    for row in &rows {
+        let Some(ord) = row.try_get::<_, Option<i64>>(0)? else {
+            fences.insert(row.try_get(1)?, row.try_get(2)?);
+            continue;
+        };
+        let bad_index = || StorageError::Corrupt(format!("group index {ord}"));
+        let index = usize::try_from(ord).map_err(|_| bad_index())?;
+        let conversation_id = conversation_at(index).ok_or_else(bad_index)?;
+        let seq: Option<i64> = row.try_get(3)?;
+        let seq = seq.ok_or_else(|| StorageError::Corrupt("a stored message without a seq".into()))?;
+        acks[index] = Some(StoredAck {
+            message_id: MessageId(row.try_get(4)?),
+            conversation_id,
+            seq: from_db(seq, "seq")?,
+            sent_at_ms: row.try_get(5)?,
+            duplicate: row.try_get(6)?,
+        });
+    }
+
+    let mut out = Vec::with_capacity(jobs.len());
+    for ((job, repeat_of), offset) in jobs.iter().zip(&repeats).zip(&offsets) {
+        let fence = fences.get(&shard_db(job.shard)).copied();
+        if fence != Some(to_db(job.epoch.0)) {
+            // Nothing of this batch was written (its writes are conditioned on its fence).
+            let current = fence.map(|c| from_db(c, "epoch")).transpose()?.unwrap_or(0);
+            out.push(Err(StorageError::StaleEpoch { shard: job.shard.0, held: job.epoch.0, current }));
+            continue;
+        }
+        let mut results = Vec::with_capacity(repeat_of.len());
+        for (i, repeat) in repeat_of.iter().enumerate() {
+            let first = repeat.unwrap_or(i);
+            let mut ack =
+                acks[offset + first].clone().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
+            ack.duplicate |= repeat.is_some();
+            results.push(MessageResult::Stored(ack));
+        }
+        out.push(Ok(Committed { messages: results, cursors: Vec::new() }));
+    }
+
+    if let (Some(job), Some(tx)) = (receipts, tx.as_mut()) {
+        let stale = out.first().is_some_and(|r| r.is_err());
+        if stale {
+            tx.rollback().await;
+            return Ok(out);
+        }
+        let client = tx.client();
+        let applied = match apply_cursors(client, shard_db(job.shard), &job.batch.cursors).await {
+            Ok(applied) => applied,
+            Err(e) => {
+                tx.rollback().await;
+                return Err(e);
+            }
+        };
+        let committed = client.batch_execute("COMMIT").await;
+        tx.ended();
+        committed?;
+        if let Some(Ok(c)) = out.first_mut() {
+            c.cursors = applied;
+        }
+    }
+    Ok(out)
+}
+
+/// The commit statement of a group of batches: fence, dedupe lookup, seq reservation and insert.
+///
+/// - `cand` are the group's distinct idempotency keys (per batch), each with its shard `s`, its
+///   batch's epoch `e` and its index in the group (`ord`).
+/// - `fence` reads the lease rows of the group's shards (`$10`) `FOR SHARE` (see the `pg` module
+///   doc); a candidate is written only if its shard's row carries its epoch, so a stale batch
+///   writes nothing and the others are unaffected.
+/// - `old` finds the keys stored before (one index probe each, see "Query shapes" in `pg`).
+/// - `fresh` are the rest, each with `back`: how many new messages of its conversation follow it
+///   in the group (a conversation belongs to one shard, so to one batch). `bump` raises each
+///   counter by its conversation's new messages, in conversation order (two groups touching the
+///   same counters cannot deadlock — and never do: a shard has one batch in flight), and returns
+///   the new last seq; a new message's seq is that minus its `back`.
+/// - A counter row owned by another shard (a routing bug upstream) is not bumped, so its messages
+///   get a NULL seq and the statement fails on `messages.seq NOT NULL`; the group is then re-run
+///   batch by batch and only the faulty batch is refused ([`commit_error`] reports it as
+///   corruption).
+///
+/// Output: per fenced shard one row (`ord` NULL, shard, epoch), and per candidate its group index,
+/// seq, message id, sent-at and whether it was stored before.
+const COMMIT_SQL: &str = "
+WITH cand AS (
+    SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[],
+                         $8::bigint[], $9::bigint[])
+        AS t(s, e, c, m, u, k, b, at, ord)
+), fence AS (
+    SELECT shard, epoch FROM shard_leases WHERE shard = ANY($10::int[]) FOR SHARE
+), old AS (
+    SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms
+    FROM cand CROSS JOIN LATERAL (
+        SELECT seq, message_id, sent_at_ms FROM messages
+        WHERE conversation_id = cand.c AND sender = cand.u AND client_msg_id = cand.k AND shard = cand.s
+        LIMIT 1
+    ) x
+), fresh AS (
+    SELECT cand.*, count(*) OVER (PARTITION BY cand.c ORDER BY cand.ord DESC) - 1 AS back
+    FROM cand
+    WHERE EXISTS (SELECT 1 FROM fence WHERE fence.shard = cand.s AND fence.epoch = cand.e)
+      AND NOT EXISTS (SELECT 1 FROM old WHERE old.ord = cand.ord)
+), bump AS (
+    INSERT INTO shard_conversations (conversation_id, shard, last_seq)
+    SELECT c, s, count(*) FROM fresh GROUP BY c, s ORDER BY c
+    ON CONFLICT (conversation_id) DO UPDATE
+        SET last_seq = shard_conversations.last_seq + EXCLUDED.last_seq
+        WHERE shard_conversations.shard = EXCLUDED.shard
+    RETURNING conversation_id, last_seq
+), stored AS (
+    INSERT INTO messages (shard, conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
+    SELECT f.s, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, f.e
+    FROM fresh f LEFT JOIN bump b ON b.conversation_id = f.c
+    RETURNING 1
+)
+SELECT NULL::bigint, shard, epoch, NULL::bigint, NULL::uuid, NULL::bigint, NULL::boolean FROM fence
+UNION ALL
+SELECT ord, NULL::int, NULL::bigint, seq, message_id, sent_at_ms, true FROM old
+UNION ALL
+SELECT f.ord, NULL::int, NULL::bigint, b.last_seq - f.back, f.m, f.at, false
+FROM fresh f JOIN bump b ON b.conversation_id = f.c";
+
+/// A commit statement's error: a NULL seq means a counter row owned by another shard (see
+/// [`COMMIT_SQL`]); anything else is Postgres's own.
+fn commit_error(e: tokio_postgres::Error) -> StorageError {
+    let foreign_counter = e.as_db_error().is_some_and(|db| {
+        db.code() == &SqlState::NOT_NULL_VIOLATION && db.table() == Some("messages") && db.column() == Some("seq")
+    });
+    if foreign_counter {
+        StorageError::Corrupt("a conversation of the batch is counted by another shard".into())
+    } else {
+        e.into()
+    }
+}
+
+/// A transaction begun with a pipelined `BEGIN` (tokio-postgres's `Transaction` awaits its
+/// `BEGIN` alone, costing a round trip). Until [`ended`](Self::ended), dropping it — an error path
+/// we did not roll back, or the commit future being cancelled — detaches its connection from the
+/// pool and closes it, so the server aborts the transaction and no pooled connection is ever
+/// handed out inside one.
+struct PipelinedTx {
+    client: Option<deadpool_postgres::Client>,
+}
+
+impl PipelinedTx {
+    fn client(&self) -> &deadpool_postgres::Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+
+    /// The transaction is over (committed or rolled back): the connection may return to the pool.
+    fn ended(&mut self) {
+        self.client = None;
+    }
+
+    async fn rollback(&mut self) {
+        if self.client().batch_execute("ROLLBACK").await.is_ok() {
+            self.ended();
+        }
+    }
+}
+
+impl Drop for PipelinedTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// A group's candidates (first occurrences of each batch's idempotency keys) as column arrays.
+#[derive(Default)]
+struct CandidateColumns<'a> {
+    shards: Vec<i32>,
+    /// The epoch of the candidate's batch.
+    epochs: Vec<i64>,
+    conversations: Vec<Uuid>,
+    message_ids: Vec<Uuid>,
+    senders: Vec<Uuid>,
+    client_ids: Vec<&'a str>,
+    bodies: Vec<&'a str>,
+    sent_at: Vec<i64>,
+    /// Index in the group.
+    ords: Vec<i64>,
+}
+
+impl<'a> CandidateColumns<'a> {
+    fn push(&mut self, m: &'a NewMessage, shard: i32, epoch: i64, index: usize) {
+        self.shards.push(shard);
+        self.epochs.push(epoch);
+        self.conversations.push(m.conversation_id.0);
+        self.message_ids.push(m.message_id.0);
+        self.senders.push(m.sender.0);
+        self.client_ids.push(m.client_msg_id.as_str());
+        self.bodies.push(&m.body);
+        self.sent_at.push(m.sent_at_ms);
+        self.ords.push(index as i64);
+    }
+}
+
+/// Move cursors forward (never back) in one upsert. A device update also moves the member-level
+/// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
+/// are clamped to it, so a client cannot mark messages that do not exist yet as received. Returns
+/// each update's seq as applied (clamped), in order.
+async fn apply_cursors(tx: &deadpool_postgres::Client, shard: i32, updates: &[CursorUpdate]) -> Result<Vec<Seq>> {
+    // The conversations' last seqs, read in this transaction after its own inserts (only the
+    // lease holder writes them, and the fence above proved that is us).
+    let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());
+    let stmt = tx
+        .prepare_cached(
+            "SELECT sc.conversation_id, sc.last_seq FROM UNNEST($2::uuid[]) AS k(id)
+             CROSS JOIN LATERAL (
+                 SELECT conversation_id, last_seq FROM shard_conversations
+                 WHERE conversation_id = k.id AND shard = $1 LIMIT 1
+             ) sc",
+        )
+        .await?;
+    let mut last: HashMap<Uuid, i64> = HashMap::with_capacity(convs.len());
+    for row in tx.query(&stmt, &[&shard, &convs]).await? {
+        last.insert(row.try_get(0)?, row.try_get(1)?);
+    }
+    let applied: Vec<i64> =
+        updates.iter().map(|u| to_db(u.seq).min(last.get(&u.conversation_id.0).copied().unwrap_or(0))).collect();
+    // Merge first: one upsert may not touch the same row twice.
+    let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
+    for (u, &seq) in updates.iter().zip(&applied) {
+        let (delivered, read) = match u.kind {
+            ReceiptKind::Delivered => (seq, 0),
+            ReceiptKind::Read => (seq, seq),
+        };
+        let mut raise = |device: String| {
+            let e = rows.entry((u.conversation_id.0, u.user.0, device)).or_insert((0, 0));
+            e.0 = e.0.max(delivered);
+            e.1 = e.1.max(read);
+        };
+        raise(String::new());
+        if let Some(device) = &u.device {
+            raise(device.as_str().to_string());
+        }
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    // A fixed order so that concurrent upserts of overlapping rows cannot deadlock.
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let convs: Vec<Uuid> = rows.iter().map(|((c, _, _), _)| *c).collect();
+    let users: Vec<Uuid> = rows.iter().map(|((_, u, _), _)| *u).collect();
+    let devices: Vec<&str> = rows.iter().map(|((_, _, d), _)| d.as_str()).collect();
+    let delivered: Vec<i64> = rows.iter().map(|(_, (d, _))| *d).collect();
+    let read: Vec<i64> = rows.iter().map(|(_, (_, r))| *r).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
+             SELECT t.c, t.u, t.d, LEAST(t.dl, COALESCE(sc.last_seq, 0)),
+                    LEAST(t.rd, COALESCE(sc.last_seq, 0))
+             FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
+                  AS t(c, u, d, dl, rd)
+             LEFT JOIN LATERAL (
+                 SELECT last_seq FROM shard_conversations
+                 WHERE conversation_id = t.c AND shard = $1 LIMIT 1
+             ) sc ON true
+             ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
+                 delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
+                 read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
+        )
+        .await?;
+    tx.execute(&stmt, &[&shard, &convs, &users, &devices, &delivered, &read]).await?;
+    applied.into_iter().map(|s| from_db(s, "seq")).collect()
+}
