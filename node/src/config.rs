@@ -137,6 +137,12 @@ pub struct LimitsConfig {
     /// Frames queued for one client before it counts as a slow consumer and is disconnected
     /// (chat messages are never dropped to make room; typing/presence may be).
     pub outbox_frames: usize,
+    /// Frames of one connection the node holds at once: read but not yet handled, or sends
+    /// waiting for their commit. At the limit the node stops reading that socket until one is
+    /// answered, so TCP pushes back on a client that sends faster than the cluster stores, instead
+    /// of the node buffering without bound (and starving its own control plane — heartbeats,
+    /// lease renewals — behind the backlog). Nothing is refused.
+    pub max_in_flight_per_connection: usize,
     /// A connection must authenticate (`hello`) within this time.
     pub hello_timeout_ms: u64,
     /// A connection that sends nothing (not even a ping) for this long is closed. The server pings
@@ -227,6 +233,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 19_000,
             outbox_frames: 1_024,
+            max_in_flight_per_connection: 64,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
             shard_call_timeout_ms: 10_000,
@@ -352,6 +359,9 @@ impl Config {
         if let Some(v) = get("PARLEY_MAX_CONNECTIONS") {
             self.limits.max_connections = parse("PARLEY_MAX_CONNECTIONS", v)?;
         }
+        if let Some(v) = get("PARLEY_MAX_IN_FLIGHT_PER_CONNECTION") {
+            self.limits.max_in_flight_per_connection = parse("PARLEY_MAX_IN_FLIGHT_PER_CONNECTION", v)?;
+        }
         if let Some(v) = get("PARLEY_UI_DIR") {
             self.ui_dir = PathBuf::from(v);
         }
@@ -390,6 +400,9 @@ impl Config {
         }
         if self.limits.outbox_frames < 16 {
             return bad("limits.outbox_frames must be at least 16");
+        }
+        if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&self.limits.max_in_flight_per_connection) {
+            return bad("limits.max_in_flight_per_connection must be positive");
         }
         if self.limits.max_batch == 0 {
             return bad("limits.max_batch must be positive");

@@ -136,6 +136,9 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub max_page: u32,
+    /// Frames of one connection the server holds at once (`limits.max_in_flight_per_connection`):
+    /// a client may pipeline this many requests before the server stops reading its socket.
+    pub max_in_flight: usize,
 }
 
 /// Frames the server sends.

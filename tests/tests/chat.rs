@@ -302,6 +302,54 @@ async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
     assert!(!a1.buffered().any(|f| matches!(f, ServerFrame::Message { message } if message.body == "hello bob")));
 }
 
+/// A client may pipeline far more sends than the connection's in-flight window
+/// (`limits.max_in_flight_per_connection`, here 2): the server then stops reading the socket until
+/// answers free the window — backpressure, not refusal. Every send is acked, none is refused, the
+/// seqs follow the order sent, and the window is announced in `welcome`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
+    const SENDS: u64 = 300;
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nmax_in_flight_per_connection = 2\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+
+    let mut raw = http.connect_raw().await.unwrap();
+    let device_id = parley_protocol::DeviceId::new("a1").unwrap();
+    raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: alice.token.clone(), device_id }).await.unwrap();
+    match raw.next(T).await.unwrap() {
+        ServerFrame::Welcome { limits, .. } => assert_eq!(limits.max_in_flight, 2, "the window is announced"),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    // All written before any answer is read.
+    for i in 1..=SENDS {
+        let frame = ClientFrame::Send {
+            client_msg_id: cid(&format!("p-{i}")),
+            to: Some(bob.user_id),
+            conversation_id: None,
+            body: format!("pipelined {i}"),
+        };
+        raw.send(&frame).await.unwrap();
+    }
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < SENDS {
+        match raw.next(T).await.unwrap() {
+            ServerFrame::Ack { client_msg_id, seq, duplicate: false, .. } => {
+                assert_eq!(client_msg_id.as_str(), format!("p-{seq}"), "acks in the order sent");
+                seqs.push(seq);
+            }
+            // The end of the (empty) reconnect sync that follows `welcome`.
+            ServerFrame::SyncDone { .. } => {}
+            other => panic!("every pipelined send is acked, got {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=SENDS).collect::<Vec<_>>());
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    let page = http.history(&alice.token, conv, None, Some(500)).await.unwrap();
+    assert_eq!(page.messages.len() as u64, SENDS, "each stored once");
+}
+
 async fn resend_with_same_client_id_is_stored_once(pg: bool) {
     let backend = Backend::new(pg).await;
     let node = backend.node("").await;

@@ -20,7 +20,7 @@ use parley_protocol::limits::{MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYN
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::context::NodeContext;
 use crate::error::NodeError;
@@ -128,10 +128,11 @@ impl Drop for Timer {
 
 #[derive(RactorMessage)]
 pub enum SessionMsg {
-    /// A text frame from the client.
-    Text(String),
+    /// A text frame from the client, with its connection's in-flight permit (released when the
+    /// frame is answered; see `limits.max_in_flight_per_connection`).
+    Text(String, OwnedSemaphorePermit),
     /// A binary frame from the client (we speak JSON text; valid UTF-8 is accepted as text).
-    Binary(Vec<u8>),
+    Binary(Vec<u8>, OwnedSemaphorePermit),
     /// An event for this user from a shard.
     Event(Arc<UserEvent>),
     /// Fired `hello_timeout_ms` after connect.
@@ -175,7 +176,9 @@ impl SessionState {
         self.send(&ServerFrame::Message { message: m });
     }
 
-    async fn on_text(&mut self, me: &ActorRef<SessionMsg>, text: &str) {
+    /// Handle one client frame. `permit` is the frame's place in the connection's in-flight
+    /// window: held until the frame is answered (for a send, until its ack or error is queued).
+    async fn on_text(&mut self, me: &ActorRef<SessionMsg>, text: &str, permit: OwnedSemaphorePermit) {
         let frame = match ClientFrame::decode(text) {
             Ok(f) => f,
             Err(e) => {
@@ -224,7 +227,10 @@ impl SessionState {
                 };
                 match dispatched {
                     Ok(pending) => {
-                        tokio::spawn(async move { reply(pending.wait().await) });
+                        tokio::spawn(async move {
+                            reply(pending.wait().await);
+                            drop(permit);
+                        });
                     }
                     Err(e) => reply(Err(e)),
                 }
@@ -313,7 +319,12 @@ impl SessionState {
             username: user.username,
             device_id: device.clone(),
             node: self.ctx.node_name.clone(),
-            limits: Limits { max_frame_bytes: MAX_FRAME_BYTES, max_body_bytes: MAX_BODY_BYTES, max_page: MAX_PAGE },
+            limits: Limits {
+                max_frame_bytes: MAX_FRAME_BYTES,
+                max_body_bytes: MAX_BODY_BYTES,
+                max_page: MAX_PAGE,
+                max_in_flight: self.ctx.config.limits.max_in_flight_per_connection,
+            },
         });
         let conversations = match self.ctx.stores.directory.user_conversations(user.id).await {
             Ok(list) => list.into_iter().map(|c| c.id).collect(),
@@ -374,9 +385,9 @@ impl Actor for SessionActor {
         // with their store calls) set that size for every idle session; boxed, it costs one
         // allocation per client frame, freed when the frame is handled.
         match msg {
-            SessionMsg::Text(text) => Box::pin(state.on_text(&me, &text)).await,
-            SessionMsg::Binary(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => Box::pin(state.on_text(&me, &text)).await,
+            SessionMsg::Text(text, permit) => Box::pin(state.on_text(&me, &text, permit)).await,
+            SessionMsg::Binary(bytes, permit) => match String::from_utf8(bytes) {
+                Ok(text) => Box::pin(state.on_text(&me, &text, permit)).await,
                 Err(_) => {
                     state.send(&ServerFrame::error(ErrorCode::InvalidUtf8, "frames must be UTF-8 JSON text"));
                 }

@@ -1,9 +1,10 @@
 //! The WebSocket pump: moves frames between a socket and its `SessionActor`. No protocol logic
-//! lives here — only the transport's bounds: connection count, hard frame cap, outbox, idle
-//! timeout and server pings.
+//! lives here — only the transport's bounds: connection count, hard frame cap, in-flight window,
+//! outbox, idle timeout and server pings.
 //!
-//! Reader: socket → `SessionMsg::Text/Binary`. Writer: outbox → socket, plus pings and the close
-//! frame when the session (or shutdown) asks for one. When either side ends, both end and the
+//! Reader: socket → `SessionMsg::Text/Binary`, with at most `limits.max_in_flight_per_connection`
+//! frames unanswered (then it stops reading: backpressure). Writer: outbox → socket, plus pings and
+//! the close frame when the session (or shutdown) asks for one. When either side ends, both end and the
 //! session actor is stopped.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +14,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::ErrorCode;
 use ractor::ActorRef;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -170,7 +171,19 @@ async fn pump(
         let _ = sink.close().await;
     });
 
+    // The connection's in-flight window (`limits.max_in_flight_per_connection`): a frame is read
+    // only with a permit, and its permit is released when the frame is answered. Waiting for one
+    // is backpressure — the socket is not read meanwhile, so TCP slows the client down — not
+    // idleness: the idle timeout only runs while we are reading.
+    let window = Arc::new(Semaphore::new(ctx.config.limits.max_in_flight_per_connection));
     loop {
+        let permit = tokio::select! {
+            permit = window.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = close_rx.changed() => break,
+        };
         tokio::select! {
             next = tokio::time::timeout(idle, stream.next()) => match next {
                 Err(_) => {
@@ -187,10 +200,10 @@ async fn pump(
                 }
                 Ok(Some(Ok(msg))) => match msg {
                     Message::Text(text) => {
-                        if session.cast(SessionMsg::Text(text.as_str().to_owned())).is_err() { break; }
+                        if session.cast(SessionMsg::Text(text.as_str().to_owned(), permit)).is_err() { break; }
                     }
                     Message::Binary(bytes) => {
-                        if session.cast(SessionMsg::Binary(bytes.to_vec())).is_err() { break; }
+                        if session.cast(SessionMsg::Binary(bytes.to_vec(), permit)).is_err() { break; }
                     }
                     Message::Close(_) => break,
                     // Pings are answered by the library; pongs only prove liveness (handled by

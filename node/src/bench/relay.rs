@@ -97,6 +97,8 @@ async fn connection(stream: tokio::net::TcpStream, id: u64, registry: Registry, 
                             max_frame_bytes: MAX_FRAME_BYTES,
                             max_body_bytes: MAX_BODY_BYTES,
                             max_page: MAX_PAGE,
+                            // The relay holds nothing: it answers each frame as it reads it.
+                            max_in_flight: usize::MAX,
                         },
                     }
                 }
