@@ -226,6 +226,20 @@ async fn register(client: &Client, name: &str) -> TokenResponse {
     client.register(&name, "password-123").await.expect("register")
 }
 
+/// Write a send to `to` for each `i` (client_msg_id `{prefix}{i}`, body `m{i}`) without reading
+/// any answer.
+async fn pipeline(conn: &mut Connection, to: UserId, prefix: &str, ids: impl Iterator<Item = u64>) {
+    for i in ids {
+        let frame = ClientFrame::Send {
+            client_msg_id: cid(&format!("{prefix}{i}")),
+            to: Some(to),
+            conversation_id: None,
+            body: format!("m{i}"),
+        };
+        conn.send(&frame).await.unwrap();
+    }
+}
+
 fn cid(s: &str) -> ClientMsgId {
     ClientMsgId::new(s).unwrap()
 }
@@ -323,15 +337,7 @@ async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
         other => panic!("expected welcome, got {other:?}"),
     }
     // All written before any answer is read.
-    for i in 1..=SENDS {
-        let frame = ClientFrame::Send {
-            client_msg_id: cid(&format!("p-{i}")),
-            to: Some(bob.user_id),
-            conversation_id: None,
-            body: format!("pipelined {i}"),
-        };
-        raw.send(&frame).await.unwrap();
-    }
+    pipeline(&mut raw, bob.user_id, "p-", 1..=SENDS).await;
     let mut seqs = Vec::new();
     while (seqs.len() as u64) < SENDS {
         match raw.next(T).await.unwrap() {
@@ -404,15 +410,7 @@ async fn kill9_and_restart_lose_no_acked_message(pg: bool) {
 
     // Pipeline 60 sends (bob offline), collect every ack, then crash the node at once.
     const N: usize = 60;
-    for i in 0..N {
-        let frame = ClientFrame::Send {
-            client_msg_id: cid(&format!("k-{i}")),
-            to: Some(bob.user_id),
-            conversation_id: None,
-            body: format!("m{i}"),
-        };
-        a.send(&frame).await.unwrap();
-    }
+    pipeline(&mut a, bob.user_id, "k-", 0..N as u64).await;
     let mut acked = Vec::new();
     for i in 0..N {
         acked.push(ack_seq(&a.expect_ack(&cid(&format!("k-{i}")), T).await.unwrap()));
