@@ -16,11 +16,12 @@
 //! `StaleEpoch`, the others commit. A group whose statement fails as a whole (one batch's bad
 //! row, a serialisation failure) is re-run batch by batch, so one shard's error stays its own.
 //!
-//! How. [`Committer`] runs a few worker tasks over one queue. A worker takes the first waiting
-//! batch and every other one waiting at that moment (up to [`MAX_GROUP_MESSAGES`]), runs them as
-//! one statement, answers each, and comes back. Under light load a batch finds an idle worker and
-//! goes alone, with no added wait; under load batches pile up behind busy workers and the groups
-//! grow — group commit, one level above the store actors' own batching. Batches with receipts
+//! How. [`Committer`] feeds one queue to a dispatcher that keeps at most a few groups in flight.
+//! When a slot is free it takes the first waiting batch and every other one waiting at that moment
+//! (up to [`MAX_GROUP_MESSAGES`]), and commits them as one statement in a task of their own.
+//! Under light load a batch finds a free slot and goes alone, with no added wait; under load
+//! batches pile up while every slot is busy and the groups grow — group commit, one level above
+//! the store actors' own batching. Batches with receipts
 //! (cursor updates) need a second statement in the same transaction and are committed alone.
 
 use std::collections::HashMap;
@@ -30,7 +31,7 @@ use deadpool_postgres::Pool;
 use parley_protocol::cluster::StoredAck;
 use parley_protocol::frames::ReceiptKind;
 use parley_protocol::{ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
@@ -43,18 +44,18 @@ use crate::{Result, StorageError};
 /// times in total: a racing writer's rows are visible to the retry, whose dedupe then answers them.
 const MAX_COMMIT_ATTEMPTS: u32 = 3;
 
-/// A worker stops taking batches into its group once it holds this many messages: one statement's
+/// A group stops taking batches once it holds this many messages: one statement's
 /// arrays stay a few hundred KB, and one slow group delays a bounded number of sends.
 const MAX_GROUP_MESSAGES: usize = 2_000;
 
-/// The workers of a backend with a pool of `pool_size` connections: a quarter of the pool (the
-/// rest serves reads, syncs, leases and receipts), at least 1, at most 8. Few workers are the
+/// The groups a backend with a pool of `pool_size` connections keeps in flight: a quarter of the
+/// pool (the rest serves reads, syncs, leases and receipts), at least 1, at most 8. Few are the
 /// point: the fewer groups in flight, the larger each one.
 pub(super) fn workers_for(pool_size: usize) -> usize {
     (pool_size / 4).clamp(1, 8)
 }
 
-/// One shard's batch, waiting for a worker.
+/// One shard's batch, waiting for a group.
 struct Job {
     shard: ShardId,
     epoch: Epoch,
@@ -62,8 +63,8 @@ struct Job {
     reply: oneshot::Sender<Result<Committed>>,
 }
 
-/// The queue to a backend's commit workers. Cheap to clone; the workers end when the last clone
-/// is dropped. The queue is unbounded in type only: every shard hands over one batch at a time,
+/// The queue to a backend's commit dispatcher. Cheap to clone; the dispatcher ends when the last
+/// clone is dropped (groups in flight finish). The queue is unbounded in type only: every shard hands over one batch at a time,
 /// so it never holds more batches than the node serves shards.
 #[derive(Clone)]
 pub(super) struct Committer {
@@ -71,13 +72,10 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    /// Start `workers` workers on `pool` (inside a Tokio runtime).
+    /// Start the dispatcher of `workers` concurrent groups on `pool` (inside a Tokio runtime).
     pub(super) fn start(pool: Pool, workers: usize) -> Committer {
         let (queue, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..workers.max(1) {
-            tokio::spawn(work(pool.clone(), rx.clone()));
-        }
+        tokio::spawn(dispatch(pool, rx, workers.max(1)));
         Committer { queue }
     }
 
@@ -87,27 +85,32 @@ impl Committer {
     pub(super) async fn commit(&self, shard: ShardId, epoch: Epoch, batch: &WriteBatch) -> Result<Committed> {
         let (reply, answer) = oneshot::channel();
         let job = Job { shard, epoch, batch: batch.clone(), reply };
-        self.queue.send(job).map_err(|_| StorageError::Pool("the commit workers have stopped".into()))?;
-        answer.await.map_err(|_| StorageError::Pool("a commit worker stopped before answering".into()))?
+        self.queue.send(job).map_err(|_| StorageError::Pool("the commit dispatcher has stopped".into()))?;
+        answer.await.map_err(|_| StorageError::Pool("a commit group ended without answering".into()))?
     }
 }
 
-/// One worker: take a group, commit it, answer, repeat until the queue closes.
-async fn work(pool: Pool, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+/// The dispatcher: wait for a free worker slot, then for a batch; take it and every batch waiting
+/// at that moment as one group, and commit the group in a task of its own. While every slot is
+/// busy, batches wait in the queue — which is what makes the next group large. Ends when the
+/// queue closes (every [`Committer`] dropped).
+async fn dispatch(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>, workers: usize) {
+    let slots = Arc::new(Semaphore::new(workers));
     loop {
-        let group = {
-            let mut rx = queue.lock().await;
-            let Some(first) = rx.recv().await else { return };
-            let mut messages = first.batch.messages.len();
-            let mut group = vec![first];
-            while messages < MAX_GROUP_MESSAGES {
-                let Ok(job) = rx.try_recv() else { break };
-                messages += job.batch.messages.len();
-                group.push(job);
-            }
-            group
-        };
-        commit_group(&pool, group).await;
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let Some(first) = queue.recv().await else { return };
+        let mut messages = first.batch.messages.len();
+        let mut group = vec![first];
+        while messages < MAX_GROUP_MESSAGES {
+            let Ok(job) = queue.try_recv() else { break };
+            messages += job.batch.messages.len();
+            group.push(job);
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            commit_group(&pool, group).await;
+            drop(slot);
+        });
     }
 }
 
