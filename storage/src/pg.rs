@@ -158,7 +158,7 @@ impl PgBackend {
             .map_err(|e| StorageError::Pool(e.to_string()))?;
         migrate(&pool).await?;
         let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
-        let committer = commit::Committer::start(pool.clone(), commit::workers_for(pool_size));
+        let committer = commit::Committer::start(pool.clone(), commit::group_slots_for(pool_size));
         Ok(PgBackend { pool, locks: Arc::new(locks), committer })
     }
 

@@ -51,7 +51,7 @@ const MAX_GROUP_MESSAGES: usize = 2_000;
 /// The groups a backend with a pool of `pool_size` connections keeps in flight: a quarter of the
 /// pool (the rest serves reads, syncs, leases and receipts), at least 1, at most 8. Few are the
 /// point: the fewer groups in flight, the larger each one.
-pub(super) fn workers_for(pool_size: usize) -> usize {
+pub(super) fn group_slots_for(pool_size: usize) -> usize {
     (pool_size / 4).clamp(1, 8)
 }
 
@@ -72,10 +72,10 @@ pub(super) struct Committer {
 }
 
 impl Committer {
-    /// Start the dispatcher of `workers` concurrent groups on `pool` (inside a Tokio runtime).
-    pub(super) fn start(pool: Pool, workers: usize) -> Committer {
+    /// Start the dispatcher of `slots` concurrent groups on `pool` (inside a Tokio runtime).
+    pub(super) fn start(pool: Pool, slots: usize) -> Committer {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(dispatch(pool, rx, workers.max(1)));
+        tokio::spawn(dispatch(pool, rx, slots.max(1)));
         Committer { queue }
     }
 
@@ -94,8 +94,8 @@ impl Committer {
 /// at that moment as one group, and commit the group in a task of its own. While every slot is
 /// busy, batches wait in the queue — which is what makes the next group large. Ends when the
 /// queue closes (every [`Committer`] dropped).
-async fn dispatch(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>, workers: usize) {
-    let slots = Arc::new(Semaphore::new(workers));
+async fn dispatch(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>, slots: usize) {
+    let slots = Arc::new(Semaphore::new(slots));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let Some(first) = queue.recv().await else { return };
