@@ -356,6 +356,49 @@ async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
     assert_eq!(page.messages.len() as u64, SENDS, "each stored once");
 }
 
+/// A client that vanishes with sends still unread in the node's socket (it resets the connection:
+/// it closes with our answers unread) is not worked off after it is gone: the first answer that
+/// cannot be written ends the connection, and what it left in the socket is dropped — the client
+/// never saw those acked, and will resend them with the same ids. Before this, the node read and
+/// stored every frame a dead client had left behind: after an overloaded benchmark phase, 300k of
+/// them, half a minute of work that the next phase waited behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_not_worked_off_after_it_is_gone() {
+    const SENDS: u64 = 3_000;
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nmax_in_flight_per_connection = 2\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+
+    let mut raw = http.connect_raw().await.unwrap();
+    let device_id = parley_protocol::DeviceId::new("a1").unwrap();
+    raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: alice.token.clone(), device_id }).await.unwrap();
+    assert!(matches!(raw.next(T).await.unwrap(), ServerFrame::Welcome { .. }));
+    pipeline(&mut raw, bob.user_id, "v-", 1..=SENDS).await;
+    // Gone, with answers unread: the kernel resets the connection.
+    drop(raw);
+
+    // Wait until the count stops moving.
+    let mut stored = u64::MAX;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = http.conversations(&alice.token).await.unwrap().first().map_or(0, |c| c.last_seq);
+        if now == stored {
+            break;
+        }
+        stored = now;
+    }
+    // What the node had read before the reset arrived is stored; what sat in its receive buffer is
+    // not. Measured here: 30 stored with the fix, 1,195 (a full 128 KiB receive buffer) without.
+    assert!(stored < 300, "the node kept reading the dead connection: stored {stored} of its {SENDS} sends");
+    // And the node is fine: alice's next connection works and her resend of one of the dropped
+    // sends is stored once.
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    let ack = a.send_message(bob.user_id, "m2999", "v-2999").await.unwrap();
+    assert!(matches!(ack, ServerFrame::Ack { duplicate: false, .. }), "{ack:?}");
+}
+
 async fn resend_with_same_client_id_is_stored_once(pg: bool) {
     let backend = Backend::new(pg).await;
     let node = backend.node("").await;

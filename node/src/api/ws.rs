@@ -134,6 +134,7 @@ async fn pump(
 
     let idle = Duration::from_millis(ctx.config.limits.idle_timeout_ms);
     let mut writer_close = close_rx.clone();
+    let writer_lost = close.clone();
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(idle / 3);
         ping.tick().await;
@@ -167,8 +168,20 @@ async fn pump(
             let reason = writer_close.borrow().clone();
             let (code, text) = reason.unwrap_or((close_code::GOING_AWAY, String::new()));
             let _ = sink.send(close_message(code, text)).await;
+        } else {
+            // The client is gone (a reset, a broken pipe). Tell the reader: what the client left
+            // in our receive buffer must not be worked off for nobody — it never saw those sends
+            // acked and resends them, under the same ids, when it reconnects.
+            writer_lost.send_if_modified(|reason| {
+                let unset = reason.is_none();
+                if unset {
+                    *reason = Some((close_code::GOING_AWAY, "connection lost".into()));
+                }
+                unset
+            });
         }
         let _ = sink.close().await;
+        writable
     });
 
     // The connection's in-flight window (`limits.max_in_flight_per_connection`): a frame is read
@@ -219,8 +232,8 @@ async fn pump(
         close.send_replace(Some((close_code::GOING_AWAY, String::new())));
     }
     session.stop(Some("connection closed".into()));
-    let _ = writer.await;
-    if server_closed {
+    let writable = writer.await.unwrap_or(false);
+    if server_closed && writable {
         // RFC 6455 closing handshake: having sent our Close, read (and discard) until the client's
         // Close or end of stream, for a bounded time. Dropping the socket with unread input (the
         // client's Close reply, a pong) makes the kernel send RST, and an RST can destroy our
