@@ -284,9 +284,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if has("durable") {
         let pids = Probes::of(cluster.as_ref(), postmaster);
+        let settled = settle(&pids).await;
         let mode = Mode { in_flight: args.in_flight, rate: None, reconnect: false };
-        let r =
+        let mut r =
             traffic_phase(&ctx, &args, "durable", &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
+        r.settle_ms = settled;
         report.durable_msgs_per_s = Some(r.msgs_per_s);
         plot_series.push(r.series());
         report.phases.push(r);
@@ -297,12 +299,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if has("open") {
         for rate in parse_rates(&args.rates)? {
             let pids = Probes::of(cluster.as_ref(), postmaster);
+            let settled = settle(&pids).await;
             let per_client = rate as f64 / traffic_users.len().max(1) as f64;
             let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: false };
             let name = format!("open-{rate}");
             let mut r =
                 traffic_phase(&ctx, &args, &name, &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
             r.rate_target = Some(rate);
+            r.settle_ms = settled;
             // No deliveries, no percentile: a 0 would read as a perfect score.
             if rate == 10_000 && r.delivered > 0 {
                 report.p99_deliver_ms_at_10k = Some(r.deliver_ms.p99_ms);
@@ -312,15 +316,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if has("failover") {
+        let settled = settle(&Probes::of(cluster.as_ref(), postmaster)).await;
         let c = cluster.as_mut().context("failover needs the cluster")?;
-        let (r, f) = failover_phase(&ctx, &args, c, &node_urls, &traffic_users).await?;
+        let (mut r, f) = failover_phase(&ctx, &args, c, &node_urls, &traffic_users).await?;
         kills_for_plot = f.kills_at.iter().map(|(at, name)| (*at, format!("kill -9 {name}"))).collect();
         report.failover_ms_p50 = f.p50_ms;
+        r.settle_ms = settled;
         plot_series.push(r.series());
         report.phases.push(r);
         report.failover = Some(f);
     }
     if let Some(s) = &seeded {
+        settle(&Probes::of(cluster.as_ref(), postmaster)).await;
         let r = history_phase(&ctx, &args, &node_urls, s).await?;
         report.history = Some(r);
     }
@@ -523,6 +530,40 @@ impl Probes {
     }
 }
 
+/// A phase starts on a quiet cluster: the nodes and Postgres together below this many cores busy.
+/// An idle cluster (heartbeats, lease renewals) uses a few hundredths of a core; a node still
+/// working off the previous phase's backlog uses one or more.
+const QUIET_CORES: f64 = 0.25;
+/// ... over a window this long.
+const QUIET_WINDOW: Duration = Duration::from_millis(500);
+/// Waiting for quiet gives up after this long (the phase then starts anyway, and its `settle_ms`
+/// says so).
+const SETTLE_MAX: Duration = Duration::from_secs(60);
+
+/// Wait until the nodes and Postgres are quiet, so that a phase does not measure the previous
+/// one's leftovers (a phase's numbers must not depend on the order of phases). The time waited
+/// (`None` without processes to watch).
+async fn settle(probes: &Probes) -> Option<u64> {
+    if probes.server.is_empty() {
+        return None;
+    }
+    let started = Instant::now();
+    let (mut server, mut pg, _) = probes.sample();
+    loop {
+        tokio::time::sleep(QUIET_WINDOW).await;
+        let (s, p, _) = probes.sample();
+        let cores = (s - server + p - pg) / QUIET_WINDOW.as_millis() as f64;
+        (server, pg) = (s, p);
+        if cores < QUIET_CORES || started.elapsed() >= SETTLE_MAX {
+            let waited = started.elapsed().saturating_sub(QUIET_WINDOW);
+            if waited >= QUIET_WINDOW {
+                say(format!("waited {:.1}s for the cluster to go quiet ({cores:.2} cores busy)", waited.as_secs_f64()));
+            }
+            return Some(waited.as_millis() as u64);
+        }
+    }
+}
+
 /// One registered user as the traffic phases use it.
 #[derive(Clone)]
 struct TrafficUser {
@@ -611,6 +652,9 @@ struct PhaseReport {
     /// be 0 in a phase without faults; overload that starves the control plane shows here first.
     peers_declared_silent: Option<u64>,
     shards_lost: Option<u64>,
+    /// How long the phase waited, before it started, for the nodes and Postgres to go quiet
+    /// ([`settle`]); `None` for phases that do not wait (relay, or without a cluster).
+    settle_ms: Option<u64>,
     /// (seconds since the bench started, p99 send→deliver ms) per bucket.
     #[serde(skip)]
     timeline: Vec<(f64, f64)>,
@@ -927,6 +971,7 @@ where
         load_cpu_us_per_msg: per_msg(m.r.cpu_ms as f64),
         peers_declared_silent: events.map(|e| e.0),
         shards_lost: events.map(|e| e.1),
+        settle_ms: None,
         timeline: m
             .timeline
             .iter()
@@ -1334,6 +1379,14 @@ impl Report {
             ));
         }
         out.push_str("events: peers declared silent / shards lost, summed over the nodes (0/0 without faults)\n");
+        let waits: Vec<String> = self
+            .phases
+            .iter()
+            .filter_map(|p| p.settle_ms.map(|ms| format!("{} {:.1}s", p.name, ms as f64 / 1000.0)))
+            .collect();
+        if !waits.is_empty() {
+            out.push_str(&format!("waited for a quiet cluster before: {}\n", waits.join(", ")));
+        }
         out.push_str(&format!(
             "\nrelay {} msg/s, durable {} msg/s, ratio {}; p99 send→deliver at 10k: {} ms\n",
             opt(self.relay_msgs_per_s),
