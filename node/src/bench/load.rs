@@ -64,6 +64,13 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 /// does).
 const RESEND_PAUSE: Duration = Duration::from_millis(25);
 const RESEND_PAUSE_MAX: Duration = Duration::from_millis(400);
+/// A client tells the server what this device holds (`delivered`, cumulative) at most this often,
+/// as the protocol asks of every client. Without it every reconnect sync would replay up to
+/// `MAX_SYNC_PER_CONVERSATION` messages the client already had — after the open-loop phases, a
+/// thousand messages per client per kill, which is what the failover phase measured in a full
+/// run instead of the failover (BENCHMARKS.md, session 8). Once a second keeps the receipts at
+/// a small fraction of the frames (≈1 per 10-13 messages received at the measured rates).
+const DELIVERED_EVERY: Duration = Duration::from_secs(1);
 /// How long the coordinator may take to say `go` after `ready`; past it the worker gives up
 /// rather than holding sockets forever.
 const GO_TIMEOUT: Duration = Duration::from_secs(600);
@@ -170,6 +177,8 @@ enum MessagesField {
 #[derive(Deserialize)]
 struct IncomingMessage<'a> {
     seq: u64,
+    #[serde(borrow)]
+    conversation_id: Cow<'a, str>,
     #[serde(borrow)]
     sender: Cow<'a, str>,
     #[serde(borrow)]
@@ -365,6 +374,10 @@ struct TrafficClient {
     next_id: u64,
     /// Highest seq of the partner's messages seen (pushes can repeat after a reconnect).
     seen_seq: u64,
+    /// The conversation with the partner (learned from its first message) and the highest seq
+    /// this device has told the server it holds.
+    conversation: Option<String>,
+    delivered_seq: u64,
     last_ack_us: i64,
     max_gap_us: i64,
     padding: String,
@@ -390,6 +403,8 @@ impl TrafficClient {
             resend_pause: RESEND_PAUSE,
             next_id: 0,
             seen_seq: 0,
+            conversation: None,
+            delivered_seq: 0,
             last_ack_us: clock.measure_from,
             max_gap_us: 0,
             padding,
@@ -444,6 +459,8 @@ impl TrafficClient {
         }
         let stop_sending = instant_at(clock.stop_sending);
         let give_up = instant_at(clock.give_up);
+        let mut delivered_tick = tokio::time::interval(DELIVERED_EVERY);
+        delivered_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sending = Instant::now() < stop_sending;
             if !sending && self.pending.is_empty() {
@@ -486,6 +503,11 @@ impl TrafficClient {
                         }
                     }
                 }
+                _ = delivered_tick.tick() => {
+                    if !self.acknowledge_delivered(w).await {
+                        ws = None;
+                    }
+                }
                 _ = tokio::time::sleep_until(stop_sending), if sending => {}
                 _ = tokio::time::sleep_until(give_up) => break,
             }
@@ -497,6 +519,19 @@ impl TrafficClient {
         shared.result.unacked += unacked;
         let max_gap = self.max_gap_us.max(if self.pending.is_empty() { 0 } else { gap });
         shared.result.max_gap_ms = shared.result.max_gap_ms.max((max_gap / 1000) as u64);
+    }
+
+    /// Tell the server this device holds the partner's messages up to `seen_seq` (if that moved);
+    /// `false` when the connection is unusable.
+    async fn acknowledge_delivered(&mut self, ws: &mut Ws) -> bool {
+        let Some(conversation) = self.conversation.as_deref() else { return true };
+        if self.seen_seq <= self.delivered_seq {
+            return true;
+        }
+        self.delivered_seq = self.seen_seq;
+        let frame =
+            format!(r#"{{"type":"delivered","conversation_id":"{conversation}","seq":{}}}"#, self.delivered_seq);
+        ws.send(Message::text(frame)).await.is_ok()
     }
 
     /// Handle one server frame; `false` when the connection is unusable.
@@ -533,6 +568,9 @@ impl TrafficClient {
                     return true;
                 }
                 self.seen_seq = m.seq;
+                if self.conversation.is_none() {
+                    self.conversation = Some(m.conversation_id.into_owned());
+                }
                 let mut parts = m.body.splitn(3, ' ');
                 let (Some(sent), Some(phase)) = (parts.next(), parts.next()) else { return true };
                 if phase != self.spec.phase {
