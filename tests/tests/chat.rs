@@ -316,33 +316,54 @@ async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
     assert!(!a1.buffered().any(|f| matches!(f, ServerFrame::Message { message } if message.body == "hello bob")));
 }
 
-/// A client may pipeline far more sends than the connection's in-flight window
-/// (`limits.max_in_flight_per_connection`, here 2): the server then stops reading the socket until
-/// answers free the window — backpressure, not refusal. Every send is acked, none is refused, the
-/// seqs follow the order sent, and the window is announced in `welcome`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
-    const SENDS: u64 = 300;
+/// A node whose connections hold at most 2 frames in flight, with alice and bob registered and
+/// alice on a raw connection just past `welcome`.
+struct WindowOfTwo {
+    // Field order is drop order: the node stops before its backend's files go.
+    _node: NodeProcess,
+    _backend: Backend,
+    http: Client,
+    alice: TokenResponse,
+    bob: TokenResponse,
+    raw: Connection,
+    /// The window `welcome` announced.
+    max_in_flight: usize,
+}
+
+async fn window_of_two() -> WindowOfTwo {
     let backend = Backend::new(false).await;
     let node = backend.node("[limits]\nmax_in_flight_per_connection = 2\n").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
-
     let mut raw = http.connect_raw().await.unwrap();
     let device_id = parley_protocol::DeviceId::new("a1").unwrap();
     raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: alice.token.clone(), device_id }).await.unwrap();
-    match raw.next(T).await.unwrap() {
-        ServerFrame::Welcome { limits, .. } => assert_eq!(limits.max_in_flight, 2, "the window is announced"),
+    let max_in_flight = match raw.next(T).await.unwrap() {
+        ServerFrame::Welcome { limits, .. } => limits.max_in_flight,
         other => panic!("expected welcome, got {other:?}"),
-    }
+    };
+    WindowOfTwo { _node: node, _backend: backend, http, alice, bob, raw, max_in_flight }
+}
+
+/// A client may pipeline far more sends than the connection's in-flight window
+/// (`limits.max_in_flight_per_connection`, here 2): the server then stops reading the socket until
+/// answers free the window — backpressure, not refusal. Every send is acked, none is refused, the
+/// seqs follow the order sent (the acks need not), and the window is announced in `welcome`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
+    const SENDS: u64 = 300;
+    // Bound by name, not `..`: fields left out would be dropped here, the node with them; the
+    // backend bound first is dropped last.
+    let WindowOfTwo { _backend: _b, _node: _n, http, alice, bob, mut raw, max_in_flight } = window_of_two().await;
+    assert_eq!(max_in_flight, 2, "the window is announced");
     // All written before any answer is read.
     pipeline(&mut raw, bob.user_id, "p-", 1..=SENDS).await;
     let mut seqs = Vec::new();
     while (seqs.len() as u64) < SENDS {
         match raw.next(T).await.unwrap() {
             ServerFrame::Ack { client_msg_id, seq, duplicate: false, .. } => {
-                assert_eq!(client_msg_id.as_str(), format!("p-{seq}"), "acks in the order sent");
+                assert_eq!(client_msg_id.as_str(), format!("p-{seq}"), "seqs in the order sent");
                 seqs.push(seq);
             }
             // The end of the (empty) reconnect sync that follows `welcome`.
@@ -350,6 +371,9 @@ async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
             other => panic!("every pipelined send is acked, got {other:?}"),
         }
     }
+    // Acks may arrive in any order (PROTOCOL.md: match them by `client_msg_id`); the seqs they
+    // carry are each send's position, every one of 1..=SENDS exactly once.
+    seqs.sort_unstable();
     assert_eq!(seqs, (1..=SENDS).collect::<Vec<_>>());
     let conv = ConversationId::direct(alice.user_id, bob.user_id);
     let page = http.history(&alice.token, conv, None, Some(500)).await.unwrap();
@@ -365,16 +389,7 @@ async fn pipelined_sends_beyond_the_in_flight_window_wait_and_all_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_client_is_not_worked_off_after_it_is_gone() {
     const SENDS: u64 = 3_000;
-    let backend = Backend::new(false).await;
-    let node = backend.node("[limits]\nmax_in_flight_per_connection = 2\n").await;
-    let http = node.client();
-    let alice = register(&http, "alice").await;
-    let bob = register(&http, "bob").await;
-
-    let mut raw = http.connect_raw().await.unwrap();
-    let device_id = parley_protocol::DeviceId::new("a1").unwrap();
-    raw.send(&ClientFrame::Hello { protocol: PROTOCOL_VERSION, token: alice.token.clone(), device_id }).await.unwrap();
-    assert!(matches!(raw.next(T).await.unwrap(), ServerFrame::Welcome { .. }));
+    let WindowOfTwo { _backend: _b, _node: _n, http, alice, bob, mut raw, .. } = window_of_two().await;
     pipeline(&mut raw, bob.user_id, "v-", 1..=SENDS).await;
     // Gone, with answers unread: the kernel resets the connection.
     drop(raw);
