@@ -113,6 +113,15 @@ impl LocalNode {
         self.log_dir.join(format!("{}-{}.log", self.name, self.starts))
     }
 
+    /// The last lines of this start's log. Quoted in startup errors because the log directory is
+    /// often temporary (a test's) and gone by the time anyone reads the error.
+    fn log_tail(&self) -> String {
+        const LINES: usize = 15;
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LINES)..].join("\n")
+    }
+
     /// Crash it: SIGKILL, no drain.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -143,7 +152,12 @@ impl LocalNode {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!("node {} exited ({status}); see {}", self.name, self.log_path().display());
+                    bail!(
+                        "node {} exited ({status}); {}, ending:\n{}",
+                        self.name,
+                        self.log_path().display(),
+                        self.log_tail()
+                    );
                 }
             }
             if let Ok((200, _)) = client.raw("GET", "/readyz", None, None).await {
