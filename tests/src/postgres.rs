@@ -13,7 +13,6 @@
 //! Used by the storage conformance suite and by any test that needs a Postgres-backed node.
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -154,7 +153,7 @@ impl TestPostgres {
         }
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            let port = free_port()?;
+            let port = crate::free_port();
             match start_server(&bin, &base, &data, account, port).await {
                 Ok((child, url)) => {
                     guard.0 = None;
@@ -331,10 +330,6 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// Start `postgres` on `port` and wait until it accepts connections.
 async fn start_server(
