@@ -1,7 +1,8 @@
 //! Accounts and tokens: argon2id password hashes, opaque random bearer tokens stored by hash.
 //!
-//! Hashing is CPU-heavy by design (≈20-50 ms), so it runs on the blocking pool, never on a
-//! runtime worker that is also pumping WebSockets.
+//! Hashing is CPU- and memory-heavy by design (≈20-50 ms, 19 MiB), so it runs on the blocking
+//! pool, never on a runtime worker that is also pumping WebSockets, and at most one hash per core
+//! at a time.
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -9,6 +10,9 @@ use base64::Engine;
 use parley_protocol::limits::{MAX_PASSWORD_LEN, MAX_USERNAME_LEN, MIN_PASSWORD_LEN, MIN_USERNAME_LEN};
 use parley_protocol::ErrorCode;
 use rand::RngCore;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
 use crate::error::{NodeError, NodeResult};
 
@@ -37,9 +41,33 @@ pub fn validate_password(password: &str) -> NodeResult<()> {
     }
 }
 
+/// How long a registration or login waits for a hashing slot before it is refused as
+/// `unavailable` (retryable): a flood of logins is answered, not queued without end.
+pub const HASH_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Password hashes computed at once: one per core. Why: each argon2id hash works in a 19 MiB
+/// buffer on a blocking-pool thread, and that pool grows to 512 threads — unbounded, a burst of
+/// registrations or logins (or an attacker's) could take ≈10 GB of memory and every core from the
+/// WebSocket runtime. More hashes at once than cores would not finish sooner anyway.
+fn hash_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())))
+}
+
+/// Run one argon2 computation in a hashing slot, on the blocking pool.
+async fn with_hash_slot<T: Send + 'static>(work: impl FnOnce() -> NodeResult<T> + Send + 'static) -> NodeResult<T> {
+    let slot = tokio::time::timeout(HASH_QUEUE_TIMEOUT, hash_slots().acquire())
+        .await
+        .map_err(|_| NodeError::client(ErrorCode::Unavailable, "too many logins at once; retry shortly"))?
+        .map_err(|e| NodeError::Actor(e.to_string()))?;
+    let result = tokio::task::spawn_blocking(work).await.map_err(|e| NodeError::Actor(e.to_string()))?;
+    drop(slot);
+    result
+}
+
 /// argon2id PHC string of `password`.
 pub async fn hash_password(password: String) -> NodeResult<String> {
-    tokio::task::spawn_blocking(move || {
+    with_hash_slot(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
             .hash_password(password.as_bytes(), &salt)
@@ -47,17 +75,15 @@ pub async fn hash_password(password: String) -> NodeResult<String> {
             .map_err(|e| NodeError::Actor(format!("argon2: {e}")))
     })
     .await
-    .map_err(|e| NodeError::Actor(e.to_string()))?
 }
 
 /// Whether `password` matches the stored PHC string.
 pub async fn verify_password(password: String, phc: String) -> NodeResult<bool> {
-    tokio::task::spawn_blocking(move || {
+    with_hash_slot(move || {
         let parsed = PasswordHash::new(&phc).map_err(|e| NodeError::Actor(format!("stored hash: {e}")))?;
         Ok(Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
     })
     .await
-    .map_err(|e| NodeError::Actor(e.to_string()))?
 }
 
 /// A fresh bearer token: 32 random bytes (256 bits), base64url. Unguessable; opaque to clients.
@@ -77,6 +103,33 @@ mod tests {
             assert_eq!(validate_username(name).is_ok(), ok, "{name}");
         }
         assert!(validate_username(&"a".repeat(33)).is_err());
+    }
+
+    /// However many hashes are asked for at once, no more than one per core run at a time (and
+    /// all of them run). Without the slots, the blocking pool runs all 3 × cores at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hashes_run_at_most_one_per_core_at_a_time() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (active, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks: Vec<_> = (0..3 * slots)
+            .map(|_| {
+                let (active, most) = (active.clone(), most.clone());
+                tokio::spawn(with_hash_slot(move || {
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(50));
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                }))
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=slots).contains(&most), "{most} hashes ran at once with {slots} slots");
     }
 
     #[tokio::test]
