@@ -178,25 +178,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Allocations at least this large are always mmapped by glibc, and unmapped when freed.
-pub const MMAP_THRESHOLD_BYTES: i32 = 4 * 1024 * 1024;
-
-/// Pin glibc's mmap threshold at [`MMAP_THRESHOLD_BYTES`]. Why: glibc raises its threshold to the
-/// size of any mmapped block that is freed, so after the first password hash (argon2 works in one
-/// 19 MiB buffer) every later hash buffer comes from a per-thread arena and stays resident when
-/// freed: a burst of logins left a node at 1-6 GB of RSS for good, and made the benchmark's
-/// memory-per-session figure meaningless (sessions reused that memory). Pinned, buffers this large
-/// go back to the kernel on free; smaller allocations (every message, frame and session) are
-/// served as before. Call first thing in `main`, before other threads exist. No-op off glibc.
-#[allow(unsafe_code)]
-pub fn pin_mmap_threshold() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     /// The accepted sockets inherit TCP_NODELAY from the listener (what `bind_http` relies on).
