@@ -330,7 +330,6 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-
 /// Start `postgres` on `port` and wait until it accepts connections.
 async fn start_server(
     bin: &Path,
