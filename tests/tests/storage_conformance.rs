@@ -581,7 +581,8 @@ async fn stale_epoch_commit_stores_nothing(f: &Fixture) -> Result<()> {
 /// Shards commit at the same moment, as a node's store actors do; the Postgres backend combines
 /// such commits into shared statements (group commit). Whatever it combines, each shard's batch
 /// must come out as if committed alone: its own gapless seqs in batch order, its own duplicates,
-/// and a stale epoch refusing that shard's batch only.
+/// its own receipts (cursor moves), and a stale epoch refusing that shard's batch only — messages
+/// and receipts alike.
 async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixture) -> Result<()> {
     const SHARDS: u16 = 8;
     const ROUNDS: u64 = 4;
@@ -593,7 +594,9 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
         let epoch = if i == stale_shard { Epoch(epoch.0 + 5) } else { epoch };
         shards.push((store, epoch, new_conversation()));
     }
-    let alice = UserId::random();
+    let (alice, bob) = (UserId::random(), UserId::random());
+    // Even shards, and the stale one, also carry a receipt: bob has the batch's second message.
+    let with_receipt = |i: usize| i.is_multiple_of(2) || i == usize::from(stale_shard);
     for round in 0..ROUNDS {
         let batches: Vec<WriteBatch> = shards
             .iter()
@@ -609,7 +612,11 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
                         batch.push(msg(*c, alice, &format!("r{}-3", round - 1), "retry"));
                     }
                 }
-                messages(batch)
+                let mut batch = messages(batch);
+                if with_receipt(i) {
+                    batch.cursors.push(cursor(*c, bob, Some("phone"), ReceiptKind::Delivered, round * 3 + 2));
+                }
+                batch
             })
             .collect();
         // All at once: every commit is queued before any of them is answered.
@@ -622,7 +629,10 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
                 assert_stale(result, shards[i].1 .0, shards[i].1 .0 - 5);
                 continue;
             }
-            let results = result?.messages;
+            let committed = result?;
+            let want_cursors = if with_receipt(i) { vec![round * 3 + 2] } else { vec![] };
+            assert_eq!(committed.cursors, want_cursors, "shard {i}, round {round}: the receipt as if committed alone");
+            let results = committed.messages;
             let got: Vec<(Seq, bool)> =
                 results.iter().map(|r| ack(r).map(|a| (a.seq, a.duplicate))).collect::<Result<_>>()?;
             let mut want: Vec<(Seq, bool)> = (1..=3).map(|k| (round * 3 + k, false)).collect();
@@ -638,6 +648,8 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
     for (i, (store, _, c)) in shards.iter().enumerate() {
         let want: Vec<Seq> = if i == usize::from(stale_shard) { vec![] } else { (1..=ROUNDS * 3).collect() };
         assert_eq!(seqs(&store.history(*c, None, 100).await?.0), want, "shard {i}: history");
+        let want_cursor = if i == usize::from(stale_shard) || !with_receipt(i) { (0, 0) } else { (ROUNDS * 3 - 1, 0) };
+        assert_eq!(store.member_cursor(*c, bob).await?, want_cursor, "shard {i}: bob's delivered/read cursor");
     }
     if let Some(pg) = f.postgres_db() {
         // The combining did happen: rows of different shards share a transaction. (Without it
@@ -653,6 +665,17 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
             .get(0);
         let batches = i64::from(SHARDS - 1) * ROUNDS as i64;
         assert!(transactions < batches, "{batches} batches in {transactions} transactions: nothing was combined");
+        // Batches with receipts are combined too (they used to commit alone).
+        let receipted: Vec<Uuid> = (0..shards.len())
+            .filter(|&i| with_receipt(i) && i != usize::from(stale_shard))
+            .map(|i| shards[i].2 .0)
+            .collect();
+        let transactions: i64 = client
+            .query_one("SELECT count(DISTINCT xmin::text) FROM messages WHERE conversation_id = ANY($1)", &[&receipted])
+            .await?
+            .get(0);
+        let batches = receipted.len() as i64 * ROUNDS as i64;
+        assert!(transactions < batches, "{batches} batches with receipts in {transactions} transactions: none combined");
     }
     Ok(())
 }

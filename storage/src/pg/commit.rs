@@ -21,8 +21,10 @@
 //! (up to [`MAX_GROUP_MESSAGES`]), and commits them as one statement in a task of their own.
 //! Under light load a batch finds a free slot and goes alone, with no added wait; under load
 //! batches pile up while every slot is busy and the groups grow — group commit, one level above
-//! the store actors' own batching. Batches with receipts
-//! (cursor updates) need a second statement in the same transaction and are committed alone.
+//! the store actors' own batching. A group with receipts (cursor updates) runs in one
+//! transaction: the statement, then each receipt batch's cursor upsert (only for batches whose
+//! fence held), then `COMMIT`. Until session 9 such batches committed alone, and with clients
+//! acknowledging deliveries about every tenth batch of a busy shard carried one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,28 +118,24 @@ async fn dispatch(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>, slots: us
 
 /// Commit a group and answer every batch of it.
 async fn commit_group(pool: &Pool, group: Vec<Job>) {
-    let (plain, with_receipts): (Vec<Job>, Vec<Job>) = group.into_iter().partition(|j| j.batch.cursors.is_empty());
-    if plain.len() > 1 {
-        match attempt(pool, &plain).await {
-            Ok(results) => {
-                for (job, result) in plain.into_iter().zip(results) {
-                    let _ = job.reply.send(result);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(batches = plain.len(), error = %e, "group commit failed; committing its batches one by one");
-                for job in plain {
-                    commit_alone(pool, job).await;
-                }
-            }
-        }
-    } else {
-        for job in plain {
+    if group.len() == 1 {
+        for job in group {
             commit_alone(pool, job).await;
         }
+        return;
     }
-    for job in with_receipts {
-        commit_alone(pool, job).await;
+    match attempt(pool, &group).await {
+        Ok(results) => {
+            for (job, result) in group.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(batches = group.len(), error = %e, "group commit failed; committing its batches one by one");
+            for job in group {
+                commit_alone(pool, job).await;
+            }
+        }
     }
 }
 
@@ -170,16 +168,16 @@ fn retryable(e: &StorageError) -> bool {
     )
 }
 
-/// One attempt at `jobs` (several batches only if none has receipts): per batch, its outcome
-/// (`StaleEpoch` when its shard's epoch moved); `Err` when the statement failed as a whole.
+/// One attempt at `jobs`: per batch, its outcome (`StaleEpoch` when its shard's epoch moved);
+/// `Err` when the attempt failed as a whole (nothing of it was committed).
 ///
-/// Batches without receipts are the [`COMMIT_SQL`] statement alone, in autocommit: one statement is
-/// its own transaction in Postgres, so the fence's `FOR SHARE` locks are held to its commit exactly
-/// as inside `BEGIN`…`COMMIT`, and the two extra statements are saved (≈10% of Postgres's CPU per
-/// commit, BENCHMARKS.md session 7). A batch with receipts needs a transaction around two
-/// statements: `BEGIN` and the statement are pipelined, then the cursor upsert and `COMMIT`.
+/// Without receipts, the group is the [`COMMIT_SQL`] statement alone, in autocommit: one statement
+/// is its own transaction in Postgres, so the fence's `FOR SHARE` locks are held to its commit
+/// exactly as inside `BEGIN`…`COMMIT`, and the two extra statements are saved (≈10% of Postgres's
+/// CPU per commit, BENCHMARKS.md session 7). With receipts it needs a transaction: `BEGIN` and the
+/// statement are pipelined, then the cursor upserts of the batches whose fence held, then
+/// `COMMIT`. A stale batch's cursors are not applied, and the others still commit.
 async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
-    debug_assert!(jobs.len() == 1 || jobs.iter().all(|j| j.batch.cursors.is_empty()));
     // Repeats of an idempotency key inside a batch answer with their first occurrence (the
     // candidate); only candidates go to the server, which tells them stored-before from new.
     // `ord` numbers the group's messages: batch after batch, each in its own order.
@@ -221,12 +219,12 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         &cols.ords,
         &shards,
     ];
-    let receipts = jobs.first().filter(|j| !j.batch.cursors.is_empty());
-    let (rows, mut tx) = match receipts {
+    let has_receipts = jobs.iter().any(|j| !j.batch.cursors.is_empty());
+    let (rows, mut tx) = match has_receipts {
         // Autocommit: no transaction is left open on the connection whatever happens, so it goes
         // back to the pool as it is (a cancelled query is drained by tokio-postgres).
-        None => (pooled.query(&stmt, &params).await.map_err(commit_error)?, None),
-        Some(_) => {
+        false => (pooled.query(&stmt, &params).await.map_err(commit_error)?, None),
+        true => {
             let tx = PipelinedTx { client: Some(pooled) };
             let client = tx.client();
             let rows =
@@ -282,26 +280,30 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         out.push(Ok(Committed { messages: results, cursors: Vec::new() }));
     }
 
-    if let (Some(job), Some(tx)) = (receipts, tx.as_mut()) {
-        let stale = out.first().is_some_and(|r| r.is_err());
-        if stale {
-            tx.rollback().await;
-            return Ok(out);
-        }
-        let client = tx.client();
-        let applied = match apply_cursors(client, shard_db(job.shard), &job.batch.cursors).await {
-            Ok(applied) => applied,
-            Err(e) => {
-                tx.rollback().await;
-                return Err(e);
+    if let Some(tx) = tx.as_mut() {
+        // One upsert per receipt batch, one after the other (each batch's rows are its own
+        // shard's conversations, so no two upserts of a group touch the same row).
+        let mut failed = None;
+        for (job, outcome) in jobs.iter().zip(out.iter_mut()) {
+            let Ok(committed) = outcome else { continue }; // stale: it wrote nothing, moves nothing
+            if job.batch.cursors.is_empty() {
+                continue;
             }
-        };
-        let committed = client.batch_execute("COMMIT").await;
+            match apply_cursors(tx.client(), shard_db(job.shard), &job.batch.cursors).await {
+                Ok(applied) => committed.cursors = applied,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tx.rollback().await;
+            return Err(e);
+        }
+        let committed = tx.client().batch_execute("COMMIT").await;
         tx.ended();
         committed?;
-        if let Some(Ok(c)) = out.first_mut() {
-            c.cursors = applied;
-        }
     }
     Ok(out)
 }
