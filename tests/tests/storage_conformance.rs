@@ -675,7 +675,10 @@ async fn concurrent_commits_of_many_shards_are_fenced_each_on_its_own(f: &Fixtur
             .await?
             .get(0);
         let batches = receipted.len() as i64 * ROUNDS as i64;
-        assert!(transactions < batches, "{batches} batches with receipts in {transactions} transactions: none combined");
+        assert!(
+            transactions < batches,
+            "{batches} batches with receipts in {transactions} transactions: none combined"
+        );
     }
     Ok(())
 }
