@@ -35,8 +35,10 @@ pub const HARD_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Initial read buffer of a connection. tungstenite allocates (and zero-fills) it up front, so it
 /// is paid by every idle session: its default, 128 KiB, was most of a session's memory. A client
 /// frame is a few hundred bytes and is read in one go; a larger one grows the buffer to the frame's
-/// size (at most [`HARD_MAX_MESSAGE_BYTES`]), reading at most this much per read call.
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// size (at most [`HARD_MAX_MESSAGE_BYTES`]), reading at most this much per read call — so a
+/// 64 KiB frame takes 64 reads, a price paid only by large frames. 4 KiB until session 9; 1 KiB
+/// saves ≈3 KB of every idle session (BENCHMARKS.md, session 9).
+pub const READ_BUFFER_BYTES: usize = 1024;
 
 /// Bytes tungstenite collects before writing to the socket. 0: every frame is written at once. The
 /// writer flushes after each frame anyway, so a threshold (default 128 KiB) would batch nothing.
