@@ -54,15 +54,20 @@ fn hash_slots() -> &'static Semaphore {
     SLOTS.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())))
 }
 
-/// Run one argon2 computation in a hashing slot, on the blocking pool.
+/// Run one argon2 computation in a hashing slot, on the blocking pool. The slot goes with the
+/// computation, not with the caller: a request dropped mid-hash (its client left) cannot free a
+/// slot while its hash still runs.
 async fn with_hash_slot<T: Send + 'static>(work: impl FnOnce() -> NodeResult<T> + Send + 'static) -> NodeResult<T> {
     let slot = tokio::time::timeout(HASH_QUEUE_TIMEOUT, hash_slots().acquire())
         .await
         .map_err(|_| NodeError::client(ErrorCode::Unavailable, "too many logins at once; retry shortly"))?
         .map_err(|e| NodeError::Actor(e.to_string()))?;
-    let result = tokio::task::spawn_blocking(work).await.map_err(|e| NodeError::Actor(e.to_string()))?;
-    drop(slot);
-    result
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+    .map_err(|e| NodeError::Actor(e.to_string()))?
 }
 
 /// argon2id PHC string of `password`.
