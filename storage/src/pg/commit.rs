@@ -116,26 +116,24 @@ async fn dispatch(pool: Pool, mut queue: mpsc::UnboundedReceiver<Job>, slots: us
     }
 }
 
-/// Commit a group and answer every batch of it.
+/// Commit a group and answer every batch of it: as one attempt if it has several batches, else
+/// (or if that attempt failed as a whole) batch by batch.
 async fn commit_group(pool: &Pool, group: Vec<Job>) {
-    if group.len() == 1 {
-        for job in group {
-            commit_alone(pool, job).await;
+    if group.len() > 1 {
+        match attempt(pool, &group).await {
+            Ok(results) => {
+                for (job, result) in group.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(batches = group.len(), error = %e, "group commit failed; committing its batches one by one");
+            }
         }
-        return;
     }
-    match attempt(pool, &group).await {
-        Ok(results) => {
-            for (job, result) in group.into_iter().zip(results) {
-                let _ = job.reply.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::debug!(batches = group.len(), error = %e, "group commit failed; committing its batches one by one");
-            for job in group {
-                commit_alone(pool, job).await;
-            }
-        }
+    for job in group {
+        commit_alone(pool, job).await;
     }
 }
 
@@ -219,18 +217,16 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         &cols.ords,
         &shards,
     ];
-    let has_receipts = jobs.iter().any(|j| !j.batch.cursors.is_empty());
-    let (rows, mut tx) = match has_receipts {
+    let (rows, mut tx) = if jobs.iter().all(|j| j.batch.cursors.is_empty()) {
         // Autocommit: no transaction is left open on the connection whatever happens, so it goes
         // back to the pool as it is (a cancelled query is drained by tokio-postgres).
-        false => (pooled.query(&stmt, &params).await.map_err(commit_error)?, None),
-        true => {
-            let tx = PipelinedTx { client: Some(pooled) };
-            let client = tx.client();
-            let rows =
-                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
-            (rows, Some(tx))
-        }
+        (pooled.query(&stmt, &params).await.map_err(commit_error)?, None)
+    } else {
+        let tx = PipelinedTx { client: Some(pooled) };
+        let client = tx.client();
+        let rows =
+            tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
+        (rows, Some(tx))
     };
 
     // Rows without a group index carry the fences (shard, epoch); every other row is a
