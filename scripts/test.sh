@@ -48,6 +48,9 @@ pg_isready -q -h 127.0.0.1 -p "$PGPORT" || { cat "$PGBASE/postgres.log"; exit 1;
 export PARLEY_TEST_PG_URL="postgres://postgres@127.0.0.1:$PGPORT/postgres"
 
 # ---- 3. Build, lint, test.
+# A one-shot build gains nothing from incremental compilation, whose caches were >1 GB of the
+# target directory (CI's disk is small: see the `[profile.dev]` note in Cargo.toml).
+export CARGO_INCREMENTAL=0
 log "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
