@@ -22,10 +22,11 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
 use crate::actors::gateway::GatewayMsg;
-use crate::actors::shard::ShardMsg;
+use crate::actors::shard::{AckTo, ShardMsg};
 use crate::config::Config;
 use crate::error::{NodeError, NodeResult};
 use crate::hub::Hub;
+use crate::outbound::{Outbound, RemoteAck};
 use crate::routing::{RouteTarget, Routing};
 
 /// Conversations remembered per node before the cache is cleared. A conversation costs ~100
@@ -40,9 +41,15 @@ pub struct NodeContext {
     pub stores: Stores,
     pub hub: Hub,
     pub routing: Routing,
+    /// Sends to peers' shards, batched per peer, and the sessions waiting for their outcomes.
+    pub outbound: Arc<Outbound>,
     conversations: Mutex<HashMap<ConversationId, Arc<ConversationRecord>>>,
     /// Live peers' gateways (maintained by the cluster agent), for fan-out.
     peers: RwLock<Vec<(String, ActorRef<GatewayMsg>)>>,
+    /// Every identified peer's gateway, live or not: where the outcomes of a peer's sends go.
+    /// Not only the live ones: a peer we consider silent may still be sending us (and waiting);
+    /// a cast to one that is really gone is dropped.
+    known: RwLock<Vec<(String, ActorRef<GatewayMsg>)>>,
     http: OnceLock<SocketAddr>,
     /// Requests that reached a node which did not (or no longer) serve the shard: the client was
     /// told `unavailable` and retries. Counted to report hand-off cost.
@@ -78,6 +85,7 @@ impl NodeContext {
     pub fn new(config: Config, node_name: String, stores: Stores) -> Arc<Self> {
         let routing = Routing::new(config.cluster.shard_count);
         Arc::new(NodeContext {
+            outbound: Outbound::new(node_name.clone()),
             boot_id: format!("{}#{}", node_name, uuid::Uuid::new_v4().simple()),
             node_name,
             stores,
@@ -86,6 +94,7 @@ impl NodeContext {
             config,
             conversations: Mutex::new(HashMap::new()),
             peers: RwLock::new(Vec::new()),
+            known: RwLock::new(Vec::new()),
             http: OnceLock::new(),
             redirects: AtomicU64::new(0),
             events: ClusterEvents::default(),
@@ -105,8 +114,28 @@ impl NodeContext {
         self.http.get().copied()
     }
 
-    pub fn set_peers(&self, peers: Vec<(String, ActorRef<GatewayMsg>)>) {
-        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    /// The live peers and every identified one (the cluster agent publishes both every
+    /// heartbeat). Sends waiting on a peer that is no longer live are answered `unavailable` now.
+    pub fn set_peers(&self, live: Vec<(String, ActorRef<GatewayMsg>)>, known: Vec<(String, ActorRef<GatewayMsg>)>) {
+        let gateways: Vec<ActorRef<GatewayMsg>> = live.iter().map(|(_, g)| g.clone()).collect();
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = live;
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
+        self.outbound.retain_peers(&gateways);
+    }
+
+    /// Cast the outcomes of sends that came in a `SendBatch` from `node` back to it: one frame.
+    /// Dropped when `node` was never identified.
+    pub fn send_results(&self, node: &str, results: Vec<(u64, SendOutcome)>) {
+        if results.is_empty() {
+            return;
+        }
+        let gateway = {
+            let peers = self.known.read().unwrap_or_else(|p| p.into_inner());
+            peers.iter().find(|(n, _)| n == node).map(|(_, g)| g.clone())
+        };
+        if let Some(gateway) = gateway {
+            let _ = gateway.cast(GatewayMsg::Frame(codec::encode(&NodePayload::SendResults { results })));
+        }
     }
 
     pub fn count_redirect(&self) {
@@ -235,16 +264,12 @@ impl NodeContext {
         let rx = match route.target {
             RouteTarget::Local(actor) => {
                 let (tx, rx) = ractor::concurrency::oneshot();
-                actor.cast(ShardMsg::Send { cmd, reply: tx.into() }).map_err(|_| NodeError::ShardUnavailable(shard))?;
+                actor
+                    .cast(ShardMsg::Send { cmd, reply: AckTo::Local(tx.into()) })
+                    .map_err(|_| NodeError::ShardUnavailable(shard))?;
                 AckReceiver::Local(rx)
             }
-            RouteTarget::Remote(gateway) => {
-                let (tx, rx) = ractor::concurrency::oneshot();
-                gateway
-                    .cast(GatewayMsg::Call(codec::encode(&NodePayload::Send(cmd)), tx.into()))
-                    .map_err(|_| NodeError::ShardUnavailable(shard))?;
-                AckReceiver::Remote(rx)
-            }
+            RouteTarget::Remote(gateway) => AckReceiver::Remote(self.outbound.send(&gateway, cmd)),
         };
         Ok(PendingAck { rx, timeout: self.call_timeout() })
     }
@@ -444,7 +469,7 @@ impl NodeContext {
 
 enum AckReceiver {
     Local(ractor::concurrency::OneshotReceiver<SendOutcome>),
-    Remote(ractor::concurrency::OneshotReceiver<Vec<u8>>),
+    Remote(RemoteAck),
 }
 
 /// A send handed to its shard, waiting for the commit.
@@ -459,13 +484,7 @@ impl PendingAck {
     pub async fn wait(self) -> NodeResult<StoredAck> {
         let outcome = match self.rx {
             AckReceiver::Local(rx) => tokio::time::timeout(self.timeout, rx).await.ok().and_then(Result::ok),
-            AckReceiver::Remote(rx) => match tokio::time::timeout(self.timeout, rx).await {
-                Ok(Ok(bytes)) => match codec::decode::<NodePayload>(&bytes) {
-                    Ok(NodePayload::SendResult(outcome)) => Some(outcome),
-                    _ => None,
-                },
-                _ => None,
-            },
+            AckReceiver::Remote(ack) => ack.outcome(self.timeout).await,
         };
         match outcome {
             Some(SendOutcome::Stored(ack)) => Ok(ack),

@@ -16,6 +16,7 @@ pub mod drill;
 pub mod error;
 pub mod hub;
 pub mod launcher;
+pub mod outbound;
 pub mod routing;
 
 use std::future::Future;
@@ -50,6 +51,7 @@ pub fn store_config(storage: &StorageConfig) -> anyhow::Result<StoreConfig> {
         StorageKind::Postgres => StoreConfig::Postgres {
             url: storage.postgres_url.clone().context("postgres storage needs PARLEY_DATABASE_URL")?,
             pool_size: storage.pool_size,
+            commit_slots: storage.commit_slots,
         },
     })
 }

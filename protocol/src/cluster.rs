@@ -162,6 +162,27 @@ pub enum NodePayload {
     DeliverBatch {
         deliveries: Vec<Delivery>,
     },
+    /// Sends for shards the receiving node serves, from the node named `from`: everything its
+    /// sessions handed to this peer while the previous batch was on its way, in the order they
+    /// handed them over. Each send carries an id its node picked; the outcomes come back as
+    /// `SendResults` casts to `from`'s gateway, one per shard commit. Supersedes `Call(Send)`
+    /// (one ractor_cluster request and one reply per message), which nodes still answer.
+    SendBatch {
+        from: String,
+        sends: Vec<RemoteSend>,
+    },
+    /// Outcomes of sends that arrived in `SendBatch`es, by the ids their node gave them.
+    SendResults {
+        results: Vec<(u64, SendOutcome)>,
+    },
+}
+
+/// One send of a [`NodePayload::SendBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSend {
+    /// Picked by the sending node, unique among its sends in flight; echoed in `SendResults`.
+    pub id: u64,
+    pub cmd: SendCommand,
 }
 
 /// One event for the live sessions of `users` on the receiving node, except the session

@@ -305,7 +305,8 @@ impl ClusterAgentState {
         }
         let gateways =
             self.peers.iter().filter(|(_, p)| p.alive).map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
-        self.ctx.set_peers(gateways);
+        let known = self.peers.iter().map(|(n, p)| (n.clone(), p.gateway.clone())).collect();
+        self.ctx.set_peers(gateways, known);
     }
 
     fn announce(&self) {

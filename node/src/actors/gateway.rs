@@ -13,13 +13,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use parley_protocol::cluster::{Delivery, NodePayload, SendOutcome};
+use parley_protocol::cluster::{Delivery, NodePayload, RemoteSend, SendOutcome};
 use parley_protocol::{codec, ErrorCode};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
 use crate::actors::cluster_agent::ClusterAgentMsg;
-use crate::actors::shard::ShardMsg;
+use crate::actors::shard::{AckTo, ShardMsg};
 use crate::context::{call, NodeContext};
 
 /// The process group every node's gateway joins.
@@ -54,6 +54,27 @@ impl GatewayState {
         }
     }
 
+    /// Hand a peer's sends to our shards, in batch order (the order its sessions sent them);
+    /// the shards answer `from` when they commit. A send for a shard we do not serve (it moved)
+    /// is answered `unavailable` at once, and the client retries.
+    fn send_batch(&self, from: String, sends: Vec<RemoteSend>) {
+        let from: Arc<str> = from.into();
+        let mut refused = Vec::new();
+        for RemoteSend { id, cmd } in sends {
+            let served = match self.local_shard(cmd.conversation_id) {
+                Some(shard) => {
+                    shard.cast(ShardMsg::Send { cmd, reply: AckTo::Remote { node: from.clone(), id } }).is_ok()
+                }
+                None => false,
+            };
+            if !served {
+                self.ctx.count_redirect();
+                refused.push((id, SendOutcome::Refused(ErrorCode::Unavailable)));
+            }
+        }
+        self.ctx.send_results(&from, refused);
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.ctx.config.limits.shard_call_timeout_ms)
     }
@@ -64,6 +85,8 @@ impl GatewayState {
                 self.ctx.hub.deliver_all(vec![Delivery { users, event, skip_session }]);
             }
             NodePayload::DeliverBatch { deliveries } => self.ctx.hub.deliver_all(deliveries),
+            NodePayload::SendBatch { from, sends } => self.send_batch(from, sends),
+            NodePayload::SendResults { results } => self.ctx.outbound.resolve(results),
             NodePayload::Receipt(cmd) => match self.local_shard(cmd.conversation_id) {
                 Some(shard) => {
                     let _ = shard.cast(ShardMsg::Receipt(cmd));
@@ -173,6 +196,7 @@ impl Actor for GatewayActor {
                 Err(e) => tracing::warn!(error = %e, len = bytes.len(), "undecodable frame from a peer; dropped"),
             },
             GatewayMsg::Call(bytes, reply) => match codec::decode::<NodePayload>(&bytes) {
+                // A node older than `SendBatch` sends one request per message; still answered.
                 Ok(NodePayload::Send(cmd)) => {
                     // Hand the send to the shard here, in arrival order (a peer's session pipelines
                     // its client's sends in order over one connection); only the wait is spawned.
@@ -186,7 +210,7 @@ impl Actor for GatewayActor {
                         return Ok(());
                     };
                     let (tx, rx) = ractor::concurrency::oneshot();
-                    if shard.cast(ShardMsg::Send { cmd, reply: tx.into() }).is_err() {
+                    if shard.cast(ShardMsg::Send { cmd, reply: AckTo::Local(tx.into()) }).is_err() {
                         ctx.count_redirect();
                         let _ = reply.send(codec::encode(&NodePayload::SendResult(SendOutcome::Refused(
                             ErrorCode::Unavailable,

@@ -49,7 +49,55 @@ struct PendingSend {
     cmd: SendCommand,
     message_id: MessageId,
     sent_at_ms: i64,
-    reply: RpcReplyPort<SendOutcome>,
+    reply: AckTo,
+}
+
+/// Where a send's outcome goes.
+pub enum AckTo {
+    /// A session or HTTP request of this node, waiting on a reply port.
+    Local(RpcReplyPort<SendOutcome>),
+    /// A send that came in a peer's `SendBatch` (`outbound.rs`): its outcome goes back to that
+    /// node in a `SendResults`, together with the other outcomes for it of the same moment.
+    Remote { node: Arc<str>, id: u64 },
+}
+
+/// Outcomes handed out together: local ones at once, remote ones collected per origin node and
+/// cast as one `SendResults` each by [`Answers::finish`] — one cluster frame per node per commit
+/// instead of one per message.
+#[derive(Default)]
+struct Answers {
+    remote: Vec<(Arc<str>, Vec<SendResult>)>,
+}
+
+/// A remote send's id and outcome, as `SendResults` carries it.
+type SendResult = (u64, SendOutcome);
+
+impl Answers {
+    fn answer(&mut self, to: AckTo, outcome: SendOutcome) {
+        match to {
+            AckTo::Local(port) => {
+                let _ = port.send(outcome);
+            }
+            // A handful of peers: a linear search beats hashing the name.
+            AckTo::Remote { node, id } => match self.remote.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, results)) => results.push((id, outcome)),
+                None => self.remote.push((node, vec![(id, outcome)])),
+            },
+        }
+    }
+
+    fn finish(self, ctx: &NodeContext) {
+        for (node, results) in self.remote {
+            ctx.send_results(&node, results);
+        }
+    }
+}
+
+/// Answer one send by itself.
+fn answer(ctx: &NodeContext, to: AckTo, outcome: SendOutcome) {
+    let mut answers = Answers::default();
+    answers.answer(to, outcome);
+    answers.finish(ctx);
 }
 
 pub struct ShardState {
@@ -72,7 +120,7 @@ pub struct ShardState {
 pub enum ShardMsg {
     Send {
         cmd: SendCommand,
-        reply: RpcReplyPort<SendOutcome>,
+        reply: AckTo,
     },
     Receipt(ReceiptCommand),
     /// From the store: the in-flight batch's fate.
@@ -136,9 +184,11 @@ impl ShardState {
             Ok(()) => self.in_flight = Some((sends, receipts)),
             Err(_) => {
                 // The store is gone; our supervisor hears of it. Nothing was written.
+                let mut answers = Answers::default();
                 for p in sends {
-                    let _ = p.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                    answers.answer(p.reply, SendOutcome::Refused(ErrorCode::Unavailable));
                 }
+                answers.finish(&self.ctx);
             }
         }
     }
@@ -161,7 +211,7 @@ impl ShardState {
                                 ctx.fan_out(&p.cmd.members, UserEvent::Message(original), p.cmd.origin_session);
                             }
                         }
-                        let _ = p.reply.send(SendOutcome::Stored(ack));
+                        answer(&ctx, p.reply, SendOutcome::Stored(ack));
                     });
                 }
                 MessageResult::Stored(ack) => {
@@ -199,20 +249,24 @@ impl ShardState {
             deliveries.push(Delivery { users: r.members, event, skip_session: 0 });
         }
         self.ctx.fan_out_all(deliveries);
+        let mut answers = Answers::default();
         for (reply, ack) in acks {
-            let _ = reply.send(SendOutcome::Stored(ack));
+            answers.answer(reply, SendOutcome::Stored(ack));
         }
+        answers.finish(&self.ctx);
     }
 
     fn refuse_all(&mut self, code: ErrorCode) {
+        let mut answers = Answers::default();
         if let Some((sends, _)) = self.in_flight.take() {
             for p in sends {
-                let _ = p.reply.send(SendOutcome::Refused(code));
+                answers.answer(p.reply, SendOutcome::Refused(code));
             }
         }
         for p in self.pending.drain(..) {
-            let _ = p.reply.send(SendOutcome::Refused(code));
+            answers.answer(p.reply, SendOutcome::Refused(code));
         }
+        answers.finish(&self.ctx);
     }
 
     fn idle(&self) -> bool {
@@ -263,7 +317,7 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Send { cmd, reply } => {
                 if state.draining.is_some() || state.pending.len() >= MAX_PENDING_SENDS {
-                    let _ = reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                    answer(&state.ctx, reply, SendOutcome::Refused(ErrorCode::Unavailable));
                 } else {
                     state.pending.push_back(PendingSend {
                         cmd,
@@ -295,9 +349,11 @@ impl Actor for ShardActor {
                     CommitOutcome::Failed(_) => {
                         // Outcome unknown: the client retries with the same client_msg_id and the
                         // idempotency key makes that safe.
+                        let mut answers = Answers::default();
                         for p in sends {
-                            let _ = p.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
+                            answers.answer(p.reply, SendOutcome::Refused(ErrorCode::Unavailable));
                         }
+                        answers.finish(&state.ctx);
                     }
                 }
                 state.flush(&me);
