@@ -40,12 +40,18 @@ pub const HARD_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// saves ≈3 KB of every idle session (BENCHMARKS.md, session 9).
 pub const READ_BUFFER_BYTES: usize = 1024;
 
-/// Bytes tungstenite collects before writing to the socket. 0: every frame is written at once. The
-/// writer flushes after each frame anyway, so a threshold (default 128 KiB) would batch nothing.
-pub const WRITE_BUFFER_BYTES: usize = 0;
+/// Bytes tungstenite collects before writing to the socket. The writer queues every frame waiting
+/// in the outbox and then flushes once, so frames that became ready together (an ack, the
+/// messages of one commit, receipts) leave in one write call instead of one each; past this many
+/// bytes a batch is written out in pieces. (0 until session 10: one write per frame.)
+pub const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
-/// Backstop on tungstenite's write buffer. Since the writer flushes after each frame, the buffer
-/// holds at most the frame being written plus an automatic pong and a close, and the outbox
+/// Frames the writer takes from the outbox before it flushes, so a long backlog does not delay
+/// pings and the close signal.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
+
+/// Backstop on tungstenite's write buffer. Since the writer flushes after each batch of frames, the
+/// buffer holds at most one batch plus an automatic pong and a close, and the outbox
 /// (`limits.outbox_frames`) bounds what waits behind it. Server frames have no fixed cap (a history
 /// page is up to 500 × 16 KiB bodies, a conversation list grows with the user), so the bound is
 /// generous: 64 MiB, tungstenite's own default cap on a received message — a client with default
@@ -145,7 +151,15 @@ async fn pump(
             tokio::select! {
                 out = outbox_rx.recv() => match out {
                     Some(Outgoing::Frame(text)) => {
-                        if sink.send(Message::text(text)).await.is_err() {
+                        // This frame and those queued behind it, then one flush.
+                        let mut queued = sink.feed(Message::text(text)).await.is_ok();
+                        let mut taken = 1;
+                        while queued && taken < MAX_FRAMES_PER_FLUSH {
+                            let Ok(Outgoing::Frame(text)) = outbox_rx.try_recv() else { break };
+                            queued = sink.feed(Message::text(text)).await.is_ok();
+                            taken += 1;
+                        }
+                        if !queued || sink.flush().await.is_err() {
                             break false;
                         }
                     }
