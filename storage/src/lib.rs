@@ -105,9 +105,18 @@ pub trait ShardStore: Send + Sync + 'static {
 pub enum StoreConfig {
     /// Embedded SQLite files under this directory (one per shard plus `directory.db`).
     Embedded { dir: std::path::PathBuf },
-    /// Postgres at this URL (`postgres://user:pass@host:port/db`); `pool_size` connections.
-    Postgres { url: String, pool_size: usize },
+    /// Postgres at this URL (`postgres://user:pass@host:port/db`); `pool_size` connections, of
+    /// which at most `commit_slots` run group commits at once (see [`DEFAULT_COMMIT_SLOTS`]).
+    Postgres { url: String, pool_size: usize, commit_slots: usize },
 }
+
+/// Group commits one Postgres backend (one node's pool) keeps in flight by default. Few on purpose:
+/// batches that arrive while every slot is busy wait and form the next group, so fewer slots make
+/// larger groups, and a statement's fixed cost is shared by more messages. On the benchmark's
+/// 2-core box (3 nodes, one Postgres) the durable closed loop cost Postgres ≈37 µs of CPU per
+/// message with 1 slot per node, ≈42 with 2 and ≈52 with 4 (BENCHMARKS.md, session 10). Raise it
+/// for a database with many cores when commits queue behind one another.
+pub const DEFAULT_COMMIT_SLOTS: usize = 1;
 
 impl StoreConfig {
     /// The backend's name, for logs, `/api/shards` and tool summaries.
@@ -180,7 +189,9 @@ impl Backend {
     async fn open(config: &StoreConfig) -> Result<Backend> {
         Ok(match config {
             StoreConfig::Embedded { dir } => Backend::Sqlite(sqlite::SqliteBackend::open(dir).await?),
-            StoreConfig::Postgres { url, pool_size } => Backend::Pg(pg::PgBackend::open(url, *pool_size).await?),
+            StoreConfig::Postgres { url, pool_size, commit_slots } => {
+                Backend::Pg(pg::PgBackend::open(url, *pool_size, *commit_slots).await?)
+            }
         })
     }
 }

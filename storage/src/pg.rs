@@ -9,9 +9,13 @@
 //!
 //! Fencing: [`PgShard::commit`] (run by the group commit of [`commit`], which may combine the
 //! batches of several shards in one statement, each fenced on its own) reads the shard's lease row
-//! `FOR SHARE` in the commit's own transaction and refuses the batch when the epoch moved. A concurrent acquire takes the same row
-//! `FOR UPDATE`, so either the acquire waits for the commit (and the commit's rows predate the new
-//! epoch) or the commit waits for the acquire (and then sees the new epoch and writes nothing).
+//! `FOR KEY SHARE` in the commit's own transaction and refuses the batch when the epoch moved. A
+//! concurrent acquire takes the same row `FOR UPDATE`, which conflicts with it, so either the
+//! acquire waits for the commit (and the commit's rows predate the new epoch) or the commit waits
+//! for the acquire (and then sees the new epoch and writes nothing). A renewal only updates the
+//! expiry (a `FOR NO KEY UPDATE` lock, which does not conflict with `KEY SHARE`): commits and
+//! renewals never wait for each other. (Until session 10 commits locked `FOR SHARE`, and every
+//! renewal waited for the shard's commit in flight and held up the next.)
 //!
 //! Session locks: besides the lease row, an acquire tries `pg_try_advisory_lock` on a dedicated
 //! connection (one per [`PgBackend`], outside the pool so that a recycled pool connection can never
@@ -143,8 +147,9 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
 }
 
 impl PgBackend {
-    /// Connect with up to `pool_size` pooled connections and bring the schema up to date.
-    pub async fn open(url: &str, pool_size: usize) -> Result<Self> {
+    /// Connect with up to `pool_size` pooled connections (at most `commit_slots` of them running
+    /// group commits at once) and bring the schema up to date.
+    pub async fn open(url: &str, pool_size: usize, commit_slots: usize) -> Result<Self> {
         let config = connection_config(url)?;
         let manager =
             Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -158,7 +163,7 @@ impl PgBackend {
             .map_err(|e| StorageError::Pool(e.to_string()))?;
         migrate(&pool).await?;
         let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
-        let committer = commit::Committer::start(pool.clone(), commit::group_slots_for(pool_size));
+        let committer = commit::Committer::start(pool.clone(), commit_slots.clamp(1, pool_size.max(1)));
         Ok(PgBackend { pool, locks: Arc::new(locks), committer })
     }
 

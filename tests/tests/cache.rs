@@ -61,7 +61,7 @@ impl Fixture {
 
     async fn postgres() -> Result<Fixture> {
         let pg = TestPostgres::start().await.context("start test postgres")?;
-        let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 4 };
+        let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 4, commit_slots: 1 };
         let stores = parley_storage::open(&config).await.context("open postgres store")?;
         let redis = TestRedis::start().await?;
         Ok(Fixture { stores, redis, _backing: Backing::Postgres(pg) })

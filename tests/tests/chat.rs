@@ -39,7 +39,7 @@ impl Backend {
     async fn open(&self) -> Stores {
         let config = match &self.storage {
             Storage::Embedded(dir) => StoreConfig::Embedded { dir: dir.clone() },
-            Storage::Postgres(url) => StoreConfig::Postgres { url: url.clone(), pool_size: 2 },
+            Storage::Postgres(url) => StoreConfig::Postgres { url: url.clone(), pool_size: 2, commit_slots: 1 },
         };
         parley_storage::open(&config).await.expect("open store")
     }

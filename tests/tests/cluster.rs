@@ -208,7 +208,9 @@ async fn a_frozen_owner_past_its_lease_cannot_write() {
     let rows = stored(&cluster.client(0), &carol.token, conv).await;
     assert_eq!(rows.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), vec!["f-0", "f-2"]);
     // No row was committed under an epoch older than an earlier row's.
-    let stores = parley_storage::open(&StoreConfig::Postgres { url: pg.url().into(), pool_size: 1 }).await.unwrap();
+    let stores = parley_storage::open(&StoreConfig::Postgres { url: pg.url().into(), pool_size: 1, commit_slots: 1 })
+        .await
+        .unwrap();
     let epochs = stores.shard(shard_for(conv, SHARDS)).await.unwrap().epochs(conv).await.unwrap();
     assert!(epochs.windows(2).all(|w| w[0].1 <= w[1].1), "{epochs:?}");
     let owner = map.iter().find(|s| s.shard == shard_for(conv, SHARDS).0).unwrap();
@@ -302,7 +304,7 @@ async fn shard_groups_keep_their_rows_leases_and_cache_apart() {
         assert_eq!(stored(&cluster.client(1), &hb.token, home_conv).await.len(), 3);
     }
 
-    let pg_store = |url: &str| StoreConfig::Postgres { url: url.into(), pool_size: 1 };
+    let pg_store = |url: &str| StoreConfig::Postgres { url: url.into(), pool_size: 1, commit_slots: 1 };
     let home_db = parley_storage::open(&pg_store(home.url())).await.unwrap();
     let east_db = parley_storage::open(&pg_store(east.url())).await.unwrap();
     let (east_shard, home_shard) = (shard_for(east_conv, SHARDS), shard_for(home_conv, SHARDS));

@@ -48,7 +48,7 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
     admin.batch_execute(&format!("ALTER DATABASE \"{database}\" SET plan_cache_mode = force_generic_plan")).await?;
 
     // Migrations build tables and indexes (scans of empty tables): count from after them.
-    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 2 };
+    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 2, commit_slots: 1 };
     drop(parley_storage::open(&config).await?);
     let before = scans(&admin, 0).await?;
     let stores = parley_storage::open(&config).await?;

@@ -55,7 +55,7 @@ impl Fixture {
 
     async fn postgres() -> Result<Fixture> {
         let pg = TestPostgres::start().await.context("start test postgres")?;
-        let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 4 };
+        let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 4, commit_slots: 1 };
         let stores = parley_storage::open(&config).await.context("open postgres store")?;
         Ok(Fixture { config, stores, backing: Backing::Postgres(pg) })
     }
@@ -851,7 +851,7 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
 #[tokio::test]
 async fn postgres_concurrent_opens_migrate_once() -> Result<()> {
     let pg = TestPostgres::start().await?;
-    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 2 };
+    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 2, commit_slots: 1 };
     let opened = futures_util::future::join_all((0..4).map(|_| parley_storage::open(&config))).await;
     let nodes = opened.into_iter().collect::<Result<Vec<Stores>, _>>()?;
     let client = pg.connect().await?;

@@ -11,20 +11,18 @@
 //! What stays per shard. Each shard's store actor still decides what its shard writes and under
 //! which lease epoch, and hands over one batch at a time (so a group never holds two batches of
 //! one shard, and a shard's batches commit in order). Fencing stays per shard: the statement
-//! locks the lease row of every shard in the group `FOR SHARE` and writes a shard's rows only if
-//! that shard's epoch is its batch's; a stale shard of a group writes nothing and gets
-//! `StaleEpoch`, the others commit. A group whose statement fails as a whole (one batch's bad
+//! locks the lease row of every shard in the group and writes a shard's rows (messages and
+//! cursors) only if that shard's epoch is its batch's; a stale shard of a group writes nothing and
+//! gets `StaleEpoch`, the others commit. A group whose statement fails as a whole (one batch's bad
 //! row, a serialisation failure) is re-run batch by batch, so one shard's error stays its own.
 //!
-//! How. [`Committer`] feeds one queue to a dispatcher that keeps at most a few groups in flight.
-//! When a slot is free it takes the first waiting batch and every other one waiting at that moment
-//! (up to [`MAX_GROUP_MESSAGES`]), and commits them as one statement in a task of their own.
-//! Under light load a batch finds a free slot and goes alone, with no added wait; under load
-//! batches pile up while every slot is busy and the groups grow — group commit, one level above
-//! the store actors' own batching. A group with receipts (cursor updates) runs in one
-//! transaction: the statement, then each receipt batch's cursor upsert (only for batches whose
-//! fence held), then `COMMIT`. Until session 9 such batches committed alone, and with clients
-//! acknowledging deliveries about every tenth batch of a busy shard carried one.
+//! How. [`Committer`] feeds one queue to a dispatcher that keeps at most `commit_slots` groups in
+//! flight (`parley_storage::DEFAULT_COMMIT_SLOTS`). When a slot is free it takes the first waiting
+//! batch and every other one waiting at that moment (up to [`MAX_GROUP_MESSAGES`]), and commits
+//! them as one statement in a task of their own. Under light load a batch finds a free slot and
+//! goes alone, with no added wait; under load batches pile up while every slot is busy and the
+//! groups grow — group commit, one level above the store actors' own batching. Receipts (cursor
+//! updates) ride in the same statement, so every group is one round trip in autocommit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,13 +47,6 @@ const MAX_COMMIT_ATTEMPTS: u32 = 3;
 /// A group stops taking batches once it holds this many messages: one statement's
 /// arrays stay a few hundred KB, and one slow group delays a bounded number of sends.
 const MAX_GROUP_MESSAGES: usize = 2_000;
-
-/// The groups a backend with a pool of `pool_size` connections keeps in flight: a quarter of the
-/// pool (the rest serves reads, syncs, leases and receipts), at least 1, at most 8. Few are the
-/// point: the fewer groups in flight, the larger each one.
-pub(super) fn group_slots_for(pool_size: usize) -> usize {
-    (pool_size / 4).clamp(1, 8)
-}
 
 /// One shard's batch, waiting for a group.
 struct Job {
@@ -165,16 +156,14 @@ fn retryable(e: &StorageError) -> bool {
             | Some(&SqlState::T_R_DEADLOCK_DETECTED)
     )
 }
-
 /// One attempt at `jobs`: per batch, its outcome (`StaleEpoch` when its shard's epoch moved);
 /// `Err` when the attempt failed as a whole (nothing of it was committed).
 ///
-/// Without receipts, the group is the [`COMMIT_SQL`] statement alone, in autocommit: one statement
-/// is its own transaction in Postgres, so the fence's `FOR SHARE` locks are held to its commit
-/// exactly as inside `BEGIN`…`COMMIT`, and the two extra statements are saved (≈10% of Postgres's
-/// CPU per commit, BENCHMARKS.md session 7). With receipts it needs a transaction: `BEGIN` and the
-/// statement are pipelined, then the cursor upserts of the batches whose fence held, then
-/// `COMMIT`. A stale batch's cursors are not applied, and the others still commit.
+/// The whole group — messages and cursor updates of every batch — is the one [`COMMIT_SQL`]
+/// statement, in autocommit: one statement is its own transaction in Postgres, so the fence's row
+/// locks are held to its commit exactly as inside `BEGIN`…`COMMIT`, and there is one round trip
+/// per group. (Until session 10 a group with receipts ran as a transaction: `BEGIN`, the
+/// statement, then two statements per batch with receipts, one round trip each, then `COMMIT`.)
 async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
     // Repeats of an idempotency key inside a batch answer with their first occurrence (the
     // candidate); only candidates go to the server, which tells them stored-before from new.
@@ -201,11 +190,12 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         offsets.push(total);
         total += messages.len();
     }
+    let receipts = CursorColumns::of(jobs);
     let shards: Vec<i32> = distinct(&jobs.iter().map(|j| shard_db(j.shard)).collect::<Vec<_>>());
 
-    let pooled = pool.get().await?;
-    let stmt = pooled.prepare_cached(COMMIT_SQL).await?;
-    let params: [&(dyn ToSql + Sync); 10] = [
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(COMMIT_SQL).await?;
+    let params: [&(dyn ToSql + Sync); 17] = [
         &cols.shards,
         &cols.epochs,
         &cols.conversations,
@@ -216,22 +206,20 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         &cols.sent_at,
         &cols.ords,
         &shards,
+        &receipts.shards,
+        &receipts.epochs,
+        &receipts.conversations,
+        &receipts.users,
+        &receipts.devices,
+        &receipts.delivered,
+        &receipts.read,
     ];
-    let (rows, mut tx) = if jobs.iter().all(|j| j.batch.cursors.is_empty()) {
-        // Autocommit: no transaction is left open on the connection whatever happens, so it goes
-        // back to the pool as it is (a cancelled query is drained by tokio-postgres).
-        (pooled.query(&stmt, &params).await.map_err(commit_error)?, None)
-    } else {
-        let tx = PipelinedTx { client: Some(pooled) };
-        let client = tx.client();
-        let rows =
-            tokio::try_join!(client.batch_execute("BEGIN"), client.query(&stmt, &params)).map_err(commit_error)?.1;
-        (rows, Some(tx))
-    };
+    let rows = client.query(&stmt, &params).await.map_err(commit_error)?;
 
-    // Rows without a group index carry the fences (shard, epoch); every other row is a
-    // candidate's ack.
+    // Three kinds of rows: a fence (no group index, a shard), a receipt conversation's last seq
+    // (neither), and a candidate's ack (a group index).
     let mut fences: HashMap<i32, i64> = HashMap::with_capacity(shards.len());
+    let mut last_seqs: HashMap<Uuid, i64> = HashMap::new();
     let mut acks: Vec<Option<StoredAck>> = vec![None; total];
     let conversation_at = |index: usize| -> Option<ConversationId> {
         let job = offsets.partition_point(|&o| o <= index).checked_sub(1)?;
@@ -239,7 +227,10 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
     };
     for row in &rows {
         let Some(ord) = row.try_get::<_, Option<i64>>(0)? else {
-            fences.insert(row.try_get(1)?, row.try_get(2)?);
+            match row.try_get::<_, Option<i32>>(1)? {
+                Some(shard) => fences.insert(shard, row.try_get(2)?),
+                None => last_seqs.insert(row.try_get(4)?, row.try_get(3)?),
+            };
             continue;
         };
         let bad_index = || StorageError::Corrupt(format!("group index {ord}"));
@@ -273,44 +264,29 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
             ack.duplicate |= repeat.is_some();
             results.push(MessageResult::Stored(ack));
         }
-        out.push(Ok(Committed { messages: results, cursors: Vec::new() }));
-    }
-
-    if let Some(tx) = tx.as_mut() {
-        // One upsert per receipt batch, one after the other (each batch's rows are its own
-        // shard's conversations, so no two upserts of a group touch the same row).
-        let mut failed = None;
-        for (job, outcome) in jobs.iter().zip(out.iter_mut()) {
-            let Ok(committed) = outcome else { continue }; // stale: it wrote nothing, moves nothing
-            if job.batch.cursors.is_empty() {
-                continue;
-            }
-            match apply_cursors(tx.client(), shard_db(job.shard), &job.batch.cursors).await {
-                Ok(applied) => committed.cursors = applied,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failed {
-            tx.rollback().await;
-            return Err(e);
-        }
-        let committed = tx.client().batch_execute("COMMIT").await;
-        tx.ended();
-        committed?;
+        // Each update as applied: clamped to its conversation's last seq after this commit.
+        let cursors = job
+            .batch
+            .cursors
+            .iter()
+            .map(|u| from_db(to_db(u.seq).min(last_seqs.get(&u.conversation_id.0).copied().unwrap_or(0)), "seq"))
+            .collect::<Result<Vec<Seq>>>()?;
+        out.push(Ok(Committed { messages: results, cursors }));
     }
     Ok(out)
 }
 
-/// The commit statement of a group of batches: fence, dedupe lookup, seq reservation and insert.
+/// The commit statement of a group of batches: fence, dedupe lookup, seq reservation, insert, and
+/// cursor updates.
 ///
 /// - `cand` are the group's distinct idempotency keys (per batch), each with its shard `s`, its
 ///   batch's epoch `e` and its index in the group (`ord`).
-/// - `fence` reads the lease rows of the group's shards (`$10`) `FOR SHARE` (see the `pg` module
-///   doc); a candidate is written only if its shard's row carries its epoch, so a stale batch
-///   writes nothing and the others are unaffected.
+/// - `fence` reads the lease rows of the group's shards (`$10`) `FOR KEY SHARE` (see the `pg`
+///   module doc); a candidate or cursor update is written only if its shard's row carries its
+///   batch's epoch, so a stale batch writes nothing and the others are unaffected. `KEY SHARE`,
+///   the weakest row lock, still conflicts with the `FOR UPDATE` of a lease acquire (which bumps
+///   the epoch), but not with a renewal's `UPDATE` of the expiry: commits and renewals of a shard
+///   no longer wait for each other.
 /// - `old` finds the keys stored before (one index probe each, see "Query shapes" in `pg`).
 /// - `fresh` are the rest, each with `back`: how many new messages of its conversation follow it
 ///   in the group (a conversation belongs to one shard, so to one batch). `bump` raises each
@@ -321,16 +297,21 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
 ///   get a NULL seq and the statement fails on `messages.seq NOT NULL`; the group is then re-run
 ///   batch by batch and only the faulty batch is refused ([`commit_error`] reports it as
 ///   corruption).
+/// - `rcpt` are the cursor rows of the fenced batches (merged per row by [`CursorColumns`]);
+///   `last` is each of their conversations' last seq *after* this statement (`bump`'s new value,
+///   else the stored one; 0 without a counter), to which `cur` clamps them: a client cannot
+///   acknowledge messages that do not exist yet. Cursors only move forward (`GREATEST`).
 ///
-/// Output: per fenced shard one row (`ord` NULL, shard, epoch), and per candidate its group index,
-/// seq, message id, sent-at and whether it was stored before.
+/// Output: per fenced shard one row (`ord` NULL, shard, epoch); per candidate its group index,
+/// seq, message id, sent-at and whether it was stored before; per receipt conversation one row
+/// (`ord` and shard NULL, last seq, conversation id in the message-id column).
 const COMMIT_SQL: &str = "
 WITH cand AS (
     SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[],
                          $8::bigint[], $9::bigint[])
         AS t(s, e, c, m, u, k, b, at, ord)
 ), fence AS (
-    SELECT shard, epoch FROM shard_leases WHERE shard = ANY($10::int[]) FOR SHARE
+    SELECT shard, epoch FROM shard_leases WHERE shard = ANY($10::int[]) FOR KEY SHARE
 ), old AS (
     SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms
     FROM cand CROSS JOIN LATERAL (
@@ -355,13 +336,34 @@ WITH cand AS (
     SELECT f.s, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, f.e
     FROM fresh f LEFT JOIN bump b ON b.conversation_id = f.c
     RETURNING 1
+), rcpt AS (
+    SELECT r.* FROM UNNEST($11::int[], $12::bigint[], $13::uuid[], $14::uuid[], $15::text[], $16::bigint[],
+                           $17::bigint[]) WITH ORDINALITY AS r(s, e, c, u, d, dl, rd, n)
+    WHERE EXISTS (SELECT 1 FROM fence WHERE fence.shard = r.s AND fence.epoch = r.e)
+), last AS (
+    SELECT k.c, COALESCE(b.last_seq, sc.last_seq, 0) AS last_seq
+    FROM (SELECT DISTINCT c, s FROM rcpt) k
+    LEFT JOIN bump b ON b.conversation_id = k.c
+    LEFT JOIN LATERAL (
+        SELECT last_seq FROM shard_conversations WHERE conversation_id = k.c AND shard = k.s LIMIT 1
+    ) sc ON true
+), cur AS (
+    INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
+    SELECT r.c, r.u, r.d, LEAST(r.dl, l.last_seq), LEAST(r.rd, l.last_seq)
+    FROM rcpt r JOIN last l ON l.c = r.c
+    ORDER BY r.n
+    ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
+        delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
+        read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)
 )
 SELECT NULL::bigint, shard, epoch, NULL::bigint, NULL::uuid, NULL::bigint, NULL::boolean FROM fence
 UNION ALL
 SELECT ord, NULL::int, NULL::bigint, seq, message_id, sent_at_ms, true FROM old
 UNION ALL
 SELECT f.ord, NULL::int, NULL::bigint, b.last_seq - f.back, f.m, f.at, false
-FROM fresh f JOIN bump b ON b.conversation_id = f.c";
+FROM fresh f JOIN bump b ON b.conversation_id = f.c
+UNION ALL
+SELECT NULL::bigint, NULL::int, NULL::bigint, last_seq, c, NULL::bigint, NULL::boolean FROM last";
 
 /// A commit statement's error: a NULL seq means a counter row owned by another shard (see
 /// [`COMMIT_SQL`]); anything else is Postgres's own.
@@ -373,40 +375,6 @@ fn commit_error(e: tokio_postgres::Error) -> StorageError {
         StorageError::Corrupt("a conversation of the batch is counted by another shard".into())
     } else {
         e.into()
-    }
-}
-
-/// A transaction begun with a pipelined `BEGIN` (tokio-postgres's `Transaction` awaits its
-/// `BEGIN` alone, costing a round trip). Until [`ended`](Self::ended), dropping it — an error path
-/// we did not roll back, or the commit future being cancelled — detaches its connection from the
-/// pool and closes it, so the server aborts the transaction and no pooled connection is ever
-/// handed out inside one.
-struct PipelinedTx {
-    client: Option<deadpool_postgres::Client>,
-}
-
-impl PipelinedTx {
-    fn client(&self) -> &deadpool_postgres::Client {
-        self.client.as_ref().expect("present until dropped")
-    }
-
-    /// The transaction is over (committed or rolled back): the connection may return to the pool.
-    fn ended(&mut self) {
-        self.client = None;
-    }
-
-    async fn rollback(&mut self) {
-        if self.client().batch_execute("ROLLBACK").await.is_ok() {
-            self.ended();
-        }
-    }
-}
-
-impl Drop for PipelinedTx {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            drop(deadpool_postgres::Object::take(client));
-        }
     }
 }
 
@@ -440,70 +408,62 @@ impl<'a> CandidateColumns<'a> {
     }
 }
 
-/// Move cursors forward (never back) in one upsert. A device update also moves the member-level
-/// row (`device_id = ''`); a read also counts as delivered. Seqs beyond the conversation's last seq
-/// are clamped to it, so a client cannot mark messages that do not exist yet as received. Returns
-/// each update's seq as applied (clamped), in order.
-async fn apply_cursors(tx: &deadpool_postgres::Client, shard: i32, updates: &[CursorUpdate]) -> Result<Vec<Seq>> {
-    // The conversations' last seqs, read in this transaction after its own inserts (only the
-    // lease holder writes them, and the fence above proved that is us).
-    let convs: Vec<Uuid> = distinct(&updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>());
-    let stmt = tx
-        .prepare_cached(
-            "SELECT sc.conversation_id, sc.last_seq FROM UNNEST($2::uuid[]) AS k(id)
-             CROSS JOIN LATERAL (
-                 SELECT conversation_id, last_seq FROM shard_conversations
-                 WHERE conversation_id = k.id AND shard = $1 LIMIT 1
-             ) sc",
-        )
-        .await?;
-    let mut last: HashMap<Uuid, i64> = HashMap::with_capacity(convs.len());
-    for row in tx.query(&stmt, &[&shard, &convs]).await? {
-        last.insert(row.try_get(0)?, row.try_get(1)?);
-    }
-    let applied: Vec<i64> =
-        updates.iter().map(|u| to_db(u.seq).min(last.get(&u.conversation_id.0).copied().unwrap_or(0))).collect();
-    // Merge first: one upsert may not touch the same row twice.
-    let mut rows: HashMap<(Uuid, Uuid, String), (i64, i64)> = HashMap::new();
-    for (u, &seq) in updates.iter().zip(&applied) {
-        let (delivered, read) = match u.kind {
-            ReceiptKind::Delivered => (seq, 0),
-            ReceiptKind::Read => (seq, seq),
-        };
-        let mut raise = |device: String| {
-            let e = rows.entry((u.conversation_id.0, u.user.0, device)).or_insert((0, 0));
-            e.0 = e.0.max(delivered);
-            e.1 = e.1.max(read);
-        };
-        raise(String::new());
-        if let Some(device) = &u.device {
-            raise(device.as_str().to_string());
+/// A group's cursor updates as the rows they move, in column arrays: a device's update also moves
+/// its member-level row (`device_id = ''`), and a read also counts as delivered. Updates of the
+/// same row are merged first (one upsert may not touch a row twice); rows are sorted, so that
+/// concurrent upserts of overlapping rows would lock them in the same order.
+#[derive(Default)]
+struct CursorColumns {
+    shards: Vec<i32>,
+    epochs: Vec<i64>,
+    conversations: Vec<Uuid>,
+    users: Vec<Uuid>,
+    devices: Vec<String>,
+    delivered: Vec<i64>,
+    read: Vec<i64>,
+}
+
+/// A cursor row's key: conversation, user, device (`''` for the member-level row).
+type CursorKey = (Uuid, Uuid, String);
+/// What a group moves a cursor row to: its shard and batch epoch (for the fence), delivered, read.
+type CursorRow = (i32, i64, i64, i64);
+
+impl CursorColumns {
+    fn of(jobs: &[Job]) -> CursorColumns {
+        // (conversation, user, device) → (shard, epoch, delivered, read). A conversation belongs
+        // to one shard, so a row's shard and epoch are those of every update that moves it.
+        let mut rows: HashMap<CursorKey, CursorRow> = HashMap::new();
+        for job in jobs {
+            let (shard, epoch) = (shard_db(job.shard), to_db(job.epoch.0));
+            for u in &job.batch.cursors {
+                let seq = to_db(u.seq);
+                let (delivered, read) = match u.kind {
+                    ReceiptKind::Delivered => (seq, 0),
+                    ReceiptKind::Read => (seq, seq),
+                };
+                let mut raise = |device: String| {
+                    let e = rows.entry((u.conversation_id.0, u.user.0, device)).or_insert((shard, epoch, 0, 0));
+                    e.2 = e.2.max(delivered);
+                    e.3 = e.3.max(read);
+                };
+                raise(String::new());
+                if let Some(device) = &u.device {
+                    raise(device.as_str().to_string());
+                }
+            }
         }
+        let mut rows: Vec<_> = rows.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut cols = CursorColumns::default();
+        for ((conversation, user, device), (shard, epoch, delivered, read)) in rows {
+            cols.shards.push(shard);
+            cols.epochs.push(epoch);
+            cols.conversations.push(conversation);
+            cols.users.push(user);
+            cols.devices.push(device);
+            cols.delivered.push(delivered);
+            cols.read.push(read);
+        }
+        cols
     }
-    let mut rows: Vec<_> = rows.into_iter().collect();
-    // A fixed order so that concurrent upserts of overlapping rows cannot deadlock.
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let convs: Vec<Uuid> = rows.iter().map(|((c, _, _), _)| *c).collect();
-    let users: Vec<Uuid> = rows.iter().map(|((_, u, _), _)| *u).collect();
-    let devices: Vec<&str> = rows.iter().map(|((_, _, d), _)| d.as_str()).collect();
-    let delivered: Vec<i64> = rows.iter().map(|(_, (d, _))| *d).collect();
-    let read: Vec<i64> = rows.iter().map(|(_, (_, r))| *r).collect();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO cursors (conversation_id, user_id, device_id, delivered_seq, read_seq)
-             SELECT t.c, t.u, t.d, LEAST(t.dl, COALESCE(sc.last_seq, 0)),
-                    LEAST(t.rd, COALESCE(sc.last_seq, 0))
-             FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
-                  AS t(c, u, d, dl, rd)
-             LEFT JOIN LATERAL (
-                 SELECT last_seq FROM shard_conversations
-                 WHERE conversation_id = t.c AND shard = $1 LIMIT 1
-             ) sc ON true
-             ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET
-                 delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
-                 read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)",
-        )
-        .await?;
-    tx.execute(&stmt, &[&shard, &convs, &users, &devices, &delivered, &read]).await?;
-    applied.into_iter().map(|s| from_db(s, "seq")).collect()
 }
