@@ -77,9 +77,12 @@ pub struct BenchArgs {
     /// Traffic clients (one user and one WebSocket each, paired into 1:1 conversations). Even.
     #[arg(long, default_value_t = 1_000)]
     pub clients: u32,
-    /// Closed loop (relay, durable): messages in flight per client.
-    #[arg(long, default_value_t = 1)]
-    pub in_flight: u32,
+    /// Closed loops (relay, durable): messages in flight per client, comma-separated windows. The
+    /// relay and the cluster run once per window, back to back, and the report's headline numbers
+    /// (`relay_msgs_per_s`, `durable_msgs_per_s`, `ratio_to_relay`) are those of the window where
+    /// the cluster did best: its closed-loop maximum, against the relay at the same window.
+    #[arg(long, default_value = "1,4,16")]
+    pub in_flight: String,
     /// Load processes sharing the traffic clients.
     #[arg(long, default_value_t = 2)]
     pub load_processes: u32,
@@ -212,7 +215,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         nodes: args.nodes,
         shards: args.shards,
         clients: args.clients,
-        in_flight: args.in_flight,
+        in_flight: 0,
         body_bytes: args.body_bytes,
         load_processes: args.load_processes,
         scenarios: scenarios.clone(),
@@ -281,25 +284,48 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .collect();
     let node_urls: Vec<String> = ports.http.iter().map(|p| format!("ws://127.0.0.1:{p}/v1/ws")).collect();
 
-    if has("relay") {
-        let r = relay_phase(&ctx, &args, ports.relay).await?;
-        report.relay_msgs_per_s = Some(r.msgs_per_s);
-        plot_series.push(r.series());
-        report.phases.push(r);
+    let windows = parse_windows(&args.in_flight)?;
+    for &window in &windows {
+        // Phase names carry the window when there are several.
+        let named = |base: &str| if windows.len() > 1 { format!("{base}-w{window}") } else { base.to_string() };
+        let mut row = ClosedLoopRow { in_flight: window, ..ClosedLoopRow::default() };
+        if has("relay") {
+            let r = relay_phase(&ctx, &args, ports.relay, window, &named("relay")).await?;
+            row.relay_msgs_per_s = Some(r.msgs_per_s);
+            plot_series.push(r.series());
+            report.phases.push(r);
+        }
+        if has("durable") {
+            let pids = Probes::of(cluster.as_ref(), postmaster);
+            let settled = settle(&pids).await;
+            let mode = Mode { in_flight: window, rate: None, reconnect: false };
+            let name = named("durable");
+            let mut r =
+                traffic_phase(&ctx, &args, &name, &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
+            r.settle_ms = settled;
+            row.durable_msgs_per_s = Some(r.msgs_per_s);
+            plot_series.push(r.series());
+            report.phases.push(r);
+        }
+        if let (Some(relay), Some(durable)) = (row.relay_msgs_per_s, row.durable_msgs_per_s) {
+            row.ratio_to_relay = (relay > 0.0).then(|| round(durable / relay, 3));
+        }
+        report.closed_loop.push(row);
     }
-    if has("durable") {
-        let pids = Probes::of(cluster.as_ref(), postmaster);
-        let settled = settle(&pids).await;
-        let mode = Mode { in_flight: args.in_flight, rate: None, reconnect: false };
-        let mut r =
-            traffic_phase(&ctx, &args, "durable", &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
-        r.settle_ms = settled;
-        report.durable_msgs_per_s = Some(r.msgs_per_s);
-        plot_series.push(r.series());
-        report.phases.push(r);
-    }
-    if let (Some(relay), Some(durable)) = (report.relay_msgs_per_s, report.durable_msgs_per_s) {
-        report.ratio_to_relay = (relay > 0.0).then(|| round(durable / relay, 3));
+    // The headline: the window where the cluster did best (or the relay, when it ran alone).
+    let best = report
+        .closed_loop
+        .iter()
+        .max_by(|a, b| {
+            let key = |r: &ClosedLoopRow| r.durable_msgs_per_s.or(r.relay_msgs_per_s).unwrap_or(0.0);
+            key(a).total_cmp(&key(b))
+        })
+        .cloned();
+    if let Some(best) = best {
+        report.in_flight = best.in_flight;
+        report.relay_msgs_per_s = best.relay_msgs_per_s;
+        report.durable_msgs_per_s = best.durable_msgs_per_s;
+        report.ratio_to_relay = best.ratio_to_relay;
     }
     if has("open") {
         for rate in parse_rates(&args.rates)? {
@@ -385,9 +411,7 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     if args.duration_secs == 0 || args.duration_secs > MAX_PHASE_SECS || args.failover_secs > MAX_PHASE_SECS {
         bail!("--duration-secs and --failover-secs must be in 1..={MAX_PHASE_SECS}");
     }
-    if args.in_flight == 0 || args.in_flight > 1_000 {
-        bail!("--in-flight must be in 1..=1000");
-    }
+    parse_windows(&args.in_flight)?;
     if args.sessions_per_node > MAX_SESSIONS_PER_NODE {
         bail!("--sessions-per-node must be at most {MAX_SESSIONS_PER_NODE} (open-file limit of a node)");
     }
@@ -1005,7 +1029,7 @@ where
     Ok(r)
 }
 
-async fn relay_phase(ctx: &Ctx, args: &BenchArgs, port: u16) -> anyhow::Result<PhaseReport> {
+async fn relay_phase(ctx: &Ctx, args: &BenchArgs, port: u16, window: u32, name: &str) -> anyhow::Result<PhaseReport> {
     let bin = std::env::var_os("PARLEY_BIN").map(PathBuf::from).map_or_else(std::env::current_exe, Ok)?;
     let log = ctx.run_dir.join("logs").join("relay.log");
     let mut cmd = std::process::Command::new(bin);
@@ -1031,8 +1055,8 @@ async fn relay_phase(ctx: &Ctx, args: &BenchArgs, port: u16) -> anyhow::Result<P
         .collect();
     let pids = Probes { server: relay.id().into_iter().collect(), ..Probes::default() };
     let urls = vec![format!("ws://127.0.0.1:{port}/v1/ws")];
-    let mode = Mode { in_flight: args.in_flight, rate: None, reconnect: false };
-    let r = traffic_phase(ctx, args, "relay", &urls, &users, mode, args.duration_secs, &pids).await;
+    let mode = Mode { in_flight: window, rate: None, reconnect: false };
+    let r = traffic_phase(ctx, args, name, &urls, &users, mode, args.duration_secs, &pids).await;
     let _ = relay.kill().await;
     r
 }
@@ -1297,6 +1321,31 @@ async fn history_phase(
 }
 
 /// The report: the keys the issue asks for at the top, the details below.
+/// The relay and the cluster at one closed-loop window.
+#[derive(Clone, Debug, Default, Serialize)]
+struct ClosedLoopRow {
+    in_flight: u32,
+    relay_msgs_per_s: Option<f64>,
+    durable_msgs_per_s: Option<f64>,
+    ratio_to_relay: Option<f64>,
+}
+
+/// `--in-flight`: windows in 1..=1000, at least one, none twice.
+fn parse_windows(list: &str) -> anyhow::Result<Vec<u32>> {
+    let mut windows = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let w: u32 = part.parse().map_err(|_| anyhow::anyhow!("--in-flight: `{part}` is not a number"))?;
+        if w == 0 || w > 1_000 || windows.contains(&w) {
+            bail!("--in-flight: windows must be distinct and in 1..=1000");
+        }
+        windows.push(w);
+    }
+    if windows.is_empty() {
+        bail!("--in-flight needs at least one window");
+    }
+    Ok(windows)
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Report {
     date: String,
@@ -1305,10 +1354,12 @@ struct Report {
     nodes: u16,
     shards: u16,
     clients: u32,
+    /// The closed-loop window of the headline numbers below (see `closed_loop` for every window).
     in_flight: u32,
     body_bytes: usize,
     load_processes: u32,
     scenarios: Vec<String>,
+    closed_loop: Vec<ClosedLoopRow>,
     relay_msgs_per_s: Option<f64>,
     durable_msgs_per_s: Option<f64>,
     ratio_to_relay: Option<f64>,
@@ -1393,11 +1444,24 @@ impl Report {
         if !waits.is_empty() {
             out.push_str(&format!("waited for a quiet cluster before: {}\n", waits.join(", ")));
         }
+        out.push('\n');
+        if self.closed_loop.len() > 1 {
+            for row in &self.closed_loop {
+                out.push_str(&format!(
+                    "closed loop, {:>4} in flight per client: relay {} msg/s, durable {} msg/s, ratio {}\n",
+                    row.in_flight,
+                    opt(row.relay_msgs_per_s),
+                    opt(row.durable_msgs_per_s),
+                    opt(row.ratio_to_relay)
+                ));
+            }
+        }
         out.push_str(&format!(
-            "\nrelay {} msg/s, durable {} msg/s, ratio {}; p99 send→deliver at 10k: {} ms\n",
+            "relay {} msg/s, durable {} msg/s, ratio {} (best window: {} in flight); p99 send→deliver at 10k: {} ms\n",
             opt(self.relay_msgs_per_s),
             opt(self.durable_msgs_per_s),
             opt(self.ratio_to_relay),
+            self.in_flight,
             opt(self.p99_deliver_ms_at_10k)
         ));
         if let Some(s) = &self.sessions {

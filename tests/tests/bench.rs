@@ -48,6 +48,9 @@ async fn bench_reports_every_key_with_sane_values() {
         "8",
         "--duration-secs",
         "2",
+        // Two closed-loop windows: the relay and the cluster run at each.
+        "--in-flight",
+        "1,2",
         "--warmup-ms",
         "300",
         "--rates",
@@ -88,6 +91,24 @@ async fn bench_reports_every_key_with_sane_values() {
     for key in ["relay_msgs_per_s", "durable_msgs_per_s", "ratio_to_relay", "p99_deliver_ms_at_10k"] {
         if !positive(&report[key]) {
             problems.push(format!("{key} = {} (expected > 0)", report[key]));
+        }
+    }
+    // One closed-loop row per window, each with both sides; the headline is the row where the
+    // cluster did best, compared with the relay at that same window.
+    let rows = report["closed_loop"].as_array().cloned().unwrap_or_default();
+    let windows: Vec<u64> = rows.iter().filter_map(|r| r["in_flight"].as_u64()).collect();
+    if windows != [1, 2] || !rows.iter().all(|r| positive(&r["relay_msgs_per_s"]) && positive(&r["durable_msgs_per_s"]))
+    {
+        problems.push(format!("closed_loop = {} (expected windows 1 and 2, both measured)", report["closed_loop"]));
+    }
+    let best = rows.iter().max_by(|a, b| {
+        let rate = |r: &serde_json::Value| r["durable_msgs_per_s"].as_f64().unwrap_or(0.0);
+        rate(a).total_cmp(&rate(b))
+    });
+    if let Some(best) = best {
+        let headline = ["in_flight", "relay_msgs_per_s", "durable_msgs_per_s", "ratio_to_relay"];
+        if headline.iter().any(|k| report[*k] != best[*k]) {
+            problems.push(format!("the headline is not the best window's row: {best}"));
         }
     }
     // Every session was held by the nodes (2 nodes × 20), and each cost some memory.
