@@ -105,8 +105,9 @@ pub trait ShardStore: Send + Sync + 'static {
 pub enum StoreConfig {
     /// Embedded SQLite files under this directory (one per shard plus `directory.db`).
     Embedded { dir: std::path::PathBuf },
-    /// Postgres at this URL (`postgres://user:pass@host:port/db`); `pool_size` connections, of
-    /// which at most `commit_slots` run group commits at once (see [`DEFAULT_COMMIT_SLOTS`]).
+    /// Postgres at this URL (`postgres://user:pass@host:port/db`); `pool_size` connections for
+    /// reads, leases and accounts, plus `commit_slots` connections of the group committer's own,
+    /// each running one group commit at a time (see [`DEFAULT_COMMIT_SLOTS`]).
     Postgres { url: String, pool_size: usize, commit_slots: usize },
 }
 

@@ -139,32 +139,59 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
         // Shows in pg_stat_activity, which is where an operator looks for a stuck session.
         config.application_name("parley");
     }
-    let options = config.get_options().unwrap_or_default().to_string();
-    if !options.contains("jit") {
-        config.options(format!("{options} -c jit=off").trim());
-    }
+    default_setting(&mut config, "jit", "off");
     Ok(config)
 }
 
+/// The group committer's connections: [`connection_config`] plus
+/// `plan_cache_mode=force_generic_plan`. Why: under the default (`auto`) Postgres kept planning
+/// the group-commit statement anew at every execution (a custom plan for each group's array
+/// sizes looked cheaper than the generic one), and at light load, where a group carries one to
+/// three messages, planning was ≈23% of Postgres's CPU (perf at 2,000 msg/s, BENCHMARKS.md
+/// session 10). Generic plans cut Postgres's CPU per message there by ≈18-20% and changed
+/// nothing measurable at full load. It is safe because the statement is an index probe whatever
+/// the sizes: `tests/tests/pg_plans.rs` checks every hot path with generic plans made on empty
+/// tables. Only the committer's connections: reads keep custom plans, which see a history
+/// page's bounds. A URL that sets `plan_cache_mode` itself keeps its choice.
+fn commit_connection_config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config = connection_config(url)?;
+    default_setting(&mut config, "plan_cache_mode", "force_generic_plan");
+    Ok(config)
+}
+
+/// Add `-c name=value` to the connection's `options` unless they already set `name`.
+fn default_setting(config: &mut tokio_postgres::Config, name: &str, value: &str) {
+    let options = config.get_options().unwrap_or_default().to_string();
+    if !options.contains(name) {
+        config.options(format!("{options} -c {name}={value}").trim());
+    }
+}
+
+/// A pool of at most `size` connections made with `config`.
+fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool> {
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| StorageError::Pool(e.to_string()))
+}
+
 impl PgBackend {
-    /// Connect with up to `pool_size` pooled connections (at most `commit_slots` of them running
-    /// group commits at once) and bring the schema up to date.
+    /// Connect with up to `pool_size` pooled connections for reads, leases and accounts, plus
+    /// `commit_slots` connections of the group committer's own (at most that many groups in
+    /// flight; their settings: [`commit_connection_config`]), and bring the schema up to date.
     pub async fn open(url: &str, pool_size: usize, commit_slots: usize) -> Result<Self> {
         let config = connection_config(url)?;
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| StorageError::Pool(e.to_string()))?;
-        migrate(&pool).await?;
+        let main = pool(config.clone(), pool_size)?;
+        migrate(&main).await?;
+        let slots = commit_slots.clamp(1, pool_size.max(1));
+        let committer = commit::Committer::start(pool(commit_connection_config(url)?, slots)?, slots);
         let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
-        let committer = commit::Committer::start(pool.clone(), commit_slots.clamp(1, pool_size.max(1)));
-        Ok(PgBackend { pool, locks: Arc::new(locks), committer })
+        Ok(PgBackend { pool: main, locks: Arc::new(locks), committer })
     }
 
     pub fn directory(&self) -> PgDirectory {
@@ -871,5 +898,16 @@ mod tests {
         assert_eq!(with_options.get_options(), Some("-c work_mem=8MB -c jit=off"));
         let chosen = connection_config("postgres://u@127.0.0.1/db?options=-c%20jit%3Don").unwrap();
         assert_eq!(chosen.get_options(), Some("-c jit=on"));
+    }
+
+    #[test]
+    fn commit_connections_use_generic_plans_unless_the_url_says_otherwise() {
+        let plain = commit_connection_config("postgres://u@127.0.0.1:5432/db").unwrap();
+        assert_eq!(plain.get_options(), Some("-c jit=off -c plan_cache_mode=force_generic_plan"));
+        let chosen = commit_connection_config("postgres://u@127.0.0.1/db?options=-c%20plan_cache_mode%3Dauto").unwrap();
+        assert_eq!(chosen.get_options(), Some("-c plan_cache_mode=auto -c jit=off"));
+        // Reads keep the server's choice.
+        let reads = connection_config("postgres://u@127.0.0.1:5432/db").unwrap();
+        assert!(!reads.get_options().unwrap_or_default().contains("plan_cache_mode"));
     }
 }
