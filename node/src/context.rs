@@ -117,10 +117,9 @@ impl NodeContext {
     /// The live peers and every identified one (the cluster agent publishes both every
     /// heartbeat). Sends waiting on a peer that is no longer live are answered `unavailable` now.
     pub fn set_peers(&self, live: Vec<(String, ActorRef<GatewayMsg>)>, known: Vec<(String, ActorRef<GatewayMsg>)>) {
-        let gateways: Vec<ActorRef<GatewayMsg>> = live.iter().map(|(_, g)| g.clone()).collect();
+        self.outbound.retain_peers(live.iter().map(|(_, g)| g.get_id()));
         *self.peers.write().unwrap_or_else(|p| p.into_inner()) = live;
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
-        self.outbound.retain_peers(&gateways);
     }
 
     /// Cast the outcomes of sends that came in a `SendBatch` from `node` back to it: one frame.

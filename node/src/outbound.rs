@@ -103,18 +103,11 @@ impl Outbound {
 
     /// Keep only the links to these live gateways; every send waiting on any other peer is
     /// answered `unavailable` now (that peer is gone: its outcome will never come).
-    pub fn retain_peers(&self, live: &[ActorRef<GatewayMsg>]) {
-        let live: HashSet<ActorId> = live.iter().map(|g| g.get_id()).collect();
+    pub fn retain_peers(&self, live: impl IntoIterator<Item = ActorId>) {
+        let live: HashSet<ActorId> = live.into_iter().collect();
         lock(&self.links).retain(|peer, _| live.contains(peer));
-        let mut waiting = lock(&self.waiting);
-        if waiting.values().all(|w| live.contains(&w.peer)) {
-            return;
-        }
-        let gone: Vec<u64> = waiting.iter().filter(|(_, w)| !live.contains(&w.peer)).map(|(id, _)| *id).collect();
-        for id in gone {
-            if let Some(w) = waiting.remove(&id) {
-                let _ = w.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
-            }
+        for (_, w) in lock(&self.waiting).extract_if(|_, w| !live.contains(&w.peer)) {
+            let _ = w.reply.send(SendOutcome::Refused(ErrorCode::Unavailable));
         }
     }
 
@@ -274,7 +267,7 @@ mod tests {
         let outbound = Outbound::new("n1".into());
         let lost = outbound.send(&gone, cmd(1));
         let kept = outbound.send(&live, cmd(2));
-        outbound.retain_peers(std::slice::from_ref(&live));
+        outbound.retain_peers([live.get_id()]);
         let started = std::time::Instant::now();
         assert_eq!(lost.outcome(Duration::from_secs(30)).await, Some(SendOutcome::Refused(ErrorCode::Unavailable)));
         assert!(started.elapsed() < Duration::from_secs(5), "answered at once, not at the timeout");

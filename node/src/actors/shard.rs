@@ -100,6 +100,15 @@ fn answer(ctx: &NodeContext, to: AckTo, outcome: SendOutcome) {
     answers.finish(ctx);
 }
 
+/// Refuse every one of `sends` with `code`, remote ones in one `SendResults` per node.
+fn refuse(ctx: &NodeContext, sends: impl IntoIterator<Item = PendingSend>, code: ErrorCode) {
+    let mut answers = Answers::default();
+    for p in sends {
+        answers.answer(p.reply, SendOutcome::Refused(code));
+    }
+    answers.finish(ctx);
+}
+
 pub struct ShardState {
     ctx: Arc<NodeContext>,
     /// For reading back the stored original of a duplicate before re-pushing it.
@@ -184,11 +193,7 @@ impl ShardState {
             Ok(()) => self.in_flight = Some((sends, receipts)),
             Err(_) => {
                 // The store is gone; our supervisor hears of it. Nothing was written.
-                let mut answers = Answers::default();
-                for p in sends {
-                    answers.answer(p.reply, SendOutcome::Refused(ErrorCode::Unavailable));
-                }
-                answers.finish(&self.ctx);
+                refuse(&self.ctx, sends, ErrorCode::Unavailable);
             }
         }
     }
@@ -257,16 +262,8 @@ impl ShardState {
     }
 
     fn refuse_all(&mut self, code: ErrorCode) {
-        let mut answers = Answers::default();
-        if let Some((sends, _)) = self.in_flight.take() {
-            for p in sends {
-                answers.answer(p.reply, SendOutcome::Refused(code));
-            }
-        }
-        for p in self.pending.drain(..) {
-            answers.answer(p.reply, SendOutcome::Refused(code));
-        }
-        answers.finish(&self.ctx);
+        let in_flight = self.in_flight.take().map(|(sends, _)| sends).unwrap_or_default();
+        refuse(&self.ctx, in_flight.into_iter().chain(self.pending.drain(..)), code);
     }
 
     fn idle(&self) -> bool {
@@ -349,11 +346,7 @@ impl Actor for ShardActor {
                     CommitOutcome::Failed(_) => {
                         // Outcome unknown: the client retries with the same client_msg_id and the
                         // idempotency key makes that safe.
-                        let mut answers = Answers::default();
-                        for p in sends {
-                            answers.answer(p.reply, SendOutcome::Refused(ErrorCode::Unavailable));
-                        }
-                        answers.finish(&state.ctx);
+                        refuse(&state.ctx, sends, ErrorCode::Unavailable);
                     }
                 }
                 state.flush(&me);

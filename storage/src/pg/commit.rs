@@ -156,6 +156,7 @@ fn retryable(e: &StorageError) -> bool {
             | Some(&SqlState::T_R_DEADLOCK_DETECTED)
     )
 }
+
 /// One attempt at `jobs`: per batch, its outcome (`StaleEpoch` when its shard's epoch moved);
 /// `Err` when the attempt failed as a whole (nothing of it was committed).
 ///
