@@ -33,7 +33,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::actors::cluster_agent::{ClusterAgentMsg, MemberView};
 use crate::actors::session_supervisor::SessionSupervisorMsg;
 use crate::auth;
-use crate::context::NodeContext;
+use crate::context::{GroupChange, NodeContext};
 use crate::error::NodeError;
 
 /// A failed request, carried through warp as a rejection.
@@ -228,6 +228,7 @@ pub fn routes(
         .and_then(ws::upgrade);
 
     let seed = seed_routes(ctx.clone());
+    let groups = group_routes(ctx.clone());
 
     let ui_dir = ctx.config.ui_dir.clone();
     let index = warp::path::end()
@@ -254,6 +255,8 @@ pub fn routes(
         .or(conversations)
         .unify()
         .or(history)
+        .unify()
+        .or(groups)
         .unify()
         .or(ws)
         .unify()
@@ -323,6 +326,55 @@ async fn logout(ctx: Arc<NodeContext>, token: Option<String>) -> Result<warp::re
     // Open WebSockets authenticated by this token end too, wherever they are connected.
     ctx.fan_out(&[grant.user.id], UserEvent::TokenRevoked { token_hash: hash }, 0);
     Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
+}
+
+/// Groups: create, read, rename, add and remove members. Every change is the owner's, except
+/// that any member may remove themselves (leave). Messages go through the usual send paths with
+/// the group's `conversation_id`.
+fn group_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let create = warp::path!("v1" / "groups")
+        .and(warp::post())
+        .and(authed(ctx.clone()))
+        .and(json_body::<CreateGroupRequest>())
+        .and_then(|ctx: Arc<NodeContext>, me: UserView, req: CreateGroupRequest| async move {
+            let group = ctx.create_group(me.id, &req.name, &req.members).await?;
+            Ok::<_, Rejection>(json(&group, StatusCode::CREATED))
+        });
+    let get = warp::path!("v1" / "groups" / String).and(warp::get()).and(authed(ctx.clone())).and_then(
+        |id: String, ctx: Arc<NodeContext>, me: UserView| async move {
+            let group = ctx.group(me.id, parse_group(&id)?).await?;
+            Ok::<_, Rejection>(json(&group, StatusCode::OK))
+        },
+    );
+    let rename = warp::path!("v1" / "groups" / String)
+        .and(warp::patch())
+        .and(authed(ctx.clone()))
+        .and(json_body::<RenameGroupRequest>())
+        .and_then(|id: String, ctx: Arc<NodeContext>, me: UserView, req: RenameGroupRequest| async move {
+            let group = ctx.change_group(me.id, parse_group(&id)?, GroupChange::Rename(req.name)).await?;
+            Ok::<_, Rejection>(json(&group, StatusCode::OK))
+        });
+    let add = warp::path!("v1" / "groups" / String / "members")
+        .and(warp::post())
+        .and(authed(ctx.clone()))
+        .and(json_body::<AddMembersRequest>())
+        .and_then(|id: String, ctx: Arc<NodeContext>, me: UserView, req: AddMembersRequest| async move {
+            let group = ctx.change_group(me.id, parse_group(&id)?, GroupChange::Add(req.members)).await?;
+            Ok::<_, Rejection>(json(&group, StatusCode::OK))
+        });
+    let remove = warp::path!("v1" / "groups" / String / "members" / String)
+        .and(warp::delete())
+        .and(authed(ctx))
+        .and_then(|id: String, user: String, ctx: Arc<NodeContext>, me: UserView| async move {
+            let (group, user) = (parse_group(&id)?, parse_user(&user)?);
+            let group = ctx.change_group(me.id, group, GroupChange::Remove(user)).await?;
+            Ok::<_, Rejection>(json(&group, StatusCode::OK))
+        });
+    create.or(get).unify().or(rename).unify().or(add).unify().or(remove).unify().boxed()
+}
+
+fn parse_group(id: &str) -> Result<ConversationId, Rejection> {
+    id.parse().map_err(|_| reject(ErrorCode::UnknownConversation, "no such group"))
 }
 
 /// The seed systems' REST API, same paths and JSON shapes, but authenticated.

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use parley_protocol::frames::{ClientFrame, ServerFrame};
+use parley_protocol::frames::{ClientFrame, GroupView, ServerFrame};
 use parley_protocol::http::*;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use serde::de::DeserializeOwned;
@@ -153,6 +153,30 @@ impl Client {
         self.call("GET", "/v1/conversations", Some(token), None).await
     }
 
+    /// Create a group owned by the token's user.
+    pub async fn create_group(&self, token: &str, name: &str, members: &[UserId]) -> Result<GroupView> {
+        let body = serde_json::json!({"name": name, "members": members});
+        self.call("POST", "/v1/groups", Some(token), Some(body)).await
+    }
+
+    pub async fn group(&self, token: &str, group: ConversationId) -> Result<GroupView> {
+        self.call("GET", &format!("/v1/groups/{group}"), Some(token), None).await
+    }
+
+    pub async fn rename_group(&self, token: &str, group: ConversationId, name: &str) -> Result<GroupView> {
+        self.call("PATCH", &format!("/v1/groups/{group}"), Some(token), Some(serde_json::json!({"name": name}))).await
+    }
+
+    pub async fn add_members(&self, token: &str, group: ConversationId, members: &[UserId]) -> Result<GroupView> {
+        let body = serde_json::json!({"members": members});
+        self.call("POST", &format!("/v1/groups/{group}/members"), Some(token), Some(body)).await
+    }
+
+    /// Remove `user` from the group (the owner), or leave it (`user` = the token's user).
+    pub async fn remove_member(&self, token: &str, group: ConversationId, user: UserId) -> Result<GroupView> {
+        self.call("DELETE", &format!("/v1/groups/{group}/members/{user}"), Some(token), None).await
+    }
+
     /// Open a WebSocket, say `hello`, and wait for `welcome`.
     pub async fn connect(&self, token: &str, device: &str) -> Result<Connection> {
         let mut conn = self.connect_raw().await?;
@@ -247,6 +271,24 @@ impl Connection {
             client_msg_id: id.clone(),
             to: Some(to),
             conversation_id: None,
+            body: body.to_string(),
+        })
+        .await?;
+        self.expect_ack(&id, Duration::from_secs(15)).await
+    }
+
+    /// Send into a conversation (a group, or a direct chat by its id) and wait for its ack (or error).
+    pub async fn send_to_conversation(
+        &mut self,
+        conversation: ConversationId,
+        body: &str,
+        client_msg_id: &str,
+    ) -> Result<ServerFrame> {
+        let id = ClientMsgId::new(client_msg_id).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send(&ClientFrame::Send {
+            client_msg_id: id.clone(),
+            to: None,
+            conversation_id: Some(conversation),
             body: body.to_string(),
         })
         .await?;

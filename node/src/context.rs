@@ -6,15 +6,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parley_protocol::cluster::{
     Delivery, NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest,
     UserEvent,
 };
 use parley_protocol::codec;
-use parley_protocol::frames::{ConversationKind, ConversationSummary, MessageView};
-use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_PAGE};
+use parley_protocol::frames::{ConversationKind, ConversationSummary, GroupView, MessageView};
+use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_GROUP_MEMBERS, MAX_GROUP_NAME_BYTES, MAX_PAGE};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};
 use parley_storage::{now_ms, token_hash, ConversationRecord, Stores, TokenGrant};
@@ -33,6 +33,59 @@ use crate::routing::{RouteTarget, Routing};
 /// bytes here; 100k keeps this under ~10 MB while covering every active chat of a busy node.
 const CONVERSATION_CACHE_MAX: usize = 100_000;
 
+/// How long a node trusts its cached copy of a group before reading it again. A change is pushed
+/// to every node at once (`UserEvent::Group` makes each forget its copy); this bounds how long a
+/// node that missed that push (the cast is at-most-once) keeps using the old member list.
+const GROUP_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Estimated bytes of deliveries one `DeliverBatch` frame carries before a commit's fan-out is
+/// split over several frames: a commit of 1000 messages into a 1024-member group names 16 MiB of
+/// member ids, and with large bodies one frame could pass the 32 MiB payload cap a peer accepts.
+const DELIVER_FRAME_BUDGET: usize = 4 * 1024 * 1024;
+
+/// A delivery's encoded size, roughly (17 bytes per user id, the body, some overhead).
+fn delivery_bytes(d: &Delivery) -> usize {
+    let event = match &d.event {
+        UserEvent::Message(m) => m.body.len() + m.client_msg_id.as_str().len(),
+        UserEvent::Group(g) => g.name.len() + g.members.len() * 17,
+        UserEvent::Receipt { .. } | UserEvent::TokenRevoked { .. } => 0,
+    };
+    d.users.len() * 17 + event + 128
+}
+
+/// Consecutive ranges of `sizes`, each summing to at most `budget` (an item larger than the budget
+/// gets a range of its own), covering every index in order.
+fn split_by_budget(sizes: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, size) in sizes.iter().enumerate() {
+        if i > from && bytes + size > budget {
+            ranges.push(from..i);
+            (from, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if from < sizes.len() {
+        ranges.push(from..sizes.len());
+    }
+    ranges
+}
+
+/// Attempts at a group change that keeps losing the compare-and-set to concurrent changes.
+const GROUP_CHANGE_ATTEMPTS: usize = 5;
+
+/// A change to a group, by one of its members.
+#[derive(Clone, Debug)]
+pub enum GroupChange {
+    /// Add users (the owner only); present members are ignored.
+    Add(Vec<UserId>),
+    /// Remove a member: the owner removes anyone, every member may remove themselves (leave).
+    /// When the owner leaves, the first remaining member (by id) becomes the owner.
+    Remove(UserId),
+    /// Rename (the owner only).
+    Rename(String),
+}
+
 pub struct NodeContext {
     pub config: Config,
     pub node_name: String,
@@ -43,7 +96,8 @@ pub struct NodeContext {
     pub routing: Routing,
     /// Sends to peers' shards, batched per peer, and the sessions waiting for their outcomes.
     pub outbound: Arc<Outbound>,
-    conversations: Mutex<HashMap<ConversationId, Arc<ConversationRecord>>>,
+    /// Conversation records by id, with when they were read (groups expire: `GROUP_CACHE_TTL`).
+    conversations: Mutex<HashMap<ConversationId, (Arc<ConversationRecord>, Instant)>>,
     /// Live peers' gateways (maintained by the cluster agent), for fan-out.
     peers: RwLock<Vec<(String, ActorRef<GatewayMsg>)>>,
     /// Every identified peer's gateway, live or not: where the outcomes of a peer's sends go.
@@ -166,7 +220,9 @@ impl NodeContext {
     }
 
     fn cached(&self, id: ConversationId) -> Option<Arc<ConversationRecord>> {
-        self.conversations.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+        let map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
+        let (record, at) = map.get(&id)?;
+        (record.kind == ConversationKind::Direct || at.elapsed() < GROUP_CACHE_TTL).then(|| record.clone())
     }
 
     fn remember(&self, record: ConversationRecord) -> Arc<ConversationRecord> {
@@ -175,8 +231,13 @@ impl NodeContext {
         if map.len() >= CONVERSATION_CACHE_MAX {
             map.clear();
         }
-        map.insert(record.id, record.clone());
+        map.insert(record.id, (record.clone(), Instant::now()));
         record
+    }
+
+    /// Drop the cached copy of a conversation (a group that changed).
+    fn forget(&self, id: ConversationId) {
+        self.conversations.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     /// The direct conversation between `me` and `peer`, created (indexed) on first use.
@@ -194,7 +255,8 @@ impl NodeContext {
         let mut members = wanted;
         members.sort();
         self.stores.directory.add_conversation(id, ConversationKind::Direct, &members, now_ms()).await?;
-        Ok(self.remember(ConversationRecord { id, kind: ConversationKind::Direct, members }))
+
+        Ok(self.remember(ConversationRecord::direct(id, members)))
     }
 
     /// A conversation `user` belongs to; `unknown_conversation` otherwise (membership is not
@@ -212,6 +274,128 @@ impl NodeContext {
         } else {
             Err(unknown_conversation())
         }
+    }
+
+    /// Create a group owned by `owner` with `members` (the owner is added), and tell every member.
+    pub async fn create_group(&self, owner: UserId, name: &str, members: &[UserId]) -> NodeResult<GroupView> {
+        let name = valid_group_name(name)?;
+        let mut all = members.to_vec();
+        all.push(owner);
+        all.sort();
+        all.dedup();
+        self.check_group_size(all.len())?;
+        self.check_users_exist(&all).await?;
+        let record = ConversationRecord {
+            id: ConversationId::new_group(),
+            kind: ConversationKind::Group,
+            members: all,
+            name: Some(name),
+            owner: Some(owner),
+            version: 0,
+        };
+        self.stores.directory.create_group(&record, now_ms()).await?;
+        let view = group_view(&record);
+        self.announce_group(&record.members, view.clone());
+        Ok(view)
+    }
+
+    /// A group `user` belongs to.
+    pub async fn group(&self, user: UserId, id: ConversationId) -> NodeResult<GroupView> {
+        let record = self.member_conversation(user, id).await?;
+        if record.kind != ConversationKind::Group {
+            return Err(unknown_group());
+        }
+        Ok(group_view(&record))
+    }
+
+    /// Apply `change` by `user` to a group, as a compare-and-set on its version (read fresh from the
+    /// directory, never from the cache), and tell the members before and after the change.
+    pub async fn change_group(&self, user: UserId, id: ConversationId, change: GroupChange) -> NodeResult<GroupView> {
+        if let GroupChange::Rename(name) = &change {
+            valid_group_name(name)?;
+        }
+        if let GroupChange::Add(users) = &change {
+            self.check_group_size(users.len().min(MAX_GROUP_MEMBERS + 1))?;
+            self.check_users_exist(users).await?;
+        }
+        for _ in 0..GROUP_CHANGE_ATTEMPTS {
+            let current = match self.stores.directory.conversation(id).await? {
+                Some(r) if r.kind == ConversationKind::Group && r.members.contains(&user) => r,
+                _ => return Err(unknown_group()),
+            };
+            let owner = current.owner;
+            let is_owner = owner == Some(user);
+            let mut next = current.clone();
+            let mut removed = Vec::new();
+            match &change {
+                GroupChange::Add(users) => {
+                    if !is_owner {
+                        return Err(NodeError::client(ErrorCode::Forbidden, "only the group's owner adds members"));
+                    }
+                    next.members.extend(users.iter().copied());
+                    next.members.sort();
+                    next.members.dedup();
+                    self.check_group_size(next.members.len())?;
+                }
+                GroupChange::Remove(target) => {
+                    if *target != user && !is_owner {
+                        return Err(NodeError::client(ErrorCode::Forbidden, "only the group's owner removes others"));
+                    }
+                    if !next.members.contains(target) {
+                        return Err(NodeError::client(ErrorCode::UnknownUser, format!("{target} is not a member")));
+                    }
+                    next.members.retain(|m| m != target);
+                    removed.push(*target);
+                    if owner == Some(*target) {
+                        next.owner = next.members.first().copied();
+                    }
+                }
+                GroupChange::Rename(name) => {
+                    if !is_owner {
+                        return Err(NodeError::client(ErrorCode::Forbidden, "only the group's owner renames it"));
+                    }
+                    next.name = Some(valid_group_name(name)?);
+                }
+            }
+            if next == current {
+                return Ok(group_view(&current));
+            }
+            if self.stores.directory.update_group(current.version, &next, &removed).await? {
+                next.version = current.version + 1;
+                let mut told = current.members.clone();
+                told.extend(next.members.iter().copied());
+                told.sort();
+                told.dedup();
+                let view = group_view(&next);
+                self.announce_group(&told, view.clone());
+                return Ok(view);
+            }
+        }
+        Err(NodeError::client(ErrorCode::Unavailable, "the group is being changed by others; retry"))
+    }
+
+    fn check_group_size(&self, members: usize) -> NodeResult<()> {
+        if members > MAX_GROUP_MEMBERS {
+            return Err(NodeError::client(
+                ErrorCode::InvalidField,
+                format!("a group has at most {MAX_GROUP_MEMBERS} members"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn check_users_exist(&self, users: &[UserId]) -> NodeResult<()> {
+        let found = self.stores.directory.users_by_id(users).await?;
+        if let Some(missing) = users.iter().find(|u| !found.iter().any(|f| f.id == **u)) {
+            return Err(NodeError::client(ErrorCode::UnknownUser, format!("no user {missing}")));
+        }
+        Ok(())
+    }
+
+    /// Forget the group here and push its new view to `users` on every node (each forgets it too).
+    fn announce_group(&self, users: &[UserId], view: GroupView) {
+        self.forget(view.conversation_id);
+        self.fan_out(users, UserEvent::Group(view), 0);
     }
 
     /// Resolve the target of a send: exactly one of `to` / `conversation_id`.
@@ -361,6 +545,8 @@ impl NodeContext {
                     read_seq: s.map_or(0, |s| s.read_seq),
                     unread: s.map_or(0, |s| s.unread),
                     last_message: s.and_then(|s| s.last_message.clone()),
+                    name: record.name.clone(),
+                    owner: record.owner,
                 });
             }
         }
@@ -454,14 +640,41 @@ impl NodeContext {
             return;
         }
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let payload = NodePayload::DeliverBatch { deliveries };
         if !peers.is_empty() {
-            let bytes = codec::encode(&payload);
-            for (_, gateway) in peers {
+            let sizes: Vec<usize> = deliveries.iter().map(delivery_bytes).collect();
+            if sizes.iter().sum::<usize>() <= DELIVER_FRAME_BUDGET {
+                let payload = NodePayload::DeliverBatch { deliveries };
+                let bytes = codec::encode(&payload);
+                let NodePayload::DeliverBatch { deliveries } = payload else { unreachable!("built above") };
+                return self.cast_and_deliver(&peers, vec![bytes], deliveries);
+            }
+            // Rare (large groups, large bodies): split in order, cloning the parts.
+            let frames = split_by_budget(&sizes, DELIVER_FRAME_BUDGET)
+                .into_iter()
+                .map(|r| codec::encode(&NodePayload::DeliverBatch { deliveries: deliveries[r].to_vec() }))
+                .collect();
+            return self.cast_and_deliver(&peers, frames, deliveries);
+        }
+        self.deliver_local(deliveries);
+    }
+
+    fn cast_and_deliver(&self, peers: &[(String, ActorRef<GatewayMsg>)], frames: Vec<Vec<u8>>, local: Vec<Delivery>) {
+        for (_, gateway) in peers {
+            for bytes in &frames {
                 let _ = gateway.cast(GatewayMsg::Frame(bytes.clone()));
             }
         }
-        let NodePayload::DeliverBatch { deliveries } = payload else { unreachable!("built above") };
+        self.deliver_local(local);
+    }
+
+    /// Deliver to this node's sessions (from a local shard or a peer). A changed group is
+    /// forgotten first, so that sends through this node use its new member list from now on.
+    pub fn deliver_local(&self, deliveries: Vec<Delivery>) {
+        for d in &deliveries {
+            if let UserEvent::Group(g) = &d.event {
+                self.forget(g.conversation_id);
+            }
+        }
         self.hub.deliver_all(deliveries);
     }
 }
@@ -507,6 +720,32 @@ pub async fn remote_call(
     }
 }
 
+fn unknown_group() -> NodeError {
+    NodeError::client(ErrorCode::UnknownConversation, "no such group")
+}
+
+/// A group's name as stored: trimmed, 1..=`MAX_GROUP_NAME_BYTES` bytes, no control characters.
+fn valid_group_name(name: &str) -> NodeResult<String> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > MAX_GROUP_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(NodeError::client(
+            ErrorCode::InvalidField,
+            format!("a group name is 1 to {MAX_GROUP_NAME_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn group_view(r: &ConversationRecord) -> GroupView {
+    GroupView {
+        conversation_id: r.id,
+        name: r.name.clone().unwrap_or_default(),
+        owner: r.owner.unwrap_or(UserId(uuid::Uuid::nil())),
+        members: r.members.clone(),
+        version: r.version,
+    }
+}
+
 fn unknown_conversation() -> NodeError {
     NodeError::client(ErrorCode::UnknownConversation, "no such conversation")
 }
@@ -547,5 +786,20 @@ where
         Ok(CallResult::Timeout) => Err(NodeError::Timeout(what)),
         Ok(CallResult::SenderError) => Err(NodeError::Timeout(what)),
         Err(e) => Err(NodeError::Actor(format!("{what}: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_budget_keeps_order_and_bounds() {
+        assert_eq!(split_by_budget(&[], 10), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(split_by_budget(&[3, 3, 3], 10), vec![0..3]);
+        assert_eq!(split_by_budget(&[4, 4, 4, 4], 10), vec![0..2, 2..4]);
+        // An item over the budget travels alone; nothing is dropped.
+        assert_eq!(split_by_budget(&[2, 30, 2, 2], 10), vec![0..1, 1..2, 2..4]);
+        assert_eq!(split_by_budget(&[30], 10), vec![0..1]);
     }
 }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::frames::{MessageView, ReceiptKind};
+use crate::frames::{GroupView, MessageView, ReceiptKind};
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 
 /// A send, as a session hands it to the shard that owns the conversation.
@@ -48,8 +48,10 @@ pub struct StoredAck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReceiptCommand {
     pub user: UserId,
-    /// Every member of the conversation (the session checked `user` is one), so the shard can
-    /// tell the others without a lookup.
+    /// Who the shard tells: for a direct chat both members (the session checked `user` is one),
+    /// so the shard needs no lookup. Empty for a group: the shard then tells the reader's own
+    /// devices and the senders of the messages the receipt covers (not every member: in a group
+    /// of n, n readers × n members would be n² frames per message).
     pub members: Vec<UserId>,
     pub device: DeviceId,
     pub conversation_id: ConversationId,
@@ -89,6 +91,9 @@ pub enum UserEvent {
     TokenRevoked {
         token_hash: String,
     },
+    /// A group was created or changed. A node that hands this on also forgets its cached copy of
+    /// the group, so sends through it see the new members at once.
+    Group(GroupView),
 }
 
 /// A conversation as its shard knows it, for the conversation list.

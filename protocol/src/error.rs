@@ -50,6 +50,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// Something failed inside the server; details are in the server log.
     Internal,
+    /// The user may not do this: a group change by a member who is not the group's owner.
+    /// (Appended: node-to-node bytes encode this enum by variant index.)
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -60,7 +63,7 @@ impl ErrorCode {
             BadJson | UnknownFrame | InvalidUtf8 | InvalidField | UnsupportedProtocol => 400,
             FrameTooLarge | BodyTooLarge => 413,
             NotAuthenticated | BadToken | BadCredentials => 401,
-            SpoofedSender => 403,
+            SpoofedSender | Forbidden => 403,
             UnknownUser | UnknownConversation | NotFound => 404,
             MethodNotAllowed => 405,
             UsernameTaken => 409,
@@ -98,6 +101,7 @@ impl ErrorCode {
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Internal => "internal",
+            Forbidden => "forbidden",
         }
     }
 }

@@ -108,7 +108,8 @@ pub enum ReceiptKind {
     Read,
 }
 
-/// Kind of conversation. Only `direct` exists in this version; `group` is reserved.
+/// Kind of conversation: a 1:1 chat (its id derived from the two users) or a group (random id,
+/// a name, an owner, up to `MAX_GROUP_MEMBERS` members).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConversationKind {
@@ -128,6 +129,25 @@ pub struct ConversationSummary {
     /// Messages from others after `read_seq`.
     pub unread: u64,
     pub last_message: Option<MessageView>,
+    /// Groups only: the group's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Groups only: the member who may change the group (add, remove, rename).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<UserId>,
+}
+
+/// A group as its members see it: answered by the group endpoints and pushed in `group` frames.
+/// Also travels between nodes (inside `UserEvent::Group`), so it has no optional fields.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub conversation_id: ConversationId,
+    pub name: String,
+    pub owner: UserId,
+    /// Sorted; the owner included.
+    pub members: Vec<UserId>,
+    /// Bumped by every change; a client keeps the view with the highest version.
+    pub version: u64,
 }
 
 /// Limits the server enforces, announced in `welcome` so clients need not hard-code them.
@@ -174,6 +194,9 @@ pub enum ServerFrame {
         req_id: Option<ReqId>,
         conversations: Vec<ConversationSummary>,
     },
+    /// A group this user belongs to (or just left) was created or changed. Sent to every member
+    /// before and after the change: a user missing from `members` is no longer in the group.
+    Group { group: GroupView },
     /// Reconnect sync finished: everything this device had not acknowledged was sent (except
     /// conversations flagged in `truncated`, whose rest the client pages with `history`).
     SyncDone { messages: u64, truncated: Vec<ConversationId> },

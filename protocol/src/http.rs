@@ -60,6 +60,26 @@ pub struct HistoryResponse {
     pub has_more: bool,
 }
 
+/// `POST /v1/groups`: a new group owned by the caller, with these other members.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreateGroupRequest {
+    pub name: String,
+    #[serde(default)]
+    pub members: Vec<UserId>,
+}
+
+/// `POST /v1/groups/:id/members`: add these users (the owner only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddMembersRequest {
+    pub members: Vec<UserId>,
+}
+
+/// `PATCH /v1/groups/:id`: rename the group (the owner only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RenameGroupRequest {
+    pub name: String,
+}
+
 /// Every HTTP error body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

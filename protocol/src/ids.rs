@@ -61,6 +61,20 @@ impl ConversationId {
     }
 }
 
+impl ConversationId {
+    /// A new group's id: random (v4), so that it discloses nothing and cannot be guessed.
+    pub fn new_group() -> Self {
+        ConversationId(Uuid::new_v4())
+    }
+
+    /// Whether this is a group's id. Ids tell their kind by their UUID version: a direct chat's is
+    /// derived (v5, [`ConversationId::direct`]), a group's random (v4, [`ConversationId::new_group`]),
+    /// so a shard can treat groups differently without a lookup.
+    pub fn is_group(&self) -> bool {
+        self.0.get_version_num() == 4
+    }
+}
+
 impl UserId {
     pub fn random() -> Self {
         UserId(Uuid::new_v4())
@@ -177,6 +191,8 @@ mod tests {
         let c = UserId::random();
         assert_eq!(ConversationId::direct(a, b), ConversationId::direct(b, a));
         assert_ne!(ConversationId::direct(a, b), ConversationId::direct(a, c));
+        assert!(!ConversationId::direct(a, b).is_group());
+        assert!(ConversationId::new_group().is_group());
     }
 
     #[test]

@@ -34,3 +34,12 @@ pub const MAX_SYNC_PER_CONVERSATION: u32 = 1000;
 
 /// Largest HTTP request body (JSON) the REST API accepts.
 pub const MAX_HTTP_BODY_BYTES: u64 = 64 * 1024;
+
+/// Most members a group may have, its creator included: WhatsApp's own limit. Every message is
+/// fanned out to each member and carries the member list to its shard, so this bounds the work and
+/// the bytes one send can cause.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+
+/// Longest group name, in bytes of UTF-8 (WhatsApp's subject limit is 100 characters). A name is
+/// trimmed and must not be empty.
+pub const MAX_GROUP_NAME_BYTES: usize = 100;

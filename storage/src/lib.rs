@@ -55,6 +55,14 @@ pub trait Directory: Send + Sync + 'static {
         members: &[UserId],
         now_ms: i64,
     ) -> Result<()>;
+    /// Record a new group (`kind` Group, `version` 0, `name` and `owner` set, members sorted) and
+    /// index it under each member.
+    async fn create_group(&self, group: &ConversationRecord, now_ms: i64) -> Result<()>;
+    /// Replace a group's name, owner and members with `next`'s — only if its version is still
+    /// `expected_version` (then it becomes `expected_version + 1`). Members of `removed` lose the
+    /// group from their index; `next.members` gain it. `false`: someone changed it meanwhile (or it
+    /// is gone), nothing was written; read it again and redo the change.
+    async fn update_group(&self, expected_version: u64, next: &ConversationRecord, removed: &[UserId]) -> Result<bool>;
     /// The conversations `user` belongs to.
     async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>>;
     async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>>;

@@ -19,6 +19,21 @@ pub struct ConversationRecord {
     pub kind: ConversationKind,
     /// Sorted.
     pub members: Vec<UserId>,
+    /// Groups only.
+    pub name: Option<String>,
+    /// Groups only: the member allowed to change the group.
+    pub owner: Option<UserId>,
+    /// 0 for a direct chat and a new group; bumped by every [`crate::Directory::update_group`].
+    pub version: u64,
+}
+
+impl ConversationRecord {
+    /// A direct chat's record (its members are sorted here).
+    pub fn direct(id: ConversationId, mut members: Vec<UserId>) -> Self {
+        members.sort();
+        members.dedup();
+        ConversationRecord { id, kind: ConversationKind::Direct, members, name: None, owner: None, version: 0 }
+    }
 }
 
 /// A granted lease.

@@ -58,7 +58,7 @@ use crate::{Directory, Result, ShardStore, StorageError};
 mod commit;
 
 /// Schema migrations in order. A version, once released, is never edited: add a new file instead.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("pg/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("pg/0001_init.sql")), (2, include_str!("pg/0002_groups.sql"))];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
 /// A fixed class keeps Parley's locks apart from any other application sharing the database.
@@ -446,13 +446,37 @@ fn message_view(row: &Row, at: usize) -> Result<MessageView> {
     })
 }
 
+/// The columns [`conversation_record`] reads, in its order.
+const CONVERSATION_COLUMNS: &str = "id, kind, members, name, owner, version";
+
 fn conversation_record(row: &Row) -> Result<ConversationRecord> {
     let members: Vec<Uuid> = row.try_get(2)?;
+    let owner: Option<Uuid> = row.try_get(4)?;
     Ok(ConversationRecord {
         id: ConversationId(row.try_get(0)?),
         kind: kind_of(row.try_get(1)?)?,
         members: members.into_iter().map(UserId).collect(),
+        name: row.try_get(3)?,
+        owner: owner.map(UserId),
+        version: from_db(row.try_get(5)?, "version")?,
     })
+}
+
+/// Index `conversation` under each of `members` (present ones stay).
+async fn index_members(
+    tx: &deadpool_postgres::Transaction<'_>,
+    conversation: ConversationId,
+    members: &[Uuid],
+) -> Result<()> {
+    let index = tx
+        .prepare_cached(
+            "INSERT INTO user_conversations (user_id, conversation_id)
+             SELECT u, $1 FROM UNNEST($2::uuid[]) AS u
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&index, &[&conversation.0, &members]).await?;
+    Ok(())
 }
 
 fn user_view(row: &Row) -> Result<UserView> {
@@ -571,14 +595,7 @@ impl Directory for PgDirectory {
             )
             .await?;
         tx.execute(&insert, &[&conversation.0, &kind_code(kind), &members, &now_ms]).await?;
-        let index = tx
-            .prepare_cached(
-                "INSERT INTO user_conversations (user_id, conversation_id)
-                 SELECT u, $1 FROM UNNEST($2::uuid[]) AS u
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        tx.execute(&index, &[&conversation.0, &members]).await?;
+        index_members(&tx, conversation, &members).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -587,9 +604,9 @@ impl Directory for PgDirectory {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT c.id, c.kind, c.members FROM user_conversations uc
+                "SELECT c.id, c.kind, c.members, c.name, c.owner, c.version FROM user_conversations uc
                  CROSS JOIN LATERAL (
-                     SELECT id, kind, members, created_at_ms FROM conversations
+                     SELECT id, kind, members, name, owner, version, created_at_ms FROM conversations
                      WHERE id = uc.conversation_id LIMIT 1
                  ) c
                  WHERE uc.user_id = $1 ORDER BY c.created_at_ms, c.id",
@@ -600,8 +617,59 @@ impl Directory for PgDirectory {
 
     async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>> {
         let client = self.pool.get().await?;
-        let stmt = client.prepare_cached("SELECT id, kind, members FROM conversations WHERE id = $1").await?;
+        let stmt =
+            client.prepare_cached(&format!("SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = $1")).await?;
         client.query_opt(&stmt, &[&conversation.0]).await?.as_ref().map(conversation_record).transpose()
+    }
+
+    async fn create_group(&self, group: &ConversationRecord, now_ms: i64) -> Result<()> {
+        let mut members: Vec<Uuid> = group.members.iter().map(|m| m.0).collect();
+        members.sort();
+        members.dedup();
+        let owner = group.owner.map(|o| o.0);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO conversations (id, kind, members, created_at_ms, name, owner, version)
+                 VALUES ($1, $2, $3, $4, $5, $6, 0)",
+            )
+            .await?;
+        tx.execute(
+            &insert,
+            &[&group.id.0, &kind_code(ConversationKind::Group), &members, &now_ms, &group.name, &owner],
+        )
+        .await?;
+        index_members(&tx, group.id, &members).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_group(&self, expected_version: u64, next: &ConversationRecord, removed: &[UserId]) -> Result<bool> {
+        let mut members: Vec<Uuid> = next.members.iter().map(|m| m.0).collect();
+        members.sort();
+        members.dedup();
+        let removed: Vec<Uuid> = removed.iter().map(|m| m.0).filter(|m| !members.contains(m)).collect();
+        let owner = next.owner.map(|o| o.0);
+        let expected = to_db(expected_version);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let update = tx
+            .prepare_cached(
+                "UPDATE conversations SET members = $3, name = $4, owner = $5, version = version + 1
+                 WHERE id = $1 AND version = $2 AND kind = 1",
+            )
+            .await?;
+        if tx.execute(&update, &[&next.id.0, &expected, &members, &next.name, &owner]).await? == 0 {
+            return Ok(false);
+        }
+        index_members(&tx, next.id, &members).await?;
+        let unindex = tx
+            .prepare_cached("DELETE FROM user_conversations WHERE conversation_id = $1 AND user_id = ANY($2::uuid[])")
+            .await?;
+        tx.execute(&unindex, &[&next.id.0, &removed]).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 

@@ -125,7 +125,10 @@ CREATE TABLE IF NOT EXISTS conversations (
     id BLOB PRIMARY KEY,
     kind INTEGER NOT NULL,
     members TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
+    created_at_ms INTEGER NOT NULL,
+    name TEXT,
+    owner BLOB,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS user_conversations (
     user_id BLOB NOT NULL,
@@ -167,6 +170,23 @@ CREATE TABLE IF NOT EXISTS cursors (
 ) WITHOUT ROWID;
 ";
 
+/// Bring a `directory.db` made by an older version up to [`DIRECTORY_SCHEMA`]: the group columns
+/// of `conversations` (added in the version that brought groups). Idempotent; runs at every open.
+fn upgrade_directory(conn: &Connection) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('conversations')")?;
+    let columns: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for (column, ddl) in [
+        ("name", "ALTER TABLE conversations ADD COLUMN name TEXT"),
+        ("owner", "ALTER TABLE conversations ADD COLUMN owner BLOB"),
+        ("version", "ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        if !columns.iter().any(|c| c == column) {
+            conn.execute_batch(ddl)?;
+        }
+    }
+    Ok(())
+}
+
 /// The embedded backend rooted at one directory.
 #[derive(Clone)]
 pub struct SqliteBackend {
@@ -178,9 +198,13 @@ impl SqliteBackend {
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("directory.db");
-        let conn = tokio::task::spawn_blocking(move || open_with_schema(&path, DIRECTORY_SCHEMA))
-            .await
-            .map_err(|e| StorageError::Join(e.to_string()))??;
+        let conn = tokio::task::spawn_blocking(move || {
+            let conn = open_with_schema(&path, DIRECTORY_SCHEMA)?;
+            upgrade_directory(&conn)?;
+            Ok::<_, StorageError>(conn)
+        })
+        .await
+        .map_err(|e| StorageError::Join(e.to_string()))??;
         Ok(SqliteBackend { dir: dir.to_path_buf(), directory: Arc::new(Mutex::new(conn)) })
     }
 
@@ -336,17 +360,11 @@ impl Directory for SqliteDirectory {
         members.dedup();
         with(&self.conn, move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let joined = members.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",");
             tx.execute(
                 "INSERT OR IGNORE INTO conversations (id, kind, members, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![conversation.0.as_bytes().to_vec(), kind_code(kind), joined, now_ms],
+                params![conversation.0.as_bytes().to_vec(), kind_code(kind), joined_members(&members), now_ms],
             )?;
-            for m in &members {
-                tx.execute(
-                    "INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?1, ?2)",
-                    params![m.0.as_bytes().to_vec(), conversation.0.as_bytes().to_vec()],
-                )?;
-            }
+            index_members(&tx, conversation, &members)?;
             tx.commit()?;
             Ok(())
         })
@@ -356,12 +374,11 @@ impl Directory for SqliteDirectory {
     async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>> {
         with(&self.conn, move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT c.id, c.kind, c.members FROM user_conversations uc
-                 JOIN conversations c ON c.id = uc.conversation_id WHERE uc.user_id = ?1",
+                "SELECT c.id, c.kind, c.members, c.name, c.owner, c.version FROM user_conversations uc
+                 JOIN conversations c ON c.id = uc.conversation_id WHERE uc.user_id = ?1
+                 ORDER BY c.created_at_ms, c.id",
             )?;
-            let rows = stmt.query_map(params![user.0.as_bytes().to_vec()], |r| {
-                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
-            })?;
+            let rows = stmt.query_map(params![user.0.as_bytes().to_vec()], conversation_row)?;
             rows.map(|row| conversation_record(row?)).collect()
         })
         .await
@@ -371,24 +388,113 @@ impl Directory for SqliteDirectory {
         with(&self.conn, move |c| {
             let row = c
                 .query_row(
-                    "SELECT id, kind, members FROM conversations WHERE id = ?1",
+                    "SELECT id, kind, members, name, owner, version FROM conversations WHERE id = ?1",
                     params![conversation.0.as_bytes().to_vec()],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)),
+                    conversation_row,
                 )
                 .optional()?;
             row.map(conversation_record).transpose()
         })
         .await
     }
+
+    async fn create_group(&self, group: &ConversationRecord, now_ms: i64) -> Result<()> {
+        let group = group.clone();
+        with(&self.conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut members = group.members.clone();
+            members.sort();
+            members.dedup();
+            tx.execute(
+                "INSERT INTO conversations (id, kind, members, created_at_ms, name, owner, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
+                params![
+                    group.id.0.as_bytes().to_vec(),
+                    kind_code(ConversationKind::Group),
+                    joined_members(&members),
+                    now_ms,
+                    group.name,
+                    group.owner.map(|o| o.0.as_bytes().to_vec()),
+                ],
+            )?;
+            index_members(&tx, group.id, &members)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_group(&self, expected_version: u64, next: &ConversationRecord, removed: &[UserId]) -> Result<bool> {
+        let (next, removed) = (next.clone(), removed.to_vec());
+        with(&self.conn, move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut members = next.members.clone();
+            members.sort();
+            members.dedup();
+            let changed = tx.execute(
+                "UPDATE conversations SET members = ?3, name = ?4, owner = ?5, version = version + 1
+                 WHERE id = ?1 AND version = ?2 AND kind = 1",
+                params![
+                    next.id.0.as_bytes().to_vec(),
+                    i64::try_from(expected_version).unwrap_or(i64::MAX),
+                    joined_members(&members),
+                    next.name,
+                    next.owner.map(|o| o.0.as_bytes().to_vec()),
+                ],
+            )?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            index_members(&tx, next.id, &members)?;
+            for m in removed.iter().filter(|m| !members.contains(m)) {
+                tx.execute(
+                    "DELETE FROM user_conversations WHERE user_id = ?1 AND conversation_id = ?2",
+                    params![m.0.as_bytes().to_vec(), next.id.0.as_bytes().to_vec()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
 }
 
-fn conversation_record((id, kind, members): (Vec<u8>, i64, String)) -> Result<ConversationRecord> {
+fn joined_members(members: &[UserId]) -> String {
+    members.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Index `conversation` under each of `members` (present ones stay).
+fn index_members(tx: &rusqlite::Transaction<'_>, conversation: ConversationId, members: &[UserId]) -> Result<()> {
+    for m in members {
+        tx.execute(
+            "INSERT OR IGNORE INTO user_conversations (user_id, conversation_id) VALUES (?1, ?2)",
+            params![m.0.as_bytes().to_vec(), conversation.0.as_bytes().to_vec()],
+        )?;
+    }
+    Ok(())
+}
+
+/// A `conversations` row as read: (id, kind, members, name, owner, version).
+type ConversationRow = (Vec<u8>, i64, String, Option<String>, Option<Vec<u8>>, i64);
+
+fn conversation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConversationRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+}
+
+fn conversation_record((id, kind, members, name, owner, version): ConversationRow) -> Result<ConversationRecord> {
     let members = members
         .split(',')
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<UserId>().map_err(|e| StorageError::Corrupt(e.to_string())))
         .collect::<Result<Vec<_>>>()?;
-    Ok(ConversationRecord { id: ConversationId(uuid_of(id)?), kind: kind_of(kind)?, members })
+    Ok(ConversationRecord {
+        id: ConversationId(uuid_of(id)?),
+        kind: kind_of(kind)?,
+        members,
+        name,
+        owner: owner.map(uuid_of).transpose()?.map(UserId),
+        version: u64::try_from(version).map_err(|_| StorageError::Corrupt(format!("negative version {version}")))?,
+    })
 }
 
 /// One shard's file.

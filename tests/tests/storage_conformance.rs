@@ -111,6 +111,7 @@ conformance!(
     users_by_id_returns_only_existing,
     tokens_expire_and_can_be_deleted,
     conversations_are_idempotent,
+    groups_change_only_from_the_version_read,
     lease_lifecycle,
     expired_lease_is_taken_over,
     dead_owner_is_replaced_through_the_session_lock,
@@ -301,8 +302,15 @@ async fn conversations_are_idempotent(f: &Fixture) -> Result<()> {
     pair.sort();
     let mut trio = vec![a, b, c];
     trio.sort();
-    let direct_record = ConversationRecord { id: direct, kind: ConversationKind::Direct, members: pair };
-    let group_record = ConversationRecord { id: group, kind: ConversationKind::Group, members: trio };
+    let direct_record = ConversationRecord::direct(direct, pair);
+    let group_record = ConversationRecord {
+        id: group,
+        kind: ConversationKind::Group,
+        members: trio,
+        name: None,
+        owner: None,
+        version: 0,
+    };
     assert_eq!(d.conversation(direct).await?, Some(direct_record.clone()));
     assert_eq!(d.conversation(group).await?, Some(group_record.clone()));
     assert_eq!(d.conversation(new_conversation()).await?, None);
@@ -314,6 +322,95 @@ async fn conversations_are_idempotent(f: &Fixture) -> Result<()> {
     assert_eq!(of_a, want, "each conversation listed once");
     assert_eq!(d.user_conversations(c).await?, vec![group_record]);
     assert_eq!(d.user_conversations(UserId::random()).await?, vec![]);
+    Ok(())
+}
+
+/// Groups: `create_group` records name, owner and version 0 and indexes every member;
+/// `update_group` is a compare-and-set on the version: with the version read it replaces name,
+/// owner and members, bumps the version and moves the index (removed members lose the group,
+/// added ones gain it); with a stale version (or for a conversation that is not a group) it
+/// changes nothing and says so.
+async fn groups_change_only_from_the_version_read(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    let mut ids: Vec<UserId> = (0..5).map(|_| UserId::random()).collect();
+    ids.sort();
+    let (a, b, c, dave, erin) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
+    let id = new_conversation();
+    let group = ConversationRecord {
+        id,
+        kind: ConversationKind::Group,
+        members: vec![a, b, c],
+        name: Some("climbing".into()),
+        owner: Some(b),
+        version: 0,
+    };
+    d.create_group(&group, now_ms()).await?;
+    assert_eq!(d.conversation(id).await?, Some(group.clone()), "name, owner and version 0 as created");
+    for m in [a, b, c] {
+        assert_eq!(d.user_conversations(m).await?, vec![group.clone()], "listed for each member");
+    }
+    assert_eq!(d.user_conversations(dave).await?, vec![], "not for others");
+
+    // An id that is taken is refused, and the group stays as it was.
+    let clash =
+        ConversationRecord { members: vec![dave], name: Some("clash".into()), owner: Some(dave), ..group.clone() };
+    assert!(d.create_group(&clash, now_ms()).await.is_err(), "a second group under a taken id");
+    assert_eq!(d.conversation(id).await?, Some(group.clone()));
+    assert_eq!(d.user_conversations(dave).await?, vec![]);
+
+    // With the version read: replaced, version 1, index moved.
+    let mut next = ConversationRecord {
+        members: vec![a, b, dave],
+        name: Some("bouldering".into()),
+        owner: Some(a),
+        ..group.clone()
+    };
+    assert!(d.update_group(0, &next, &[c]).await?, "update from the current version");
+    next.version = 1;
+    assert_eq!(d.conversation(id).await?, Some(next.clone()));
+    assert_eq!(d.user_conversations(c).await?, vec![], "a removed member no longer lists it");
+    assert_eq!(d.user_conversations(dave).await?, vec![next.clone()], "an added member does");
+    assert_eq!(d.user_conversations(a).await?, vec![next.clone()], "a member who stays lists it once");
+
+    // From a stale version: refused, nothing changed.
+    let stale = ConversationRecord {
+        members: vec![c, erin],
+        name: Some("lost update".into()),
+        owner: Some(erin),
+        ..group.clone()
+    };
+    assert!(!d.update_group(0, &stale, &[a, b, dave]).await?, "update from a stale version");
+    assert_eq!(d.conversation(id).await?, Some(next.clone()), "the stale update changed nothing");
+    for m in [a, b, dave] {
+        assert_eq!(d.user_conversations(m).await?, vec![next.clone()], "still listed");
+    }
+    for m in [c, erin] {
+        assert_eq!(d.user_conversations(m).await?, vec![], "not listed by the stale update");
+    }
+
+    // Nothing to update: an unknown id, and a direct chat (never changed as a group).
+    let nowhere = ConversationRecord { id: new_conversation(), ..next.clone() };
+    assert!(!d.update_group(0, &nowhere, &[]).await?, "no such group");
+    assert_eq!(d.conversation(nowhere.id).await?, None);
+    let direct = ConversationId::direct(a, b);
+    d.add_conversation(direct, ConversationKind::Direct, &[a, b], now_ms()).await?;
+    let as_group = ConversationRecord {
+        id: direct,
+        kind: ConversationKind::Group,
+        members: vec![a, b, erin],
+        name: Some("hijack".into()),
+        owner: Some(a),
+        version: 0,
+    };
+    assert!(!d.update_group(0, &as_group, &[]).await?, "a direct chat is not a group");
+    assert_eq!(d.conversation(direct).await?, Some(ConversationRecord::direct(direct, vec![a, b])));
+    assert_eq!(d.user_conversations(erin).await?, vec![]);
+
+    // The next change goes from version 1.
+    let mut renamed = ConversationRecord { name: Some("crag".into()), ..next.clone() };
+    assert!(d.update_group(1, &renamed, &[]).await?);
+    renamed.version = 2;
+    assert_eq!(d.conversation(id).await?, Some(renamed));
     Ok(())
 }
 
@@ -855,8 +952,15 @@ async fn postgres_concurrent_opens_migrate_once() -> Result<()> {
     let opened = futures_util::future::join_all((0..4).map(|_| parley_storage::open(&config))).await;
     let nodes = opened.into_iter().collect::<Result<Vec<Stores>, _>>()?;
     let client = pg.connect().await?;
-    let versions: i64 = client.query_one("SELECT count(*) FROM parley_migrations", &[]).await?.get(0);
-    assert_eq!(versions, 1, "one migration row");
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM parley_migrations ORDER BY version", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let latest = versions.last().copied().unwrap_or(0);
+    assert!(latest >= 1, "migrated: {versions:?}");
+    assert_eq!(versions, (1..=latest).collect::<Vec<_>>(), "one row per migration");
     for (i, node) in nodes.iter().enumerate() {
         node.directory.create_user(&user(&format!("user{i}"))).await?;
     }

@@ -82,9 +82,9 @@ impl GatewayState {
     fn frame(&self, payload: NodePayload) {
         match payload {
             NodePayload::Deliver { users, event, skip_session } => {
-                self.ctx.hub.deliver_all(vec![Delivery { users, event, skip_session }]);
+                self.ctx.deliver_local(vec![Delivery { users, event, skip_session }]);
             }
-            NodePayload::DeliverBatch { deliveries } => self.ctx.hub.deliver_all(deliveries),
+            NodePayload::DeliverBatch { deliveries } => self.ctx.deliver_local(deliveries),
             NodePayload::SendBatch { from, sends } => self.send_batch(from, sends),
             NodePayload::SendResults { results } => self.ctx.outbound.resolve(results),
             NodePayload::Receipt(cmd) => match self.local_shard(cmd.conversation_id) {

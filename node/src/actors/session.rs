@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
-use parley_protocol::frames::{ClientFrame, Limits, MessageView, ReceiptKind, ServerFrame};
+use parley_protocol::frames::{ClientFrame, ConversationKind, Limits, MessageView, ReceiptKind, ServerFrame};
 use parley_protocol::limits::{MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYNC_PER_CONVERSATION};
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -270,7 +270,9 @@ impl SessionState {
         let device = auth.device.clone();
         let result = async {
             let record = self.ctx.member_conversation(user, conversation_id).await?;
-            let cmd = ReceiptCommand { user, members: record.members.clone(), device, conversation_id, kind, seq };
+            // A group's shard picks who hears of it (the reader's devices and the senders it covers).
+            let members = if record.kind == ConversationKind::Group { Vec::new() } else { record.members.clone() };
+            let cmd = ReceiptCommand { user, members, device, conversation_id, kind, seq };
             self.ctx.receipt(cmd).await
         }
         .await;
@@ -400,6 +402,9 @@ impl Actor for SessionActor {
                     }
                 }
                 UserEvent::Message(m) => state.push_message(m.clone()),
+                UserEvent::Group(group) => {
+                    state.send(&ServerFrame::Group { group: group.clone() });
+                }
                 UserEvent::Receipt { conversation_id, user_id, kind, seq } => {
                     state.send(&ServerFrame::Receipt {
                         conversation_id: *conversation_id,

@@ -35,6 +35,11 @@ const MAX_PENDING_RECEIPTS: usize = 10_000;
 const MAX_PENDING_SENDS: usize = 100_000;
 /// Entries of the "last receipt fanned out" cache before it is cleared.
 const RECEIPT_CACHE_MAX: usize = 100_000;
+/// Recent (seq, sender) pairs kept per group, from which a group receipt learns whose messages
+/// it covers. A receipt reaching further back than this tells only the senders still remembered.
+const GROUP_SENDERS_KEPT: usize = 64;
+/// Groups whose recent senders are kept before that map is cleared (≈1.5 KB each when full).
+const GROUP_SENDERS_MAX: usize = 10_000;
 
 pub struct ShardActor;
 
@@ -123,6 +128,8 @@ pub struct ShardState {
     /// Set once a drain was asked for: answer these when nothing is left, then stop.
     draining: Option<Vec<RpcReplyPort<()>>>,
     receipts_sent: HashMap<(ConversationId, UserId, ReceiptKind), Seq>,
+    /// Per group: the senders of its latest messages committed here, oldest first.
+    group_senders: HashMap<ConversationId, VecDeque<(Seq, UserId)>>,
 }
 
 #[derive(RactorMessage)]
@@ -221,6 +228,9 @@ impl ShardState {
                 }
                 MessageResult::Stored(ack) => {
                     let SendCommand { sender, client_msg_id, members, body, origin_session, .. } = p.cmd;
+                    if ack.conversation_id.is_group() {
+                        self.remember_sender(ack.conversation_id, ack.seq, sender);
+                    }
                     let view = MessageView {
                         message_id: ack.message_id,
                         conversation_id: ack.conversation_id,
@@ -243,15 +253,19 @@ impl ShardState {
         // claiming to have read the future does not make the sender's messages look read.
         for (r, seq) in receipts.into_iter().zip(results.cursors) {
             let key = (r.conversation_id, r.user, r.kind);
-            if seq == 0 || self.receipts_sent.get(&key).is_some_and(|s| *s >= seq) {
+            let before = self.receipts_sent.get(&key).copied().unwrap_or(0);
+            if seq == 0 || before >= seq {
                 continue;
             }
             if self.receipts_sent.len() >= RECEIPT_CACHE_MAX {
                 self.receipts_sent.clear();
             }
             self.receipts_sent.insert(key, seq);
+            // A direct chat's receipt names both members; a group's names none, and goes to the
+            // reader's own devices and to the senders of the messages it covers.
+            let users = if r.members.is_empty() { self.covered_senders(&r, before, seq) } else { r.members };
             let event = UserEvent::Receipt { conversation_id: r.conversation_id, user_id: r.user, kind: r.kind, seq };
-            deliveries.push(Delivery { users: r.members, event, skip_session: 0 });
+            deliveries.push(Delivery { users, event, skip_session: 0 });
         }
         self.ctx.fan_out_all(deliveries);
         let mut answers = Answers::default();
@@ -259,6 +273,28 @@ impl ShardState {
             answers.answer(reply, SendOutcome::Stored(ack));
         }
         answers.finish(&self.ctx);
+    }
+
+    fn remember_sender(&mut self, conversation: ConversationId, seq: Seq, sender: UserId) {
+        if self.group_senders.len() >= GROUP_SENDERS_MAX && !self.group_senders.contains_key(&conversation) {
+            self.group_senders.clear();
+        }
+        let recent = self.group_senders.entry(conversation).or_default();
+        if recent.len() >= GROUP_SENDERS_KEPT {
+            recent.pop_front();
+        }
+        recent.push_back((seq, sender));
+    }
+
+    /// The reader and the (remembered) senders of the group's messages in `(after, upto]`.
+    fn covered_senders(&self, r: &ReceiptCommand, after: Seq, upto: Seq) -> Vec<UserId> {
+        let mut users = vec![r.user];
+        for (seq, sender) in self.group_senders.get(&r.conversation_id).into_iter().flatten() {
+            if *seq > after && *seq <= upto && !users.contains(sender) {
+                users.push(*sender);
+            }
+        }
+        users
     }
 
     fn refuse_all(&mut self, code: ErrorCode) {
@@ -295,6 +331,7 @@ impl Actor for ShardActor {
             in_flight: None,
             draining: None,
             receipts_sent: HashMap::new(),
+            group_senders: HashMap::new(),
         })
     }
 
