@@ -11,14 +11,15 @@
 //!   measured right before it: the ceiling Parley is compared with;
 //! - `durable` — closed loop: N clients with W messages in flight each; max msg/s and latency;
 //! - `open` — open loop at fixed rates: send→ack and send→deliver percentiles, CPU per message;
+//! - `group` — group fan-out: one group of `--group-members` members, a few of them sending into
+//!   it at fixed rates; deliveries per second and send→deliver percentiles over every member;
 //! - `failover` — open loop while nodes are killed with SIGKILL in turn (the drill's fault cycle,
 //!   [`crate::drill::faults`]): time until every shard is served again, longest client gap;
 //! - `history` — page reads of the seeded conversation.
 //!
 //! Load comes from `parley bench-load` children ([`load`]), each with its share of the clients and
 //! a source address of its own (127.0.0.x), so no process nears its open-file limit. They report
-//! counters and HdrHistograms ([`spec`]), merged here. Groups do not exist yet: the report says so
-//! instead of measuring something else. Progress goes to stderr; the table to stdout (stderr with
+//! counters and HdrHistograms ([`spec`]), merged here. Progress goes to stderr; the table to stdout (stderr with
 //! `--json`, which prints one JSON object on stdout); a latency-over-time SVG ([`plot`]) is written
 //! next to the run's logs or where `--plot` says.
 
@@ -56,8 +57,8 @@ use spec::{
 /// Options of `parley bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated: relay, durable, open, sessions, failover, history.
-    #[arg(long, default_value = "relay,durable,open,sessions,failover,history")]
+    /// Scenarios to run, comma-separated: relay, durable, open, sessions, group, failover, history.
+    #[arg(long, default_value = "relay,durable,open,sessions,group,failover,history")]
     pub scenarios: String,
     /// Nodes of the bench cluster (generated config; all on this host).
     #[arg(long, default_value_t = 3)]
@@ -105,6 +106,17 @@ pub struct BenchArgs {
     /// has its own device id.
     #[arg(long, default_value_t = 1_000)]
     pub session_users: u32,
+    /// Group fan-out: members of the bench group (each one user, one WebSocket), at most
+    /// `MAX_GROUP_MEMBERS`.
+    #[arg(long, default_value_t = 1_024)]
+    pub group_members: u32,
+    /// Group fan-out: how many of the members send (the others only receive).
+    #[arg(long, default_value_t = 8)]
+    pub group_senders: u32,
+    /// Group fan-out: messages per second into the group, comma-separated; one phase each. Every
+    /// message is delivered to each of the other members, so deliveries/s ≈ rate × (members − 1).
+    #[arg(long, default_value = "10,50,100")]
+    pub group_rates: String,
     /// Failover phase: total open-loop rate while nodes are killed. Well under the box's capacity
     /// on purpose: each kill adds reconnects (with their sync), resends and a node's restart on
     /// top of the traffic, and on a 2-core box running everything at 5,000 msg/s the backlog of
@@ -145,8 +157,9 @@ pub struct BenchArgs {
 
 /// Every scenario, in the order they run: sessions first (their users have no conversations yet,
 /// so a session's reconnect sync is empty), relay right before durable so the two share the
-/// machine's state, failover after the steady-state numbers, history last.
-const SCENARIOS: &[&str] = &["sessions", "relay", "durable", "open", "failover", "history"];
+/// machine's state, group fan-out after the 1:1 loops, failover after the steady-state numbers,
+/// history last.
+const SCENARIOS: &[&str] = &["sessions", "relay", "durable", "open", "group", "failover", "history"];
 /// Traffic clients per run: beyond this the load processes, not the nodes, are the subject.
 const MAX_CLIENTS: u32 = 20_000;
 const MAX_LOAD_PROCESSES: u32 = 32;
@@ -219,13 +232,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         body_bytes: args.body_bytes,
         load_processes: args.load_processes,
         scenarios: scenarios.clone(),
-        groups: "not measured: groups not implemented",
+        groups: if has("group") { "measured: see group_fanout" } else { "not measured: scenario not selected" },
         ..Report::default()
     };
     let mut plot_series = Vec::new();
     let mut kills_for_plot = Vec::new();
 
-    let needs_cluster = ["sessions", "durable", "open", "failover", "history"].iter().any(|s| has(s));
+    let needs_cluster = ["sessions", "durable", "open", "group", "failover", "history"].iter().any(|s| has(s));
     let seeded = if has("history") {
         say(format!("seeding {} history messages through the storage crate", args.history_messages));
         let s = seed::history(&store, args.shards, args.history_messages, args.body_bytes, say).await?;
@@ -256,7 +269,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         say(format!("starting {} nodes ({store_kind} store, {} shards)", c.nodes.len(), args.shards));
         c.start_all().await?;
         let clients: Vec<Client> = c.nodes.iter().map(|n| n.client()).collect();
-        let wanted = args.clients.max(if has("sessions") { args.session_users } else { 0 }) as usize;
+        let wanted = args.clients.max(if has("sessions") { args.session_users } else { 0 }).max(if has("group") {
+            args.group_members
+        } else {
+            0
+        }) as usize;
         let t = Instant::now();
         users = crate::drill::register_all(&clients, wanted).await?;
         say(format!("registered {} users in {:.1}s", users.len(), t.elapsed().as_secs_f64()));
@@ -299,7 +316,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if has("durable") {
             let pids = Probes::of(cluster.as_ref(), postmaster);
             let settled = settle(&pids).await;
-            let mode = Mode { in_flight: window, rate: None, reconnect: false };
+            let mode = Mode { in_flight: window, rate: None, reconnect: false, group: None };
             let name = named("durable");
             let mut r =
                 traffic_phase(&ctx, &args, &name, &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
@@ -333,7 +350,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let pids = Probes::of(cluster.as_ref(), postmaster);
             let settled = settle(&pids).await;
             let per_client = rate as f64 / traffic_users.len().max(1) as f64;
-            let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: false };
+            let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: false, group: None };
             let name = format!("open-{rate}");
             let mut r =
                 traffic_phase(&ctx, &args, &name, &node_urls, &traffic_users, mode, args.duration_secs, &pids).await?;
@@ -346,6 +363,47 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             plot_series.push(r.series());
             report.phases.push(r);
         }
+    }
+    if has("group") {
+        let members: Vec<TrafficUser> = users
+            .iter()
+            .take(args.group_members as usize)
+            .map(|u| TrafficUser { user: u.user.to_string(), token: u.token.clone(), device: u.device.clone() })
+            .collect();
+        let c = cluster.as_ref().context("group fan-out needs the cluster")?;
+        let others: Vec<parley_protocol::UserId> =
+            users.iter().skip(1).take(members.len() - 1).map(|u| u.user).collect();
+        let group = c.nodes[0]
+            .client()
+            .create_group(&users[0].token, "bench fan-out", &others)
+            .await
+            .context("creating the bench group")?;
+        say(format!("group {} of {} members", group.conversation_id, group.members.len()));
+        let senders = args.group_senders.min(members.len() as u32);
+        let mut fanout = GroupFanout { members: group.members.len() as u32, senders, ..GroupFanout::default() };
+        for rate in parse_rates(&args.group_rates)? {
+            let pids = Probes::of(cluster.as_ref(), postmaster);
+            let settled = settle(&pids).await;
+            let mode = Mode {
+                in_flight: 0,
+                rate: Some(rate as f64 / senders as f64),
+                reconnect: false,
+                group: Some((group.conversation_id, senders)),
+            };
+            let name = format!("group-{rate}");
+            let mut r =
+                traffic_phase(&ctx, &args, &name, &node_urls, &members, mode, args.duration_secs, &pids).await?;
+            r.rate_target = Some(rate);
+            r.settle_ms = settled;
+            if r.deliveries_per_s > fanout.deliveries_per_s {
+                fanout.deliveries_per_s = r.deliveries_per_s;
+                fanout.rate_target = Some(rate);
+                fanout.p99_deliver_ms = (r.delivered > 0).then_some(r.deliver_ms.p99_ms);
+            }
+            plot_series.push(r.series());
+            report.phases.push(r);
+        }
+        report.group_fanout = Some(fanout);
     }
     if has("failover") {
         let settled = settle(&Probes::of(cluster.as_ref(), postmaster)).await;
@@ -418,6 +476,16 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     }
     if args.history_messages == 0 || args.history_messages > MAX_HISTORY_MESSAGES {
         bail!("--history-messages must be in 1..={MAX_HISTORY_MESSAGES}");
+    }
+    if wanted.iter().any(|s| s == "group") {
+        let max = parley_protocol::limits::MAX_GROUP_MEMBERS as u32;
+        if args.group_members < 2 || args.group_members > max {
+            bail!("--group-members must be in 2..={max}");
+        }
+        if args.group_senders == 0 || args.group_senders > args.group_members {
+            bail!("--group-senders must be in 1..=--group-members");
+        }
+        parse_rates(&args.group_rates)?;
     }
     if args.nodes == 0 || args.nodes > 16 {
         bail!("--nodes must be in 1..=16");
@@ -607,9 +675,11 @@ struct TrafficUser {
 #[derive(Clone, Copy)]
 struct Mode {
     in_flight: u32,
-    /// Open loop: msg/s per client.
+    /// Open loop: msg/s per sending client.
     rate: Option<f64>,
     reconnect: bool,
+    /// Group fan-out: every client is a member of this group and the first `senders` send.
+    group: Option<(parley_protocol::ConversationId, u32)>,
 }
 
 /// Latency percentiles, ms.
@@ -656,6 +726,9 @@ struct PhaseReport {
     measured_secs: f64,
     /// Acks received in the measured window per second.
     msgs_per_s: f64,
+    /// Deliveries (pushed messages a recipient measured) of messages sent in the window, per
+    /// second of the window: about `msgs_per_s` for 1:1, × (members − 1) for a group.
+    deliveries_per_s: f64,
     sent: u64,
     unacked: u64,
     delivered: u64,
@@ -842,7 +915,8 @@ fn merge(results: &[WorkerResult]) -> anyhow::Result<Merged> {
     Ok(m)
 }
 
-/// Pairs of clients spread over the load processes, each client on a pseudo-random node.
+/// Pairs of clients spread over the load processes, each client on a pseudo-random node; or, for
+/// a group, its members spread the same way.
 fn traffic_specs(
     args: &BenchArgs,
     phase: &str,
@@ -854,7 +928,19 @@ fn traffic_specs(
 ) -> Vec<LoadSpec> {
     let k = (args.load_processes as usize).min(users.len() / 2).max(1);
     let mut per_worker: Vec<Vec<ClientSpec>> = vec![Vec::new(); k];
-    for (pair, two) in users.chunks_exact(2).enumerate() {
+    if let Some((_, senders)) = mode.group {
+        for (i, u) in users.iter().enumerate() {
+            let url = (parley_protocol::shard::fnv1a(&(i as u64).to_le_bytes()) % urls.len() as u64) as usize;
+            per_worker[i % k].push(ClientSpec {
+                user: u.user.clone(),
+                token: u.token.clone(),
+                device: u.device.clone(),
+                url,
+                sends: (i as u32) < senders,
+            });
+        }
+    }
+    for (pair, two) in users.chunks_exact(2).enumerate().filter(|_| mode.group.is_none()) {
         for (j, u) in two.iter().enumerate() {
             let i = pair * 2 + j;
             // fnv1a of the index: a uniform, reproducible spread over the nodes.
@@ -864,6 +950,7 @@ fn traffic_specs(
                 token: u.token.clone(),
                 device: u.device.clone(),
                 url,
+                sends: true,
             });
         }
     }
@@ -885,6 +972,7 @@ fn traffic_specs(
                 body_bytes: args.body_bytes,
                 bucket_ms: BUCKET_MS,
                 source: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, FIRST_SOURCE + (w % 200) as u8))),
+                conversation: mode.group.map(|(c, _)| c.to_string()),
             }),
         })
         .collect()
@@ -984,6 +1072,7 @@ where
         rate_target: None,
         measured_secs: secs,
         msgs_per_s: round(acked as f64 / secs, 1),
+        deliveries_per_s: round(m.r.delivered as f64 / secs, 1),
         sent: m.r.sent,
         unacked: m.r.unacked,
         delivered: m.r.delivered,
@@ -1056,7 +1145,7 @@ async fn relay_phase(ctx: &Ctx, args: &BenchArgs, port: u16, window: u32, name: 
         .collect();
     let pids = Probes { server: relay.id().into_iter().collect(), ..Probes::default() };
     let urls = vec![format!("ws://127.0.0.1:{port}/v1/ws")];
-    let mode = Mode { in_flight: window, rate: None, reconnect: false };
+    let mode = Mode { in_flight: window, rate: None, reconnect: false, group: None };
     let r = traffic_phase(ctx, args, name, &urls, &users, mode, args.duration_secs, &pids).await;
     let _ = relay.kill().await;
     r
@@ -1205,7 +1294,7 @@ async fn failover_phase(
     users: &[TrafficUser],
 ) -> anyhow::Result<(PhaseReport, FailoverReport)> {
     let per_client = args.failover_rate as f64 / users.len().max(1) as f64;
-    let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: true };
+    let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: true, group: None };
     let mut log = crate::drill::faults::FaultLog::default();
     let plan = crate::drill::faults::FaultPlan {
         every: Some(Duration::from_secs(args.kill_every_secs.max(1))),
@@ -1369,12 +1458,24 @@ struct Report {
     rss_bytes_per_session: Option<f64>,
     failover_ms_p50: Option<u64>,
     groups: &'static str,
+    group_fanout: Option<GroupFanout>,
     phases: Vec<PhaseReport>,
     sessions: Option<SessionsReport>,
     failover: Option<FailoverReport>,
     history: Option<HistoryReport>,
     plot: Option<String>,
     run_dir: String,
+}
+
+/// The group fan-out phases in brief: the phase that delivered the most, and its p99.
+#[derive(Clone, Debug, Default, Serialize)]
+struct GroupFanout {
+    members: u32,
+    senders: u32,
+    /// Offered msg/s into the group of that phase.
+    rate_target: Option<u64>,
+    deliveries_per_s: f64,
+    p99_deliver_ms: Option<f64>,
 }
 
 impl Report {
@@ -1397,10 +1498,11 @@ impl Report {
             m.loadavg_end
         );
         out.push_str(&format!(
-            "{:<12} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
+            "{:<12} {:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
             "phase",
             "loop",
             "msg/s",
+            "dlv/s",
             "ack p50",
             "ack p99",
             "dlv p50",
@@ -1419,10 +1521,11 @@ impl Report {
                 _ => "-".to_string(),
             };
             out.push_str(&format!(
-                "{:<12} {:>6} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
+                "{:<12} {:>6} {:>10.0} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
                 p.name,
                 p.loop_kind,
                 p.msgs_per_s,
+                p.deliveries_per_s,
                 p.ack_ms.p50_ms,
                 p.ack_ms.p99_ms,
                 p.deliver_ms.p50_ms,
@@ -1496,7 +1599,17 @@ impl Report {
                 h.messages, h.page, h.latency.p50_ms, h.latency.p99_ms, h.pages_per_s, h.page_errors
             ));
         }
-        out.push_str(&format!("groups   {}\n", self.groups));
+        match &self.group_fanout {
+            Some(g) => out.push_str(&format!(
+                "groups   {} members, {} sending: best {} deliveries/s at {} msg/s, p99 send→deliver {} ms\n",
+                g.members,
+                g.senders,
+                g.deliveries_per_s,
+                g.rate_target.map_or("-".into(), |r| r.to_string()),
+                opt(g.p99_deliver_ms)
+            )),
+            None => out.push_str(&format!("groups   {}\n", self.groups)),
+        }
         if let Some(p) = &self.plot {
             out.push_str(&format!("plot     {p}\n"));
         }

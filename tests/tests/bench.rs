@@ -1,5 +1,6 @@
 //! End-to-end test of `parley bench` in a tiny configuration: the real binary runs the relay, a
-//! durable closed loop, an open loop, a few idle sessions, a failover phase (a node killed with
+//! durable closed loop, an open loop, a few idle sessions, a group fan-out (every message sent into
+//! the group must reach every other member), a failover phase (a node killed with
 //! SIGKILL and restarted) and history reads against a two-node cluster on the embedded store, and
 //! its JSON report must carry the keys the benchmark promises with sane, non-zero values — and
 //! every message the failover phase sent must have been acked, through the kill (the load client
@@ -39,7 +40,7 @@ async fn bench_reports_every_key_with_sane_values() {
     cmd.arg("bench").arg("--work-dir").arg(dir.path().join("work")).arg("--plot").arg(&plot);
     cmd.args([
         "--scenarios",
-        "relay,durable,open,sessions,failover,history",
+        "relay,durable,open,sessions,group,failover,history",
         "--nodes",
         "2",
         "--shards",
@@ -59,6 +60,12 @@ async fn bench_reports_every_key_with_sane_values() {
         "20",
         "--session-users",
         "4",
+        "--group-members",
+        "6",
+        "--group-senders",
+        "2",
+        "--group-rates",
+        "20",
         "--history-messages",
         "500",
         "--history-readers",
@@ -125,8 +132,23 @@ async fn bench_reports_every_key_with_sane_values() {
     if report["machine"]["cores"].as_u64().unwrap_or(0) == 0 || report["machine"]["cpu_model"].as_str().is_none() {
         problems.push(format!("machine = {}", report["machine"]));
     }
-    if report["groups"].as_str().is_none_or(|g| !g.starts_with("not measured")) {
-        problems.push(format!("groups = {}", report["groups"]));
+    // The group of 6 was created; each of its messages reached the 5 other members, exactly once.
+    let fanout = &report["group_fanout"];
+    if fanout["members"].as_u64() != Some(6) || !positive(&fanout["deliveries_per_s"]) {
+        problems.push(format!("group_fanout = {fanout}"));
+    }
+    let group_phase = report["phases"].as_array().into_iter().flatten().find(|p| p["name"] == "group-20");
+    match group_phase {
+        Some(p) => {
+            let (sent, delivered) = (p["sent"].as_u64().unwrap_or(0), p["delivered"].as_u64().unwrap_or(0));
+            if sent == 0 || delivered != sent * 5 || p["unacked"].as_u64() != Some(0) {
+                problems.push(format!(
+                    "group-20: sent {sent} delivered {delivered} (expected 5 each), unacked {}",
+                    p["unacked"]
+                ));
+            }
+        }
+        None => problems.push("no group-20 phase".to_string()),
     }
     for phase in report["phases"].as_array().into_iter().flatten() {
         let name = phase["name"].as_str().unwrap_or("?");

@@ -74,6 +74,9 @@ const DELIVERED_EVERY: Duration = Duration::from_secs(1);
 /// How long the coordinator may take to say `go` after `ready`; past it the worker gives up
 /// rather than holding sockets forever.
 const GO_TIMEOUT: Duration = Duration::from_secs(600);
+/// A group member leaves this long after the last frame it got once the sending stopped (it
+/// cannot know how many deliveries are still on their way).
+const GROUP_QUIET: Duration = Duration::from_secs(1);
 /// Time-series histograms need less precision than the totals: two significant digits.
 const TIMELINE_SIGFIG: u8 = 2;
 
@@ -281,7 +284,7 @@ struct Clock {
 }
 
 async fn traffic(worker: u32, spec: TrafficSpec) -> anyhow::Result<()> {
-    if !spec.clients.len().is_multiple_of(2) {
+    if spec.conversation.is_none() && !spec.clients.len().is_multiple_of(2) {
         bail!("traffic clients come in pairs; got {}", spec.clients.len());
     }
     let spec = Arc::new(spec);
@@ -360,7 +363,14 @@ async fn traffic(worker: u32, spec: TrafficSpec) -> anyhow::Result<()> {
 struct TrafficClient {
     spec: Arc<TrafficSpec>,
     index: usize,
+    /// 1:1: the partner, whose messages are measured. Group: this client's own user, whose
+    /// messages are not (every other member's are).
     partner_user: String,
+    /// Whether this client sends at all (see [`ClientSpec::sends`](super::spec::ClientSpec)).
+    sends: bool,
+    /// When the last frame arrived: a group member stays until the traffic has been quiet for
+    /// [`GROUP_QUIET`] after the sending stopped.
+    last_frame: Instant,
     url: usize,
     clock: Clock,
     shared: Arc<Mutex<Shared>>,
@@ -385,8 +395,13 @@ struct TrafficClient {
 
 impl TrafficClient {
     fn new(spec: Arc<TrafficSpec>, index: usize, clock: Clock, shared: Arc<Mutex<Shared>>) -> Self {
-        let partner_user = spec.clients[index ^ 1].user.clone();
+        let partner_user = match spec.conversation {
+            Some(_) => spec.clients[index].user.clone(),
+            None => spec.clients[index ^ 1].user.clone(),
+        };
         let url = spec.clients[index].url;
+        let sends = spec.clients[index].sends;
+        let conversation = spec.conversation.clone();
         // Body: "<send µs, 16 digits> <phase> " + padding to the requested size.
         let fixed = 16 + 1 + spec.phase.len() + 1;
         let padding = "x".repeat(spec.body_bytes.saturating_sub(fixed).max(1));
@@ -394,6 +409,8 @@ impl TrafficClient {
             spec,
             index,
             partner_user,
+            sends,
+            last_frame: Instant::now(),
             url,
             clock,
             shared,
@@ -403,7 +420,7 @@ impl TrafficClient {
             resend_pause: RESEND_PAUSE,
             next_id: 0,
             seen_seq: 0,
-            conversation: None,
+            conversation,
             delivered_seq: 0,
             last_ack_us: clock.measure_from,
             max_gap_us: 0,
@@ -412,10 +429,27 @@ impl TrafficClient {
     }
 
     fn frame(&self, id: u64, sent_us: i64) -> String {
+        let target = match &self.spec.conversation {
+            Some(group) => format!(r#""conversation_id":"{group}""#),
+            None => format!(r#""to":"{}""#, self.partner_user),
+        };
         format!(
-            r#"{{"type":"send","client_msg_id":"{}-{id}","to":"{}","body":"{sent_us:016} {} {}"}}"#,
-            self.spec.phase, self.partner_user, self.spec.phase, self.padding
+            r#"{{"type":"send","client_msg_id":"{}-{id}",{target},"body":"{sent_us:016} {} {}"}}"#,
+            self.spec.phase, self.spec.phase, self.padding
         )
+    }
+
+    /// Whether a pushed message is one this client measures.
+    fn measures(&self, m: &IncomingMessage<'_>) -> bool {
+        match &self.spec.conversation {
+            Some(group) => m.conversation_id == group.as_str() && m.sender != self.partner_user,
+            None => m.sender == self.partner_user,
+        }
+    }
+
+    /// A group member is done once the sending stopped and nothing came for a while.
+    fn quiet_at(&self) -> Instant {
+        self.last_frame.max(instant_at(self.clock.stop_sending)) + GROUP_QUIET
     }
 
     /// Issue a new message (its send time is `sent_us`).
@@ -448,7 +482,10 @@ impl TrafficClient {
             let offset = p.mul_f64((self.index as f64 * 0.618_033_988_7).fract());
             tokio::time::interval_at(start_instant + offset, p)
         });
-        if ticker.is_none() {
+        if !self.sends {
+            ticker = None;
+        }
+        if ticker.is_none() && self.sends {
             if let Some(w) = ws.as_mut() {
                 for _ in 0..self.spec.in_flight.max(1) {
                     if !self.send_new(w, now_us()).await {
@@ -463,7 +500,10 @@ impl TrafficClient {
         delivered_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let sending = Instant::now() < stop_sending;
-            if !sending && self.pending.is_empty() {
+            // Every member of a group (senders too) listens until the deliveries stop: a sender
+            // whose own acks are in may still have other senders' last messages on their way.
+            let listening = self.spec.conversation.is_some() && Instant::now() < self.quiet_at();
+            if !sending && self.pending.is_empty() && !listening {
                 break;
             }
             let Some(w) = ws.as_mut() else {
@@ -509,6 +549,7 @@ impl TrafficClient {
                     }
                 }
                 _ = tokio::time::sleep_until(stop_sending), if sending => {}
+                _ = tokio::time::sleep_until(self.quiet_at()), if !sending && listening => {}
                 _ = tokio::time::sleep_until(give_up) => break,
             }
         }
@@ -536,6 +577,7 @@ impl TrafficClient {
 
     /// Handle one server frame; `false` when the connection is unusable.
     async fn on_text(&mut self, ws: &mut Ws, text: &str) -> bool {
+        self.last_frame = Instant::now();
         let Ok(frame) = serde_json::from_str::<Incoming<'_>>(text) else { return true };
         let now = now_us();
         match frame.kind.as_ref() {
@@ -564,7 +606,7 @@ impl TrafficClient {
             }
             "message" => {
                 let Some(MessageField::Message(m)) = frame.message else { return true };
-                if m.sender != self.partner_user || m.seq <= self.seen_seq {
+                if !self.measures(&m) || m.seq <= self.seen_seq {
                     return true;
                 }
                 self.seen_seq = m.seq;

@@ -90,6 +90,10 @@ pub(crate) struct TrafficSpec {
     pub bucket_ms: u64,
     /// Source address of the client sockets (127.0.0.x).
     pub source: Option<std::net::IpAddr>,
+    /// Group fan-out: every client is a member of this group; senders send into it and every
+    /// member's deliveries (from any other member) are measured. `None`: 1:1 pairs.
+    #[serde(default)]
+    pub conversation: Option<String>,
 }
 
 /// One simulated client of a traffic phase.
@@ -100,6 +104,13 @@ pub(crate) struct ClientSpec {
     pub device: String,
     /// Index into `urls` of the first node to connect to.
     pub url: usize,
+    /// Whether this client sends (a group's members mostly only receive).
+    #[serde(default = "sends_by_default")]
+    pub sends: bool,
+}
+
+fn sends_by_default() -> bool {
+    true
 }
 
 /// Idle authenticated sessions held against one node.
