@@ -928,31 +928,22 @@ fn traffic_specs(
 ) -> Vec<LoadSpec> {
     let k = (args.load_processes as usize).min(users.len() / 2).max(1);
     let mut per_worker: Vec<Vec<ClientSpec>> = vec![Vec::new(); k];
-    if let Some((_, senders)) = mode.group {
-        for (i, u) in users.iter().enumerate() {
-            let url = (parley_protocol::shard::fnv1a(&(i as u64).to_le_bytes()) % urls.len() as u64) as usize;
-            per_worker[i % k].push(ClientSpec {
-                user: u.user.clone(),
-                token: u.token.clone(),
-                device: u.device.clone(),
-                url,
-                sends: (i as u32) < senders,
-            });
-        }
-    }
-    for (pair, two) in users.chunks_exact(2).enumerate().filter(|_| mode.group.is_none()) {
-        for (j, u) in two.iter().enumerate() {
-            let i = pair * 2 + j;
-            // fnv1a of the index: a uniform, reproducible spread over the nodes.
-            let url = (parley_protocol::shard::fnv1a(&(i as u64).to_le_bytes()) % urls.len() as u64) as usize;
-            per_worker[pair % k].push(ClientSpec {
-                user: u.user.clone(),
-                token: u.token.clone(),
-                device: u.device.clone(),
-                url,
-                sends: true,
-            });
-        }
+    // Pairs: users 2p and 2p+1 chat with each other and share a worker (an odd last user sits
+    // out). A group: members go round-robin over the workers, and the first `senders` send.
+    let (clients, worker_slot): (usize, fn(usize) -> usize) = match mode.group {
+        Some(_) => (users.len(), |i| i),
+        None => (users.len() / 2 * 2, |i| i / 2),
+    };
+    for (i, u) in users.iter().enumerate().take(clients) {
+        // fnv1a of the index: a uniform, reproducible spread over the nodes.
+        let url = (parley_protocol::shard::fnv1a(&(i as u64).to_le_bytes()) % urls.len() as u64) as usize;
+        per_worker[worker_slot(i) % k].push(ClientSpec {
+            user: u.user.clone(),
+            token: u.token.clone(),
+            device: u.device.clone(),
+            url,
+            sends: mode.group.is_none_or(|(_, senders)| (i as u32) < senders),
+        });
     }
     per_worker
         .into_iter()

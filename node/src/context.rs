@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use parley_protocol::cluster::{
     Delivery, NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest,
@@ -24,6 +24,7 @@ use ractor::ActorRef;
 use crate::actors::gateway::GatewayMsg;
 use crate::actors::shard::{AckTo, ShardMsg};
 use crate::config::Config;
+use crate::conversation_cache::ConversationCache;
 use crate::error::{NodeError, NodeResult};
 use crate::hub::Hub;
 use crate::outbound::{Outbound, RemoteAck};
@@ -96,8 +97,8 @@ pub struct NodeContext {
     pub routing: Routing,
     /// Sends to peers' shards, batched per peer, and the sessions waiting for their outcomes.
     pub outbound: Arc<Outbound>,
-    /// Conversation records by id, with when they were read (groups expire: `GROUP_CACHE_TTL`).
-    conversations: Mutex<HashMap<ConversationId, (Arc<ConversationRecord>, Instant)>>,
+    /// Conversation records by id (groups expire after `GROUP_CACHE_TTL`).
+    conversations: ConversationCache,
     /// Live peers' gateways (maintained by the cluster agent), for fan-out.
     peers: RwLock<Vec<(String, ActorRef<GatewayMsg>)>>,
     /// Every identified peer's gateway, live or not: where the outcomes of a peer's sends go.
@@ -146,7 +147,7 @@ impl NodeContext {
             hub: Hub::default(),
             routing,
             config,
-            conversations: Mutex::new(HashMap::new()),
+            conversations: ConversationCache::new(CONVERSATION_CACHE_MAX, GROUP_CACHE_TTL),
             peers: RwLock::new(Vec::new()),
             known: RwLock::new(Vec::new()),
             http: OnceLock::new(),
@@ -219,34 +220,19 @@ impl NodeContext {
             .ok_or_else(|| NodeError::client(ErrorCode::BadToken, "unknown or expired token"))
     }
 
-    fn cached(&self, id: ConversationId) -> Option<Arc<ConversationRecord>> {
-        let map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-        let (record, at) = map.get(&id)?;
-        (record.kind == ConversationKind::Direct || at.elapsed() < GROUP_CACHE_TTL).then(|| record.clone())
-    }
-
-    fn remember(&self, record: ConversationRecord) -> Arc<ConversationRecord> {
-        let record = Arc::new(record);
-        let mut map = self.conversations.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= CONVERSATION_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(record.id, (record.clone(), Instant::now()));
-        record
-    }
-
     /// Drop the cached copy of a conversation (a group that changed).
     fn forget(&self, id: ConversationId) {
-        self.conversations.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.conversations.forget(id);
     }
 
     /// The direct conversation between `me` and `peer`, created (indexed) on first use.
     /// `unknown_user` if `peer` does not exist.
     pub async fn direct_conversation(&self, me: UserId, peer: UserId) -> NodeResult<Arc<ConversationRecord>> {
         let id = ConversationId::direct(me, peer);
-        if let Some(c) = self.cached(id) {
+        if let Some(c) = self.conversations.get(id) {
             return Ok(c);
         }
+        let ticket = self.conversations.ticket();
         let wanted = if me == peer { vec![me] } else { vec![me, peer] };
         let found = self.stores.directory.users_by_id(&wanted).await?;
         if found.len() != wanted.len() {
@@ -256,18 +242,23 @@ impl NodeContext {
         members.sort();
         self.stores.directory.add_conversation(id, ConversationKind::Direct, &members, now_ms()).await?;
 
-        Ok(self.remember(ConversationRecord::direct(id, members)))
+        Ok(self.conversations.remember(ticket, ConversationRecord::direct(id, members)))
     }
 
     /// A conversation `user` belongs to; `unknown_conversation` otherwise (membership is not
     /// disclosed to non-members).
     pub async fn member_conversation(&self, user: UserId, id: ConversationId) -> NodeResult<Arc<ConversationRecord>> {
-        let record = match self.cached(id) {
+        let record = match self.conversations.get(id) {
             Some(c) => c,
-            None => match self.stores.directory.conversation(id).await? {
-                Some(c) => self.remember(c),
-                None => return Err(unknown_conversation()),
-            },
+            None => {
+                // Taken before the read: a group change announced while it is in flight keeps
+                // what it returns out of the cache (see `ConversationCache`).
+                let ticket = self.conversations.ticket();
+                match self.stores.directory.conversation(id).await? {
+                    Some(c) => self.conversations.remember(ticket, c),
+                    None => return Err(unknown_conversation()),
+                }
+            }
         };
         if record.members.contains(&user) {
             Ok(record)
@@ -310,14 +301,11 @@ impl NodeContext {
 
     /// Apply `change` by `user` to a group, as a compare-and-set on its version (read fresh from the
     /// directory, never from the cache), and tell the members before and after the change.
+    ///
+    /// Checks run in the order that discloses least: membership first (a non-member learns
+    /// nothing, not even that the group exists), then the right to make the change, then its input.
     pub async fn change_group(&self, user: UserId, id: ConversationId, change: GroupChange) -> NodeResult<GroupView> {
-        if let GroupChange::Rename(name) = &change {
-            valid_group_name(name)?;
-        }
-        if let GroupChange::Add(users) = &change {
-            self.check_group_size(users.len().min(MAX_GROUP_MEMBERS + 1))?;
-            self.check_users_exist(users).await?;
-        }
+        let mut users_checked = false;
         for _ in 0..GROUP_CHANGE_ATTEMPTS {
             let current = match self.stores.directory.conversation(id).await? {
                 Some(r) if r.kind == ConversationKind::Group && r.members.contains(&user) => r,
@@ -331,6 +319,11 @@ impl NodeContext {
                 GroupChange::Add(users) => {
                     if !is_owner {
                         return Err(NodeError::client(ErrorCode::Forbidden, "only the group's owner adds members"));
+                    }
+                    self.check_group_size(users.len().min(MAX_GROUP_MEMBERS + 1))?;
+                    if !users_checked {
+                        self.check_users_exist(users).await?;
+                        users_checked = true;
                     }
                     next.members.extend(users.iter().copied());
                     next.members.sort();
@@ -346,8 +339,11 @@ impl NodeContext {
                     }
                     next.members.retain(|m| m != target);
                     removed.push(*target);
+                    // The lowest remaining id takes over from a leaving owner. The last member
+                    // leaving keeps the owner recorded: the group stays, empty, and nobody can
+                    // see or change it again (every request needs a member).
                     if owner == Some(*target) {
-                        next.owner = next.members.first().copied();
+                        next.owner = next.members.first().copied().or(owner);
                     }
                 }
                 GroupChange::Rename(name) => {
@@ -740,6 +736,8 @@ fn group_view(r: &ConversationRecord) -> GroupView {
     GroupView {
         conversation_id: r.id,
         name: r.name.clone().unwrap_or_default(),
+        // Every group has an owner (`create_group` sets it; a leaving owner hands it on or, as
+        // the last member, keeps it); the nil id would only show a record written by hand.
         owner: r.owner.unwrap_or(UserId(uuid::Uuid::nil())),
         members: r.members.clone(),
         version: r.version,

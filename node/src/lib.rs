@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod conversation_cache;
 pub mod drill;
 pub mod error;
 pub mod hub;

@@ -3,6 +3,7 @@
 //! `tests/tests/*.rs` and drive the `parley` binary from outside, through the typed client in
 //! `parley_node::client`.
 
+pub mod backend;
 pub mod cluster;
 pub mod node;
 pub mod postgres;

@@ -10,55 +10,12 @@ use parley_protocol::frames::{ClientFrame, ReceiptKind, ServerFrame};
 use parley_protocol::http::{SendRequest, TokenResponse};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, UserId, PROTOCOL_VERSION};
-use parley_storage::{StoreConfig, Stores};
-use parley_tests::node::{freeze, signal, NodeOptions, NodeProcess, Storage};
-use parley_tests::postgres::TestPostgres;
-use parley_tests::TempDir;
+use parley_tests::backend::Backend;
+use parley_tests::node::{freeze, signal, NodeProcess};
 
 const T: Duration = Duration::from_secs(15);
 
-/// A store for one test, kept alive as long as the test runs.
-struct Backend {
-    storage: Storage,
-    _pg: Option<TestPostgres>,
-    _dir: TempDir,
-}
-
-impl Backend {
-    async fn new(postgres: bool) -> Backend {
-        let dir = TempDir::new("parley-store");
-        if postgres {
-            let pg = TestPostgres::start().await.expect("postgres");
-            Backend { storage: Storage::Postgres(pg.url().to_string()), _pg: Some(pg), _dir: dir }
-        } else {
-            Backend { storage: Storage::Embedded(dir.path().join("data")), _pg: None, _dir: dir }
-        }
-    }
-
-    /// Open the same store the node uses, from the test process.
-    async fn open(&self) -> Stores {
-        let config = match &self.storage {
-            Storage::Embedded(dir) => StoreConfig::Embedded { dir: dir.clone() },
-            Storage::Postgres(url) => StoreConfig::Postgres { url: url.clone(), pool_size: 2, commit_slots: 1 },
-        };
-        parley_storage::open(&config).await.expect("open store")
-    }
-
-    async fn node(&self, extra_toml: &str) -> NodeProcess {
-        let mut options = NodeOptions::new("n1", self.storage.clone());
-        options.extra_toml = extra_toml.to_string();
-        NodeProcess::start(options).await.expect("node starts")
-    }
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(true).await } )* }
-    };
-}
-
-both_backends!(
+parley_tests::both_backends!(
     chat_with_acks_delivery_and_read_receipts,
     resend_with_same_client_id_is_stored_once,
     kill9_and_restart_lose_no_acked_message,

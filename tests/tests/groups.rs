@@ -16,10 +16,10 @@ use parley_protocol::frames::{ClientFrame, ConversationKind, GroupView, MessageV
 use parley_protocol::http::{SendRequest, TokenResponse};
 use parley_protocol::limits::{MAX_GROUP_MEMBERS, MAX_GROUP_NAME_BYTES};
 use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, UserId};
+use parley_tests::backend::Backend;
 use parley_tests::cluster::TestCluster;
-use parley_tests::node::{NodeOptions, NodeProcess, Storage};
+use parley_tests::node::Storage;
 use parley_tests::postgres::TestPostgres;
-use parley_tests::TempDir;
 
 /// Bound on anything that must happen.
 const T: Duration = Duration::from_secs(15);
@@ -27,37 +27,7 @@ const T: Duration = Duration::from_secs(15);
 /// another member (so it is not merely slow).
 const QUIET: Duration = Duration::from_millis(500);
 
-/// A store for one test, kept alive as long as the test runs.
-struct Backend {
-    storage: Storage,
-    _pg: Option<TestPostgres>,
-    _dir: TempDir,
-}
-
-impl Backend {
-    async fn new(postgres: bool) -> Backend {
-        let dir = TempDir::new("parley-store");
-        if postgres {
-            let pg = TestPostgres::start().await.expect("postgres");
-            Backend { storage: Storage::Postgres(pg.url().to_string()), _pg: Some(pg), _dir: dir }
-        } else {
-            Backend { storage: Storage::Embedded(dir.path().join("data")), _pg: None, _dir: dir }
-        }
-    }
-
-    async fn node(&self) -> NodeProcess {
-        NodeProcess::start(NodeOptions::new("n1", self.storage.clone())).await.expect("node starts")
-    }
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(false).await } )* }
-        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(true).await } )* }
-    };
-}
-
-both_backends!(
+parley_tests::both_backends!(
     a_group_of_three_is_created_told_and_chats,
     refused_group_requests_change_nothing,
     membership_changes_reach_old_and_new_members,
@@ -213,7 +183,7 @@ fn random_users(n: usize) -> Vec<UserId> {
 /// conversation list with its kind, name and owner.
 async fn a_group_of_three_is_created_told_and_chats(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
@@ -302,11 +272,12 @@ async fn a_group_of_three_is_created_told_and_chats(pg: bool) {
 
 /// Every refused group request gets its code, and none of them changes anything: non-members see
 /// `unknown_conversation` (as for a group that does not exist), non-owners `forbidden`, unknown
-/// users `unknown_user`, bad names and too many members `invalid_field` — the size is checked
-/// before the users exist, so 1025 made-up ids are `invalid_field` and 1024 are `unknown_user`.
+/// users `unknown_user`, bad names and too many members `invalid_field`. The checks run in that
+/// order (an outsider's bad request is still `unknown_conversation`, a member's `forbidden`), and
+/// the size comes before existence: 1025 made-up ids are `invalid_field`, 1024 `unknown_user`.
 async fn refused_group_requests_change_nothing(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
@@ -342,7 +313,16 @@ async fn refused_group_requests_change_nothing(pg: bool) {
     assert_eq!(refusal(http.rename_group(b_, group, "bob's").await), forbidden, "a member renames");
     assert_eq!(refusal(http.add_members(b_, group, &[mallory.user_id]).await), forbidden, "a member adds");
     assert_eq!(refusal(http.remove_member(b_, group, alice.user_id).await), forbidden, "a member removes another");
+    // Membership is checked before the right to change, and that before the input: an outsider
+    // learns nothing from a bad request either, and a member only that they may not make it.
     let ghost = UserId::random();
+    let crowd = random_users(MAX_GROUP_MEMBERS + 1);
+    assert_eq!(refusal(http.add_members(m_, group, &[ghost]).await), outsider, "an outsider adds a ghost");
+    assert_eq!(refusal(http.add_members(m_, group, &crowd).await), outsider, "an outsider adds a crowd");
+    assert_eq!(refusal(http.rename_group(m_, group, "").await), outsider, "an outsider renames badly");
+    assert_eq!(refusal(http.add_members(b_, group, &[ghost]).await), forbidden, "a member adds a ghost");
+    assert_eq!(refusal(http.add_members(b_, group, &crowd).await), forbidden, "a member adds a crowd");
+    assert_eq!(refusal(http.rename_group(b_, group, "").await), forbidden, "a member renames badly");
     assert_eq!(refusal(http.create_group(a, "ghosts", &[bob.user_id, ghost]).await), unknown_user, "create");
     assert_eq!(refusal(http.add_members(a, group, &[ghost]).await), unknown_user, "add");
     assert_eq!(refusal(http.remove_member(a, group, mallory.user_id).await), unknown_user, "remove a non-member");
@@ -421,10 +401,11 @@ async fn refused_group_requests_change_nothing(pg: bool) {
 /// Membership changes: a rename and an add are pushed to every member (the added ones too), and
 /// the added members get the next messages; a removed member is told (a view without them), then
 /// cannot send, read or see the group, and gets no later message; a member may leave; when the
-/// owner leaves, the first remaining member by id owns the group.
+/// owner leaves, the first remaining member by id owns the group; the last member leaving leaves
+/// an empty group that still names its owner and that nobody can reach.
 async fn membership_changes_reach_old_and_new_members(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
@@ -544,13 +525,32 @@ async fn membership_changes_reach_old_and_new_members(pg: bool) {
     }
     send(&mut d, group, "carry on", "d-1").await;
     expect_message(&mut e, "carry on").await;
+
+    // The last two leave, the owner last: the group is left empty, still naming its last owner
+    // (never a nil id), and nobody can see it, send to it or join it any more.
+    let (heir_conn, other_conn) = if heir == dave.user_id { (&mut d, &mut e) } else { (&mut e, &mut d) };
+    let other = if heir == dave.user_id { erin.user_id } else { dave.user_id };
+    let only_heir = http.remove_member(other_token, group, other).await.unwrap();
+    assert_eq!((only_heir.version, &only_heir.members, only_heir.owner), (7, &vec![heir], heir));
+    assert_eq!(expect_group(heir_conn, 7).await, only_heir);
+    assert_eq!(expect_group(other_conn, 7).await, only_heir);
+    let empty = http.remove_member(heir_token, group, heir).await.unwrap();
+    assert_eq!((empty.version, empty.members.len(), empty.owner), (8, 0, heir), "{empty:?}");
+    assert_eq!(expect_group(heir_conn, 8).await, empty);
+    for token in [&alice.token, &bob.token, &carol.token, &dave.token, &erin.token] {
+        assert_eq!(refusal(http.group(token, group).await).1, ErrorCode::UnknownConversation);
+        assert_eq!(refusal(http.add_members(token, group, &[alice.user_id]).await).1, ErrorCode::UnknownConversation);
+        assert!(http.conversations(token).await.unwrap().iter().all(|c| c.conversation_id != group));
+    }
+    let refused = heir_conn.send_to_conversation(group, "anyone?", "h-1").await;
+    assert_eq!(refusal(refused).1, ErrorCode::UnknownConversation, "a send to an empty group");
 }
 
 /// In a group a receipt goes to the reader's own sessions and to the senders of the messages it
 /// covers, not to members who sent none of them.
 async fn group_receipts_reach_the_covered_senders_and_the_readers_devices(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
@@ -612,7 +612,7 @@ async fn group_receipts_reach_the_covered_senders_and_the_readers_devices(pg: bo
 /// then nothing again once it acknowledged them; a new device gets everything.
 async fn reconnect_sync_replays_missed_group_messages(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
@@ -651,7 +651,7 @@ async fn reconnect_sync_replays_missed_group_messages(pg: bool) {
 /// before it (compare-and-set, retried), so the versions are 1..=n and every member is told of each.
 async fn concurrent_changes_to_one_group_are_all_kept(pg: bool) {
     let backend = Backend::new(pg).await;
-    let node = backend.node().await;
+    let node = backend.node("").await;
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
