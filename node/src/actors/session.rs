@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::context::NodeContext;
 use crate::error::NodeError;
+use crate::hub::LocalEvent;
 
 /// WebSocket close codes we use (4000-4999 is the application range).
 pub mod close_code {
@@ -133,8 +134,8 @@ pub enum SessionMsg {
     Text(String, OwnedSemaphorePermit),
     /// A binary frame from the client (we speak JSON text; valid UTF-8 is accepted as text).
     Binary(Vec<u8>, OwnedSemaphorePermit),
-    /// An event for this user from a shard.
-    Event(Arc<UserEvent>),
+    /// An event for this user from a shard (shared with the user's other local sessions).
+    Event(Arc<LocalEvent>),
     /// Fired `hello_timeout_ms` after connect.
     HelloTimeout,
     /// Fired when the session's token expires.
@@ -143,7 +144,12 @@ pub enum SessionMsg {
 
 /// Push a frame, or close the connection as a slow consumer if its outbox is full.
 fn push(outbox: &mpsc::Sender<Outgoing>, close: &CloseSignal, frame: &ServerFrame) -> bool {
-    match outbox.try_send(Outgoing::Frame(frame.encode())) {
+    push_text(outbox, close, frame.encode())
+}
+
+/// Queue an encoded frame; a full outbox closes the connection (`slow_consumer`).
+fn push_text(outbox: &mpsc::Sender<Outgoing>, close: &CloseSignal, text: String) -> bool {
+    match outbox.try_send(Outgoing::Frame(text)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             close.send_replace(Some((close_code::SLOW_CONSUMER, "slow_consumer: outbox full".into())));
@@ -168,12 +174,20 @@ impl SessionState {
 
     /// Push a message unless this device already got it.
     fn push_message(&mut self, m: MessageView) {
+        if self.first_push(&m) {
+            self.send(&ServerFrame::Message { message: m });
+        }
+    }
+
+    /// Whether `m` is newer than every message of its conversation pushed to this device (and
+    /// from now on, the newest).
+    fn first_push(&mut self, m: &MessageView) -> bool {
         let last = self.pushed.entry(m.conversation_id).or_insert(0);
         if m.seq <= *last {
-            return;
+            return false;
         }
         *last = m.seq;
-        self.send(&ServerFrame::Message { message: m });
+        true
     }
 
     /// Handle one client frame. `permit` is the frame's place in the connection's in-flight
@@ -394,24 +408,18 @@ impl Actor for SessionActor {
                     state.send(&ServerFrame::error(ErrorCode::InvalidUtf8, "frames must be UTF-8 JSON text"));
                 }
             },
-            SessionMsg::Event(event) => match event.as_ref() {
+            SessionMsg::Event(event) => match &event.event {
                 UserEvent::TokenRevoked { token_hash } => {
                     if state.auth.as_ref().is_some_and(|a| a.token_hash == *token_hash) {
                         state.send(&ServerFrame::error(ErrorCode::BadToken, "the token was logged out"));
                         state.close(close_code::UNAUTHENTICATED, "logged out");
                     }
                 }
-                UserEvent::Message(m) => state.push_message(m.clone()),
-                UserEvent::Group(group) => {
-                    state.send(&ServerFrame::Group { group: group.clone() });
-                }
-                UserEvent::Receipt { conversation_id, user_id, kind, seq } => {
-                    state.send(&ServerFrame::Receipt {
-                        conversation_id: *conversation_id,
-                        user_id: *user_id,
-                        kind: *kind,
-                        seq: *seq,
-                    });
+                UserEvent::Message(m) if !state.first_push(m) => {}
+                UserEvent::Message(_) | UserEvent::Group(_) | UserEvent::Receipt { .. } => {
+                    if let Some(text) = event.frame_text() {
+                        push_text(&state.outbox, &state.close, text.to_owned());
+                    }
                 }
             },
             SessionMsg::TokenExpired => {
