@@ -15,6 +15,9 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v pg_isready >/dev/null || need+=(postgresql-client)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# The UI tests drive a real headless Chromium through chromedriver.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
   log "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -140,7 +140,13 @@ pub fn routes(
                 "redirects": ctx.redirects(),
                 "events": ctx.events.to_json(),
             });
-            Ok::<_, Rejection>(json(&body, StatusCode::OK))
+            // The browser UI of one node shows every member's session count, and keeps watching
+            // through another member when its own node is killed: both read this route
+            // cross-origin. It is unauthenticated and read-only, so any origin may read it.
+            let mut res = json(&body, StatusCode::OK);
+            res.headers_mut()
+                .insert(warp::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, warp::http::HeaderValue::from_static("*"));
+            Ok::<_, Rejection>(res)
         });
 
     let health = warp::path("healthz")
@@ -234,8 +240,11 @@ pub fn routes(
     let index = warp::path::end()
         .and(warp::get())
         .and(warp::fs::file(ui_dir.join("index.html")))
-        .map(|f: warp::fs::File| f.into_response());
-    let ui = warp::path("ui").and(warp::get()).and(warp::fs::dir(ui_dir)).map(|f: warp::fs::File| f.into_response());
+        .map(|f: warp::fs::File| ui_response(f.into_response()));
+    let ui = warp::path("ui")
+        .and(warp::get())
+        .and(warp::fs::dir(ui_dir))
+        .map(|f: warp::fs::File| ui_response(f.into_response()));
 
     health
         .or(ready)
@@ -271,6 +280,24 @@ pub fn routes(
         .with(warp::trace::request())
         .map(Reply::into_response)
         .boxed()
+}
+
+/// Headers of the UI's static files. The page runs only its own script and style; it talks to
+/// its node and, for failover and the cluster view, to the other members (any http/ws origin: a
+/// member's address is whatever the operator configured). Never framed, never content-sniffed.
+fn ui_response(mut res: warp::reply::Response) -> warp::reply::Response {
+    use warp::http::header::{HeaderName, HeaderValue, CONTENT_SECURITY_POLICY, X_CONTENT_TYPE_OPTIONS};
+    let headers = res.headers_mut();
+    headers.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self' http: https: ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
+    res
 }
 
 #[derive(Debug, Deserialize)]

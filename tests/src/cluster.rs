@@ -73,6 +73,7 @@ impl TestCluster {
             ("PARLEY_COOKIE".to_string(), parley_node::launcher::random_cookie()),
             ("RUST_LOG".to_string(), "info,parley_node=debug".to_string()),
             ("PARLEY_BIN".to_string(), parley_bin()?.display().to_string()),
+            ("PARLEY_UI_DIR".to_string(), crate::ui_dir().display().to_string()),
         ];
         if let Storage::Postgres(url) = storage {
             env.push(("PARLEY_DATABASE_URL".to_string(), url.clone()));

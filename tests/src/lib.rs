@@ -4,6 +4,7 @@
 //! `parley_node::client`.
 
 pub mod backend;
+pub mod browser;
 pub mod cluster;
 pub mod node;
 pub mod postgres;
@@ -11,6 +12,11 @@ pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The repository's `ui/` directory: every test node serves the real browser UI from it.
+pub fn ui_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("ui")
+}
 
 /// A scratch directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);

@@ -113,6 +113,7 @@ impl NodeProcess {
         let mut cmd = Command::new(parley_bin()?);
         cmd.args(["node", "--config"]).arg(&self.config).args(["--name", &self.options.name]);
         cmd.env("RUST_LOG", "info,parley_node=debug").env_remove("PARLEY_DATABASE_URL").env_remove("PARLEY_STORAGE");
+        cmd.env("PARLEY_UI_DIR", crate::ui_dir());
         if let Storage::Postgres(url) = &self.options.storage {
             cmd.env("PARLEY_DATABASE_URL", url);
         }

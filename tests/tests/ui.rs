@@ -1,0 +1,398 @@
+//! The browser UI end to end: real headless Chromium (through chromedriver) on the pages that real
+//! `parley` nodes serve, one browser per person, each with its own profile. What the tests read is
+//! what a person sees — the DOM the UI renders from the server's frames — never the UI's internals.
+//!
+//! - Two people on two nodes of a Postgres-backed cluster: sign-up, a chat, live delivery and read
+//!   ticks across nodes, then a kill -9 of one person's node: the cluster view shows the node down
+//!   and its shards moving, the person's browser fails over to the live node and still gets the
+//!   next message, and a reload shows the whole history.
+//! - One node on the embedded store: refusals are shown and change nothing (wrong password, a
+//!   taken username, an oversized message), message text is never interpreted as HTML, and groups
+//!   are created, used and left from the UI.
+
+use parley_tests::browser::{Browser, Driver};
+use parley_tests::cluster::TestCluster;
+use parley_tests::node::{NodeOptions, NodeProcess, Storage};
+use parley_tests::postgres::TestPostgres;
+use parley_tests::TempDir;
+use serde_json::{json, Value};
+
+const PASSWORD: &str = "correct-horse-battery";
+
+fn unique(name: &str) -> String {
+    format!("{name}{}", &uuid::Uuid::new_v4().simple().to_string()[..6])
+}
+
+/// Fills the sign-in form and presses `button` (`#login` or `#register`).
+async fn submit_auth(b: &Browser, username: &str, password: &str, button: &str) -> anyhow::Result<()> {
+    b.type_into("#username", username).await?;
+    b.type_into("#password", password).await?;
+    b.click(button).await
+}
+
+/// Registers through the form and waits until the chat view is online; returns the serving node.
+async fn sign_up(b: &Browser, username: &str) -> anyhow::Result<String> {
+    submit_auth(b, username, PASSWORD, "#register").await?;
+    let node = b
+        .wait_for(
+            "the chat view, online",
+            "const c = document.getElementById('conn');
+             return !document.getElementById('chat-view').hidden && c.dataset.state === 'online'
+                 && document.getElementById('node').textContent;",
+            vec![],
+        )
+        .await?;
+    Ok(node.as_str().unwrap_or_default().trim_start_matches("via ").to_string())
+}
+
+/// Opens the direct chat with `username` from the People list.
+async fn open_chat_with(b: &Browser, username: &str) -> anyhow::Result<()> {
+    b.click("#refresh-people").await?;
+    b.wait_for(
+        "the person in People",
+        "return document.querySelector(`#people li[data-username=\"${arguments[0]}\"] .open-chat`);",
+        vec![json!(username)],
+    )
+    .await?;
+    b.click(&format!("#people li[data-username=\"{username}\"] .open-chat")).await?;
+    b.wait_for(
+        "the chat to open",
+        "return document.getElementById('thread-title').textContent === arguments[0];",
+        vec![json!(username)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Types `text` into the composer and sends it; waits for the server's ack (the pending bubble
+/// becomes a message with a seq and a tick).
+async fn send_text(b: &Browser, text: &str) -> anyhow::Result<u64> {
+    b.type_into("#text", text).await?;
+    b.click("#send").await?;
+    let seq = b
+        .wait_for(
+            "the message to be acked",
+            "const m = [...document.querySelectorAll('#messages li.msg.mine[data-seq]')]
+                 .find((li) => li.querySelector('.body').textContent === arguments[0]);
+             return m ? Number(m.dataset.seq) : null;",
+            vec![json!(text)],
+        )
+        .await?;
+    Ok(seq.as_u64().unwrap_or_default())
+}
+
+/// Waits until the open chat shows a message from someone else with this text.
+async fn see_message(b: &Browser, text: &str) -> anyhow::Result<()> {
+    b.wait_for(
+        "a message to appear",
+        "return [...document.querySelectorAll('#messages li.msg.theirs .body')].some((e) => e.textContent === arguments[0]);",
+        vec![json!(text)],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The tick state of my message `seq` in the open chat.
+async fn tick_of(b: &Browser, seq: u64, want: &str) -> anyhow::Result<()> {
+    b.wait_for(
+        &format!("message {seq} to show `{want}`"),
+        "const m = document.querySelector(`#messages li.msg.mine[data-seq=\"${arguments[0]}\"]`);
+         return m && m.dataset.state === arguments[1];",
+        vec![json!(seq), json!(want)],
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Opens a conversation from the chat list by its visible title.
+async fn open_conversation_titled(b: &Browser, title: &str) -> anyhow::Result<()> {
+    b.wait_for(
+        "the conversation in the list",
+        "return [...document.querySelectorAll('#conversations li .title')].some((e) => e.textContent === arguments[0]);",
+        vec![json!(title)],
+    )
+    .await?;
+    b.eval(
+        "[...document.querySelectorAll('#conversations li')].find((li) => li.querySelector('.title').textContent === arguments[0]).click();",
+        vec![json!(title)],
+    )
+    .await?;
+    b.wait_for(
+        "the chat to open",
+        "return document.getElementById('thread-title').textContent === arguments[0];",
+        vec![json!(title)],
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn texts(b: &Browser, css: &str) -> anyhow::Result<Vec<String>> {
+    let v = b
+        .eval("return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent);", vec![json!(css)])
+        .await?;
+    Ok(v.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
+    const SHARDS: u16 = 8;
+    let pg = TestPostgres::start().await.unwrap();
+    let mut cluster = TestCluster::start(2, 2, &Storage::Postgres(pg.url().into()), SHARDS, 3_000).await.unwrap();
+    let urls: Vec<String> = cluster.nodes.nodes.iter().map(|n| format!("http://{}/", n.http)).collect();
+    let url = |i: usize| urls[i].clone();
+    let driver = Driver::start().await.unwrap();
+    let alice = driver.browser("alice").await.unwrap();
+    let bob = driver.browser("bob").await.unwrap();
+    let (alice_name, bob_name) = (unique("alice"), unique("bob"));
+
+    // Each signs up on a different node.
+    alice.goto(&url(0)).await.unwrap();
+    bob.goto(&url(1)).await.unwrap();
+    assert_eq!(sign_up(&alice, &alice_name).await.unwrap(), cluster.name(0));
+    assert_eq!(sign_up(&bob, &bob_name).await.unwrap(), cluster.name(1));
+
+    // Alice writes first; Bob's list shows the new chat with one unread message, live.
+    open_chat_with(&alice, &bob_name).await.unwrap();
+    let first = send_text(&alice, "hello bob").await.unwrap();
+    assert_eq!(first, 1);
+    bob.wait_for(
+        "an unread badge on the new chat",
+        "const li = [...document.querySelectorAll('#conversations li')].find((li) => li.querySelector('.title').textContent === arguments[0]);
+         return li && li.querySelector('.unread') && li.querySelector('.unread').textContent === '1';",
+        vec![json!(alice_name)],
+    )
+    .await
+    .unwrap();
+    // Delivered to Bob's device (two ticks) before he opens it; read (blue) once he has.
+    tick_of(&alice, first, "delivered").await.unwrap();
+    open_conversation_titled(&bob, &alice_name).await.unwrap();
+    see_message(&bob, "hello bob").await.unwrap();
+    tick_of(&alice, first, "read").await.unwrap();
+    let badge =
+        bob.eval("return document.querySelectorAll('#conversations li .unread').length;", vec![]).await.unwrap();
+    assert_eq!(badge, json!(0), "opening the chat clears its unread badge");
+
+    // Bob answers; Alice's open chat shows it without a click.
+    let reply = send_text(&bob, "hi alice").await.unwrap();
+    assert_eq!(reply, 2);
+    see_message(&alice, "hi alice").await.unwrap();
+
+    // Alice watches the cluster: both nodes up, every shard owned.
+    alice.click("#tab-cluster").await.unwrap();
+    alice
+        .wait_for(
+            "two live nodes and an owner for every shard",
+            "const rows = [...document.querySelectorAll('#members tr[data-node]')];
+             const shards = [...document.querySelectorAll('#shards .shard')];
+             return rows.length === 2 && rows.every((r) => r.dataset.alive === 'true')
+                 && shards.length === arguments[0] && shards.every((s) => s.dataset.owner !== '');",
+            vec![json!(SHARDS)],
+        )
+        .await
+        .unwrap();
+
+    // Bob's node dies. Alice's cluster view shows it down and every shard taken over by her node,
+    // with new lease epochs; the change log says so.
+    let (n1, n2) = (cluster.name(0).to_string(), cluster.name(1).to_string());
+    let epochs_before = alice
+        .eval(
+            "return Object.fromEntries([...document.querySelectorAll('#shards .shard')].map((s) => [s.dataset.shard, Number(s.dataset.epoch)]));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    cluster.nodes.nodes[1].kill9();
+    alice
+        .wait_for(
+            "the killed node down and its shards moved",
+            "const down = document.querySelector(`#members tr[data-node=\"${arguments[1]}\"]`);
+             const shards = [...document.querySelectorAll('#shards .shard')];
+             return down && down.dataset.alive === 'false' && shards.every((s) => s.dataset.owner === arguments[0]);",
+            vec![json!(n1), json!(n2)],
+        )
+        .await
+        .unwrap();
+    let moved = alice
+        .eval(
+            "const before = arguments[0], owner = arguments[1];
+             return [...document.querySelectorAll('#shards .shard')].filter((s) => Number(s.dataset.epoch) > before[s.dataset.shard]).length;",
+            vec![epochs_before, json!(n1)],
+        )
+        .await
+        .unwrap();
+    assert!(moved.as_u64().unwrap_or(0) >= 1, "the shards the dead node held were re-leased with higher epochs");
+    let log = texts(&alice, "#cluster-log li").await.unwrap().join("\n");
+    assert!(log.contains(&format!("{n2} is down")), "the change log names the dead node:\n{log}");
+    assert!(log.contains("moved"), "the change log shows the shards moving:\n{log}");
+
+    // Bob's browser fails over to the live node on its own, and the next message reaches him there.
+    bob.wait_for(
+        "Bob's socket to fail over",
+        "return document.getElementById('conn').dataset.state === 'online' && document.getElementById('node').textContent === 'via ' + arguments[0];",
+        vec![json!(n1)],
+    )
+    .await
+    .unwrap();
+    alice.click("#tab-chat").await.unwrap();
+    let third = send_text(&alice, "still there?").await.unwrap();
+    assert_eq!(third, 3);
+    see_message(&bob, "still there?").await.unwrap();
+    tick_of(&alice, third, "read").await.unwrap();
+
+    // Everything acknowledged is durable: a reload (token kept by the browser) shows it all.
+    alice.goto(&url(0)).await.unwrap();
+    alice
+        .wait_for(
+            "the chat view after a reload",
+            "return document.getElementById('conn').dataset.state === 'online';",
+            vec![],
+        )
+        .await
+        .unwrap();
+    open_conversation_titled(&alice, &bob_name).await.unwrap();
+    alice
+        .wait_for(
+            "the whole history",
+            "return document.querySelectorAll('#messages li.msg[data-seq]').length === 3;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let bodies = texts(&alice, "#messages li.msg .body").await.unwrap();
+    assert_eq!(bodies, ["hello bob", "hi alice", "still there?"]);
+
+    alice.close().await;
+    bob.close().await;
+    cluster.nodes.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_escaping_and_groups_in_the_browser() {
+    let dir = TempDir::new("parley-ui-store");
+    let node = NodeProcess::start(NodeOptions::new("n1", Storage::Embedded(dir.path().join("data")))).await.unwrap();
+    let url = format!("http://{}/", node.http);
+    let driver = Driver::start().await.unwrap();
+    let alice = driver.browser("alice").await.unwrap();
+    let bob = driver.browser("bob").await.unwrap();
+    let (alice_name, bob_name) = (unique("alice"), unique("bob"));
+
+    // A wrong password is refused with the server's code, and nobody is signed in.
+    alice.goto(&url).await.unwrap();
+    submit_auth(&alice, &alice_name, "wrong-password-1", "#login").await.unwrap();
+    alice
+        .wait_for(
+            "the refusal",
+            "return document.getElementById('auth-error').textContent.includes('bad_credentials');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let signed_in = alice
+        .eval(
+            "return !document.getElementById('chat-view').hidden || localStorage.getItem('parley.auth') !== null;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(signed_in, json!(false));
+    sign_up(&alice, &alice_name).await.unwrap();
+
+    // A taken username is refused too.
+    bob.goto(&url).await.unwrap();
+    submit_auth(&bob, &alice_name, PASSWORD, "#register").await.unwrap();
+    bob.wait_for(
+        "the refusal",
+        "return document.getElementById('auth-error').textContent.includes('username_taken');",
+        vec![],
+    )
+    .await
+    .unwrap();
+    sign_up(&bob, &bob_name).await.unwrap();
+
+    // Markup in a message is shown as text on both sides; no element is made from it.
+    let markup = r#"<img src=x onerror="window.pwned=1"><b>bold?</b>"#;
+    open_chat_with(&alice, &bob_name).await.unwrap();
+    send_text(&alice, markup).await.unwrap();
+    open_conversation_titled(&bob, &alice_name).await.unwrap();
+    see_message(&bob, markup).await.unwrap();
+    for b in [&alice, &bob] {
+        let injected = b
+            .eval("return window.pwned === 1 || document.querySelector('#messages img, #messages b, #conversations img') !== null;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(injected, json!(false), "{}: message text was interpreted as HTML", b.name);
+    }
+
+    // An oversized message is refused with the limit named, and nothing is sent.
+    let before = alice.eval("return document.querySelectorAll('#messages li.msg').length;", vec![]).await.unwrap();
+    alice.eval("document.getElementById('text').value = 'x'.repeat(16 * 1024 + 1);", vec![]).await.unwrap();
+    alice.click("#send").await.unwrap();
+    alice
+        .wait_for(
+            "the refusal",
+            "return document.getElementById('thread-error').textContent.includes('body_too_large');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let after = alice.eval("return document.querySelectorAll('#messages li.msg').length;", vec![]).await.unwrap();
+    assert_eq!(before, after, "an oversized message must not be queued or shown");
+    let client = node.client();
+    let token = client.login(&alice_name, PASSWORD).await.unwrap().token;
+    let convs = client.conversations(&token).await.unwrap();
+    assert_eq!(convs.iter().map(|c| c.last_seq).collect::<Vec<_>>(), [1], "only the first message is stored");
+
+    // Alice makes a group with Bob; he sees it by name, and her message in it, with her name.
+    alice
+        .eval(
+            "document.querySelector(`#people li[data-username=\"${arguments[0]}\"] input[type=checkbox]`).click();",
+            vec![json!(bob_name)],
+        )
+        .await
+        .unwrap();
+    alice.eval("document.getElementById('group-box').open = true;", vec![]).await.unwrap();
+    alice.type_into("#group-name", "climbing").await.unwrap();
+    alice.click("#create-group").await.unwrap();
+    alice
+        .wait_for(
+            "the new group to open",
+            "return document.getElementById('thread-title').textContent === 'climbing';",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let members = alice.eval("return document.getElementById('thread-members').textContent;", vec![]).await.unwrap();
+    let members = members.as_str().unwrap_or_default();
+    assert!(
+        members.contains(&format!("{alice_name} (owner)")) && members.contains(&bob_name),
+        "members shown: {members}"
+    );
+    send_text(&alice, "who's in on saturday?").await.unwrap();
+    open_conversation_titled(&bob, "climbing").await.unwrap();
+    see_message(&bob, "who's in on saturday?").await.unwrap();
+    let senders = texts(&bob, "#messages li.msg.theirs .sender").await.unwrap();
+    assert_eq!(senders, [alice_name.as_str()]);
+
+    // Bob leaves: the group disappears from his list, and Alice's member list loses him.
+    bob.click("#leave-group").await.unwrap();
+    bob.wait_for(
+        "the group to leave Bob's list",
+        "return ![...document.querySelectorAll('#conversations li .title')].some((e) => e.textContent === 'climbing')
+             && document.getElementById('thread-title').textContent === 'Pick a chat';",
+        vec![],
+    )
+    .await
+    .unwrap();
+    alice
+        .wait_for(
+            "Bob gone from the members",
+            "return !document.getElementById('thread-members').textContent.includes(arguments[0]);",
+            vec![json!(bob_name)],
+        )
+        .await
+        .unwrap();
+
+    alice.close().await;
+    bob.close().await;
+    drop(node);
+}

@@ -1,0 +1,846 @@
+// Parley's browser client: a client of the documented protocol (protocol/PROTOCOL.md) and nothing
+// more — HTTP for accounts, people and groups, one WebSocket for everything that moves.
+//
+// What it promises its user, and how:
+// - A message is shown as sent (one tick) only when the server's `ack` says it is durably stored.
+//   Until then it is "pending" and is re-sent with the same `client_msg_id` after every reconnect
+//   (PROTOCOL §4.1: a retry with the same id is stored once), so nothing typed is lost to a
+//   dropped connection or a killed node.
+// - When the serving node dies, the socket fails over to another live member of the cluster
+//   (their addresses come from `/v1/cluster`) and reconnect sync (§4.6) fills the gap.
+// - Messages are deduplicated by (conversation, seq) (§4.3); `delivered` is sent for the highest
+//   seq held without a gap, `read` for what the open chat shows.
+// - Every text that comes from the server is rendered with textContent, never as HTML.
+
+const PROTOCOL_VERSION = 1;
+const HISTORY_PAGE = 50;
+const RECONNECT_MIN_MS = 250;
+const RECONNECT_MAX_MS = 5000;
+const CLUSTER_POLL_MS = 1000;
+const CLUSTER_LOG_MAX = 200;
+// The server announces its limits in `welcome`; this is the documented default until then.
+let maxBodyBytes = 16 * 1024;
+
+const $ = (id) => document.getElementById(id);
+
+/** Builds an element; children are nodes or strings (strings become text nodes, never HTML). */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") el.className = v;
+    // Through the CSSOM: the page's Content-Security-Policy refuses inline style attributes.
+    else if (k === "style") Object.assign(el.style, v);
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function randomId(prefix) {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ---------------------------------------------------------------- state
+
+const store = {
+  get auth() {
+    try { return JSON.parse(localStorage.getItem("parley.auth")); } catch { return null; }
+  },
+  set auth(v) {
+    if (v) localStorage.setItem("parley.auth", JSON.stringify(v));
+    else localStorage.removeItem("parley.auth");
+  },
+  // One device id per browser profile and user: reconnect sync and delivered cursors are per device.
+  deviceId(userId) {
+    const key = "parley.device." + userId;
+    let id = localStorage.getItem(key);
+    if (!id) { id = randomId("web-"); localStorage.setItem(key, id); }
+    return id;
+  },
+};
+
+const state = {
+  auth: null,            // {token, user_id, username, expires_at_ms}
+  users: new Map(),      // user id -> username
+  convs: new Map(),      // conversation id (or "to:<user id>" before the first ack) -> Conversation
+  current: null,         // key of the open conversation
+  picked: new Set(),     // people ticked for a new group
+  socket: null,
+  connected: false,
+  node: "",
+  endpoints: [],         // ws URLs to try, this page's own node first
+  endpointIndex: 0,
+  reconnectDelay: RECONNECT_MIN_MS,
+  reconnectTimer: null,
+  reqSeq: 0,
+};
+
+/** A conversation as this client knows it. */
+class Conversation {
+  constructor(key, fields = {}) {
+    this.key = key;                  // conversation id, or "to:<user>" for a chat not yet stored
+    this.id = fields.conversation_id || null;
+    this.kind = fields.kind || "direct";
+    this.members = fields.members || [];
+    this.name = fields.name || null;
+    this.owner = fields.owner || null;
+    this.version = -1;
+    this.lastSeq = fields.last_seq || 0;
+    this.readSeq = fields.read_seq || 0;
+    this.unread = fields.unread || 0;
+    this.messages = new Map();       // seq -> MessageView
+    this.pending = new Map();        // client_msg_id -> {body, state: pending|failed, error}
+    this.peerDelivered = new Map();  // user -> seq (from receipts)
+    this.peerRead = new Map();       // user -> seq
+    this.contiguous = 0;             // every message up to here is held (what `delivered` reports)
+    this.deliveredSent = 0;
+    this.readSent = 0;
+    this.historyLoaded = false;
+    this.hasMore = false;
+    this.peer = fields.peer || null; // direct chats: the other member
+    this.lastActivity = fields.last_message ? fields.last_message.sent_at_ms : 0;
+    if (fields.last_message) this.addMessage(fields.last_message, false);
+  }
+
+  title() {
+    if (this.kind === "group") return this.name || "group";
+    const peer = this.peer || this.members.find((m) => m !== state.auth.user_id) || state.auth.user_id;
+    const name = state.users.get(peer) || peer.slice(0, 8);
+    return peer === state.auth.user_id ? `${name} (you)` : name;
+  }
+
+  others() {
+    return this.members.filter((m) => m !== state.auth.user_id);
+  }
+
+  /** Adds a message once; returns whether it was new. */
+  addMessage(m, live = true) {
+    if (this.messages.has(m.seq)) return false;
+    this.messages.set(m.seq, m);
+    this.lastSeq = Math.max(this.lastSeq, m.seq);
+    this.lastActivity = Math.max(this.lastActivity, m.sent_at_ms);
+    if (m.sender === state.auth.user_id) this.pending.delete(m.client_msg_id);
+    else if (live && m.seq > this.readSeq) this.unread += 1;
+    while (this.messages.has(this.contiguous + 1)) this.contiguous += 1;
+    return true;
+  }
+
+  /** State of my message `seq` for the ticks: sent, delivered (every other member) or read. */
+  tickState(seq) {
+    const others = this.others();
+    if (others.length === 0) return "read"; // a chat with yourself
+    const all = (map) => others.every((u) => (map.get(u) || 0) >= seq);
+    if (all(this.peerRead)) return "read";
+    if (others.every((u) => Math.max(this.peerDelivered.get(u) || 0, this.peerRead.get(u) || 0) >= seq)) return "delivered";
+    return "sent";
+  }
+}
+
+// ---------------------------------------------------------------- HTTP
+
+class ApiError extends Error {
+  constructor(code, message, status) { super(message); this.code = code; this.status = status; }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (state.auth) headers.Authorization = "Bearer " + state.auth.token;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    throw new ApiError("unavailable", "the server cannot be reached", 0);
+  }
+  const text = await res.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
+  if (!res.ok) {
+    const code = (json && json.error) || "http_" + res.status;
+    const message = (json && json.message) || res.statusText;
+    if (res.status === 401 && state.auth && code === "bad_token") signOut("Your session ended: " + message);
+    throw new ApiError(code, message, res.status);
+  }
+  return json;
+}
+
+// ---------------------------------------------------------------- accounts
+
+async function authenticate(kind) {
+  const username = $("username").value.trim();
+  const password = $("password").value;
+  $("auth-error").textContent = "";
+  try {
+    const auth = await api("POST", "/v1/" + kind, { username, password });
+    store.auth = auth;
+    await enter(auth);
+  } catch (e) {
+    $("auth-error").textContent = `${e.message} (${e.code})`;
+  }
+}
+
+async function enter(auth) {
+  state.auth = auth;
+  $("me").textContent = auth.username;
+  $("logout").hidden = false;
+  show("chat");
+  await loadPeople();
+  connect();
+}
+
+function signOut(reason) {
+  const auth = state.auth;
+  if (auth) fetch("/v1/logout", { method: "POST", headers: { Authorization: "Bearer " + auth.token } }).catch(() => {});
+  store.auth = null;
+  state.auth = null;
+  state.convs.clear();
+  state.current = null;
+  if (state.socket) { state.socket.onclose = null; state.socket.close(1000); state.socket = null; }
+  clearTimeout(state.reconnectTimer);
+  setConn("offline");
+  $("me").textContent = "";
+  $("node").textContent = "";
+  $("logout").hidden = true;
+  $("auth-error").textContent = reason || "";
+  show("auth");
+}
+
+async function loadPeople() {
+  try {
+    const users = await api("GET", "/v1/users");
+    for (const u of users) state.users.set(u.id, u.username);
+    renderPeople();
+  } catch (e) {
+    if (state.auth) $("thread-error").textContent = `People could not be loaded: ${e.message}`;
+  }
+}
+
+// ---------------------------------------------------------------- WebSocket
+
+function wsUrl(host) {
+  return (location.protocol === "https:" ? "wss://" : "ws://") + host + "/v1/ws";
+}
+
+function setConn(s) {
+  state.connected = s === "online";
+  $("conn").dataset.state = s;
+  $("conn").textContent = s;
+}
+
+function connect() {
+  if (!state.auth) return;
+  if (state.endpoints.length === 0) state.endpoints = [wsUrl(location.host)];
+  const url = state.endpoints[state.endpointIndex % state.endpoints.length];
+  setConn("connecting");
+  let ws;
+  try { ws = new WebSocket(url); } catch { scheduleReconnect(); return; }
+  state.socket = ws;
+  let welcomed = false;
+  ws.onopen = () => {
+    send({ type: "hello", protocol: PROTOCOL_VERSION, token: state.auth.token, device_id: store.deviceId(state.auth.user_id) });
+  };
+  ws.onmessage = (ev) => {
+    let frame;
+    try { frame = JSON.parse(ev.data); } catch { return; }
+    if (frame.type === "welcome") welcomed = true;
+    handle(frame);
+  };
+  ws.onclose = (ev) => {
+    if (state.socket !== ws) return;
+    state.socket = null;
+    setConn("offline");
+    if (ev.code === 4001 || ev.code === 4002) {
+      signOut(`Signed out by the server: ${ev.reason || ev.code}`);
+      return;
+    }
+    // A socket that never got to `welcome` points at a node that is down or not ready: try the next.
+    if (!welcomed) state.endpointIndex += 1;
+    scheduleReconnect();
+  };
+}
+
+function scheduleReconnect() {
+  clearTimeout(state.reconnectTimer);
+  const delay = state.reconnectDelay * (0.75 + Math.random() / 2);
+  state.reconnectDelay = Math.min(RECONNECT_MAX_MS, state.reconnectDelay * 2);
+  state.reconnectTimer = setTimeout(connect, delay);
+}
+
+function send(frame) {
+  if (!state.socket || state.socket.readyState !== WebSocket.OPEN) return false;
+  state.socket.send(JSON.stringify(frame));
+  return true;
+}
+
+function nextReq(prefix) {
+  state.reqSeq += 1;
+  return `${prefix}-${state.reqSeq}`;
+}
+
+function handle(f) {
+  switch (f.type) {
+    case "welcome":
+      setConn("online");
+      state.reconnectDelay = RECONNECT_MIN_MS;
+      state.node = f.node;
+      $("node").textContent = "via " + f.node;
+      if (f.limits && f.limits.max_body_bytes) maxBodyBytes = f.limits.max_body_bytes;
+      state.conversationsAsked = false;
+      requestConversations();
+      resendPending();
+      learnEndpoints();
+      break;
+    case "conversations":
+      mergeConversations(f.conversations);
+      break;
+    case "message":
+      onMessage(f.message);
+      break;
+    case "ack":
+      onAck(f);
+      break;
+    case "receipt":
+      onReceipt(f);
+      break;
+    case "history":
+      onHistory(f);
+      break;
+    case "group":
+      onGroup(f.group);
+      break;
+    case "sync_done":
+      for (const id of f.truncated || []) {
+        const c = state.convs.get(id);
+        if (c) requestHistory(c); // more than the sync replays: page the rest
+      }
+      break;
+    case "error":
+      onError(f);
+      break;
+    default:
+      break;
+  }
+}
+
+// ---------------------------------------------------------------- conversations and messages
+
+function conversation(id) {
+  let c = state.convs.get(id);
+  if (!c) {
+    c = new Conversation(id, { conversation_id: id });
+    state.convs.set(id, c);
+    // A message for a conversation we have not listed yet (a new chat, a group we were added to).
+    requestConversations();
+  }
+  return c;
+}
+
+/** Asks for the conversation list; at most one request in flight (a sync of many new chats would
+ * otherwise ask once per chat). */
+function requestConversations() {
+  if (state.conversationsAsked) return;
+  if (send({ type: "conversations", req_id: nextReq("c") })) state.conversationsAsked = true;
+}
+
+function mergeConversations(list) {
+  state.conversationsAsked = false;
+  for (const s of list) {
+    let c = state.convs.get(s.conversation_id);
+    if (!c) {
+      c = new Conversation(s.conversation_id, s);
+      state.convs.set(s.conversation_id, c);
+    } else {
+      c.id = s.conversation_id;
+      c.kind = s.kind;
+      c.members = s.members;
+      if (s.name) c.name = s.name;
+      if (s.owner) c.owner = s.owner;
+      c.lastSeq = Math.max(c.lastSeq, s.last_seq);
+      c.readSeq = Math.max(c.readSeq, s.read_seq);
+      c.unread = s.unread;
+      if (s.last_message) {
+        c.addMessage(s.last_message, false);
+        c.lastActivity = Math.max(c.lastActivity, s.last_message.sent_at_ms);
+      }
+    }
+    if (c.kind === "direct") c.peer = c.members.find((m) => m !== state.auth.user_id) || state.auth.user_id;
+    for (const m of c.members) if (!state.users.has(m)) { loadPeople(); break; }
+  }
+  renderConversations();
+  if (state.current) openConversation(state.current, false);
+}
+
+function onMessage(m) {
+  const c = conversation(m.conversation_id);
+  const isNew = c.addMessage(m, true);
+  if (!isNew) return;
+  acknowledge(c);
+  renderConversations();
+  if (state.current === c.key) renderThread();
+}
+
+/** Tells the server what this device holds (`delivered`) and, for the open chat, what was read. */
+function acknowledge(c) {
+  if (!c.id) return;
+  if (c.contiguous > c.deliveredSent && send({ type: "delivered", conversation_id: c.id, seq: c.contiguous })) {
+    c.deliveredSent = c.contiguous;
+  }
+  if (state.current === c.key && document.visibilityState === "visible" && state.view === "chat") {
+    const top = c.lastSeq;
+    if (top > c.readSeq) {
+      if (send({ type: "read", conversation_id: c.id, seq: top })) {
+        c.readSent = top;
+        c.readSeq = top;
+        c.unread = 0;
+      }
+    } else {
+      c.unread = 0;
+    }
+  }
+}
+
+function onAck(a) {
+  // The ack names the conversation; a chat opened by user ("to:<id>") gets its real id now.
+  let c = state.convs.get(a.conversation_id);
+  for (const [key, draft] of state.convs) {
+    if (!draft.pending.has(a.client_msg_id)) continue;
+    const p = draft.pending.get(a.client_msg_id);
+    draft.pending.delete(a.client_msg_id);
+    if (key !== a.conversation_id) {
+      if (!c) {
+        c = draft;
+        state.convs.delete(key);
+        c.key = c.id = a.conversation_id;
+        state.convs.set(c.key, c);
+        if (state.current === key) state.current = c.key;
+      } else {
+        for (const [id, q] of draft.pending) c.pending.set(id, q);
+        state.convs.delete(key);
+        if (state.current === key) state.current = c.key;
+      }
+    }
+    c.addMessage({
+      message_id: a.message_id, conversation_id: a.conversation_id, seq: a.seq,
+      sender: state.auth.user_id, client_msg_id: a.client_msg_id, body: p.body, sent_at_ms: a.sent_at_ms,
+    }, false);
+    break;
+  }
+  if (c) acknowledge(c);
+  renderConversations();
+  renderThread();
+}
+
+function onReceipt(r) {
+  const c = state.convs.get(r.conversation_id);
+  if (!c) return;
+  if (r.user_id === state.auth.user_id) {
+    // Another of my devices (or this one): my read position moved.
+    if (r.kind === "read" && r.seq > c.readSeq) { c.readSeq = r.seq; c.unread = 0; }
+  } else {
+    const map = r.kind === "read" ? c.peerRead : c.peerDelivered;
+    map.set(r.user_id, Math.max(map.get(r.user_id) || 0, r.seq));
+  }
+  renderConversations();
+  if (state.current === c.key) renderThread();
+}
+
+function onHistory(f) {
+  const c = state.convs.get(f.conversation_id);
+  if (!c) return;
+  for (const m of f.messages) c.addMessage(m, false);
+  const first = f.messages.length ? f.messages[0].seq : 0;
+  // Everything below the newest page is reachable by paging; hold that as "received".
+  if (!c.historyLoaded && f.messages.length) c.contiguous = Math.max(c.contiguous, f.messages[f.messages.length - 1].seq);
+  while (c.messages.has(c.contiguous + 1)) c.contiguous += 1;
+  c.historyLoaded = true;
+  c.oldest = first ? Math.min(c.oldest || first, first) : c.oldest;
+  c.hasMore = f.has_more;
+  acknowledge(c);
+  if (state.current === c.key) renderThread();
+}
+
+function onGroup(g) {
+  const me = state.auth.user_id;
+  let c = state.convs.get(g.conversation_id);
+  if (!g.members.includes(me)) {
+    // Removed, or left: the group is gone for this user.
+    if (c) state.convs.delete(g.conversation_id);
+    if (state.current === g.conversation_id) closeConversation();
+    renderConversations();
+    return;
+  }
+  if (!c) {
+    c = new Conversation(g.conversation_id, { conversation_id: g.conversation_id, kind: "group" });
+    state.convs.set(g.conversation_id, c);
+  }
+  if (g.version < c.version) return;
+  c.version = g.version;
+  c.kind = "group";
+  c.name = g.name;
+  c.owner = g.owner;
+  c.members = g.members;
+  for (const m of g.members) if (!state.users.has(m)) { loadPeople(); break; }
+  renderConversations();
+  if (state.current === c.key) renderThread();
+}
+
+function onError(e) {
+  if (e.req_id && e.req_id.startsWith("c-")) state.conversationsAsked = false;
+  if (e.client_msg_id) {
+    for (const c of state.convs.values()) {
+      const p = c.pending.get(e.client_msg_id);
+      if (!p) continue;
+      if (e.code === "unavailable") {
+        // Outcome unknown (§4.1): retry with the same id.
+        setTimeout(() => { if (c.pending.get(e.client_msg_id) === p) sendPending(c, e.client_msg_id, p); }, 1000);
+      } else {
+        p.state = "failed";
+        p.error = `${e.message} (${e.code})`;
+      }
+      renderThread();
+      return;
+    }
+  }
+  $("thread-error").textContent = `${e.message} (${e.code})`;
+}
+
+function requestHistory(c, before) {
+  if (!c.id) return;
+  const frame = { type: "history", req_id: nextReq("h"), conversation_id: c.id, limit: HISTORY_PAGE };
+  if (before) frame.before_seq = before;
+  send(frame);
+}
+
+function sendPending(c, clientMsgId, p) {
+  const frame = { type: "send", client_msg_id: clientMsgId, body: p.body };
+  if (c.id) frame.conversation_id = c.id;
+  else frame.to = c.peer;
+  send(frame);
+}
+
+function resendPending() {
+  for (const c of state.convs.values()) {
+    for (const [id, p] of c.pending) if (p.state === "pending") sendPending(c, id, p);
+    if (state.current === c.key && c.id) requestHistory(c);
+  }
+}
+
+function submitMessage() {
+  const c = state.convs.get(state.current);
+  const body = $("text").value;
+  $("thread-error").textContent = "";
+  if (!c || !body.trim()) return;
+  const bytes = new TextEncoder().encode(body).length;
+  if (bytes > maxBodyBytes) {
+    $("thread-error").textContent = `The message is ${bytes} bytes; the limit is ${maxBodyBytes} (body_too_large).`;
+    return;
+  }
+  const id = randomId("w");
+  const p = { body, state: "pending", at: Date.now() };
+  c.pending.set(id, p);
+  sendPending(c, id, p); // if the socket is down, the reconnect sends it
+  $("text").value = "";
+  renderThread();
+}
+
+// ---------------------------------------------------------------- groups
+
+async function createGroup() {
+  const name = $("group-name").value.trim();
+  $("group-error").textContent = "";
+  try {
+    const g = await api("POST", "/v1/groups", { name, members: [...state.picked] });
+    state.picked.clear();
+    $("group-name").value = "";
+    onGroup(g);
+    renderPeople();
+    openConversation(g.conversation_id);
+  } catch (e) {
+    $("group-error").textContent = `${e.message} (${e.code})`;
+  }
+}
+
+async function leaveGroup() {
+  const c = state.convs.get(state.current);
+  if (!c || c.kind !== "group") return;
+  try {
+    const g = await api("DELETE", `/v1/groups/${c.id}/members/${state.auth.user_id}`);
+    onGroup(g);
+  } catch (e) {
+    $("thread-error").textContent = `${e.message} (${e.code})`;
+  }
+}
+
+// ---------------------------------------------------------------- rendering
+
+function show(view) {
+  state.view = view;
+  $("auth-view").hidden = view !== "auth";
+  $("chat-view").hidden = view !== "chat";
+  $("cluster-view").hidden = view !== "cluster";
+  $("tab-chat").classList.toggle("active", view === "chat");
+  $("tab-cluster").classList.toggle("active", view === "cluster");
+  if (view === "cluster") pollCluster();
+  if (view === "chat" && state.current) {
+    const c = state.convs.get(state.current);
+    if (c) acknowledge(c);
+  }
+}
+
+function formatTime(ms) {
+  const d = new Date(ms);
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function renderConversations() {
+  const list = [...state.convs.values()].sort((a, b) => b.lastActivity - a.lastActivity);
+  $("conversations").replaceChildren(...list.map((c) => {
+    const last = c.messages.get(c.lastSeq);
+    return h("li", {
+      "data-conversation-id": c.key, "data-kind": c.kind, class: c.key === state.current ? "active" : "",
+      onclick: () => openConversation(c.key),
+    },
+    h("span", { class: "title" }, c.title()),
+    c.unread > 0 ? h("span", { class: "unread", title: "unread" }, String(c.unread)) : null,
+    last ? h("span", { class: "preview" }, last.body.slice(0, 60)) : null);
+  }));
+}
+
+function renderPeople() {
+  const me = state.auth ? state.auth.user_id : null;
+  const people = [...state.users.entries()].sort((a, b) => a[1].localeCompare(b[1]));
+  $("people").replaceChildren(...people.map(([id, name]) => h("li", { "data-user-id": id, "data-username": name },
+    h("input", {
+      type: "checkbox", title: "add to a new group", checked: state.picked.has(id), disabled: id === me,
+      onchange: (ev) => { if (ev.target.checked) state.picked.add(id); else state.picked.delete(id); },
+    }),
+    h("button", { type: "button", class: "open-chat", onclick: () => chatWith(id) }, id === me ? `${name} (you)` : name))));
+}
+
+function chatWith(userId) {
+  for (const c of state.convs.values()) {
+    if (c.kind === "direct" && c.peer === userId) return openConversation(c.key);
+  }
+  const key = "to:" + userId;
+  if (!state.convs.has(key)) {
+    const members = userId === state.auth.user_id ? [userId] : [state.auth.user_id, userId].sort();
+    state.convs.set(key, new Conversation(key, { kind: "direct", members, peer: userId }));
+  }
+  openConversation(key);
+}
+
+function openConversation(key, fetch = true) {
+  const c = state.convs.get(key);
+  if (!c) return;
+  const changed = state.current !== key;
+  state.current = key;
+  if (changed) $("thread-error").textContent = "";
+  if (fetch && !c.historyLoaded) requestHistory(c);
+  acknowledge(c);
+  renderConversations();
+  renderThread();
+  if (changed) $("text").focus();
+}
+
+function closeConversation() {
+  state.current = null;
+  renderThread();
+}
+
+function renderThread() {
+  const c = state.current ? state.convs.get(state.current) : null;
+  $("composer").hidden = !c;
+  $("leave-group").hidden = !c || c.kind !== "group";
+  $("older").hidden = !c || !c.hasMore;
+  if (!c) {
+    $("thread-title").textContent = "Pick a chat";
+    $("thread-members").textContent = "";
+    $("messages").replaceChildren();
+    return;
+  }
+  $("thread-title").textContent = c.title();
+  $("thread-members").textContent = c.kind === "group"
+    ? c.members.map((m) => (state.users.get(m) || m.slice(0, 8)) + (m === c.owner ? " (owner)" : "")).join(", ")
+    : "";
+  const me = state.auth.user_id;
+  const items = [...c.messages.values()].sort((a, b) => a.seq - b.seq).map((m) => {
+    const mine = m.sender === me;
+    const tick = mine ? c.tickState(m.seq) : null;
+    return h("li", {
+      class: "msg " + (mine ? "mine" : "theirs"), "data-seq": m.seq, "data-message-id": m.message_id,
+      "data-state": tick,
+    },
+    c.kind === "group" && !mine ? h("span", { class: "sender" }, state.users.get(m.sender) || m.sender.slice(0, 8)) : null,
+    h("span", { class: "body" }, m.body),
+    h("span", { class: "meta" }, formatTime(m.sent_at_ms), mine ? h("span", { class: "ticks " + tick, title: tick }, tick === "sent" ? "✓" : "✓✓") : null));
+  });
+  for (const [id, p] of c.pending) {
+    items.push(h("li", { class: "msg mine", "data-client-msg-id": id, "data-state": p.state },
+      h("span", { class: "body" }, p.body),
+      h("span", { class: "meta" }, p.state === "failed" ? h("span", { class: "error" }, p.error) : h("span", { class: "ticks pending", title: "waiting for the server" }, "🕓"))));
+  }
+  const box = $("messages");
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  box.replaceChildren(...items);
+  if (atBottom) box.scrollTop = box.scrollHeight;
+}
+
+// ---------------------------------------------------------------- cluster view
+
+const cluster = { timer: null, last: null, colors: new Map(), sessions: new Map() };
+
+function nodeColor(name) {
+  if (!name) return "var(--unowned)";
+  if (!cluster.colors.has(name)) {
+    const hue = (cluster.colors.size * 137) % 360;
+    cluster.colors.set(name, `hsl(${hue} 60% 55%)`);
+  }
+  return cluster.colors.get(name);
+}
+
+function logCluster(text) {
+  const log = $("cluster-log");
+  log.prepend(h("li", {}, h("time", {}, new Date().toLocaleTimeString()), " ", text));
+  while (log.children.length > CLUSTER_LOG_MAX) log.lastChild.remove();
+}
+
+/** Learns the other members' addresses, so the socket can fail over when this node dies. */
+async function learnEndpoints() {
+  try {
+    const view = await (await fetch("/v1/cluster")).json();
+    const urls = [wsUrl(location.host), ...view.members.map((m) => wsUrl(m.http))];
+    const current = state.endpoints[state.endpointIndex % state.endpoints.length];
+    state.endpoints = [...new Set(urls)];
+    state.endpointIndex = Math.max(0, state.endpoints.indexOf(current));
+  } catch { /* the page's node is down; keep what we know */ }
+}
+
+async function fetchCluster() {
+  // The page's own node first; when it is down, any member it listed (they allow cross-origin reads).
+  const hosts = [location.host, ...((cluster.last && cluster.last.members) || []).map((m) => m.http)];
+  let lastErr = null;
+  for (const host of [...new Set(hosts)]) {
+    try {
+      const res = await fetch(`${location.protocol}//${host}/v1/cluster`, { cache: "no-store" });
+      if (res.ok) return await res.json();
+      lastErr = new Error(`${host}: HTTP ${res.status}`);
+    } catch (e) {
+      lastErr = new Error(`${host} does not answer`);
+    }
+  }
+  throw lastErr;
+}
+
+async function pollCluster() {
+  clearTimeout(cluster.timer);
+  if (state.view !== "cluster") return;
+  try {
+    const view = await fetchCluster();
+    $("cluster-error").textContent = "";
+    diffCluster(cluster.last, view);
+    cluster.last = view;
+    cluster.sessions.set(view.node, view.sessions);
+    renderCluster(view);
+    // Sessions per member: each node counts its own.
+    await Promise.all(view.members.filter((m) => m.alive && m.node !== view.node).map(async (m) => {
+      try {
+        const v = await (await fetch(`${location.protocol}//${m.http}/v1/cluster`, { cache: "no-store" })).json();
+        cluster.sessions.set(m.node, v.sessions);
+      } catch { cluster.sessions.delete(m.node); }
+    }));
+    renderCluster(view);
+  } catch (e) {
+    $("cluster-error").textContent = `No node answers: ${e.message}`;
+  }
+  cluster.timer = setTimeout(pollCluster, CLUSTER_POLL_MS);
+}
+
+function diffCluster(before, after) {
+  if (!before) {
+    const nodes = new Set([after.node, ...after.members.map((m) => m.node)]);
+    logCluster(`watching through ${after.node}: ${nodes.size} nodes, ${after.shards.length} shards`);
+    return;
+  }
+  const alive = (v) => new Map([...v.members.map((m) => [m.node, m.alive]), [v.node, true]]);
+  const a = alive(before), b = alive(after);
+  for (const [n, up] of b) {
+    if (a.get(n) === up) continue;
+    logCluster(up ? `${n} is up` : `${n} is down`);
+  }
+  const old = new Map(before.shards.map((s) => [s.shard_id, s]));
+  const moves = [];
+  for (const s of after.shards) {
+    const o = old.get(s.shard_id);
+    if (o && (o.owner !== s.owner || o.epoch !== s.epoch)) moves.push(`${s.shard_id}: ${o.owner || "none"} → ${s.owner || "none"} (epoch ${s.epoch})`);
+  }
+  if (moves.length) logCluster(`${moves.length} shard${moves.length > 1 ? "s" : ""} moved — ${moves.join(", ")}`);
+}
+
+function renderCluster(view) {
+  $("cluster-updated").textContent = `through ${view.node}, ${new Date().toLocaleTimeString()}`;
+  const owned = new Map();
+  for (const s of view.shards) if (s.owner) owned.set(s.owner, (owned.get(s.owner) || 0) + 1);
+  const rows = [{ node: view.node, alive: true, http: view.members.find((m) => m.node === view.node)?.http || location.host, last_seen_ms_ago: 0, self: true },
+    ...view.members.filter((m) => m.node !== view.node)]
+    .sort((x, y) => x.node.localeCompare(y.node));
+  $("members").tBodies[0].replaceChildren(...rows.map((m) => h("tr", { "data-node": m.node, "data-alive": m.alive ? "true" : "false" },
+    h("td", {}, h("span", { class: "swatch", style: { background: nodeColor(m.node) } }), m.node, m.self ? " (this page)" : ""),
+    h("td", { class: m.alive ? "up" : "down" }, m.alive ? "up" : "down"),
+    h("td", {}, m.http),
+    h("td", {}, cluster.sessions.has(m.node) && m.alive ? String(cluster.sessions.get(m.node)) : "–"),
+    h("td", { class: "owned" }, String(owned.get(m.node) || 0)),
+    h("td", {}, m.self ? "–" : `${m.last_seen_ms_ago} ms ago`))));
+  const ev = view.events || {};
+  $("cluster-events-counts").textContent =
+    `peers declared silent: ${ev.peers_declared_silent ?? 0} · shards lost without hand-off: ${ev.shards_lost ?? 0} · redirects: ${view.redirects ?? 0}`;
+  $("shards").replaceChildren(...view.shards.map((s) => h("div", {
+    class: "shard " + s.status, "data-shard": s.shard_id, "data-owner": s.owner || "", "data-epoch": s.epoch,
+    title: `shard ${s.shard_id}: ${s.owner || "no owner"}, epoch ${s.epoch}, ${s.status}, store ${s.group}`,
+    style: { background: nodeColor(s.owner) },
+  }, h("b", {}, String(s.shard_id)), h("small", {}, String(s.epoch)))));
+}
+
+// ---------------------------------------------------------------- wiring
+
+// A bug in this page is shown, not swallowed: the person (and a test's failure report) sees it.
+window.addEventListener("error", (ev) => { $("app-error").textContent = `UI error: ${ev.message}`; });
+window.addEventListener("unhandledrejection", (ev) => {
+  $("app-error").textContent = `UI error: ${ev.reason && ev.reason.message ? ev.reason.message : ev.reason}`;
+});
+
+$("auth").addEventListener("submit", (ev) => { ev.preventDefault(); authenticate("login"); });
+$("register").addEventListener("click", () => {
+  if ($("auth").reportValidity()) authenticate("register");
+});
+$("logout").addEventListener("click", () => signOut());
+$("composer").addEventListener("submit", (ev) => { ev.preventDefault(); submitMessage(); });
+$("text").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); submitMessage(); }
+});
+$("new-group").addEventListener("submit", (ev) => { ev.preventDefault(); createGroup(); });
+$("leave-group").addEventListener("click", leaveGroup);
+$("refresh-people").addEventListener("click", (ev) => { ev.preventDefault(); loadPeople(); });
+$("older").addEventListener("click", () => {
+  const c = state.convs.get(state.current);
+  if (c) requestHistory(c, Math.min(...c.messages.keys()));
+});
+$("tab-chat").addEventListener("click", () => show(state.auth ? "chat" : "auth"));
+$("tab-cluster").addEventListener("click", () => show("cluster"));
+document.addEventListener("visibilitychange", () => {
+  const c = state.current && state.convs.get(state.current);
+  if (c) acknowledge(c);
+});
+
+const saved = store.auth;
+if (saved && saved.expires_at_ms > Date.now()) {
+  enter(saved);
+} else {
+  store.auth = null;
+  show("auth");
+}
