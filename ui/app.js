@@ -18,6 +18,9 @@ const RECONNECT_MIN_MS = 250;
 const RECONNECT_MAX_MS = 5000;
 const CLUSTER_POLL_MS = 1000;
 const CLUSTER_LOG_MAX = 200;
+// PROTOCOL §7: the server forwards one `typing` per chat per 2 s; show it for 6 s after the last.
+const TYPING_INTERVAL_MS = 2000;
+const TYPING_SHOWN_MS = 6000;
 // The server announces its limits in `welcome`; this is the documented default until then.
 let maxBodyBytes = 16 * 1024;
 
@@ -98,12 +101,18 @@ class Conversation {
     this.pending = new Map();        // client_msg_id -> {body, state: pending|failed, error}
     this.peerDelivered = new Map();  // user -> seq (from receipts)
     this.peerRead = new Map();       // user -> seq
+    // Every other member has received / read up to here, as the conversation list said (receipts
+    // are not replayed after a reload; live ones move the per-user maps above past these).
+    this.othersDelivered = fields.others_delivered_seq || 0;
+    this.othersRead = fields.others_read_seq || 0;
     this.contiguous = 0;             // every message up to here is held (what `delivered` reports)
     this.deliveredSent = 0;
     this.readSent = 0;
     this.historyLoaded = false;
     this.hasMore = false;
     this.peer = fields.peer || null; // direct chats: the other member
+    this.typing = new Map();         // user -> time until which "typing…" is shown
+    this.typingSentAt = 0;
     this.lastActivity = fields.last_message ? fields.last_message.sent_at_ms : 0;
     if (fields.last_message) this.addMessage(fields.last_message, false);
   }
@@ -125,6 +134,7 @@ class Conversation {
     this.messages.set(m.seq, m);
     this.lastSeq = Math.max(this.lastSeq, m.seq);
     this.lastActivity = Math.max(this.lastActivity, m.sent_at_ms);
+    this.typing.delete(m.sender); // their message ends their "typing…"
     if (m.sender === state.auth.user_id) this.pending.delete(m.client_msg_id);
     else if (live && m.seq > this.readSeq) this.unread += 1;
     while (this.messages.has(this.contiguous + 1)) this.contiguous += 1;
@@ -135,9 +145,9 @@ class Conversation {
   tickState(seq) {
     const others = this.others();
     if (others.length === 0) return "read"; // a chat with yourself
-    const all = (map) => others.every((u) => (map.get(u) || 0) >= seq);
-    if (all(this.peerRead)) return "read";
-    if (others.every((u) => Math.max(this.peerDelivered.get(u) || 0, this.peerRead.get(u) || 0) >= seq)) return "delivered";
+    if (seq <= this.othersRead || others.every((u) => (this.peerRead.get(u) || 0) >= seq)) return "read";
+    const delivered = (u) => Math.max(this.peerDelivered.get(u) || 0, this.peerRead.get(u) || 0);
+    if (seq <= this.othersDelivered || others.every((u) => delivered(u) >= seq)) return "delivered";
     return "sent";
   }
 }
@@ -314,6 +324,9 @@ function handle(f) {
     case "group":
       onGroup(f.group);
       break;
+    case "typing":
+      onTyping(f);
+      break;
     case "sync_done":
       for (const id of f.truncated || []) {
         const c = state.convs.get(id);
@@ -364,6 +377,8 @@ function mergeConversations(list) {
       c.lastSeq = Math.max(c.lastSeq, s.last_seq);
       c.readSeq = Math.max(c.readSeq, s.read_seq);
       c.unread = s.unread;
+      c.othersDelivered = Math.max(c.othersDelivered, s.others_delivered_seq || 0);
+      c.othersRead = Math.max(c.othersRead, s.others_read_seq || 0);
       if (s.last_message) {
         c.addMessage(s.last_message, false);
         c.lastActivity = Math.max(c.lastActivity, s.last_message.sent_at_ms);
@@ -490,6 +505,40 @@ function onGroup(g) {
   if (state.current === c.key) renderThread();
 }
 
+function onTyping(t) {
+  const c = state.convs.get(t.conversation_id);
+  if (!c || t.user_id === state.auth.user_id) return;
+  c.typing.set(t.user_id, Date.now() + TYPING_SHOWN_MS);
+  renderTyping();
+  setTimeout(renderTyping, TYPING_SHOWN_MS + 50);
+}
+
+/** Who is typing in `c` now (names). */
+function typers(c) {
+  const now = Date.now();
+  for (const [u, until] of c.typing) if (until <= now) c.typing.delete(u);
+  return [...c.typing.keys()].map((u) => state.users.get(u) || u.slice(0, 8));
+}
+
+function typingLine(c) {
+  const names = c ? typers(c) : [];
+  return names.length === 0 ? "" : `${names.join(", ")} ${names.length === 1 ? "is" : "are"} typing…`;
+}
+
+function renderTyping() {
+  $("typing").textContent = typingLine(state.current && state.convs.get(state.current));
+  renderConversations();
+}
+
+/** Tells the other members that this user is typing: at most once per interval per chat. */
+function typed() {
+  const c = state.convs.get(state.current);
+  if (!c || !c.id || !$("text").value) return;
+  const now = Date.now();
+  if (now - c.typingSentAt < TYPING_INTERVAL_MS) return;
+  if (send({ type: "typing", conversation_id: c.id })) c.typingSentAt = now;
+}
+
 function onError(e) {
   if (e.req_id && e.req_id.startsWith("c-")) state.conversationsAsked = false;
   if (e.client_msg_id) {
@@ -608,7 +657,8 @@ function renderConversations() {
     },
     h("span", { class: "title" }, c.title()),
     c.unread > 0 ? h("span", { class: "unread", title: "unread" }, String(c.unread)) : null,
-    last ? h("span", { class: "preview" }, last.body.slice(0, 60)) : null);
+    typers(c).length ? h("span", { class: "typing-hint" }, "typing…")
+      : last ? h("span", { class: "preview" }, last.body.slice(0, 60)) : null);
   }));
 }
 
@@ -659,12 +709,14 @@ function renderThread() {
   $("leave-group").hidden = !c || c.kind !== "group";
   $("older").hidden = !c || !c.hasMore;
   if (!c) {
+    $("typing").textContent = "";
     $("thread-title").textContent = "Pick a chat";
     $("thread-members").textContent = "";
     $("messages").replaceChildren();
     return;
   }
   $("thread-title").textContent = c.title();
+  $("typing").textContent = typingLine(c);
   $("thread-members").textContent = c.kind === "group"
     ? c.members.map((m) => (state.users.get(m) || m.slice(0, 8)) + (m === c.owner ? " (owner)" : "")).join(", ")
     : "";
@@ -820,6 +872,7 @@ $("register").addEventListener("click", () => {
 });
 $("logout").addEventListener("click", () => signOut());
 $("composer").addEventListener("submit", (ev) => { ev.preventDefault(); submitMessage(); });
+$("text").addEventListener("input", typed);
 $("text").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); submitMessage(); }
 });

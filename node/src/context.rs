@@ -49,7 +49,7 @@ fn delivery_bytes(d: &Delivery) -> usize {
     let event = match &d.event {
         UserEvent::Message(m) => m.body.len() + m.client_msg_id.as_str().len(),
         UserEvent::Group(g) => g.name.len() + g.members.len() * 17,
-        UserEvent::Receipt { .. } | UserEvent::TokenRevoked { .. } => 0,
+        UserEvent::Receipt { .. } | UserEvent::TokenRevoked { .. } | UserEvent::Typing { .. } => 0,
     };
     d.users.len() * 17 + event + 128
 }
@@ -533,11 +533,22 @@ impl NodeContext {
             let summaries = self.summaries(shard, user, ids).await?;
             for record in records {
                 let s = summaries.iter().find(|s| s.conversation_id == record.id);
+                let last_seq = s.map_or(0, |s| s.last_seq);
+                // Direct chats only: the store reports the one other user's cursor, which in a
+                // direct chat is the peer's (its membership never changes); in a group it would
+                // be whichever member happened to have one.
+                let (others_delivered_seq, others_read_seq) = match record.kind {
+                    ConversationKind::Group => (0, 0),
+                    ConversationKind::Direct if record.members.iter().all(|m| *m == user) => (last_seq, last_seq),
+                    ConversationKind::Direct => s.and_then(|s| s.peer_cursor).unwrap_or((0, 0)),
+                };
                 out.push(ConversationSummary {
                     conversation_id: record.id,
                     kind: record.kind,
                     members: record.members.clone(),
-                    last_seq: s.map_or(0, |s| s.last_seq),
+                    last_seq,
+                    others_delivered_seq,
+                    others_read_seq,
                     read_seq: s.map_or(0, |s| s.read_seq),
                     unread: s.map_or(0, |s| s.unread),
                     last_message: s.and_then(|s| s.last_message.clone()),

@@ -48,6 +48,9 @@ fn event_frame(event: &UserEvent) -> Option<ServerFrame> {
         UserEvent::Receipt { conversation_id, user_id, kind, seq } => {
             ServerFrame::Receipt { conversation_id: *conversation_id, user_id: *user_id, kind: *kind, seq: *seq }
         }
+        UserEvent::Typing { conversation_id, user_id } => {
+            ServerFrame::Typing { conversation_id: *conversation_id, user_id: *user_id }
+        }
         UserEvent::TokenRevoked { .. } => return None,
     })
 }

@@ -94,6 +94,12 @@ pub enum UserEvent {
     /// A group was created or changed. A node that hands this on also forgets its cached copy of
     /// the group, so sends through it see the new members at once.
     Group(GroupView),
+    /// `user_id` is typing in the conversation: for the other members' live sessions only. Not
+    /// stored, not replayed, at most once.
+    Typing {
+        conversation_id: ConversationId,
+        user_id: UserId,
+    },
 }
 
 /// A conversation as its shard knows it, for the conversation list.
@@ -104,6 +110,11 @@ pub struct ShardSummary {
     pub read_seq: Seq,
     pub unread: u64,
     pub last_message: Option<MessageView>,
+    /// The member-level (delivered, read) cursor of the one *other* user with a cursor in this
+    /// conversation; `None` when no other user has one, or more than one does. In a direct chat
+    /// that is the peer's position, which the conversation list shows as `others_*_seq` (the
+    /// store cannot tell a direct chat from a group; the node, which can, ignores it for groups).
+    pub peer_cursor: Option<(Seq, Seq)>,
 }
 
 /// Everything nodes send each other. Append-only.

@@ -48,10 +48,14 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
+    /// The user is typing in the conversation: shown to the other members' live sessions. No
+    /// reply; at most one per conversation per `TYPING_INTERVAL_MS` is forwarded.
+    Typing { conversation_id: ConversationId },
 }
 
 /// Every `type` a client may send; anything else is `unknown_frame`.
-pub const CLIENT_FRAME_TYPES: &[&str] = &["hello", "send", "delivered", "read", "history", "conversations", "ping"];
+pub const CLIENT_FRAME_TYPES: &[&str] =
+    &["hello", "send", "delivered", "read", "history", "conversations", "ping", "typing"];
 
 impl ClientFrame {
     /// Decode one text frame, classifying failures into distinct error codes.
@@ -128,6 +132,14 @@ pub struct ConversationSummary {
     pub read_seq: Seq,
     /// Messages from others after `read_seq`.
     pub unread: u64,
+    /// Direct chats: the other member has received (on some device) every message up to here.
+    /// Lets a client show its own messages' ticks after a restart, since receipts are not
+    /// replayed. A chat with yourself: `last_seq`. Groups: 0 (not tracked in the list yet).
+    #[serde(default)]
+    pub others_delivered_seq: Seq,
+    /// Direct chats: the other member has read every message up to here (as above).
+    #[serde(default)]
+    pub others_read_seq: Seq,
     pub last_message: Option<MessageView>,
     /// Groups only: the group's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,6 +216,9 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<u64>,
     },
+    /// Another member is typing in the conversation (show it for `TYPING_SHOWN_MS`, or until a
+    /// message from them arrives).
+    Typing { conversation_id: ConversationId, user_id: UserId },
     Error {
         code: ErrorCode,
         message: String,

@@ -43,3 +43,13 @@ pub const MAX_GROUP_MEMBERS: usize = 1024;
 /// Longest group name, in bytes of UTF-8 (WhatsApp's subject limit is 100 characters). A name is
 /// trimmed and must not be empty.
 pub const MAX_GROUP_NAME_BYTES: usize = 100;
+
+/// A session forwards at most one `typing` per conversation in this interval; the others are
+/// dropped (not refused). A client that keeps typing sends one every couple of seconds, and a
+/// member sees "typing…" for [`TYPING_SHOWN_MS`] after the last one, so the indicator stays on
+/// without a frame per keystroke crossing the cluster.
+pub const TYPING_INTERVAL_MS: u64 = 2_000;
+
+/// How long a client shows "typing…" after the last `typing` frame (a hint to clients; there is
+/// no "stopped typing" frame: a message from that user, or this much silence, ends it).
+pub const TYPING_SHOWN_MS: u64 = 6_000;

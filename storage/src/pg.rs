@@ -891,6 +891,7 @@ impl ShardStore for PgShard {
                         (SELECT count(*) FROM messages u
                          WHERE u.conversation_id = sc.conversation_id
                            AND u.seq > COALESCE(cur.read_seq, 0) AND u.sender <> $2),
+                        peer.n, peer.delivered, peer.read,
                         {MESSAGE_COLUMNS}
                  FROM UNNEST($3::uuid[]) WITH ORDINALITY AS c(id, ord)
                  CROSS JOIN LATERAL (
@@ -901,6 +902,13 @@ impl ShardStore for PgShard {
                      SELECT read_seq FROM cursors
                      WHERE conversation_id = c.id AND user_id = $2 AND device_id = '' LIMIT 1
                  ) cur ON true
+                 CROSS JOIN LATERAL (
+                     -- At most two rows are read: a group's cursors are not scanned to find out
+                     -- that there is more than one other member.
+                     SELECT count(*) AS n, min(delivered_seq) AS delivered, min(read_seq) AS read
+                     FROM (SELECT delivered_seq, read_seq FROM cursors
+                           WHERE conversation_id = c.id AND device_id = '' AND user_id <> $2 LIMIT 2) o
+                 ) peer
                  LEFT JOIN LATERAL (
                      SELECT * FROM messages
                      WHERE conversation_id = sc.conversation_id AND seq = sc.last_seq LIMIT 1
@@ -911,9 +919,16 @@ impl ShardStore for PgShard {
         let rows = client.query(&stmt, &[&self.shard_db(), &user.0, &conversations]).await?;
         rows.iter()
             .map(|row| {
-                let last_message = match row.try_get::<_, Option<Uuid>>(4)? {
-                    Some(_) => Some(message_view(row, 4)?),
+                let last_message = match row.try_get::<_, Option<Uuid>>(7)? {
+                    Some(_) => Some(message_view(row, 7)?),
                     None => None,
+                };
+                let peer_cursor = match row.try_get::<_, i64>(4)? {
+                    1 => Some((
+                        from_db(row.try_get::<_, i64>(5)?, "peer delivered_seq")?,
+                        from_db(row.try_get::<_, i64>(6)?, "peer read_seq")?,
+                    )),
+                    _ => None,
                 };
                 Ok(ShardSummary {
                     conversation_id: ConversationId(row.try_get(0)?),
@@ -921,6 +936,7 @@ impl ShardStore for PgShard {
                     read_seq: from_db(row.try_get(2)?, "read_seq")?,
                     unread: from_db(row.try_get(3)?, "unread count")?,
                     last_message,
+                    peer_cursor,
                 })
             })
             .collect()

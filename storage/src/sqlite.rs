@@ -832,6 +832,12 @@ impl ShardStore for SqliteShard {
             let mut msg = c.prepare_cached(&format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq = ?2"
             ))?;
+            // At most two rows are read: a group's cursors are not scanned to find out that there
+            // is more than one other member.
+            let mut peer = c.prepare_cached(
+                "SELECT delivered_seq, read_seq FROM cursors
+                 WHERE conversation_id = ?1 AND device_id = '' AND user_id != ?2 LIMIT 2",
+            )?;
             let user_key = user.0.as_bytes().to_vec();
             for conv in conversations {
                 let key = conv.0.as_bytes().to_vec();
@@ -842,12 +848,21 @@ impl ShardStore for SqliteShard {
                 let unread_n: i64 = unread.query_row(params![key, read_seq, user_key], |r| r.get(0))?;
                 let last_message =
                     msg.query_row(params![key, last_seq], message_from_row).optional()?.map(to_view).transpose()?;
+                let peers = peer
+                    .query_map(params![key, user_key], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
                 out.push(ShardSummary {
                     conversation_id: conv,
                     last_seq: last_seq as u64,
                     read_seq: read_seq as u64,
                     unread: unread_n as u64,
                     last_message,
+                    peer_cursor: match peers[..] {
+                        [one] => Some(one),
+                        _ => None,
+                    },
                 });
             }
             Ok(out)

@@ -150,6 +150,11 @@ impl Browser {
         }
     }
 
+    /// [`Browser::wait_for`] when only "it happened" matters.
+    pub async fn wait_until(&self, what: &str, script: &str, args: Vec<Value>) -> anyhow::Result<()> {
+        self.wait_for(what, script, args).await.map(|_| ())
+    }
+
     /// The visible text of the page (for failure messages).
     pub async fn text(&self) -> String {
         match self.client.execute("return document.body.innerText", vec![]).await {

@@ -253,9 +253,16 @@ async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
     assert_eq!((list[0].unread, list[0].last_seq), (1, 1));
     assert_eq!(list[0].last_message.as_ref().unwrap().body, "hello bob");
 
+    // Before any receipt, alice's list says nothing reached bob yet.
+    let list = http.conversations(&alice.token).await.unwrap();
+    assert_eq!((list[0].others_delivered_seq, list[0].others_read_seq), (0, 0));
+
     b1.send(&ClientFrame::Delivered { conversation_id, seq: 1 }).await.unwrap();
     let r = a1.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Delivered, .. })).await.unwrap();
     assert_eq!(r, ServerFrame::Receipt { conversation_id, user_id: bob.user_id, kind: ReceiptKind::Delivered, seq: 1 });
+    // The list keeps what the receipt said, for a client that was not connected to see it.
+    let list = http.conversations(&alice.token).await.unwrap();
+    assert_eq!((list[0].others_delivered_seq, list[0].others_read_seq), (1, 0), "bob received, not read");
 
     b2.send(&ClientFrame::Read { conversation_id, seq: 1 }).await.unwrap();
     let r = a1.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, .. })).await.unwrap();
@@ -263,6 +270,10 @@ async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
     let list = http.conversations(&bob.token).await.unwrap();
     assert_eq!(list[0].unread, 0);
     assert_eq!(list[0].read_seq, 1);
+    let list = http.conversations(&alice.token).await.unwrap();
+    assert_eq!((list[0].others_delivered_seq, list[0].others_read_seq), (1, 1), "bob read it");
+    let list = http.conversations(&bob.token).await.unwrap();
+    assert_eq!((list[0].others_delivered_seq, list[0].others_read_seq), (0, 0), "alice's own cursor is not bob's view");
 
     // A reply goes the other way, with the next seq.
     let ack = b1.send_message(alice.user_id, "hi alice", "r-1").await.unwrap();
@@ -271,6 +282,30 @@ async fn chat_with_acks_delivery_and_read_receipts(pg: bool) {
     assert_eq!(m.seq, 2);
     // The origin device does not get its own message echoed.
     assert!(!a1.buffered().any(|f| matches!(f, ServerFrame::Message { message } if message.body == "hello bob")));
+
+    // Typing reaches the other member's devices, not the typist's own; a second one within
+    // TYPING_INTERVAL_MS is dropped. A message sent after both is the sentinel: on one node the
+    // hub hands a session its frames in order, so a second typing frame would come before it.
+    a1.send(&ClientFrame::Typing { conversation_id }).await.unwrap();
+    a1.send(&ClientFrame::Typing { conversation_id }).await.unwrap();
+    let typing = ServerFrame::Typing { conversation_id, user_id: alice.user_id };
+    for conn in [&mut b1, &mut b2] {
+        assert_eq!(conn.expect(T, |f| matches!(f, ServerFrame::Typing { .. })).await.unwrap(), typing);
+    }
+    a1.send_message(bob.user_id, "done typing", "c-2").await.unwrap();
+    for conn in [&mut b1, &mut b2, &mut a2] {
+        expect_message(conn, "done typing").await;
+        assert!(
+            !conn.buffered().any(|f| matches!(f, ServerFrame::Typing { .. })),
+            "one typing frame at most, none to alice"
+        );
+    }
+    // Typing into a conversation one is not in is refused like any other frame about it.
+    let carol = register(&http, "carol").await;
+    let mut c1 = http.connect(&carol.token, "c1").await.unwrap();
+    c1.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    c1.send(&ClientFrame::Typing { conversation_id }).await.unwrap();
+    expect_error(&mut c1, ErrorCode::UnknownConversation).await;
 }
 
 /// A node whose connections hold at most 2 frames in flight, with alice and bob registered and

@@ -877,11 +877,22 @@ async fn summaries_count_unread_from_others(f: &Fixture) -> Result<()> {
 
     let bobs = store.summaries(bob, &[c1]).await?;
     assert_eq!((bobs[0].read_seq, bobs[0].unread), (0, 1), "alice's one");
+    assert_eq!((bobs[0].peer_cursor, s1.peer_cursor), (None, None), "nobody has a cursor yet");
 
     store.commit(epoch, &cursors(vec![cursor(c1, alice, Some("web"), ReceiptKind::Read, 2)])).await?;
     let s1 = store.summaries(alice, &[c1]).await?.pop().context("summary")?;
     assert_eq!((s1.read_seq, s1.unread), (2, 1), "own message at 3 is never unread");
     assert_eq!(store.member_cursor(c1, alice).await?, (2, 2), "read implies delivered");
+    assert_eq!(s1.peer_cursor, None, "a user's own cursor is not a peer's");
+    store.commit(epoch, &cursors(vec![cursor(c1, alice, Some("phone"), ReceiptKind::Delivered, 4)])).await?;
+    let bobs = store.summaries(bob, &[c1]).await?;
+    assert_eq!(bobs[0].peer_cursor, Some((4, 2)), "bob sees alice's member-level cursor (max over her devices)");
+
+    // With two other users holding cursors (a group), there is no single peer.
+    let carol = UserId::random();
+    store.commit(epoch, &cursors(vec![cursor(c1, carol, None, ReceiptKind::Read, 1)])).await?;
+    let bobs = store.summaries(bob, &[c1]).await?;
+    assert_eq!(bobs[0].peer_cursor, None);
 
     store.commit(epoch, &cursors(vec![cursor(c1, alice, None, ReceiptKind::Read, 4)])).await?;
     let s1 = store.summaries(alice, &[c1]).await?.pop().context("summary")?;

@@ -3,9 +3,9 @@
 //! what a person sees — the DOM the UI renders from the server's frames — never the UI's internals.
 //!
 //! - Two people on two nodes of a Postgres-backed cluster: sign-up, a chat, live delivery and read
-//!   ticks across nodes, then a kill -9 of one person's node: the cluster view shows the node down
+//!   ticks across nodes, typing, then a kill -9 of one person's node: the cluster view shows the node down
 //!   and its shards moving, the person's browser fails over to the live node and still gets the
-//!   next message, and a reload shows the whole history.
+//!   next message, and a reload shows the whole history with its read ticks.
 //! - One node on the embedded store: refusals are shown and change nothing (wrong password, a
 //!   taken username, an oversized message), message text is never interpreted as HTML, and groups
 //!   are created, used and left from the UI.
@@ -83,25 +83,23 @@ async fn send_text(b: &Browser, text: &str) -> anyhow::Result<u64> {
 
 /// Waits until the open chat shows a message from someone else with this text.
 async fn see_message(b: &Browser, text: &str) -> anyhow::Result<()> {
-    b.wait_for(
+    b.wait_until(
         "a message to appear",
         "return [...document.querySelectorAll('#messages li.msg.theirs .body')].some((e) => e.textContent === arguments[0]);",
         vec![json!(text)],
     )
     .await
-    .map(|_| ())
 }
 
 /// The tick state of my message `seq` in the open chat.
 async fn tick_of(b: &Browser, seq: u64, want: &str) -> anyhow::Result<()> {
-    b.wait_for(
+    b.wait_until(
         &format!("message {seq} to show `{want}`"),
         "const m = document.querySelector(`#messages li.msg.mine[data-seq=\"${arguments[0]}\"]`);
          return m && m.dataset.state === arguments[1];",
         vec![json!(seq), json!(want)],
     )
     .await
-    .map(|_| ())
 }
 
 /// Opens a conversation from the chat list by its visible title.
@@ -117,13 +115,12 @@ async fn open_conversation_titled(b: &Browser, title: &str) -> anyhow::Result<()
         vec![json!(title)],
     )
     .await?;
-    b.wait_for(
+    b.wait_until(
         "the chat to open",
         "return document.getElementById('thread-title').textContent === arguments[0];",
         vec![json!(title)],
     )
     .await
-    .map(|_| ())
 }
 
 async fn texts(b: &Browser, css: &str) -> anyhow::Result<Vec<String>> {
@@ -172,10 +169,22 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
         bob.eval("return document.querySelectorAll('#conversations li .unread').length;", vec![]).await.unwrap();
     assert_eq!(badge, json!(0), "opening the chat clears its unread badge");
 
+    // Bob starts typing: Alice (on the other node) sees it in the open chat; his message ends it.
+    bob.type_into("#text", "hi").await.unwrap();
+    alice
+        .wait_for(
+            "Bob's typing indicator",
+            "return document.getElementById('typing').textContent === arguments[0] + ' is typing…';",
+            vec![json!(bob_name)],
+        )
+        .await
+        .unwrap();
     // Bob answers; Alice's open chat shows it without a click.
     let reply = send_text(&bob, "hi alice").await.unwrap();
     assert_eq!(reply, 2);
     see_message(&alice, "hi alice").await.unwrap();
+    let typing = alice.eval("return document.getElementById('typing').textContent;", vec![]).await.unwrap();
+    assert_eq!(typing, json!(""), "a message from Bob ends his typing indicator");
 
     // Alice watches the cluster: both nodes up, every shard owned.
     alice.click("#tab-cluster").await.unwrap();
@@ -260,6 +269,10 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
         .unwrap();
     let bodies = texts(&alice, "#messages li.msg .body").await.unwrap();
     assert_eq!(bodies, ["hello bob", "hi alice", "still there?"]);
+    // Receipts are not replayed, yet her messages keep their read ticks: the list carries Bob's
+    // read position.
+    tick_of(&alice, first, "read").await.unwrap();
+    tick_of(&alice, third, "read").await.unwrap();
 
     alice.close().await;
     bob.close().await;

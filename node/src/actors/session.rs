@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
 use parley_protocol::frames::{ClientFrame, ConversationKind, Limits, MessageView, ReceiptKind, ServerFrame};
-use parley_protocol::limits::{MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYNC_PER_CONVERSATION};
+use parley_protocol::limits::{
+    MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYNC_PER_CONVERSATION, TYPING_INTERVAL_MS,
+};
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -86,6 +88,9 @@ pub struct SessionState {
     /// Highest seq pushed to this device per conversation, so a message that arrives both live and
     /// through reconnect sync is pushed once.
     pushed: HashMap<ConversationId, Seq>,
+    /// When this session last forwarded `typing` per conversation (only entries younger than
+    /// `TYPING_INTERVAL_MS` are kept, so it holds the chats typed in during the last interval).
+    typing_sent: HashMap<ConversationId, std::time::Instant>,
     /// `HelloTimeout`, until `hello` succeeds.
     hello_timer: Option<Timer>,
     /// `TokenExpired`, once authenticated.
@@ -276,6 +281,32 @@ impl SessionState {
             ClientFrame::Ping { nonce } => {
                 self.send(&ServerFrame::Pong { nonce });
             }
+            ClientFrame::Typing { conversation_id } => self.typing(user, conversation_id).await,
+        }
+    }
+
+    /// Tells the other members' live sessions that `user` is typing: at most once per
+    /// conversation per `TYPING_INTERVAL_MS` from this session; the rest are dropped, not refused
+    /// (the indicator is advisory, and a client that keeps typing keeps sending). Goes through the
+    /// fan-out like a receipt, never through a shard or the store.
+    async fn typing(&mut self, user: UserId, conversation_id: ConversationId) {
+        let now = std::time::Instant::now();
+        let interval = Duration::from_millis(TYPING_INTERVAL_MS);
+        if self.typing_sent.get(&conversation_id).is_some_and(|at| now.duration_since(*at) < interval) {
+            return;
+        }
+        match self.ctx.member_conversation(user, conversation_id).await {
+            Ok(record) => {
+                self.typing_sent.retain(|_, at| now.duration_since(*at) < interval);
+                self.typing_sent.insert(conversation_id, now);
+                let others: Vec<UserId> = record.members.iter().copied().filter(|m| *m != user).collect();
+                if !others.is_empty() {
+                    self.ctx.fan_out(&others, UserEvent::Typing { conversation_id, user_id: user }, self.id);
+                }
+            }
+            Err(e) => {
+                self.send(&error_frame(&e));
+            }
         }
     }
 
@@ -385,6 +416,7 @@ impl Actor for SessionActor {
             close: args.close,
             auth: None,
             pushed: HashMap::new(),
+            typing_sent: HashMap::new(),
             hello_timer: Some(Timer(hello_timer)),
             expiry_timer: None,
         })
@@ -416,7 +448,7 @@ impl Actor for SessionActor {
                     }
                 }
                 UserEvent::Message(m) if !state.first_push(m) => {}
-                UserEvent::Message(_) | UserEvent::Group(_) | UserEvent::Receipt { .. } => {
+                UserEvent::Message(_) | UserEvent::Group(_) | UserEvent::Receipt { .. } | UserEvent::Typing { .. } => {
                     if let Some(text) = event.frame_text() {
                         push_text(&state.outbox, &state.close, text.to_owned());
                     }
