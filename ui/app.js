@@ -76,7 +76,6 @@ const state = {
   picked: new Set(),     // people ticked for a new group
   socket: null,
   connected: false,
-  node: "",
   endpoints: [],         // ws URLs to try, this page's own node first
   endpointIndex: 0,
   reconnectDelay: RECONNECT_MIN_MS,
@@ -107,7 +106,6 @@ class Conversation {
     this.othersRead = fields.others_read_seq || 0;
     this.contiguous = 0;             // every message up to here is held (what `delivered` reports)
     this.deliveredSent = 0;
-    this.readSent = 0;
     this.historyLoaded = false;
     this.hasMore = false;
     this.peer = fields.peer || null; // direct chats: the other member
@@ -298,7 +296,6 @@ function handle(f) {
     case "welcome":
       setConn("online");
       state.reconnectDelay = RECONNECT_MIN_MS;
-      state.node = f.node;
       $("node").textContent = "via " + f.node;
       if (f.limits && f.limits.max_body_bytes) maxBodyBytes = f.limits.max_body_bytes;
       state.conversationsAsked = false;
@@ -410,7 +407,6 @@ function acknowledge(c) {
     const top = c.lastSeq;
     if (top > c.readSeq) {
       if (send({ type: "read", conversation_id: c.id, seq: top })) {
-        c.readSent = top;
         c.readSeq = top;
         c.unread = 0;
       }
@@ -469,12 +465,10 @@ function onHistory(f) {
   const c = state.convs.get(f.conversation_id);
   if (!c) return;
   for (const m of f.messages) c.addMessage(m, false);
-  const first = f.messages.length ? f.messages[0].seq : 0;
   // Everything below the newest page is reachable by paging; hold that as "received".
   if (!c.historyLoaded && f.messages.length) c.contiguous = Math.max(c.contiguous, f.messages[f.messages.length - 1].seq);
   while (c.messages.has(c.contiguous + 1)) c.contiguous += 1;
   c.historyLoaded = true;
-  c.oldest = first ? Math.min(c.oldest || first, first) : c.oldest;
   c.hasMore = f.has_more;
   acknowledge(c);
   if (state.current === c.key) renderThread();
@@ -591,7 +585,7 @@ function submitMessage() {
     return;
   }
   const id = randomId("w");
-  const p = { body, state: "pending", at: Date.now() };
+  const p = { body, state: "pending" };
   c.pending.set(id, p);
   sendPending(c, id, p); // if the socket is down, the reconnect sends it
   $("text").value = "";
