@@ -21,6 +21,8 @@ const CLUSTER_LOG_MAX = 200;
 // PROTOCOL §7: the server forwards one `typing` per chat per 2 s; show it for 6 s after the last.
 const TYPING_INTERVAL_MS = 2000;
 const TYPING_SHOWN_MS = 6000;
+// PROTOCOL §4.8: a connection watches the presence of at most this many users.
+const MAX_PRESENCE_WATCH = 256;
 // The server announces its limits in `welcome`; this is the documented default until then.
 let maxBodyBytes = 16 * 1024;
 
@@ -74,6 +76,7 @@ const state = {
   convs: new Map(),      // conversation id (or "to:<user id>" before the first ack) -> Conversation
   current: null,         // key of the open conversation
   picked: new Set(),     // people ticked for a new group
+  presence: new Map(),   // user id -> {online, lastSeen} (users this connection watches)
   socket: null,
   connected: false,
   endpoints: [],         // ws URLs to try, this page's own node first
@@ -224,6 +227,7 @@ async function loadPeople() {
     const users = await api("GET", "/v1/users");
     for (const u of users) state.users.set(u.id, u.username);
     renderPeople();
+    watchPresence();
   } catch (e) {
     if (state.auth) $("thread-error").textContent = `People could not be loaded: ${e.message}`;
   }
@@ -300,6 +304,7 @@ function handle(f) {
       if (f.limits && f.limits.max_body_bytes) maxBodyBytes = f.limits.max_body_bytes;
       state.conversationsAsked = false;
       requestConversations();
+      watchPresence();
       resendPending();
       learnEndpoints();
       break;
@@ -323,6 +328,11 @@ function handle(f) {
       break;
     case "typing":
       onTyping(f);
+      break;
+    case "presence":
+      state.presence.set(f.user_id, { online: f.online, lastSeen: f.last_seen_ms });
+      renderPeople();
+      renderPresence();
       break;
     case "sync_done":
       for (const id of f.truncated || []) {
@@ -386,6 +396,7 @@ function mergeConversations(list) {
   }
   renderConversations();
   if (state.current) openConversation(state.current, false);
+  watchPresence(); // the people of direct chats come first in the watch list
 }
 
 function onMessage(m) {
@@ -656,10 +667,44 @@ function renderConversations() {
   }));
 }
 
+/** Watch the presence of the people of direct chats first, then everyone else listed (the
+ * server answers with each one's state now, then pushes changes while the socket lives). */
+function watchPresence() {
+  if (!state.auth) return;
+  const me = state.auth.user_id;
+  const peers = [...state.convs.values()].filter((c) => c.kind === "direct").map((c) => c.peer || c.others()[0]);
+  const ids = [...new Set([...peers, ...state.users.keys()])].filter((u) => u && u !== me);
+  send({ type: "presence", user_ids: ids.slice(0, MAX_PRESENCE_WATCH) });
+}
+
+/** "online", "last seen …", or "" when this client does not know. */
+function presenceLine(userId) {
+  const p = state.presence.get(userId);
+  if (!p) return "";
+  if (p.online) return "online";
+  if (!p.lastSeen) return "offline";
+  const d = new Date(p.lastSeen);
+  const today = new Date().toDateString() === d.toDateString();
+  return "last seen " + (today ? "today at " + formatTime(p.lastSeen) : d.toLocaleDateString() + " " + formatTime(p.lastSeen));
+}
+
+/** The open direct chat's header line. */
+function renderPresence() {
+  const c = state.current ? state.convs.get(state.current) : null;
+  const peer = c && c.kind === "direct" ? (c.peer || c.others()[0]) : null;
+  const line = peer ? presenceLine(peer) : "";
+  $("thread-presence").textContent = line;
+  $("thread-presence").dataset.online = line === "online" ? "true" : "false";
+}
+
 function renderPeople() {
   const me = state.auth ? state.auth.user_id : null;
   const people = [...state.users.entries()].sort((a, b) => a[1].localeCompare(b[1]));
-  $("people").replaceChildren(...people.map(([id, name]) => h("li", { "data-user-id": id, "data-username": name },
+  const online = (id) => (state.presence.get(id) || {}).online === true;
+  $("people").replaceChildren(...people.map(([id, name]) => h("li", {
+    "data-user-id": id, "data-username": name, "data-online": id !== me && online(id) ? "true" : "false",
+  },
+    h("span", { class: "presence-dot", title: id === me ? "" : presenceLine(id) }),
     h("input", {
       type: "checkbox", title: "add to a new group", checked: state.picked.has(id), disabled: id === me,
       onchange: (ev) => { if (ev.target.checked) state.picked.add(id); else state.picked.delete(id); },
@@ -705,11 +750,13 @@ function renderThread() {
   if (!c) {
     $("typing").textContent = "";
     $("thread-title").textContent = "Pick a chat";
+    renderPresence();
     $("thread-members").textContent = "";
     $("messages").replaceChildren();
     return;
   }
   $("thread-title").textContent = c.title();
+  renderPresence();
   $("typing").textContent = typingLine(c);
   $("thread-members").textContent = c.kind === "group"
     ? c.members.map((m) => (state.users.get(m) || m.slice(0, 8)) + (m === c.owner ? " (owner)" : "")).join(", ")

@@ -137,6 +137,7 @@ pub fn routes(
                 "members": members,
                 "shards": shard_views(&ctx),
                 "sessions": ctx.hub.session_count(),
+                "presence": presence_view(&ctx),
                 "redirects": ctx.redirects(),
                 "events": ctx.events.to_json(),
             });
@@ -534,4 +535,11 @@ fn seed_row(ctx: &NodeContext, m: MessageView, members: &[UserId]) -> SeedMessag
 pub fn rfc3339(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Users with a session on this node (`local`), and on each live peer as this node knows them.
+fn presence_view(ctx: &NodeContext) -> serde_json::Value {
+    let (local, peers) = ctx.presence.counts();
+    let peers: serde_json::Map<String, serde_json::Value> = peers.into_iter().map(|(n, c)| (n, c.into())).collect();
+    serde_json::json!({ "local": local, "peers": peers })
 }

@@ -28,6 +28,7 @@ use crate::conversation_cache::ConversationCache;
 use crate::error::{NodeError, NodeResult};
 use crate::hub::Hub;
 use crate::outbound::{Outbound, RemoteAck};
+use crate::presence::Presence;
 use crate::routing::{RouteTarget, Routing};
 
 /// Conversations remembered per node before the cache is cleared. A conversation costs ~100
@@ -49,7 +50,10 @@ fn delivery_bytes(d: &Delivery) -> usize {
     let event = match &d.event {
         UserEvent::Message(m) => m.body.len() + m.client_msg_id.as_str().len(),
         UserEvent::Group(g) => g.name.len() + g.members.len() * 17,
-        UserEvent::Receipt { .. } | UserEvent::TokenRevoked { .. } | UserEvent::Typing { .. } => 0,
+        UserEvent::Receipt { .. }
+        | UserEvent::TokenRevoked { .. }
+        | UserEvent::Typing { .. }
+        | UserEvent::Presence { .. } => 0,
     };
     d.users.len() * 17 + event + 128
 }
@@ -94,6 +98,8 @@ pub struct NodeContext {
     pub boot_id: String,
     pub stores: Stores,
     pub hub: Hub,
+    /// Who is online in the cluster, who watches whom here, last-seen times to record.
+    pub presence: Presence,
     pub routing: Routing,
     /// Sends to peers' shards, batched per peer, and the sessions waiting for their outcomes.
     pub outbound: Arc<Outbound>,
@@ -141,6 +147,7 @@ impl NodeContext {
         let routing = Routing::new(config.cluster.shard_count);
         Arc::new(NodeContext {
             outbound: Outbound::new(node_name.clone()),
+            presence: Presence::new(node_name.clone()),
             boot_id: format!("{}#{}", node_name, uuid::Uuid::new_v4().simple()),
             node_name,
             stores,
@@ -173,6 +180,7 @@ impl NodeContext {
     /// heartbeat). Sends waiting on a peer that is no longer live are answered `unavailable` now.
     pub fn set_peers(&self, live: Vec<(String, ActorRef<GatewayMsg>)>, known: Vec<(String, ActorRef<GatewayMsg>)>) {
         self.outbound.retain_peers(live.iter().map(|(_, g)| g.get_id()));
+        self.presence.set_peers(&live);
         *self.peers.write().unwrap_or_else(|p| p.into_inner()) = live;
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = known;
     }

@@ -51,6 +51,9 @@ fn event_frame(event: &UserEvent) -> Option<ServerFrame> {
         UserEvent::Typing { conversation_id, user_id } => {
             ServerFrame::Typing { conversation_id: *conversation_id, user_id: *user_id }
         }
+        UserEvent::Presence { user_id, online, last_seen_ms } => {
+            ServerFrame::Presence { user_id: *user_id, online: *online, last_seen_ms: *last_seen_ms }
+        }
         UserEvent::TokenRevoked { .. } => return None,
     })
 }

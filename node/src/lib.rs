@@ -18,6 +18,7 @@ pub mod error;
 pub mod hub;
 pub mod launcher;
 pub mod outbound;
+pub mod presence;
 pub mod routing;
 
 use std::future::Future;
@@ -108,6 +109,10 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     let stores = parley_storage::open_layout(&store_layout(&config)?).await.context("opening the stores")?;
     tracing::info!(node = %spec.name, store = stores.kind(), shards = config.cluster.shard_count, "starting node");
     let ctx = NodeContext::new(config, spec.name.clone(), stores);
+    let presence_writer = {
+        let (ctx, directory) = (ctx.clone(), ctx.stores.directory.clone());
+        tokio::spawn(async move { ctx.presence.run_writer(directory).await })
+    };
 
     let listener = bind_http(spec.http).with_context(|| format!("binding {}", spec.http))?;
     let bound = listener.local_addr()?;
@@ -148,6 +153,13 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     let _ = stop_http.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), root_handle).await;
+    // The sessions are gone: record when their users were last seen before the stores close.
+    presence_writer.abort();
+    match tokio::time::timeout(Duration::from_secs(5), ctx.presence.write_pending(&*ctx.stores.directory)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "last-seen times not recorded at shutdown"),
+        Err(_) => tracing::warn!("recording last-seen times at shutdown timed out"),
+    }
     drop(ctx);
     tracing::info!("stopped");
     Ok(())

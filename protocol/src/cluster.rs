@@ -100,6 +100,13 @@ pub enum UserEvent {
         conversation_id: ConversationId,
         user_id: UserId,
     },
+    /// A watched user came online or went offline (`last_seen_ms`: when, if known). Made by
+    /// each node for its own watchers from the presence it holds; not stored.
+    Presence {
+        user_id: UserId,
+        online: bool,
+        last_seen_ms: Option<i64>,
+    },
 }
 
 /// A conversation as its shard knows it, for the conversation list.
@@ -190,6 +197,19 @@ pub enum NodePayload {
     /// Outcomes of sends that arrived in `SendBatch`es, by the ids their node gave them.
     SendResults {
         results: Vec<(u64, SendOutcome)>,
+    },
+    /// Presence on the node named `node`: the users with at least one session there.
+    /// `full`: `online` is the whole list (it replaces what the receiver held for `node`; sent
+    /// when a peer becomes live, because casts made before that were not received); otherwise a
+    /// change: `online` came online there, `offline` went offline there at the given times.
+    /// `want_full`: answer with a full list of your own (the peer that sends its list to a
+    /// new peer asks for the new peer's in return).
+    Presence {
+        node: String,
+        full: bool,
+        want_full: bool,
+        online: Vec<UserId>,
+        offline: Vec<(UserId, i64)>,
     },
 }
 

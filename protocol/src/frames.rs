@@ -51,11 +51,16 @@ pub enum ClientFrame {
     /// The user is typing in the conversation: shown to the other members' live sessions. No
     /// reply; at most one per conversation per `TYPING_INTERVAL_MS` is forwarded.
     Typing { conversation_id: ConversationId },
+    /// Watch these users' presence (online, last seen), replacing what this connection watched
+    /// before; an empty list stops watching. Answered with one `presence` frame per user, then
+    /// a `presence` frame whenever one of them comes online or goes offline, while the
+    /// connection lasts. At most `MAX_PRESENCE_WATCH` users; every id must exist.
+    Presence { user_ids: Vec<UserId> },
 }
 
 /// Every `type` a client may send; anything else is `unknown_frame`.
 pub const CLIENT_FRAME_TYPES: &[&str] =
-    &["hello", "send", "delivered", "read", "history", "conversations", "ping", "typing"];
+    &["hello", "send", "delivered", "read", "history", "conversations", "ping", "typing", "presence"];
 
 impl ClientFrame {
     /// Decode one text frame, classifying failures into distinct error codes.
@@ -219,6 +224,10 @@ pub enum ServerFrame {
     /// Another member is typing in the conversation (show it for `TYPING_SHOWN_MS`, or until a
     /// message from them arrives).
     Typing { conversation_id: ConversationId, user_id: UserId },
+    /// A watched user's presence: `online` while they have a connection to any live node;
+    /// otherwise `last_seen_ms`, when their last connection ended (`null`: never connected
+    /// since this server recorded it). Sent in answer to `presence` and on every change.
+    Presence { user_id: UserId, online: bool, last_seen_ms: Option<i64> },
     Error {
         code: ErrorCode,
         message: String,
@@ -263,6 +272,9 @@ mod tests {
             (r#"{"type":"send","client_msg_id":"a","body":1}"#, Some(ErrorCode::BadJson)),
             (r#"{"type":"send","client_msg_id":"a b","body":"x"}"#, Some(ErrorCode::InvalidField)),
             (r#"{"type":"read","conversation_id":"nope","seq":1}"#, Some(ErrorCode::BadJson)),
+            (r#"{"type":"presence","user_ids":[]}"#, None),
+            (r#"{"type":"presence"}"#, Some(ErrorCode::BadJson)),
+            (r#"{"type":"presence","user_ids":["nope"]}"#, Some(ErrorCode::BadJson)),
         ];
         for (text, want) in cases {
             assert_eq!(code_of(text), *want, "{text}");
@@ -282,5 +294,12 @@ mod tests {
         assert_eq!(ClientFrame::decode(&f.encode()).unwrap(), f);
         let e = ServerFrame::error(ErrorCode::BadJson, "nope");
         assert_eq!(ServerFrame::decode(&e.encode()).unwrap(), e);
+        let w = ClientFrame::Presence { user_ids: vec![UserId::random(), UserId::random()] };
+        assert_eq!(ClientFrame::decode(&w.encode()).unwrap(), w);
+        let seen =
+            ServerFrame::Presence { user_id: UserId::random(), online: false, last_seen_ms: Some(1_700_000_000_000) };
+        assert_eq!(ServerFrame::decode(&seen.encode()).unwrap(), seen);
+        let never = ServerFrame::Presence { user_id: UserId::random(), online: false, last_seen_ms: None };
+        assert!(never.encode().contains(r#""last_seen_ms":null"#), "never seen is an explicit null");
     }
 }

@@ -53,3 +53,8 @@ pub const TYPING_INTERVAL_MS: u64 = 2_000;
 /// How long a client shows "typing…" after the last `typing` frame (a hint to clients; there is
 /// no "stopped typing" frame: a message from that user, or this much silence, ends it).
 pub const TYPING_SHOWN_MS: u64 = 6_000;
+
+/// Most users one connection may watch the presence of (`presence` frame). A contact list
+/// screen's worth; each watched user costs an entry in the node's watcher index, and every change
+/// of that user a frame to this connection.
+pub const MAX_PRESENCE_WATCH: usize = 256;

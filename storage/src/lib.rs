@@ -66,6 +66,13 @@ pub trait Directory: Send + Sync + 'static {
     /// The conversations `user` belongs to.
     async fn user_conversations(&self, user: UserId) -> Result<Vec<ConversationRecord>>;
     async fn conversation(&self, conversation: ConversationId) -> Result<Option<ConversationRecord>>;
+    /// Record when users were last seen online (milliseconds since the epoch). A user's time only
+    /// moves forward: an older time than the stored one is ignored, so writers that race (every
+    /// node that saw a peer die records its users) cannot move it back. Unknown users are skipped.
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()>;
+    /// The subset of `ids` that exist, each with its recorded last-seen time (`None`: never
+    /// recorded).
+    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>>;
 }
 
 /// One shard's persistence. Only the shard's store actor calls the writing methods.

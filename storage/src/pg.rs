@@ -58,7 +58,11 @@ use crate::{Directory, Result, ShardStore, StorageError};
 mod commit;
 
 /// Schema migrations in order. A version, once released, is never edited: add a new file instead.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("pg/0001_init.sql")), (2, include_str!("pg/0002_groups.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("pg/0001_init.sql")),
+    (2, include_str!("pg/0002_groups.sql")),
+    (3, include_str!("pg/0003_last_seen.sql")),
+];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
 /// A fixed class keeps Parley's locks apart from any other application sharing the database.
@@ -538,6 +542,37 @@ impl Directory for PgDirectory {
             )
             .await?;
         client.query(&stmt, &[&ids]).await?.iter().map(user_view).collect()
+    }
+
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // One keyed update per user (an index probe whatever the plan; batches are what one
+        // writer wake-up collected, a handful in steady state). GREATEST keeps the latest time
+        // whatever the order of writers.
+        let stmt = tx
+            .prepare_cached("UPDATE users SET last_seen_ms = GREATEST(COALESCE(last_seen_ms, 0), $2) WHERE id = $1")
+            .await?;
+        for (user, at) in seen {
+            tx.execute(&stmt, &[&user.0, at]).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>> {
+        let ids: Vec<Uuid> = distinct(ids).into_iter().map(|u| u.0).collect();
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT u.id, u.last_seen_ms FROM UNNEST($1::uuid[]) AS k(id)
+                 CROSS JOIN LATERAL (SELECT id, last_seen_ms FROM users WHERE id = k.id LIMIT 1) u",
+            )
+            .await?;
+        client.query(&stmt, &[&ids]).await?.iter().map(|r| Ok((UserId(r.try_get(0)?), r.try_get(1)?))).collect()
     }
 
     async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {

@@ -114,7 +114,8 @@ CREATE TABLE IF NOT EXISTS users (
     id BLOB PRIMARY KEY,
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL
+    created_at_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY,
@@ -171,15 +172,17 @@ CREATE TABLE IF NOT EXISTS cursors (
 ";
 
 /// Bring a `directory.db` made by an older version up to [`DIRECTORY_SCHEMA`]: the group columns
-/// of `conversations` (added in the version that brought groups). Idempotent; runs at every open.
+/// of `conversations` (added in the version that brought groups) and `users.last_seen_ms` (added
+/// with presence). Idempotent; runs at every open.
 fn upgrade_directory(conn: &Connection) -> Result<()> {
-    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('conversations')")?;
-    let columns: Vec<String> = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-    for (column, ddl) in [
-        ("name", "ALTER TABLE conversations ADD COLUMN name TEXT"),
-        ("owner", "ALTER TABLE conversations ADD COLUMN owner BLOB"),
-        ("version", "ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
+    for (table, column, ddl) in [
+        ("conversations", "name", "ALTER TABLE conversations ADD COLUMN name TEXT"),
+        ("conversations", "owner", "ALTER TABLE conversations ADD COLUMN owner BLOB"),
+        ("conversations", "version", "ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
+        ("users", "last_seen_ms", "ALTER TABLE users ADD COLUMN last_seen_ms INTEGER"),
     ] {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+        let columns: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
         if !columns.iter().any(|c| c == column) {
             conn.execute_batch(ddl)?;
         }
@@ -287,6 +290,42 @@ impl Directory for SqliteDirectory {
             for id in ids {
                 if let Some(username) = stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()? {
                     out.push(UserView { id, username });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()> {
+        let seen = seen.to_vec();
+        with(&self.conn, move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE users SET last_seen_ms = MAX(COALESCE(last_seen_ms, 0), ?2) WHERE id = ?1",
+                )?;
+                for (user, at) in seen {
+                    stmt.execute(params![user.0.as_bytes().to_vec(), at])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>> {
+        let ids = ids.to_vec();
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached("SELECT last_seen_ms FROM users WHERE id = ?1")?;
+            let mut out: Vec<(UserId, Option<i64>)> = Vec::new();
+            for id in ids {
+                if out.iter().any(|(u, _)| *u == id) {
+                    continue;
+                }
+                if let Some(at) = stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()? {
+                    out.push((id, at));
                 }
             }
             Ok(out)

@@ -23,7 +23,90 @@ parley_tests::both_backends!(
     stale_epoch_writes_are_refused,
     sigterm_drains_and_releases_leases,
     logout_and_expiry_end_open_sessions,
+    presence_online_offline_and_last_seen,
 );
+
+/// The `presence` frame of `user` that `conn` gets next (others are kept for later).
+async fn expect_presence(conn: &mut Connection, user: UserId) -> (bool, Option<i64>) {
+    match conn.expect(T, |f| matches!(f, ServerFrame::Presence { user_id, .. } if *user_id == user)).await {
+        Ok(ServerFrame::Presence { online, last_seen_ms, .. }) => (online, last_seen_ms),
+        other => panic!("expected a presence frame of {user}, got {other:?}"),
+    }
+}
+
+/// No presence frame came before the answer to a ping sent now (one node hands a session its
+/// frames in order, so a change made before the ping would have arrived first).
+async fn assert_no_presence_yet(conn: &mut Connection, why: &str) {
+    conn.send(&ClientFrame::Ping { nonce: Some(99) }).await.unwrap();
+    conn.expect(T, |f| matches!(f, ServerFrame::Pong { nonce: Some(99) })).await.unwrap();
+    assert!(!conn.buffered().any(|f| matches!(f, ServerFrame::Presence { .. })), "{why}");
+}
+
+/// Online while any device is connected, offline with the moment the last one left; the time is
+/// recorded (a restarted node still knows it); bad watch lists are refused and change nothing.
+async fn presence_online_offline_and_last_seen(pg: bool) {
+    let backend = Backend::new(pg).await;
+    let mut node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a1 = http.connect(&alice.token, "a1").await.unwrap();
+    a1.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+
+    // Never connected: offline, never seen. Watching yourself: online.
+    a1.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
+    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (false, None));
+    assert_eq!(expect_presence(&mut a1, alice.user_id).await, (true, None));
+
+    let b1 = http.connect(&bob.token, "phone").await.unwrap();
+    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (true, None), "bob's first device");
+    let mut b2 = http.connect(&bob.token, "laptop").await.unwrap();
+    b2.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    b1.close().await;
+    assert_no_presence_yet(&mut a1, "bob is still online on his laptop: no change to report").await;
+
+    // Refusals change nothing: bob stays watched.
+    a1.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, UserId::random()] }).await.unwrap();
+    expect_error(&mut a1, ErrorCode::UnknownUser).await;
+    let too_many: Vec<UserId> = (0..=parley_protocol::limits::MAX_PRESENCE_WATCH).map(|_| UserId::random()).collect();
+    a1.send(&ClientFrame::Presence { user_ids: too_many }).await.unwrap();
+    expect_error(&mut a1, ErrorCode::InvalidField).await;
+    a1.send_text(r#"{"type":"presence","user_ids":"bob"}"#.into()).await.unwrap();
+    expect_error(&mut a1, ErrorCode::BadJson).await;
+    assert_no_presence_yet(&mut a1, "a refused watch answers nothing").await;
+
+    let before = parley_storage::now_ms();
+    b2.close().await;
+    let (online, seen) = expect_presence(&mut a1, bob.user_id).await;
+    let after = parley_storage::now_ms();
+    assert!(!online, "bob's last device left");
+    let seen = seen.expect("the moment bob left");
+    assert!((before..=after).contains(&seen), "last seen {seen} within [{before}, {after}]");
+
+    // Another device of alice's asks later: the same moment.
+    let mut a2 = http.connect(&alice.token, "a2").await.unwrap();
+    a2.send(&ClientFrame::Presence { user_ids: vec![bob.user_id] }).await.unwrap();
+    assert_eq!(expect_presence(&mut a2, bob.user_id).await, (false, Some(seen)));
+    // An empty list stops watching: bob coming back is not reported to a2 (a1 still watches).
+    a2.send(&ClientFrame::Presence { user_ids: vec![] }).await.unwrap();
+    assert_no_presence_yet(&mut a2, "(the empty list is handled before the ping's pong)").await;
+    let b3 = http.connect(&bob.token, "tablet").await.unwrap();
+    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (true, None));
+    assert_no_presence_yet(&mut a2, "a2 no longer watches bob").await;
+    b3.close().await;
+    let (_, seen) = expect_presence(&mut a1, bob.user_id).await;
+    let seen = seen.expect("left again");
+    a1.close().await;
+    a2.close().await;
+
+    // The time is in the store: a restarted node (nothing in memory) still knows it.
+    node.terminate(T).await.expect("graceful stop");
+    node.restart().await.expect("restart");
+    let mut a3 = http.connect(&alice.token, "a3").await.unwrap();
+    a3.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
+    assert_eq!(expect_presence(&mut a3, bob.user_id).await, (false, Some(seen)), "last seen after a restart");
+    assert_eq!(expect_presence(&mut a3, alice.user_id).await, (true, None));
+}
 
 /// A token's WebSocket sessions end when it is logged out or expires; other tokens' sessions stay.
 async fn logout_and_expiry_end_open_sessions(pg: bool) {

@@ -109,6 +109,7 @@ macro_rules! conformance {
 conformance!(
     users_and_usernames,
     users_by_id_returns_only_existing,
+    last_seen_only_moves_forward_and_survives_a_reopen,
     tokens_expire_and_can_be_deleted,
     conversations_are_idempotent,
     groups_change_only_from_the_version_read,
@@ -262,6 +263,35 @@ async fn users_by_id_returns_only_existing(f: &Fixture) -> Result<()> {
     );
     assert_eq!(d.users_by_id(&[UserId::random()]).await?, vec![]);
     assert_eq!(d.users_by_id(&[]).await?, vec![]);
+    Ok(())
+}
+
+async fn last_seen_only_moves_forward_and_survives_a_reopen(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    let (alice, bob, ghost) = (user("alice"), user("bob"), UserId::random());
+    d.create_user(&alice).await?;
+    d.create_user(&bob).await?;
+    let sorted = |mut v: Vec<(UserId, Option<i64>)>| {
+        v.sort();
+        v
+    };
+    // Unknown ids are left out (that is how the node refuses to watch them); duplicates once.
+    let mut want = vec![(alice.id, None), (bob.id, None)];
+    want.sort();
+    assert_eq!(sorted(d.last_seen(&[alice.id, ghost, bob.id, alice.id]).await?), want);
+    assert_eq!(d.last_seen(&[]).await?, vec![]);
+    d.record_last_seen(&[(alice.id, 2_000), (ghost, 9_000)]).await?;
+    d.record_last_seen(&[]).await?;
+    // An older time (a slower writer) does not move it back; a newer one moves it forward.
+    d.record_last_seen(&[(alice.id, 1_000), (bob.id, 500)]).await?;
+    assert_eq!(d.last_seen(&[alice.id]).await?, vec![(alice.id, Some(2_000))]);
+    d.record_last_seen(&[(alice.id, 3_000)]).await?;
+    let mut want = vec![(alice.id, Some(3_000)), (bob.id, Some(500))];
+    want.sort();
+    assert_eq!(sorted(d.last_seen(&[alice.id, bob.id]).await?), want);
+    assert_eq!(d.last_seen(&[ghost]).await?, vec![], "recording an unknown user creates nothing");
+    let reopened = f.reopen().await?;
+    assert_eq!(sorted(reopened.directory.last_seen(&[alice.id, bob.id]).await?), want);
     Ok(())
 }
 

@@ -148,8 +148,17 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     assert_eq!(sign_up(&alice, &alice_name).await.unwrap(), cluster.name(0));
     assert_eq!(sign_up(&bob, &bob_name).await.unwrap(), cluster.name(1));
 
-    // Alice writes first; Bob's list shows the new chat with one unread message, live.
+    // Alice writes first; Bob's list shows the new chat with one unread message, live. Bob,
+    // signed in on the other node, shows as online in the chat's header.
     open_chat_with(&alice, &bob_name).await.unwrap();
+    alice
+        .wait_for(
+            "Bob online (on n2)",
+            "return document.getElementById('thread-presence').textContent === 'online';",
+            vec![],
+        )
+        .await
+        .unwrap();
     let first = send_text(&alice, "hello bob").await.unwrap();
     assert_eq!(first, 1);
     bob.wait_for(
@@ -405,7 +414,32 @@ async fn refusals_escaping_and_groups_in_the_browser() {
         .await
         .unwrap();
 
-    alice.close().await;
+    // Presence: Alice's People list shows Bob online while his browser is open; once it is
+    // closed, offline with the time he was last seen (and the open direct chat says the same).
+    let bob_online = "const li = document.querySelector(`#people li[data-username='${arguments[0]}']`);
+         return li && li.dataset.online === arguments[1]
+             && (arguments[1] === 'true' || li.querySelector('.presence-dot').title.startsWith('last seen'));";
+    alice.wait_for("Bob online in People", bob_online, vec![json!(bob_name), json!("true")]).await.unwrap();
+    open_chat_with(&alice, &bob_name).await.unwrap();
+    alice
+        .wait_for(
+            "'online' in the chat header",
+            "return document.getElementById('thread-presence').textContent === 'online';",
+            vec![],
+        )
+        .await
+        .unwrap();
     bob.close().await;
+    alice.wait_for("Bob offline in People", bob_online, vec![json!(bob_name), json!("false")]).await.unwrap();
+    alice
+        .wait_for(
+            "'last seen' in the chat header",
+            "return document.getElementById('thread-presence').textContent.startsWith('last seen ');",
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    alice.close().await;
     drop(node);
 }

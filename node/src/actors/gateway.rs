@@ -99,6 +99,9 @@ impl GatewayState {
             NodePayload::Members { members } => {
                 let _ = self.agent.cast(ClusterAgentMsg::Gossip(members));
             }
+            NodePayload::Presence { node, full, want_full, online, offline } => {
+                self.ctx.presence.from_peer(&node, full, want_full, online, offline);
+            }
             other => tracing::warn!(payload = ?std::mem::discriminant(&other), "unexpected frame from a peer; dropped"),
         }
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
 use parley_protocol::frames::{ClientFrame, ConversationKind, Limits, MessageView, ReceiptKind, ServerFrame};
 use parley_protocol::limits::{
-    MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_SYNC_PER_CONVERSATION, TYPING_INTERVAL_MS,
+    MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_PRESENCE_WATCH, MAX_SYNC_PER_CONVERSATION, TYPING_INTERVAL_MS,
 };
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -91,6 +91,8 @@ pub struct SessionState {
     /// When this session last forwarded `typing` per conversation (only entries younger than
     /// `TYPING_INTERVAL_MS` are kept, so it holds the chats typed in during the last interval).
     typing_sent: HashMap<ConversationId, std::time::Instant>,
+    /// The users whose presence this connection watches (`presence` frame).
+    watch: Option<Watch>,
     /// `HelloTimeout`, until `hello` succeeds.
     hello_timer: Option<Timer>,
     /// `TokenExpired`, once authenticated.
@@ -110,6 +112,7 @@ struct Registration {
 impl Registration {
     fn new(ctx: &Arc<NodeContext>, user: UserId, session: u64, actor: ActorRef<SessionMsg>) -> Self {
         ctx.hub.register(user, session, actor);
+        ctx.presence.session_started(user);
         Registration { ctx: ctx.clone(), user, session }
     }
 }
@@ -117,6 +120,21 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.ctx.hub.unregister(self.user, self.session);
+        self.ctx.presence.session_ended(self.user);
+    }
+}
+
+/// A session's entries in the presence watcher index, removed on drop (for the same reason as
+/// [`Registration`]: the state is dropped however the actor ends).
+struct Watch {
+    ctx: Arc<NodeContext>,
+    session: u64,
+    users: Vec<UserId>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.ctx.presence.unwatch(self.session, &self.users);
     }
 }
 
@@ -282,6 +300,42 @@ impl SessionState {
                 self.send(&ServerFrame::Pong { nonce });
             }
             ClientFrame::Typing { conversation_id } => self.typing(user, conversation_id).await,
+            ClientFrame::Presence { user_ids } => self.watch_presence(me, user_ids).await,
+        }
+    }
+
+    /// Watch `users` instead of what this connection watched before, and answer with each one's
+    /// presence now. Refused, changing nothing, when the list is too long or names a user that
+    /// does not exist. Who is online is public to every signed-in user (WhatsApp's "everyone"
+    /// setting); there are no per-user privacy settings yet.
+    async fn watch_presence(&mut self, me: &ActorRef<SessionMsg>, mut users: Vec<UserId>) {
+        users.sort();
+        users.dedup();
+        if users.len() > MAX_PRESENCE_WATCH {
+            self.send(&ServerFrame::error(
+                ErrorCode::InvalidField,
+                format!("a connection watches at most {MAX_PRESENCE_WATCH} users"),
+            ));
+            return;
+        }
+        let stored: HashMap<UserId, Option<i64>> = match self.ctx.stores.directory.last_seen(&users).await {
+            Ok(found) => found.into_iter().collect(),
+            Err(e) => {
+                self.send(&error_frame(&NodeError::from(e)));
+                return;
+            }
+        };
+        if let Some(unknown) = users.iter().find(|u| !stored.contains_key(u)) {
+            self.send(&ServerFrame::error(ErrorCode::UnknownUser, format!("unknown user {unknown}")));
+            return;
+        }
+        let previous = self.watch.take().map(|mut w| std::mem::take(&mut w.users)).unwrap_or_default();
+        let now = self.ctx.presence.watch(self.id, me, &previous, &users);
+        self.watch = Some(Watch { ctx: self.ctx.clone(), session: self.id, users });
+        for (user_id, status) in now {
+            let last_seen_ms =
+                if status.online { None } else { status.last_seen_ms.max(stored.get(&user_id).copied().flatten()) };
+            self.send(&ServerFrame::Presence { user_id, online: status.online, last_seen_ms });
         }
     }
 
@@ -417,6 +471,7 @@ impl Actor for SessionActor {
             auth: None,
             pushed: HashMap::new(),
             typing_sent: HashMap::new(),
+            watch: None,
             hello_timer: Some(Timer(hello_timer)),
             expiry_timer: None,
         })
@@ -448,7 +503,11 @@ impl Actor for SessionActor {
                     }
                 }
                 UserEvent::Message(m) if !state.first_push(m) => {}
-                UserEvent::Message(_) | UserEvent::Group(_) | UserEvent::Receipt { .. } | UserEvent::Typing { .. } => {
+                UserEvent::Message(_)
+                | UserEvent::Group(_)
+                | UserEvent::Receipt { .. }
+                | UserEvent::Typing { .. }
+                | UserEvent::Presence { .. } => {
                     if let Some(text) = event.frame_text() {
                         push_text(&state.outbox, &state.close, text.to_owned());
                     }
