@@ -304,11 +304,6 @@ impl Presence {
         unwatch_locked(&mut self.lock(), session, users);
     }
 
-    /// Whether `user` is online anywhere in the cluster, as this node knows it.
-    pub fn is_online(&self, user: UserId) -> bool {
-        self.lock().online(user)
-    }
-
     /// Users online on this node, and on each live peer (for `/v1/cluster`).
     pub fn counts(&self) -> (usize, Vec<(String, usize)>) {
         let inner = self.lock();
