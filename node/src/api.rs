@@ -11,6 +11,7 @@
 //! got furthest, so an unknown path is `404 not_found` and a known path with the wrong method is
 //! `405 method_not_allowed` only when the method filter comes second.
 
+pub mod media;
 pub mod upgrade;
 pub mod ws;
 
@@ -195,7 +196,9 @@ pub fn routes(
         .and(authed(ctx.clone()))
         .and(json_body::<SendRequest>())
         .and_then(|ctx: Arc<NodeContext>, me: UserView, req: SendRequest| async move {
-            let ack = ctx.send(me.id, req.client_msg_id.clone(), req.to, req.conversation_id, req.body, 0).await?;
+            let ack = ctx
+                .send(me.id, req.client_msg_id.clone(), req.to, req.conversation_id, req.body, req.media_id, 0)
+                .await?;
             let resp = SendResponse {
                 client_msg_id: req.client_msg_id,
                 message_id: ack.message_id,
@@ -268,6 +271,8 @@ pub fn routes(
         .unify()
         .or(groups)
         .unify()
+        .or(media::routes(ctx.clone()))
+        .unify()
         .or(ws)
         .unify()
         .or(seed)
@@ -292,7 +297,7 @@ fn ui_response(mut res: warp::reply::Response) -> warp::reply::Response {
     headers.insert(
         CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
              connect-src 'self' http: https: ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
         ),
     );
@@ -421,7 +426,7 @@ fn seed_routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply
                 Some(id) => id,
                 None => ClientMsgId::new(uuid::Uuid::new_v4().to_string()).map_err(NodeError::from)?,
             };
-            let ack = ctx.send(me.id, client_msg_id.clone(), Some(to), None, req.content.clone(), 0).await?;
+            let ack = ctx.send(me.id, client_msg_id.clone(), Some(to), None, req.content.clone(), None, 0).await?;
             let shard_id = ctx.shard_of(ack.conversation_id).0;
             let message = SeedMessage {
                 id: ack.message_id,

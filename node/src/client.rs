@@ -127,6 +127,58 @@ impl Client {
         self.call("GET", "/v1/users", Some(token), None).await
     }
 
+    /// `POST /v1/media`: upload `bytes` as `content_type`, optionally named.
+    pub async fn upload_media(
+        &self,
+        token: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        name: Option<&str>,
+    ) -> Result<parley_protocol::media::MediaRef> {
+        let mut req =
+            self.http.post(format!("{}/v1/media", self.base)).bearer_auth(token).header("content-type", content_type);
+        if let Some(name) = name {
+            req = req.query(&[("name", name)]);
+        }
+        let resp = req.body(bytes).send().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        if status >= 400 {
+            let err: ErrorBody = serde_json::from_slice(&bytes).map_err(|_| {
+                ClientError::Protocol(format!(
+                    "HTTP {status} without an error body: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            })?;
+            return Err(ClientError::Server { status, code: err.error, message: err.message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// `GET /v1/media/:id`: the bytes and the response's headers.
+    pub async fn download_media(
+        &self,
+        token: &str,
+        id: parley_protocol::MediaId,
+    ) -> Result<(reqwest::header::HeaderMap, Vec<u8>)> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/media/{id}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        if status >= 400 {
+            let err: ErrorBody = serde_json::from_slice(&bytes)
+                .map_err(|_| ClientError::Protocol(format!("HTTP {status} without an error body")))?;
+            return Err(ClientError::Server { status, code: err.error, message: err.message });
+        }
+        Ok((headers, bytes.to_vec()))
+    }
+
     pub async fn send(&self, token: &str, req: &SendRequest) -> Result<SendResponse> {
         let body = serde_json::to_value(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.call("POST", "/v1/messages", Some(token), Some(body)).await
@@ -272,6 +324,7 @@ impl Connection {
             to: Some(to),
             conversation_id: None,
             body: body.to_string(),
+            media_id: None,
         })
         .await?;
         self.expect_ack(&id, Duration::from_secs(15)).await
@@ -290,6 +343,7 @@ impl Connection {
             to: None,
             conversation_id: Some(conversation),
             body: body.to_string(),
+            media_id: None,
         })
         .await?;
         self.expect_ack(&id, Duration::from_secs(15)).await

@@ -15,8 +15,9 @@ use parley_protocol::cluster::{
 use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, GroupView, MessageView};
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_GROUP_MEMBERS, MAX_GROUP_NAME_BYTES, MAX_PAGE};
+use parley_protocol::media::MediaRef;
 use parley_protocol::shard::shard_for;
-use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, Seq, ShardId, UserId};
+use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, MediaId, Seq, ShardId, UserId};
 use parley_storage::{now_ms, token_hash, ConversationRecord, Stores, TokenGrant};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -433,10 +434,15 @@ impl NodeContext {
         to: Option<UserId>,
         conversation_id: Option<ConversationId>,
         body: String,
+        media_id: Option<MediaId>,
         origin_session: u64,
     ) -> NodeResult<PendingAck> {
-        validate_body(&body)?;
+        validate_body(&body, media_id.is_some())?;
         let conversation = self.send_target(sender, to, conversation_id).await?;
+        let media = match media_id {
+            Some(id) => Some(self.media_ref(id).await?),
+            None => None,
+        };
         let cmd = SendCommand {
             sender,
             client_msg_id,
@@ -444,6 +450,7 @@ impl NodeContext {
             members: conversation.members.clone(),
             body,
             origin_session,
+            media,
         };
         let shard = self.shard_of(conversation.id);
         let route = self.route(shard)?;
@@ -469,9 +476,23 @@ impl NodeContext {
         to: Option<UserId>,
         conversation_id: Option<ConversationId>,
         body: String,
+        media_id: Option<MediaId>,
         origin_session: u64,
     ) -> NodeResult<StoredAck> {
-        self.dispatch_send(sender, client_msg_id, to, conversation_id, body, origin_session).await?.wait().await
+        self.dispatch_send(sender, client_msg_id, to, conversation_id, body, media_id, origin_session)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// What a message with upload `id` carries, from the upload's record: `unknown_media` when
+    /// there is none. Any signed-in user who holds an id may attach it (forwarding a photo), the
+    /// same way anyone holding it may download it (PROTOCOL.md §5, "Media").
+    pub async fn media_ref(&self, id: MediaId) -> NodeResult<MediaRef> {
+        match self.stores.directory.media(id).await? {
+            Some(record) => Ok(record.media),
+            None => Err(NodeError::client(ErrorCode::UnknownMedia, format!("no media with id {id}"))),
+        }
     }
 
     /// Record a delivered/read acknowledgement (fire-and-forget: receipts are advisory and the
@@ -775,9 +796,12 @@ fn refusal_text(code: ErrorCode) -> &'static str {
 }
 
 /// Body rules: non-empty and at most `MAX_BODY_BYTES`.
-pub fn validate_body(body: &str) -> NodeResult<()> {
-    if body.is_empty() {
-        return Err(NodeError::client(ErrorCode::InvalidField, "body must not be empty"));
+pub fn validate_body(body: &str, has_media: bool) -> NodeResult<()> {
+    if body.is_empty() && !has_media {
+        return Err(NodeError::client(
+            ErrorCode::InvalidField,
+            "body must not be empty (unless the message carries media)",
+        ));
     }
     if body.len() > MAX_BODY_BYTES {
         return Err(NodeError::client(ErrorCode::BodyTooLarge, format!("body exceeds {MAX_BODY_BYTES} bytes")));

@@ -133,6 +133,7 @@ mod tests {
             client_msg_id: ClientMsgId::new("c-1").unwrap(),
             body: "héllo \"quoted\"\n".into(),
             sent_at_ms: 1_700_000_000_000,
+            media: None,
         };
         let receipt = UserEvent::Receipt { conversation_id, user_id: b, kind: ReceiptKind::Read, seq: 7 };
         let cases = [

@@ -215,6 +215,7 @@ mod tests {
             members: vec![],
             body: format!("body {n}"),
             origin_session: 7,
+            media: None,
         }
     }
 

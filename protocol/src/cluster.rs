@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorCode;
 use crate::frames::{GroupView, MessageView, ReceiptKind};
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
+use crate::media::MediaRef;
 
 /// A send, as a session hands it to the shard that owns the conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +24,9 @@ pub struct SendCommand {
     /// The sending session (random per connection), so fan-out skips the device that already
     /// has the message. 0 = none (HTTP sends).
     pub origin_session: u64,
+    /// The attached file, resolved by the sending node from the upload's record (never from the
+    /// client's claims).
+    pub media: Option<MediaRef>,
 }
 
 /// What became of a send.

@@ -9,7 +9,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::error::ProtocolError;
 
 /// Version of the envelope layout. Bump only with a migration story: peers refuse other versions.
-pub const NODE_PAYLOAD_VERSION: u16 = 1;
+/// 2: messages and sends carry `media` (a cluster is upgraded by restarting every node; a node of
+/// another version is refused as a peer's garbage would be, never misread).
+pub const NODE_PAYLOAD_VERSION: u16 = 2;
 
 /// Largest payload a peer may send (and the largest allocation decoding may make). A sync reply of
 /// 64 conversations × 1000 messages × 16 KiB would exceed it; sync pages are bounded well below.

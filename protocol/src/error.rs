@@ -53,6 +53,10 @@ pub enum ErrorCode {
     /// The user may not do this: a group change by a member who is not the group's owner.
     /// (Appended: node-to-node bytes encode this enum by variant index.)
     Forbidden,
+    /// A `media_id` that names no upload (appended, as above).
+    UnknownMedia,
+    /// An upload larger than `MAX_MEDIA_BYTES` (appended, as above).
+    MediaTooLarge,
 }
 
 impl ErrorCode {
@@ -61,10 +65,10 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             BadJson | UnknownFrame | InvalidUtf8 | InvalidField | UnsupportedProtocol => 400,
-            FrameTooLarge | BodyTooLarge => 413,
+            FrameTooLarge | BodyTooLarge | MediaTooLarge => 413,
             NotAuthenticated | BadToken | BadCredentials => 401,
             SpoofedSender | Forbidden => 403,
-            UnknownUser | UnknownConversation | NotFound => 404,
+            UnknownUser | UnknownConversation | NotFound | UnknownMedia => 404,
             MethodNotAllowed => 405,
             UsernameTaken => 409,
             RateLimited => 429,
@@ -102,6 +106,8 @@ impl ErrorCode {
             MethodNotAllowed => "method_not_allowed",
             Internal => "internal",
             Forbidden => "forbidden",
+            UnknownMedia => "unknown_media",
+            MediaTooLarge => "media_too_large",
         }
     }
 }

@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ErrorCode, ProtocolError};
-use crate::ids::{ClientMsgId, ConversationId, DeviceId, MessageId, ReqId, Seq, UserId};
+use crate::ids::{ClientMsgId, ConversationId, DeviceId, MediaId, MessageId, ReqId, Seq, UserId};
 use crate::limits::MAX_FRAME_BYTES;
+use crate::media::MediaRef;
 
 /// Frames a client sends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -16,6 +17,8 @@ pub enum ClientFrame {
     /// Must be the first frame: authenticates the connection and names the device.
     Hello { protocol: u32, token: String, device_id: DeviceId },
     /// Send a message: to a user (`to`, a 1:1 chat) or into a conversation (`conversation_id`).
+    /// With `media_id` (an upload's id, `POST /v1/media`) the message carries that file and
+    /// `body` is its caption, which may then be empty.
     Send {
         client_msg_id: ClientMsgId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -23,6 +26,8 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         conversation_id: Option<ConversationId>,
         body: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media_id: Option<MediaId>,
     },
     /// This device has received every message of the conversation up to `seq` (cumulative).
     Delivered { conversation_id: ConversationId, seq: Seq },
@@ -107,6 +112,10 @@ pub struct MessageView {
     pub body: String,
     /// Server commit time, milliseconds since the Unix epoch.
     pub sent_at_ms: i64,
+    /// The attached file, if any (`null` otherwise: this type also travels between nodes as
+    /// bincode, which cannot skip fields). `body` is then its caption.
+    #[serde(default)]
+    pub media: Option<MediaRef>,
 }
 
 /// Which acknowledgement a receipt reports.
@@ -176,6 +185,9 @@ pub struct Limits {
     /// Frames of one connection the server holds at once (`limits.max_in_flight_per_connection`):
     /// a client may pipeline this many requests before the server stops reading its socket.
     pub max_in_flight: usize,
+    /// Largest media upload (`POST /v1/media`), in bytes.
+    #[serde(default)]
+    pub max_media_bytes: u64,
 }
 
 /// Frames the server sends.
@@ -275,6 +287,7 @@ mod tests {
             (r#"{"type":"presence","user_ids":[]}"#, None),
             (r#"{"type":"presence"}"#, Some(ErrorCode::BadJson)),
             (r#"{"type":"presence","user_ids":["nope"]}"#, Some(ErrorCode::BadJson)),
+            (r#"{"type":"send","client_msg_id":"a","to":null,"body":"","media_id":"nope"}"#, Some(ErrorCode::BadJson)),
         ];
         for (text, want) in cases {
             assert_eq!(code_of(text), *want, "{text}");
@@ -290,8 +303,18 @@ mod tests {
             to: Some(UserId::random()),
             conversation_id: None,
             body: "hi".into(),
+            media_id: None,
         };
         assert_eq!(ClientFrame::decode(&f.encode()).unwrap(), f);
+        assert!(!f.encode().contains("media_id"), "no media, no field");
+        let with_media = ClientFrame::Send {
+            client_msg_id: ClientMsgId::new("c2").unwrap(),
+            to: None,
+            conversation_id: Some(ConversationId(uuid::Uuid::new_v4())),
+            body: String::new(),
+            media_id: Some(MediaId(uuid::Uuid::new_v4())),
+        };
+        assert_eq!(ClientFrame::decode(&with_media.encode()).unwrap(), with_media);
         let e = ServerFrame::error(ErrorCode::BadJson, "nope");
         assert_eq!(ServerFrame::decode(&e.encode()).unwrap(), e);
         let w = ClientFrame::Presence { user_ids: vec![UserId::random(), UserId::random()] };

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 use crate::frames::MessageView;
-use crate::ids::{ClientMsgId, ConversationId, MessageId, Seq, UserId};
+use crate::ids::{ClientMsgId, ConversationId, MediaId, MessageId, Seq, UserId};
 
 /// `POST /v1/register` and `POST /v1/login`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub struct SendRequest {
     #[serde(default)]
     pub conversation_id: Option<ConversationId>,
     pub body: String,
+    /// An upload's id (`POST /v1/media`): the message carries that file, `body` is its caption.
+    #[serde(default)]
+    pub media_id: Option<MediaId>,
 }
 
 /// Answer to a send: the same facts as the `ack` frame.
@@ -141,4 +144,12 @@ pub struct ShardView {
 pub struct HealthResponse {
     pub status: String,
     pub node: String,
+}
+
+/// `POST /v1/media?name=…`: the query. The body is the file's bytes and `Content-Type` its type;
+/// the answer (201) is the stored [`crate::media::MediaRef`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MediaUploadQuery {
+    #[serde(default)]
+    pub name: Option<String>,
 }

@@ -45,6 +45,11 @@ uuid_id!(
     /// A stored message. Time-ordered (v7) so that ids sort roughly by creation time.
     MessageId
 );
+uuid_id!(
+    /// An uploaded media object. Random (v4), because the id is the capability to fetch the
+    /// bytes: it travels only inside messages to a conversation's members (PROTOCOL.md §5, "Media").
+    MediaId
+);
 
 /// Namespace for deriving direct-conversation ids (UUID v5). Never change it: every stored 1:1
 /// conversation id depends on it.

@@ -13,10 +13,11 @@ pub mod frames;
 pub mod http;
 pub mod ids;
 pub mod limits;
+pub mod media;
 pub mod shard;
 
 pub use error::{ErrorCode, ProtocolError};
-pub use ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
+pub use ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 
 /// The client protocol version spoken by this build. A client announces its version in `hello`;
 /// any other value is refused with `unsupported_protocol` so that old clients fail loudly, not subtly.

@@ -58,3 +58,18 @@ pub const TYPING_SHOWN_MS: u64 = 6_000;
 /// screen's worth; each watched user costs an entry in the node's watcher index, and every change
 /// of that user a frame to this connection.
 pub const MAX_PRESENCE_WATCH: usize = 256;
+
+/// Largest media upload, in bytes (WhatsApp's long-standing limit for photos, video and audio).
+/// A node holds an upload in memory while it checks and stores it, so this times
+/// [`MAX_UPLOADS_IN_FLIGHT`] bounds the memory uploads can take on one node (128 MiB).
+pub const MAX_MEDIA_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Uploads one node stores at once; one more is refused with `unavailable` (503, retryable)
+/// before its body is read. Bounds upload memory (see [`MAX_MEDIA_BYTES`]) and the store's load.
+pub const MAX_UPLOADS_IN_FLIGHT: usize = 8;
+
+/// Longest media type (`type/subtype`, RFC 6838 caps each part at 127 characters).
+pub const MAX_MIME_BYTES: usize = 127;
+
+/// Longest file name given at upload, in bytes of UTF-8 (what common file systems allow).
+pub const MAX_MEDIA_NAME_BYTES: usize = 255;

@@ -718,6 +718,7 @@ mod tests {
             client_msg_id: ClientMsgId::new(format!("m-{seq}")).expect("valid id"),
             body: format!("body {seq}"),
             sent_at_ms: 0,
+            media: None,
         }
     }
 

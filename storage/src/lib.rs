@@ -24,7 +24,8 @@ use async_trait::async_trait;
 use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
-use parley_protocol::{ConversationId, Epoch, Seq, ShardId, UserId};
+use parley_protocol::media::MediaRef;
+use parley_protocol::{ConversationId, Epoch, MediaId, Seq, ShardId, UserId};
 
 pub use cache::{CacheOptions, CacheStats, RecentCache, ShardCache};
 pub use error::StorageError;
@@ -73,6 +74,13 @@ pub trait Directory: Send + Sync + 'static {
     /// The subset of `ids` that exist, each with its recorded last-seen time (`None`: never
     /// recorded).
     async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>>;
+    /// Store an upload's bytes under its (new, random) id. The id is never reused: storing it
+    /// twice is an error.
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()>;
+    /// An upload's description, without its bytes (what a send with `media_id` needs).
+    async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>>;
+    /// An upload's description and bytes.
+    async fn media_bytes(&self, id: MediaId) -> Result<Option<(MediaRecord, Vec<u8>)>>;
 }
 
 /// One shard's persistence. Only the shard's store actor calls the writing methods.
@@ -287,6 +295,24 @@ pub async fn open_layout(layout: &Layout) -> Result<Stores> {
         groups.push(OpenGroup { first: g.first, last: g.last, name: g.name.clone(), backend, cache });
     }
     Ok(Stores { directory, home, home_kind: layout.home.kind(), home_cache, groups })
+}
+
+/// A message's `media` column (JSON of [`MediaRef`], NULL without media), as both backends store it.
+pub(crate) fn media_to_json(media: &Option<MediaRef>) -> Option<String> {
+    media.as_ref().map(|m| serde_json::to_string(m).expect("a MediaRef always serializes"))
+}
+
+/// The inverse of [`media_to_json`].
+pub(crate) fn media_from_json(column: Option<String>) -> Result<Option<MediaRef>> {
+    column
+        .map(|text| serde_json::from_str(&text).map_err(|e| StorageError::Corrupt(format!("message media: {e}"))))
+        .transpose()
+}
+
+/// Lower-case hex SHA-256 of an upload's bytes (what `MediaRef::sha256` carries).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Tokens are stored only as their SHA-256, so a leaked table does not leak live sessions.

@@ -2,6 +2,7 @@
 
 use parley_protocol::cluster::StoredAck;
 use parley_protocol::frames::{ConversationKind, ReceiptKind};
+use parley_protocol::media::MediaRef;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 
 /// A user as stored, with the argon2 PHC string of the password.
@@ -72,6 +73,17 @@ pub struct NewMessage {
     pub client_msg_id: ClientMsgId,
     pub body: String,
     pub sent_at_ms: i64,
+    /// The attached file (stored with the message as JSON: its description, not its bytes).
+    pub media: Option<MediaRef>,
+}
+
+/// An upload as stored in the directory (its bytes are stored next to it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaRecord {
+    pub media: MediaRef,
+    /// Who uploaded it.
+    pub owner: UserId,
+    pub created_at_ms: i64,
 }
 
 /// Move a cursor forward. `device: None` moves the member-level cursor only; a device cursor also

@@ -48,7 +48,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
-use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
+use parley_protocol::media::MediaRef;
+use parley_protocol::{ClientMsgId, ConversationId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
@@ -62,6 +63,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("pg/0001_init.sql")),
     (2, include_str!("pg/0002_groups.sql")),
     (3, include_str!("pg/0003_last_seen.sql")),
+    (4, include_str!("pg/0004_media.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -94,7 +96,8 @@ const LOCK_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The columns of a message row in the order [`message_view`] reads them.
-const MESSAGE_COLUMNS: &str = "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms";
+const MESSAGE_COLUMNS: &str =
+    "m.message_id, m.conversation_id, m.seq, m.sender, m.client_msg_id, m.body, m.sent_at_ms, m.media";
 
 /// A timestamptz as milliseconds since the Unix epoch (the unit of every `*_ms` field).
 macro_rules! ms {
@@ -447,6 +450,22 @@ fn message_view(row: &Row, at: usize) -> Result<MessageView> {
         client_msg_id: client_msg_id(row.try_get(at + 4)?)?,
         body: row.try_get(at + 5)?,
         sent_at_ms: row.try_get(at + 6)?,
+        media: crate::media_from_json(row.try_get(at + 7)?)?,
+    })
+}
+
+/// An upload's description from `media_id, owner, mime, name, size, sha256, created_at_ms`.
+fn media_record(row: &Row) -> Result<MediaRecord> {
+    Ok(MediaRecord {
+        media: MediaRef {
+            media_id: MediaId(row.try_get(0)?),
+            mime: row.try_get(2)?,
+            name: row.try_get(3)?,
+            size: from_db(row.try_get(4)?, "media size")?,
+            sha256: row.try_get(5)?,
+        },
+        owner: UserId(row.try_get(1)?),
+        created_at_ms: row.try_get(6)?,
     })
 }
 
@@ -573,6 +592,48 @@ impl Directory for PgDirectory {
             )
             .await?;
         client.query(&stmt, &[&ids]).await?.iter().map(|r| Ok((UserId(r.try_get(0)?), r.try_get(1)?))).collect()
+    }
+
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()> {
+        let m = &record.media;
+        let size = i64::try_from(m.size).map_err(|_| StorageError::Corrupt(format!("media size {}", m.size)))?;
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO media (media_id, owner, mime, name, size, sha256, bytes, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .await?;
+        client
+            .execute(
+                &stmt,
+                &[&m.media_id.0, &record.owner.0, &m.mime, &m.name, &size, &m.sha256, &bytes, &record.created_at_ms],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms FROM media WHERE media_id = $1",
+            )
+            .await?;
+        client.query_opt(&stmt, &[&id.0]).await?.map(|r| media_record(&r)).transpose()
+    }
+
+    async fn media_bytes(&self, id: MediaId) -> Result<Option<(MediaRecord, Vec<u8>)>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms, bytes FROM media WHERE media_id = $1",
+            )
+            .await?;
+        match client.query_opt(&stmt, &[&id.0]).await? {
+            Some(r) => Ok(Some((media_record(&r)?, r.try_get(7)?))),
+            None => Ok(None),
+        }
     }
 
     async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {

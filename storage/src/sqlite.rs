@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use parley_protocol::cluster::{StoredAck, SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
-use parley_protocol::{ClientMsgId, ConversationId, Epoch, MessageId, Seq, ShardId, UserId};
+use parley_protocol::media::MediaRef;
+use parley_protocol::{ClientMsgId, ConversationId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
@@ -158,6 +159,7 @@ CREATE TABLE IF NOT EXISTS messages (
     body TEXT NOT NULL,
     sent_at_ms INTEGER NOT NULL,
     epoch INTEGER NOT NULL,
+    media TEXT,
     PRIMARY KEY (conversation_id, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (conversation_id, sender, client_msg_id);
@@ -171,6 +173,32 @@ CREATE TABLE IF NOT EXISTS cursors (
 ) WITHOUT ROWID;
 ";
 
+/// Uploads live in `media.db`, a file of their own, so that storing or reading a 16 MiB file does
+/// not hold up the directory's connection (every sign-in and token check goes through it).
+const MEDIA_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS media (
+    media_id BLOB PRIMARY KEY,
+    owner BLOB NOT NULL,
+    mime TEXT NOT NULL,
+    name TEXT,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+";
+
+/// Add `column` to `table` with `ddl` unless it is there: how files made by an older version are
+/// brought up to the current schema (SQLite has no `ADD COLUMN IF NOT EXISTS`).
+fn add_missing_column(conn: &Connection, table: &str, column: &str, ddl: &str) -> Result<()> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
+    let columns: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    if !columns.iter().any(|c| c == column) {
+        conn.execute_batch(ddl)?;
+    }
+    Ok(())
+}
+
 /// Bring a `directory.db` made by an older version up to [`DIRECTORY_SCHEMA`]: the group columns
 /// of `conversations` (added in the version that brought groups) and `users.last_seen_ms` (added
 /// with presence). Idempotent; runs at every open.
@@ -181,11 +209,7 @@ fn upgrade_directory(conn: &Connection) -> Result<()> {
         ("conversations", "version", "ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
         ("users", "last_seen_ms", "ALTER TABLE users ADD COLUMN last_seen_ms INTEGER"),
     ] {
-        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info(?1)")?;
-        let columns: Vec<String> = stmt.query_map([table], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
-        if !columns.iter().any(|c| c == column) {
-            conn.execute_batch(ddl)?;
-        }
+        add_missing_column(conn, table, column, ddl)?;
     }
     Ok(())
 }
@@ -195,24 +219,31 @@ fn upgrade_directory(conn: &Connection) -> Result<()> {
 pub struct SqliteBackend {
     dir: PathBuf,
     directory: Conn,
+    media: Conn,
 }
 
 impl SqliteBackend {
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("directory.db");
-        let conn = tokio::task::spawn_blocking(move || {
+        let media_path = dir.join("media.db");
+        let (conn, media) = tokio::task::spawn_blocking(move || {
             let conn = open_with_schema(&path, DIRECTORY_SCHEMA)?;
             upgrade_directory(&conn)?;
-            Ok::<_, StorageError>(conn)
+            let media = open_with_schema(&media_path, MEDIA_SCHEMA)?;
+            Ok::<_, StorageError>((conn, media))
         })
         .await
         .map_err(|e| StorageError::Join(e.to_string()))??;
-        Ok(SqliteBackend { dir: dir.to_path_buf(), directory: Arc::new(Mutex::new(conn)) })
+        Ok(SqliteBackend {
+            dir: dir.to_path_buf(),
+            directory: Arc::new(Mutex::new(conn)),
+            media: Arc::new(Mutex::new(media)),
+        })
     }
 
     pub fn directory(&self) -> SqliteDirectory {
-        SqliteDirectory { conn: self.directory.clone() }
+        SqliteDirectory { conn: self.directory.clone(), media: self.media.clone() }
     }
 
     pub async fn shard(&self, shard: ShardId) -> Result<SqliteShard> {
@@ -220,6 +251,8 @@ impl SqliteBackend {
         let lock = self.dir.join(format!("shard-{:03}.lock", shard.0));
         let (writer, reader) = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
             let writer = open_with_schema(&db, SHARD_SCHEMA)?;
+            // Files made before media existed.
+            add_missing_column(&writer, "messages", "media", "ALTER TABLE messages ADD COLUMN media TEXT")?;
             writer.execute(
                 "INSERT OR IGNORE INTO lease (shard, owner, epoch, expires_at_ms) VALUES (?1, NULL, 0, 0)",
                 params![shard.0],
@@ -239,9 +272,10 @@ impl SqliteBackend {
     }
 }
 
-/// Accounts, tokens and the conversation index in `directory.db`.
+/// Accounts, tokens and the conversation index in `directory.db`; uploads in `media.db`.
 pub struct SqliteDirectory {
     conn: Conn,
+    media: Conn,
 }
 
 #[async_trait]
@@ -293,6 +327,58 @@ impl Directory for SqliteDirectory {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()> {
+        let record = record.clone();
+        let bytes = bytes.to_vec();
+        with(&self.media, move |c| {
+            let m = &record.media;
+            c.execute(
+                "INSERT INTO media (media_id, owner, mime, name, size, sha256, bytes, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    m.media_id.0.as_bytes().to_vec(),
+                    record.owner.0.as_bytes().to_vec(),
+                    m.mime,
+                    m.name,
+                    i64::try_from(m.size).map_err(|_| StorageError::Corrupt(format!("media size {}", m.size)))?,
+                    m.sha256,
+                    bytes,
+                    record.created_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>> {
+        with(&self.media, move |c| {
+            c.query_row(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms FROM media WHERE media_id = ?1",
+                params![id.0.as_bytes().to_vec()],
+                media_row,
+            )
+            .optional()?
+            .map(media_record)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn media_bytes(&self, id: MediaId) -> Result<Option<(MediaRecord, Vec<u8>)>> {
+        with(&self.media, move |c| {
+            c.query_row(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms, bytes FROM media WHERE media_id = ?1",
+                params![id.0.as_bytes().to_vec()],
+                |r| Ok((media_row(r)?, r.get::<_, Vec<u8>>(7)?)),
+            )
+            .optional()?
+            .map(|(row, bytes)| Ok((media_record(row)?, bytes)))
+            .transpose()
         })
         .await
     }
@@ -572,15 +658,38 @@ impl SqliteShard {
     }
 }
 
-/// A `messages` row as read: (conversation, seq, message id, sender, client id, body, sent at).
-type MessageRow = (Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64);
+/// A `messages` row as read: (conversation, seq, message id, sender, client id, body, sent at,
+/// media JSON).
+type MessageRow = (Vec<u8>, u64, Vec<u8>, Vec<u8>, String, String, i64, Option<String>);
 
 fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRow> {
-    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+}
+
+/// An upload's row without its bytes: (id, owner, mime, name, size, sha256, created at).
+type MediaRow = (Vec<u8>, Vec<u8>, String, Option<String>, i64, String, i64);
+
+fn media_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MediaRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+fn media_record(row: MediaRow) -> Result<MediaRecord> {
+    let (id, owner, mime, name, size, sha256, created_at_ms) = row;
+    Ok(MediaRecord {
+        media: MediaRef {
+            media_id: MediaId(uuid_of(id)?),
+            mime,
+            size: u64::try_from(size).map_err(|_| StorageError::Corrupt(format!("media size {size}")))?,
+            name,
+            sha256,
+        },
+        owner: UserId(uuid_of(owner)?),
+        created_at_ms,
+    })
 }
 
 fn to_view(row: MessageRow) -> Result<MessageView> {
-    let (conv, seq, id, sender, client_msg_id, body, sent_at_ms) = row;
+    let (conv, seq, id, sender, client_msg_id, body, sent_at_ms, media) = row;
     Ok(MessageView {
         message_id: MessageId(uuid_of(id)?),
         conversation_id: ConversationId(uuid_of(conv)?),
@@ -589,10 +698,11 @@ fn to_view(row: MessageRow) -> Result<MessageView> {
         client_msg_id: ClientMsgId::new(client_msg_id).map_err(|e| StorageError::Corrupt(e.to_string()))?,
         body,
         sent_at_ms,
+        media: crate::media_from_json(media)?,
     })
 }
 
-const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
+const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, media";
 
 fn current_epoch(tx: &rusqlite::Transaction<'_>, shard: ShardId) -> Result<(Option<String>, u64, i64)> {
     Ok(tx.query_row("SELECT owner, epoch, expires_at_ms FROM lease WHERE shard = ?1", params![shard.0], |r| {
@@ -700,8 +810,8 @@ impl ShardStore for SqliteShard {
                 )?;
                 let mut counter = tx.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO messages (conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO messages (conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch, media)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 let mut next: HashMap<ConversationId, u64> = HashMap::new();
                 let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), StoredAck> = HashMap::new();
@@ -745,6 +855,7 @@ impl ShardStore for SqliteShard {
                                 m.body,
                                 m.sent_at_ms,
                                 epoch.0 as i64,
+                                crate::media_to_json(&m.media),
                             ])?;
                             StoredAck {
                                 message_id: m.message_id,

@@ -139,6 +139,7 @@ impl Writer {
             client_msg_id: ClientMsgId::new(format!("m-{n}")).expect("valid client id"),
             body: format!("message {n}"),
             sent_at_ms: now_ms(),
+            media: None,
         }
     }
 
@@ -168,6 +169,7 @@ impl Writer {
                     client_msg_id: message.client_msg_id,
                     body: message.body,
                     sent_at_ms: ack.sent_at_ms,
+                    media: None,
                 });
             }
         }

@@ -24,7 +24,135 @@ parley_tests::both_backends!(
     sigterm_drains_and_releases_leases,
     logout_and_expiry_end_open_sessions,
     presence_online_offline_and_last_seen,
+    media_is_uploaded_sent_and_downloaded,
 );
+
+/// Uploads stored so far, read from the store itself (the API has no listing): how a refused
+/// upload is shown to have stored nothing.
+async fn stored_uploads(backend: &Backend) -> i64 {
+    match &backend.storage {
+        parley_tests::node::Storage::Embedded(dir) => {
+            let db = rusqlite::Connection::open(dir.join("media.db")).expect("open media.db");
+            db.query_row("SELECT count(*) FROM media", [], |r| r.get(0)).expect("count uploads")
+        }
+        parley_tests::node::Storage::Postgres(url) => {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client.query_one("SELECT count(*) FROM media", &[]).await.expect("count uploads").get(0)
+        }
+    }
+}
+
+/// A photo is uploaded over HTTP, sent by id, arrives with the description the server stored (not
+/// one the sender could forge), downloads byte for byte with safe headers, and survives a restart.
+/// Bad uploads, bad ids and missing tokens are refused with their own codes and store nothing.
+async fn media_is_uploaded_sent_and_downloaded(pg: bool) {
+    use parley_protocol::limits::MAX_MEDIA_BYTES;
+    let backend = Backend::new(pg).await;
+    let mut node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a = http.connect(&alice.token, "phone").await.unwrap();
+    let mut b = http.connect(&bob.token, "phone").await.unwrap();
+    for conn in [&mut a, &mut b] {
+        conn.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    }
+
+    // 1 MiB that is not one repeated byte, so a truncated or shuffled download cannot pass.
+    let bytes: Vec<u8> = (0..1_048_576u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let media = http.upload_media(&alice.token, bytes.clone(), "Image/PNG", Some("beach day.png")).await.unwrap();
+    assert_eq!(
+        (media.mime.as_str(), media.size, media.name.as_deref()),
+        ("image/png", bytes.len() as u64, Some("beach day.png"))
+    );
+    assert_eq!(media.sha256.len(), 64, "hex SHA-256");
+    assert_eq!(stored_uploads(&backend).await, 1);
+
+    // Refused before anything is stored, each with its own code.
+    let refuse = |r: Result<parley_protocol::media::MediaRef, ClientError>| r.err().and_then(|e| e.code());
+    assert_eq!(refuse(http.upload_media("not-a-token", vec![1], "image/png", None).await), Some(ErrorCode::BadToken));
+    assert_eq!(refuse(http.upload_media(&alice.token, vec![1], "png", None).await), Some(ErrorCode::InvalidField));
+    assert_eq!(
+        refuse(http.upload_media(&alice.token, vec![1], "a/b", Some("../etc/passwd")).await),
+        Some(ErrorCode::InvalidField)
+    );
+    assert_eq!(refuse(http.upload_media(&alice.token, vec![], "image/png", None).await), Some(ErrorCode::InvalidField));
+    // Too large, or of no stated length: answered from the headers, before any body is sent.
+    let addr = node.base_url().trim_start_matches("http://").to_string();
+    let auth = format!("Bearer {}", alice.token);
+    let too_big = (MAX_MEDIA_BYTES + 1).to_string();
+    for (length_header, want) in
+        [(("content-length", too_big.as_str()), "media_too_large"), (("transfer-encoding", "chunked"), "invalid_field")]
+    {
+        let headers = [("authorization", auth.as_str()), ("content-type", "video/mp4"), length_header];
+        let (status, _, body) = raw_http(&addr, "POST", "/v1/media", &headers).await;
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!(body["error"].as_str(), Some(want), "{length_header:?}: HTTP {status} {body}");
+    }
+    let (status, _) = http.raw("POST", "/v1/media", None, Some(vec![1])).await.unwrap();
+    assert_eq!(status, 401, "no token");
+    assert_eq!(stored_uploads(&backend).await, 1, "refused uploads store nothing");
+
+    // Sent by id with a caption; bob gets the stored description.
+    let to_bob = |id: &str, body: &str, media_id| ClientFrame::Send {
+        client_msg_id: cid(id),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: body.into(),
+        media_id,
+    };
+    a.send(&to_bob("p1", "look!", Some(media.media_id))).await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Ack { client_msg_id, .. } if client_msg_id.as_str() == "p1"))
+        .await
+        .unwrap();
+    let got = expect_message(&mut b, "look!").await;
+    assert_eq!(got.media.as_ref(), Some(&media));
+    // No caption: fine with media, refused without.
+    a.send(&to_bob("p2", "", Some(media.media_id))).await.unwrap();
+    let got = expect_message(&mut b, "").await;
+    assert_eq!((got.seq, got.media.as_ref()), (2, Some(&media)));
+    a.send(&to_bob("p3", "", None)).await.unwrap();
+    expect_error(&mut a, ErrorCode::InvalidField).await;
+    // An id that names no upload is refused and stores nothing.
+    a.send(&to_bob("p4", "ghost", Some(parley_protocol::MediaId(uuid::Uuid::new_v4())))).await.unwrap();
+    expect_error(&mut a, ErrorCode::UnknownMedia).await;
+    let conversation = ConversationId::direct(alice.user_id, bob.user_id);
+    let page = http.history(&bob.token, conversation, None, None).await.unwrap();
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2], "nothing stored by refusals");
+    assert!(page.messages.iter().all(|m| m.media.as_ref() == Some(&media)), "history carries the media");
+
+    // Bob downloads it byte for byte, with headers that keep a browser from running it.
+    let (headers, body) = http.download_media(&bob.token, media.media_id).await.unwrap();
+    assert!(body == bytes, "downloaded {} bytes, differing from the upload", body.len());
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    assert_eq!(header("content-type"), "image/png");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert!(header("content-security-policy").starts_with("sandbox"), "{}", header("content-security-policy"));
+    assert_eq!(header("content-disposition"), "attachment; filename*=UTF-8''beach%20day.png");
+    assert_eq!(header("etag"), format!("\"{}\"", media.sha256));
+    let download = |token: Option<&str>, path: String| {
+        let http = http.clone();
+        let token = token.map(str::to_string);
+        async move { http.raw("GET", &path, token.as_deref(), None).await.unwrap() }
+    };
+    let (status, err) = download(Some(&bob.token), format!("/v1/media/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!((status, err["error"].as_str()), (404, Some("unknown_media")));
+    let (status, err) = download(Some(&bob.token), "/v1/media/not-an-id".into()).await;
+    assert_eq!((status, err["error"].as_str()), (404, Some("unknown_media")));
+    let (status, _) = download(None, format!("/v1/media/{}", media.media_id)).await;
+    assert_eq!(status, 401, "no token, no bytes");
+
+    // Durable: after a restart the message still carries it and the bytes are still there.
+    a.close().await;
+    b.close().await;
+    node.terminate(T).await.expect("graceful stop");
+    node.restart().await.expect("restart");
+    let page = http.history(&alice.token, conversation, None, None).await.unwrap();
+    assert_eq!(page.messages[0].media.as_ref(), Some(&media));
+    let (_, again) = http.download_media(&alice.token, media.media_id).await.unwrap();
+    assert!(again == bytes, "the bytes survive a restart");
+}
 
 /// The `presence` frame of `user` that `conn` gets next (others are kept for later).
 async fn expect_presence(conn: &mut Connection, user: UserId) -> (bool, Option<i64>) {
@@ -275,6 +403,7 @@ async fn pipeline(conn: &mut Connection, to: UserId, prefix: &str, ids: impl Ite
             to: Some(to),
             conversation_id: None,
             body: format!("m{i}"),
+            media_id: None,
         };
         conn.send(&frame).await.unwrap();
     }
@@ -516,6 +645,7 @@ async fn resend_with_same_client_id_is_stored_once(pg: bool) {
         to: Some(bob.user_id),
         conversation_id: None,
         body: "once".into(),
+        media_id: None,
     };
     let resp = http.send(&alice.token, &req).await.unwrap();
     assert_eq!((resp.message_id, resp.seq, resp.duplicate), (m1, s1, true));
@@ -713,6 +843,7 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
             to: Some(carol.user_id),
             conversation_id: None,
             body: "private".into(),
+            media_id: None,
         },
     )
     .await
@@ -722,6 +853,7 @@ async fn bad_input_is_refused_and_changes_nothing(pg: bool) {
         to: None,
         conversation_id: Some(bc),
         body: "hi".into(),
+        media_id: None,
     })
     .await
     .unwrap();
@@ -856,6 +988,7 @@ async fn stale_epoch_writes_are_refused(pg: bool) {
         to: Some(bob.user_id),
         conversation_id: None,
         body: "stale".into(),
+        media_id: None,
     })
     .await
     .unwrap();

@@ -123,6 +123,27 @@ async fn cross_node_delivery_with_sender_recipient_and_owner_on_three_nodes() {
     assert_eq!((list[0].last_seq, list[0].unread), (5, 0));
     // The sender's own device got no echo from the remote fan-out.
     assert!(!a.buffered().any(|f| matches!(f, ServerFrame::Message { .. })));
+
+    // A photo: uploaded to n1, sent through n3 (the owner), delivered on n2 with its description,
+    // and fetched from n2 byte for byte (uploads live in the shared store, not on one node).
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let media =
+        cluster.client(0).upload_media(&alice.token, bytes.clone(), "image/jpeg", Some("hop.jpg")).await.unwrap();
+    a.send(&ClientFrame::Send {
+        client_msg_id: cid("photo"),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: String::new(),
+        media_id: Some(media.media_id),
+    })
+    .await
+    .unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Ack { seq: 6, .. })).await.unwrap();
+    let f = b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.seq == 6)).await.unwrap();
+    let ServerFrame::Message { message } = f else { unreachable!() };
+    assert_eq!(message.media.as_ref(), Some(&media), "the description crossed two hops");
+    let (_, fetched) = cluster.client(1).download_media(&bob.token, media.media_id).await.unwrap();
+    assert!(fetched == bytes, "n2 serves the upload n1 stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +209,7 @@ async fn a_frozen_owner_past_its_lease_cannot_write() {
         to: Some(dave.user_id),
         conversation_id: None,
         body: "frozen".into(),
+        media_id: None,
     })
     .await
     .unwrap();

@@ -228,8 +228,13 @@ async fn a_group_of_three_is_created_told_and_chats(pg: bool) {
         assert_eq!((m.conversation_id, m.seq, m.sender, m.message_id), (group, 1, alice.user_id, message_id));
     }
     // Over HTTP, with the conversation id: no session sent it, so every session gets it.
-    let req =
-        SendRequest { client_msg_id: cid("g-2"), to: None, conversation_id: Some(group), body: "from bob".into() };
+    let req = SendRequest {
+        client_msg_id: cid("g-2"),
+        to: None,
+        conversation_id: Some(group),
+        body: "from bob".into(),
+        media_id: None,
+    };
     let resp = http.send(&bob.token, &req).await.unwrap();
     assert_eq!((resp.conversation_id, resp.seq, resp.duplicate), (group, 2, false));
     for conn in [&mut a1, &mut a2, &mut b, &mut c] {
@@ -289,8 +294,13 @@ async fn refused_group_requests_change_nothing(pg: bool) {
     expect_group(&mut b, 0).await;
     // A direct chat between the two members: a real conversation, but no group.
     let direct = ConversationId::direct(alice.user_id, bob.user_id);
-    let dm =
-        SendRequest { client_msg_id: cid("dm-1"), to: Some(bob.user_id), conversation_id: None, body: "dm".into() };
+    let dm = SendRequest {
+        client_msg_id: cid("dm-1"),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: "dm".into(),
+        media_id: None,
+    };
     http.send(&alice.token, &dm).await.unwrap();
     expect_message(&mut b, "dm").await;
 
@@ -304,7 +314,13 @@ async fn refused_group_requests_change_nothing(pg: bool) {
     assert_eq!(refusal(http.group(a, ConversationId(uuid::Uuid::new_v4())).await), outsider, "no such group");
     assert_eq!(refusal(http.group(a, direct).await), outsider, "a direct chat is not a group");
     assert_eq!(refusal(http.history(m_, group, None, None).await), outsider, "a non-member reads history");
-    let intrude = SendRequest { client_msg_id: cid("in-1"), to: None, conversation_id: Some(group), body: "x".into() };
+    let intrude = SendRequest {
+        client_msg_id: cid("in-1"),
+        to: None,
+        conversation_id: Some(group),
+        body: "x".into(),
+        media_id: None,
+    };
     assert_eq!(refusal(http.send(m_, &intrude).await), outsider, "a non-member sends over HTTP");
     assert_eq!(refusal(http.rename_group(m_, group, "mine").await), outsider, "a non-member renames");
     assert_eq!(refusal(http.add_members(m_, group, &[mallory.user_id]).await), outsider, "a non-member joins");
@@ -480,6 +496,7 @@ async fn membership_changes_reach_old_and_new_members(pg: bool) {
         to: Some(carol.user_id),
         conversation_id: None,
         body: "sentinel for carol".into(),
+        media_id: None,
     };
     http.send(&alice.token, &dm).await.unwrap();
     expect_sentinel_without(

@@ -37,6 +37,7 @@ fn message(conversation: ConversationId, sender: UserId, id: &str) -> NewMessage
         client_msg_id: ClientMsgId::new(id).expect("valid client id"),
         body: format!("body of {id}"),
         sent_at_ms: now_ms(),
+        media: None,
     }
 }
 

@@ -17,10 +17,11 @@ use anyhow::{ensure, Context, Result};
 use parley_protocol::cluster::{StoredAck, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
-use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
+use parley_protocol::media::MediaRef;
+use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
-    now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MessageResult, NewMessage, ShardStore,
-    StorageError, StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
+    now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaRecord, MessageResult,
+    NewMessage, ShardStore, StorageError, StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -126,6 +127,7 @@ conformance!(
     sync_follows_each_device_cursor,
     summaries_count_unread_from_others,
     cursors_never_move_backwards,
+    media_is_stored_whole_and_messages_carry_its_description,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -156,6 +158,7 @@ fn msg(conversation: ConversationId, sender: UserId, client_id: &str, body: &str
         client_msg_id: cid(client_id),
         body: body.to_string(),
         sent_at_ms: now_ms(),
+        media: None,
     }
 }
 
@@ -292,6 +295,58 @@ async fn last_seen_only_moves_forward_and_survives_a_reopen(f: &Fixture) -> Resu
     assert_eq!(d.last_seen(&[ghost]).await?, vec![], "recording an unknown user creates nothing");
     let reopened = f.reopen().await?;
     assert_eq!(sorted(reopened.directory.last_seen(&[alice.id, bob.id]).await?), want);
+    Ok(())
+}
+
+/// An upload's bytes come back whole (also after a reopen), an id is never stored twice, unknown
+/// ids are `None`; a message's media description survives the commit and every read path
+/// (history, sync, the conversation summary), and messages without media read back `None`.
+async fn media_is_stored_whole_and_messages_carry_its_description(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    let alice = user("alice");
+    d.create_user(&alice).await?;
+    // Every byte value, and more than one page of SQLite / one TOAST chunk of Postgres.
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let media = MediaRef {
+        media_id: MediaId(Uuid::new_v4()),
+        mime: "image/png".into(),
+        size: bytes.len() as u64,
+        name: Some("résumé photo.png".into()),
+        sha256: parley_storage::sha256_hex(&bytes),
+    };
+    let record = MediaRecord { media: media.clone(), owner: alice.id, created_at_ms: 1_700_000_000_000 };
+    d.put_media(&record, &bytes).await?;
+    ensure!(d.put_media(&record, b"other bytes").await.is_err(), "an id is stored once");
+    assert_eq!(d.media(media.media_id).await?, Some(record.clone()));
+    assert_eq!(d.media_bytes(media.media_id).await?, Some((record.clone(), bytes.clone())), "the first bytes stay");
+    let unknown = MediaId(Uuid::new_v4());
+    assert_eq!(d.media(unknown).await?, None);
+    assert_eq!(d.media_bytes(unknown).await?, None);
+    let unnamed = MediaRef { media_id: MediaId(Uuid::new_v4()), name: None, size: 1, ..media.clone() };
+    let unnamed_record = MediaRecord { media: unnamed.clone(), ..record.clone() };
+    d.put_media(&unnamed_record, b"x").await?;
+    assert_eq!(d.media(unnamed.media_id).await?, Some(unnamed_record));
+
+    let (store, epoch) = leased(&f.stores, 5, "node-a").await?;
+    let c = new_conversation();
+    let with_media = NewMessage { media: Some(media.clone()), ..msg(c, alice.id, "p1", "") };
+    let plain = msg(c, alice.id, "p2", "plain");
+    store.commit(epoch, &messages(vec![with_media, plain])).await?;
+    let (page, _) = store.history(c, None, 10).await?;
+    assert_eq!(page.iter().map(|m| m.media.clone()).collect::<Vec<_>>(), vec![Some(media.clone()), None]);
+    assert_eq!(page[0].body, "", "a photo without a caption");
+    let synced = store
+        .sync(&SyncRequest { user: alice.id, device: device("d1"), conversations: vec![c], per_conversation_limit: 10 })
+        .await?;
+    assert_eq!(synced.messages.first().and_then(|m| m.media.clone()), Some(media.clone()));
+    let with_media_last = NewMessage { media: Some(media.clone()), ..msg(c, alice.id, "p3", "caption") };
+    store.commit(epoch, &messages(vec![with_media_last])).await?;
+    let summaries = store.summaries(alice.id, &[c]).await?;
+    let last = summaries.first().and_then(|s| s.last_message.clone()).context("a last message")?;
+    assert_eq!((last.body.as_str(), last.media), ("caption", Some(media.clone())));
+
+    let reopened = f.reopen().await?;
+    assert_eq!(reopened.directory.media_bytes(media.media_id).await?, Some((record, bytes)));
     Ok(())
 }
 
@@ -570,6 +625,7 @@ async fn commit_assigns_gapless_seqs_in_batch_order(f: &Fixture) -> Result<()> {
             client_msg_id: cid("a1"),
             body: "c1 one".into(),
             sent_at_ms: m1.sent_at_ms,
+            media: None,
         }
     );
     let (page, _) = store.history(c2, None, 100).await?;

@@ -17,7 +17,8 @@ use std::time::Duration;
 use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
 use parley_protocol::frames::{ClientFrame, ConversationKind, Limits, MessageView, ReceiptKind, ServerFrame};
 use parley_protocol::limits::{
-    MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_PAGE, MAX_PRESENCE_WATCH, MAX_SYNC_PER_CONVERSATION, TYPING_INTERVAL_MS,
+    MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_MEDIA_BYTES, MAX_PAGE, MAX_PRESENCE_WATCH, MAX_SYNC_PER_CONVERSATION,
+    TYPING_INTERVAL_MS,
 };
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -236,9 +237,11 @@ impl SessionState {
             ClientFrame::Hello { .. } => {
                 self.send(&ServerFrame::error(ErrorCode::InvalidField, "already authenticated"));
             }
-            ClientFrame::Send { client_msg_id, to, conversation_id, body } => {
-                let dispatched =
-                    self.ctx.dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, self.id).await;
+            ClientFrame::Send { client_msg_id, to, conversation_id, body, media_id } => {
+                let dispatched = self
+                    .ctx
+                    .dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, media_id, self.id)
+                    .await;
                 let outbox = self.outbox.clone();
                 let close = self.close.clone();
                 let reply = move |result: Result<_, NodeError>| {
@@ -425,6 +428,7 @@ impl SessionState {
                 max_body_bytes: MAX_BODY_BYTES,
                 max_page: MAX_PAGE,
                 max_in_flight: self.ctx.config.limits.max_in_flight_per_connection,
+                max_media_bytes: MAX_MEDIA_BYTES,
             },
         });
         let conversations = match self.ctx.stores.directory.user_conversations(user.id).await {

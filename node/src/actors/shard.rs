@@ -183,6 +183,7 @@ impl ShardState {
                     client_msg_id: p.cmd.client_msg_id.clone(),
                     body: p.cmd.body.clone(),
                     sent_at_ms: p.sent_at_ms,
+                    media: p.cmd.media.clone(),
                 })
                 .collect(),
             cursors: receipts
@@ -227,7 +228,7 @@ impl ShardState {
                     });
                 }
                 MessageResult::Stored(ack) => {
-                    let SendCommand { sender, client_msg_id, members, body, origin_session, .. } = p.cmd;
+                    let SendCommand { sender, client_msg_id, members, body, origin_session, media, .. } = p.cmd;
                     if ack.conversation_id.is_group() {
                         self.remember_sender(ack.conversation_id, ack.seq, sender);
                     }
@@ -239,6 +240,7 @@ impl ShardState {
                         client_msg_id,
                         body,
                         sent_at_ms: ack.sent_at_ms,
+                        media,
                     };
                     deliveries.push(Delivery {
                         users: members,

@@ -45,6 +45,7 @@ fn new_messages(batch: &WriteBatch, committed: &Committed) -> Vec<MessageView> {
                 client_msg_id: m.client_msg_id.clone(),
                 body: m.body.clone(),
                 sent_at_ms: ack.sent_at_ms,
+                media: m.media.clone(),
             }),
             MessageResult::Stored(_) => None,
         })
@@ -97,7 +98,9 @@ pub fn cap_sync_reply(mut reply: SyncReply) -> SyncReply {
     let mut total = 0usize;
     let mut keep = reply.messages.len();
     for (i, m) in reply.messages.iter().enumerate() {
-        total += m.body.len() + MESSAGE_OVERHEAD_BYTES;
+        // An attachment's description: its type and name plus the fixed-size id, size and hash.
+        let media = m.media.as_ref().map_or(0, |d| d.mime.len() + d.name.as_ref().map_or(0, String::len) + 128);
+        total += m.body.len() + media + MESSAGE_OVERHEAD_BYTES;
         if total > MAX_SYNC_REPLY_BYTES {
             keep = i;
             break;
@@ -196,6 +199,7 @@ mod tests {
             client_msg_id: ClientMsgId::new(format!("c{seq}")).unwrap(),
             body: "x".repeat(body_len),
             sent_at_ms: 0,
+            media: None,
         }
     }
 

@@ -864,6 +864,7 @@ mod tests {
                 client_msg_id: ClientMsgId::new("durable-3").unwrap(),
                 body: "0000001795313380 durable \"quoted\" xx".into(),
                 sent_at_ms: 1,
+                media: None,
             },
         });
         let frame: Incoming<'_> = serde_json::from_str(&text).expect("a message frame parses");

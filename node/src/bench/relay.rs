@@ -99,6 +99,7 @@ async fn connection(stream: tokio::net::TcpStream, id: u64, registry: Registry, 
                             max_page: MAX_PAGE,
                             // The relay holds nothing: it answers each frame as it reads it.
                             max_in_flight: usize::MAX,
+                            max_media_bytes: 0,
                         },
                     }
                 }
@@ -115,6 +116,7 @@ async fn connection(stream: tokio::net::TcpStream, id: u64, registry: Registry, 
                         client_msg_id: client_msg_id.clone(),
                         body,
                         sent_at_ms: parley_storage::now_ms(),
+                        media: None,
                     };
                     let ack = ServerFrame::Ack {
                         client_msg_id,

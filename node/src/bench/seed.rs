@@ -89,6 +89,7 @@ pub(crate) async fn history(
                         client_msg_id: ClientMsgId::new(format!("seed-{i}"))?,
                         body: body.clone(),
                         sent_at_ms: now,
+                        media: None,
                     })
                 })
                 .collect::<anyhow::Result<_>>()?,

@@ -318,6 +318,7 @@ impl Sim {
             to: Some(self.spec.partner),
             conversation_id: None,
             body: format!("drill message {id}"),
+            media_id: None,
         };
         let deadline = Instant::now() + ACK_TIMEOUT;
         let Some(conn) = self.conn.as_mut() else { return Attempt::Retry { unavailable: false } };

@@ -315,6 +315,7 @@ mod tests {
             client_msg_id: ClientMsgId::new(id).unwrap(),
             body: String::new(),
             sent_at_ms: 0,
+            media: None,
         }
     }
 

@@ -196,7 +196,7 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
 
     let client = pool.get().await?;
     let stmt = client.prepare_cached(COMMIT_SQL).await?;
-    let params: [&(dyn ToSql + Sync); 17] = [
+    let params: [&(dyn ToSql + Sync); 18] = [
         &cols.shards,
         &cols.epochs,
         &cols.conversations,
@@ -214,6 +214,7 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         &receipts.devices,
         &receipts.delivered,
         &receipts.read,
+        &cols.media,
     ];
     let rows = client.query(&stmt, &params).await.map_err(commit_error)?;
 
@@ -309,8 +310,8 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
 const COMMIT_SQL: &str = "
 WITH cand AS (
     SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::uuid[], $4::uuid[], $5::uuid[], $6::text[], $7::text[],
-                         $8::bigint[], $9::bigint[])
-        AS t(s, e, c, m, u, k, b, at, ord)
+                         $8::bigint[], $9::bigint[], $18::text[])
+        AS t(s, e, c, m, u, k, b, at, ord, md)
 ), fence AS (
     SELECT shard, epoch FROM shard_leases WHERE shard = ANY($10::int[]) FOR KEY SHARE
 ), old AS (
@@ -333,8 +334,8 @@ WITH cand AS (
         WHERE shard_conversations.shard = EXCLUDED.shard
     RETURNING conversation_id, last_seq
 ), stored AS (
-    INSERT INTO messages (shard, conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch)
-    SELECT f.s, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, f.e
+    INSERT INTO messages (shard, conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, epoch, media)
+    SELECT f.s, f.c, b.last_seq - f.back, f.m, f.u, f.k, f.b, f.at, f.e, f.md
     FROM fresh f LEFT JOIN bump b ON b.conversation_id = f.c
     RETURNING 1
 ), rcpt AS (
@@ -393,6 +394,8 @@ struct CandidateColumns<'a> {
     sent_at: Vec<i64>,
     /// Index in the group.
     ords: Vec<i64>,
+    /// The attachment as JSON (`messages.media`), NULL without one.
+    media: Vec<Option<String>>,
 }
 
 impl<'a> CandidateColumns<'a> {
@@ -406,6 +409,7 @@ impl<'a> CandidateColumns<'a> {
         self.bodies.push(&m.body);
         self.sent_at.push(m.sent_at_ms);
         self.ords.push(index as i64);
+        self.media.push(crate::media_to_json(&m.media));
     }
 }
 
