@@ -11,6 +11,9 @@
 // - Messages are deduplicated by (conversation, seq) (§4.3); `delivered` is sent for the highest
 //   seq held without a gap, `read` for what the open chat shows.
 // - Every text that comes from the server is rendered with textContent, never as HTML.
+// - A photo or file is uploaded first (`POST /v1/media`, §5 "Media"), then sent like any message with its
+//   `media_id`. Media is fetched with the bearer token and shown from a `blob:` URL; only raster
+//   image types are shown inline, everything else is a download link.
 
 const PROTOCOL_VERSION = 1;
 const HISTORY_PAGE = 50;
@@ -25,6 +28,9 @@ const TYPING_SHOWN_MS = 6000;
 const MAX_PRESENCE_WATCH = 256;
 // The server announces its limits in `welcome`; this is the documented default until then.
 let maxBodyBytes = 16 * 1024;
+let maxMediaBytes = 16 * 1024 * 1024;
+// Shown inline as <img>; any other type is offered as a download.
+const INLINE_IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -161,11 +167,16 @@ class ApiError extends Error {
 
 async function api(method, path, body) {
   const headers = {};
-  if (state.auth) headers.Authorization = "Bearer " + state.auth.token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
+  return request(method, path, headers, body === undefined ? undefined : JSON.stringify(body));
+}
+
+/** Any authenticated request; JSON answers are parsed, error bodies become an ApiError. */
+async function request(method, path, headers, body) {
+  if (state.auth) headers.Authorization = "Bearer " + state.auth.token;
   let res;
   try {
-    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    res = await fetch(path, { method, headers, body });
   } catch (e) {
     throw new ApiError("unavailable", "the server cannot be reached", 0);
   }
@@ -302,6 +313,7 @@ function handle(f) {
       state.reconnectDelay = RECONNECT_MIN_MS;
       $("node").textContent = "via " + f.node;
       if (f.limits && f.limits.max_body_bytes) maxBodyBytes = f.limits.max_body_bytes;
+      if (f.limits && f.limits.max_media_bytes) maxMediaBytes = f.limits.max_media_bytes;
       state.conversationsAsked = false;
       requestConversations();
       watchPresence();
@@ -450,6 +462,7 @@ function onAck(a) {
     c.addMessage({
       message_id: a.message_id, conversation_id: a.conversation_id, seq: a.seq,
       sender: state.auth.user_id, client_msg_id: a.client_msg_id, body: p.body, sent_at_ms: a.sent_at_ms,
+      media: p.media || null,
     }, false);
     break;
   }
@@ -573,6 +586,7 @@ function requestHistory(c, before) {
 
 function sendPending(c, clientMsgId, p) {
   const frame = { type: "send", client_msg_id: clientMsgId, body: p.body };
+  if (p.media) frame.media_id = p.media.media_id;
   if (c.id) frame.conversation_id = c.id;
   else frame.to = c.peer;
   send(frame);
@@ -601,6 +615,102 @@ function submitMessage() {
   sendPending(c, id, p); // if the socket is down, the reconnect sends it
   $("text").value = "";
   renderThread();
+}
+
+// ---------------------------------------------------------------- media
+
+/** Upload a picked file, then send it (with the composer's text as its caption). While it
+ * uploads it shows as "uploading"; once uploaded it is an ordinary pending message, re-sent with
+ * the same id after a reconnect like any other. */
+async function attachFile(file) {
+  const c = state.convs.get(state.current);
+  $("thread-error").textContent = "";
+  if (!c || !file) return;
+  if (file.size > maxMediaBytes) {
+    $("thread-error").textContent = `The file is ${file.size} bytes; the limit is ${maxMediaBytes} (media_too_large).`;
+    return;
+  }
+  if (file.size === 0) {
+    $("thread-error").textContent = "The file is empty.";
+    return;
+  }
+  const caption = $("text").value;
+  const bytes = new TextEncoder().encode(caption).length;
+  if (bytes > maxBodyBytes) {
+    $("thread-error").textContent = `The caption is ${bytes} bytes; the limit is ${maxBodyBytes} (body_too_large).`;
+    return;
+  }
+  const id = randomId("w");
+  const p = { body: caption, state: "uploading", fileName: file.name };
+  c.pending.set(id, p);
+  $("text").value = "";
+  renderThread();
+  try {
+    const query = file.name ? "?name=" + encodeURIComponent(file.name) : "";
+    p.media = await request("POST", "/v1/media" + query, { "Content-Type": file.type || "application/octet-stream" }, file);
+    p.state = "pending";
+    sendPending(c, id, p);
+  } catch (e) {
+    p.state = "failed";
+    p.error = `${e.message} (${e.code})`;
+  }
+  renderThread();
+}
+
+// media_id -> Promise of a blob: URL (uploads never change, so each is fetched once per page).
+const mediaUrls = new Map();
+
+function mediaUrl(media) {
+  if (!mediaUrls.has(media.media_id)) {
+    const p = (async () => {
+      let res;
+      try {
+        res = await fetch("/v1/media/" + media.media_id, { headers: { Authorization: "Bearer " + state.auth.token } });
+      } catch (e) {
+        throw new ApiError("unavailable", "the server cannot be reached", 0);
+      }
+      if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
+      return URL.createObjectURL(await res.blob());
+    })();
+    p.catch(() => mediaUrls.delete(media.media_id)); // a failed fetch is tried again next render
+    mediaUrls.set(media.media_id, p);
+  }
+  return mediaUrls.get(media.media_id);
+}
+
+function formatSize(n) {
+  if (n < 1024) return n + " B";
+  if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
+  return (n / 1024 / 1024).toFixed(1) + " MB";
+}
+
+/** A message's attachment: the picture itself, or a link that downloads the file. */
+function mediaView(media) {
+  const label = (media.name || "file") + " (" + formatSize(media.size) + ")";
+  if (INLINE_IMAGE_TYPES.includes(media.mime)) {
+    const img = h("img", { class: "media-img", alt: media.name || "photo", title: label, "data-media-id": media.media_id });
+    mediaUrl(media).then((url) => { img.src = url; }, () => { img.alt = "could not load " + label; });
+    return img;
+  }
+  return h("a", {
+    class: "media-file", href: "#", "data-media-id": media.media_id,
+    onclick: async (ev) => {
+      ev.preventDefault();
+      try {
+        const a = h("a", { href: await mediaUrl(media), download: media.name || "file" });
+        a.click();
+      } catch (e) {
+        $("thread-error").textContent = `Download failed: ${e.message} (${e.code})`;
+      }
+    },
+  }, "📎 " + label);
+}
+
+/** One line for the chat list. */
+function preview(m) {
+  if (!m.media) return m.body.slice(0, 60);
+  const icon = INLINE_IMAGE_TYPES.includes(m.media.mime) ? "📷 " : "📎 ";
+  return icon + (m.body || m.media.name || "file").slice(0, 58);
 }
 
 // ---------------------------------------------------------------- groups
@@ -663,7 +773,7 @@ function renderConversations() {
     h("span", { class: "title" }, c.title()),
     c.unread > 0 ? h("span", { class: "unread", title: "unread" }, String(c.unread)) : null,
     typers(c).length ? h("span", { class: "typing-hint" }, "typing…")
-      : last ? h("span", { class: "preview" }, last.body.slice(0, 60)) : null);
+      : last ? h("span", { class: "preview" }, preview(last)) : null);
   }));
 }
 
@@ -770,11 +880,13 @@ function renderThread() {
       "data-state": tick,
     },
     c.kind === "group" && !mine ? h("span", { class: "sender" }, state.users.get(m.sender) || m.sender.slice(0, 8)) : null,
+    m.media ? mediaView(m.media) : null,
     h("span", { class: "body" }, m.body),
     h("span", { class: "meta" }, formatTime(m.sent_at_ms), mine ? h("span", { class: "ticks " + tick, title: tick }, tick === "sent" ? "✓" : "✓✓") : null));
   });
   for (const [id, p] of c.pending) {
     items.push(h("li", { class: "msg mine", "data-client-msg-id": id, "data-state": p.state },
+      p.fileName !== undefined ? h("span", { class: "media-file" }, (p.state === "uploading" ? "uploading " : "📎 ") + (p.fileName || "file")) : null,
       h("span", { class: "body" }, p.body),
       h("span", { class: "meta" }, p.state === "failed" ? h("span", { class: "error" }, p.error) : h("span", { class: "ticks pending", title: "waiting for the server" }, "🕓"))));
   }
@@ -914,6 +1026,11 @@ $("register").addEventListener("click", () => {
 $("logout").addEventListener("click", () => signOut());
 $("composer").addEventListener("submit", (ev) => { ev.preventDefault(); submitMessage(); });
 $("text").addEventListener("input", typed);
+$("attach").addEventListener("change", (ev) => {
+  const file = ev.target.files && ev.target.files[0];
+  ev.target.value = ""; // the same file may be picked again
+  attachFile(file);
+});
 $("text").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); submitMessage(); }
 });

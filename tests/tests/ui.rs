@@ -123,6 +123,10 @@ async fn open_conversation_titled(b: &Browser, title: &str) -> anyhow::Result<()
     .await
 }
 
+/// A 3×2 RGB PNG (red, green, blue columns), base64.
+const TINY_PNG: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAMAAAACCAIAAAASFvFNAAAAEElEQVR4nGP4z8DAAMFwFgA72AX73hA3ZQAAAABJRU5ErkJggg==";
+
 async fn texts(b: &Browser, css: &str) -> anyhow::Result<Vec<String>> {
     let v = b
         .eval("return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent);", vec![json!(css)])
@@ -195,6 +199,33 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     let typing = alice.eval("return document.getElementById('typing').textContent;", vec![]).await.unwrap();
     assert_eq!(typing, json!(""), "a message from Bob ends his typing indicator");
 
+    // Alice sends a photo with a caption, picked through the composer's file input (a 3×2 PNG):
+    // uploaded to her node, it shows as a decoded picture in Bob's chat on the other node, and in
+    // hers once acked; the chat list previews it as a photo.
+    alice.type_into("#text", "our beach").await.unwrap();
+    alice
+        .eval(
+            "const png = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+             const dt = new DataTransfer();
+             dt.items.add(new File([png], 'beach.png', { type: 'image/png' }));
+             const input = document.getElementById('attach');
+             input.files = dt.files;
+             input.dispatchEvent(new Event('change'));",
+            vec![json!(TINY_PNG)],
+        )
+        .await
+        .unwrap();
+    let picture = "const li = [...document.querySelectorAll(arguments[0])]
+             .find((li) => li.querySelector('.body').textContent === 'our beach');
+         const img = li && li.querySelector('img.media-img');
+         return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png';";
+    bob.wait_until("Alice's photo, decoded, on the other node", picture, vec![json!("#messages li.msg.theirs")])
+        .await
+        .unwrap();
+    alice.wait_until("her own photo, acked", picture, vec![json!("#messages li.msg.mine[data-seq]")]).await.unwrap();
+    let previews = texts(&bob, "#conversations li .preview").await.unwrap();
+    assert_eq!(previews, vec!["📷 our beach".to_string()], "the chat list previews the photo");
+
     // Alice watches the cluster: both nodes up, every shard owned.
     alice.click("#tab-cluster").await.unwrap();
     alice
@@ -253,7 +284,7 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     .unwrap();
     alice.click("#tab-chat").await.unwrap();
     let third = send_text(&alice, "still there?").await.unwrap();
-    assert_eq!(third, 3);
+    assert_eq!(third, 4);
     see_message(&bob, "still there?").await.unwrap();
     tick_of(&alice, third, "read").await.unwrap();
 
@@ -271,13 +302,17 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     alice
         .wait_for(
             "the whole history",
-            "return document.querySelectorAll('#messages li.msg[data-seq]').length === 3;",
+            "return document.querySelectorAll('#messages li.msg[data-seq]').length === 4;",
             vec![],
         )
         .await
         .unwrap();
     let bodies = texts(&alice, "#messages li.msg .body").await.unwrap();
-    assert_eq!(bodies, ["hello bob", "hi alice", "still there?"]);
+    assert_eq!(bodies, ["hello bob", "hi alice", "our beach", "still there?"]);
+    alice
+        .wait_until("the photo after a reload", picture, vec![json!("#messages li.msg.mine[data-seq]")])
+        .await
+        .unwrap();
     // Receipts are not replayed, yet her messages keep their read ticks: the list carries Bob's
     // read position.
     tick_of(&alice, first, "read").await.unwrap();
