@@ -14,10 +14,11 @@ use parley_protocol::cluster::{
 };
 use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, GroupView, MessageView};
+use parley_protocol::http::SendRequest;
 use parley_protocol::limits::{DEFAULT_PAGE, MAX_BODY_BYTES, MAX_GROUP_MEMBERS, MAX_GROUP_NAME_BYTES, MAX_PAGE};
 use parley_protocol::media::MediaRef;
 use parley_protocol::shard::shard_for;
-use parley_protocol::{ClientMsgId, ConversationId, ErrorCode, MediaId, Seq, ShardId, UserId};
+use parley_protocol::{ConversationId, ErrorCode, MediaId, Seq, ShardId, UserId};
 use parley_storage::{now_ms, token_hash, ConversationRecord, Stores, TokenGrant};
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
@@ -426,17 +427,10 @@ impl NodeContext {
 
     /// Validate and resolve a send, and hand it to the owning shard *now* (so sends from one
     /// session reach the shard in the order the client sent them); the returned [`PendingAck`]
-    /// waits for the durable outcome.
-    pub async fn dispatch_send(
-        &self,
-        sender: UserId,
-        client_msg_id: ClientMsgId,
-        to: Option<UserId>,
-        conversation_id: Option<ConversationId>,
-        body: String,
-        media_id: Option<MediaId>,
-        origin_session: u64,
-    ) -> NodeResult<PendingAck> {
+    /// waits for the durable outcome. `req` is what the client asked, in the HTTP form (the
+    /// WebSocket `send` frame has the same fields).
+    pub async fn dispatch_send(&self, sender: UserId, req: SendRequest, origin_session: u64) -> NodeResult<PendingAck> {
+        let SendRequest { client_msg_id, to, conversation_id, body, media_id } = req;
         validate_body(&body, media_id.is_some())?;
         let conversation = self.send_target(sender, to, conversation_id).await?;
         let media = match media_id {
@@ -469,20 +463,8 @@ impl NodeContext {
     }
 
     /// Store a message and wait for its durable ack.
-    pub async fn send(
-        &self,
-        sender: UserId,
-        client_msg_id: ClientMsgId,
-        to: Option<UserId>,
-        conversation_id: Option<ConversationId>,
-        body: String,
-        media_id: Option<MediaId>,
-        origin_session: u64,
-    ) -> NodeResult<StoredAck> {
-        self.dispatch_send(sender, client_msg_id, to, conversation_id, body, media_id, origin_session)
-            .await?
-            .wait()
-            .await
+    pub async fn send(&self, sender: UserId, req: SendRequest, origin_session: u64) -> NodeResult<StoredAck> {
+        self.dispatch_send(sender, req, origin_session).await?.wait().await
     }
 
     /// What a message with upload `id` carries, from the upload's record: `unknown_media` when

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use parley_protocol::cluster::{ReceiptCommand, SyncRequest, UserEvent};
 use parley_protocol::frames::{ClientFrame, ConversationKind, Limits, MessageView, ReceiptKind, ServerFrame};
+use parley_protocol::http::SendRequest;
 use parley_protocol::limits::{
     MAX_BODY_BYTES, MAX_FRAME_BYTES, MAX_MEDIA_BYTES, MAX_PAGE, MAX_PRESENCE_WATCH, MAX_SYNC_PER_CONVERSATION,
     TYPING_INTERVAL_MS,
@@ -238,10 +239,8 @@ impl SessionState {
                 self.send(&ServerFrame::error(ErrorCode::InvalidField, "already authenticated"));
             }
             ClientFrame::Send { client_msg_id, to, conversation_id, body, media_id } => {
-                let dispatched = self
-                    .ctx
-                    .dispatch_send(user, client_msg_id.clone(), to, conversation_id, body, media_id, self.id)
-                    .await;
+                let req = SendRequest { client_msg_id: client_msg_id.clone(), to, conversation_id, body, media_id };
+                let dispatched = self.ctx.dispatch_send(user, req, self.id).await;
                 let outbox = self.outbox.clone();
                 let close = self.close.clone();
                 let reply = move |result: Result<_, NodeError>| {
