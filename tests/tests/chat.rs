@@ -131,6 +131,12 @@ async fn media_is_uploaded_sent_and_downloaded(pg: bool) {
     assert!(header("content-security-policy").starts_with("sandbox"), "{}", header("content-security-policy"));
     assert_eq!(header("content-disposition"), "attachment; filename*=UTF-8''beach%20day.png");
     assert_eq!(header("etag"), format!("\"{}\"", media.sha256));
+    // A client that has the bytes is told so without them.
+    let (bob_auth, path) = (format!("Bearer {}", bob.token), format!("/v1/media/{}", media.media_id));
+    let etag = header("etag");
+    let (status, _, body) =
+        raw_http(&addr, "GET", &path, &[("authorization", bob_auth.as_str()), ("if-none-match", etag.as_str())]).await;
+    assert_eq!((status, body.as_str()), (304, ""), "not modified");
     let download = |token: Option<&str>, path: String| {
         let http = http.clone();
         let token = token.map(str::to_string);
