@@ -41,6 +41,17 @@ impl ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
+/// The error an HTTP answer with status ≥ 400 reports: its `ErrorBody`, or a protocol error when
+/// the body is not one.
+fn server_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(err) => ClientError::Server { status, code: err.error, message: err.message },
+        Err(_) => {
+            ClientError::Protocol(format!("HTTP {status} without an error body: {}", String::from_utf8_lossy(body)))
+        }
+    }
+}
+
 /// HTTP client for one node.
 #[derive(Clone)]
 pub struct Client {
@@ -97,9 +108,7 @@ impl Client {
         let body = body.map(|b| serde_json::to_vec(&b).expect("json values serialize"));
         let (status, value) = self.raw(method, path, token, body).await?;
         if status >= 400 {
-            let err: ErrorBody = serde_json::from_value(value.clone())
-                .map_err(|_| ClientError::Protocol(format!("HTTP {status} without an error body: {value}")))?;
-            return Err(ClientError::Server { status, code: err.error, message: err.message });
+            return Err(server_error(status, value.to_string().as_bytes()));
         }
         serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -144,13 +153,7 @@ impl Client {
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
         if status >= 400 {
-            let err: ErrorBody = serde_json::from_slice(&bytes).map_err(|_| {
-                ClientError::Protocol(format!(
-                    "HTTP {status} without an error body: {}",
-                    String::from_utf8_lossy(&bytes)
-                ))
-            })?;
-            return Err(ClientError::Server { status, code: err.error, message: err.message });
+            return Err(server_error(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -172,9 +175,7 @@ impl Client {
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Transport(e.to_string()))?;
         if status >= 400 {
-            let err: ErrorBody = serde_json::from_slice(&bytes)
-                .map_err(|_| ClientError::Protocol(format!("HTTP {status} without an error body")))?;
-            return Err(ClientError::Server { status, code: err.error, message: err.message });
+            return Err(server_error(status, &bytes));
         }
         Ok((headers, bytes.to_vec()))
     }

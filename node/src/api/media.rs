@@ -119,9 +119,6 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
         .and(warp::body::content_length_limit(MAX_MEDIA_BYTES))
         .and(warp::body::bytes())
         .and_then(|admitted: Admitted, bytes: bytes::Bytes| async move {
-            if bytes.is_empty() {
-                return Err(reject(ErrorCode::InvalidField, "an upload must not be empty"));
-            }
             let record = MediaRecord {
                 media: MediaRef {
                     media_id: MediaId(uuid::Uuid::new_v4()),
