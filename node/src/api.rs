@@ -12,6 +12,7 @@
 //! `405 method_not_allowed` only when the method filter comes second.
 
 pub mod media;
+pub mod push;
 pub mod upgrade;
 pub mod ws;
 
@@ -141,6 +142,7 @@ pub fn routes(
                 "presence": presence_view(&ctx),
                 "redirects": ctx.redirects(),
                 "events": ctx.events.to_json(),
+                "push": ctx.push.to_json(),
             });
             // The browser UI of one node shows every member's session count, and keeps watching
             // through another member when its own node is killed: both read this route
@@ -264,6 +266,8 @@ pub fn routes(
         .or(groups)
         .unify()
         .or(media::routes(ctx.clone()))
+        .unify()
+        .or(push::routes(ctx.clone()))
         .unify()
         .boxed();
     let rest = ws.or(seed).unify().or(index).unify().or(ui).unify().boxed();

@@ -132,6 +132,37 @@ impl Client {
         }
     }
 
+    /// `GET /v1/push/key`: the VAPID public key to subscribe with.
+    pub async fn push_key(&self) -> Result<parley_protocol::push::PushKeyResponse> {
+        self.call("GET", "/v1/push/key", None, None).await
+    }
+
+    /// `POST /v1/push/subscriptions`: turn on notifications for this browser's subscription.
+    pub async fn push_subscribe(
+        &self,
+        token: &str,
+        sub: &parley_protocol::push::PushSubscriptionRequest,
+    ) -> Result<()> {
+        let body = serde_json::to_vec(sub).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.no_content("POST", "/v1/push/subscriptions", token, body).await
+    }
+
+    /// `DELETE /v1/push/subscriptions`: turn them off.
+    pub async fn push_unsubscribe(&self, token: &str, endpoint: &str) -> Result<()> {
+        let body = serde_json::to_vec(&serde_json::json!({ "endpoint": endpoint })).expect("json values serialize");
+        self.no_content("DELETE", "/v1/push/subscriptions", token, body).await
+    }
+
+    /// A request whose success is `204 No Content`.
+    async fn no_content(&self, method: &str, path: &str, token: &str, body: Vec<u8>) -> Result<()> {
+        let (status, value) = self.raw(method, path, Some(token), Some(body)).await?;
+        match status {
+            204 => Ok(()),
+            s if s >= 400 => Err(server_error(s, value.to_string().as_bytes())),
+            s => Err(ClientError::Protocol(format!("{method} {path}: HTTP {s}: {value}"))),
+        }
+    }
+
     pub async fn users(&self, token: &str) -> Result<Vec<UserView>> {
         self.call("GET", "/v1/users", Some(token), None).await
     }

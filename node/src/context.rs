@@ -31,6 +31,7 @@ use crate::error::{NodeError, NodeResult};
 use crate::hub::Hub;
 use crate::outbound::{Outbound, RemoteAck};
 use crate::presence::Presence;
+use crate::push::Push;
 use crate::routing::{RouteTarget, Routing};
 
 /// Conversations remembered per node before the cache is cleared. A conversation costs ~100
@@ -102,6 +103,8 @@ pub struct NodeContext {
     pub hub: Hub,
     /// Who is online in the cluster, who watches whom here, last-seen times to record.
     pub presence: Presence,
+    /// Push notifications for users offline everywhere (queue, VAPID key, counters).
+    pub push: Push,
     pub routing: Routing,
     /// Sends to peers' shards, batched per peer, and the sessions waiting for their outcomes.
     pub outbound: Arc<Outbound>,
@@ -150,6 +153,7 @@ impl NodeContext {
         Arc::new(NodeContext {
             outbound: Outbound::new(node_name.clone()),
             presence: Presence::new(node_name.clone()),
+            push: Push::new(config.push.clone()),
             boot_id: format!("{}#{}", node_name, uuid::Uuid::new_v4().simple()),
             node_name,
             stores,

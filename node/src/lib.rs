@@ -19,6 +19,7 @@ pub mod hub;
 pub mod launcher;
 pub mod outbound;
 pub mod presence;
+pub mod push;
 pub mod routing;
 
 use std::future::Future;
@@ -109,6 +110,8 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     let stores = parley_storage::open_layout(&store_layout(&config)?).await.context("opening the stores")?;
     tracing::info!(node = %spec.name, store = stores.kind(), shards = config.cluster.shard_count, "starting node");
     let ctx = NodeContext::new(config, spec.name.clone(), stores);
+    ctx.push.init(&*ctx.stores.directory).await.context("loading the push notification key")?;
+    let pusher = tokio::spawn(push::run(ctx.clone()));
     let presence_writer = {
         let (ctx, directory) = (ctx.clone(), ctx.stores.directory.clone());
         tokio::spawn(async move { ctx.presence.run_writer(directory).await })
@@ -155,6 +158,7 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     let _ = tokio::time::timeout(Duration::from_secs(5), root_handle).await;
     // The sessions are gone: record when their users were last seen before the stores close.
     presence_writer.abort();
+    pusher.abort();
     match tokio::time::timeout(Duration::from_secs(5), ctx.presence.write_pending(&*ctx.stores.directory)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "last-seen times not recorded at shutdown"),

@@ -142,6 +142,13 @@ impl Presence {
     }
 
     /// A session of `user` authenticated on this node.
+    /// Those of `users` who are online nowhere in the cluster, as this node knows it now (one
+    /// lock for all of them).
+    pub fn offline_among(&self, users: impl IntoIterator<Item = UserId>) -> Vec<UserId> {
+        let inner = self.lock();
+        users.into_iter().filter(|u| !inner.online(*u)).collect()
+    }
+
     pub fn session_started(&self, user: UserId) {
         let mut inner = self.lock();
         let count = inner.local.entry(user).or_insert(0);

@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod media;
+pub mod push;
 pub mod shard;
 
 pub use error::{ErrorCode, ProtocolError};

@@ -73,3 +73,18 @@ pub const MAX_MIME_BYTES: usize = 127;
 
 /// Longest file name given at upload, in bytes of UTF-8 (what common file systems allow).
 pub const MAX_MEDIA_NAME_BYTES: usize = 255;
+
+/// Longest push endpoint URL a browser may register. Push services' URLs are 100-300 bytes; the
+/// node keeps every subscription in memory while it sends to it, and calls only the push services
+/// it is configured to trust (`push.allowed_endpoints`).
+pub const MAX_PUSH_ENDPOINT_BYTES: usize = 1024;
+
+/// Push subscriptions kept per user (one per browser or device that turned notifications on).
+/// Registering one more forgets the user's oldest: a browser that was wiped never unsubscribes,
+/// and a user must not be locked out of notifications by their old devices.
+pub const MAX_PUSH_SUBSCRIPTIONS_PER_USER: usize = 16;
+
+/// Longest message preview in a push notification, in bytes of UTF-8. Push services accept
+/// 4 KiB of encrypted payload; this leaves room for the rest of the notification and the
+/// encryption's overhead, and is more than a notification shows.
+pub const MAX_PUSH_PREVIEW_BYTES: usize = 512;

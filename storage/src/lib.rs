@@ -47,6 +47,8 @@ pub trait Directory: Send + Sync + 'static {
     async fn insert_token(&self, token_hash: &str, user: UserId, expires_at_ms: i64) -> Result<()>;
     /// The user of a token that exists and has not expired at `now_ms`, and its expiry.
     async fn token_user(&self, token_hash: &str, now_ms: i64) -> Result<Option<TokenGrant>>;
+    /// Delete a token, and the push subscriptions registered with it (a signed-out browser gets
+    /// no more notifications).
     async fn delete_token(&self, token_hash: &str) -> Result<()>;
     /// Record a conversation and index it under each member. Idempotent.
     async fn add_conversation(
@@ -81,6 +83,18 @@ pub trait Directory: Send + Sync + 'static {
     async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>>;
     /// An upload's description and bytes.
     async fn media_bytes(&self, id: MediaId) -> Result<Option<(MediaRecord, Vec<u8>)>>;
+    /// The value stored under `key`, storing `init` first if there is none. Every node that calls
+    /// it for a key gets the same value, whoever stored it first (the cluster's VAPID key).
+    async fn setting_or_init(&self, key: &str, init: &str) -> Result<String>;
+    /// Register a push subscription (replacing one with the same endpoint, whoever had it), then
+    /// forget the user's oldest ones beyond `keep` (newest kept).
+    async fn put_push_subscription(&self, record: &PushSubscriptionRecord, keep: usize) -> Result<()>;
+    /// A user's push subscriptions whose token is still valid at `now_ms`, newest first.
+    async fn push_subscriptions(&self, user: UserId, now_ms: i64) -> Result<Vec<PushSubscriptionRecord>>;
+    /// Forget a push subscription: only if it is `user`'s when a user is given (a client
+    /// unsubscribing), whoever's otherwise (its push service said it is gone). Whether one was
+    /// forgotten.
+    async fn delete_push_subscription(&self, endpoint: &str, user: Option<UserId>) -> Result<bool>;
 }
 
 /// One shard's persistence. Only the shard's store actor calls the writing methods.

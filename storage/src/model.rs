@@ -86,6 +86,22 @@ pub struct MediaRecord {
     pub created_at_ms: i64,
 }
 
+/// A browser's (or device's) Web Push subscription, registered while signed in with a token.
+/// It lasts as long as that token: signing out (or the token expiring) ends the notifications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushSubscriptionRecord {
+    /// The push service's URL; unique: registering it again (another sign-in on the same
+    /// browser) moves it to the new user and token.
+    pub endpoint: String,
+    pub user: UserId,
+    /// Hash of the token it was registered with ([`crate::token_hash`]).
+    pub token_hash: String,
+    /// The browser's keys for payload encryption, base64url as the browser gave them.
+    pub p256dh: String,
+    pub auth: String,
+    pub created_at_ms: i64,
+}
+
 /// Move a cursor forward. `device: None` moves the member-level cursor only; a device cursor also
 /// moves the member-level one (member delivered = max over devices).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -64,6 +64,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("pg/0002_groups.sql")),
     (3, include_str!("pg/0003_last_seen.sql")),
     (4, include_str!("pg/0004_media.sql")),
+    (5, include_str!("pg/0005_push.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -636,6 +637,79 @@ impl Directory for PgDirectory {
         }
     }
 
+    async fn setting_or_init(&self, key: &str, init: &str) -> Result<String> {
+        let client = self.pool.get().await?;
+        let insert = client
+            .prepare_cached("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .await?;
+        client.execute(&insert, &[&key, &init]).await?;
+        let select = client.prepare_cached("SELECT value FROM settings WHERE key = $1").await?;
+        Ok(client.query_one(&select, &[&key]).await?.try_get(0)?)
+    }
+
+    async fn put_push_subscription(&self, record: &PushSubscriptionRecord, keep: usize) -> Result<()> {
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO push_subscriptions (endpoint, user_id, token_hash, p256dh, auth, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (endpoint) DO UPDATE SET user_id = EXCLUDED.user_id, token_hash = EXCLUDED.token_hash,
+                     p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, created_at_ms = EXCLUDED.created_at_ms",
+            )
+            .await?;
+        let r = record;
+        tx.execute(&upsert, &[&r.endpoint, &r.user.0, &r.token_hash, &r.p256dh, &r.auth, &r.created_at_ms]).await?;
+        let trim = tx
+            .prepare_cached(
+                "DELETE FROM push_subscriptions WHERE endpoint IN (
+                     SELECT endpoint FROM push_subscriptions WHERE user_id = $1
+                     ORDER BY created_at_ms DESC, endpoint OFFSET $2)",
+            )
+            .await?;
+        tx.execute(&trim, &[&r.user.0, &keep]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn push_subscriptions(&self, user: UserId, now_ms: i64) -> Result<Vec<PushSubscriptionRecord>> {
+        let limit = i64::from(MAX_ROWS);
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT s.endpoint, s.user_id, s.token_hash, s.p256dh, s.auth, s.created_at_ms
+                 FROM push_subscriptions s
+                 CROSS JOIN LATERAL (SELECT 1 FROM tokens t
+                                     WHERE t.token_hash = s.token_hash AND t.expires_at_ms > $2 LIMIT 1) live
+                 WHERE s.user_id = $1 ORDER BY s.created_at_ms DESC LIMIT $3",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&user.0, &now_ms, &limit])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(PushSubscriptionRecord {
+                    endpoint: r.try_get(0)?,
+                    user: UserId(r.try_get(1)?),
+                    token_hash: r.try_get(2)?,
+                    p256dh: r.try_get(3)?,
+                    auth: r.try_get(4)?,
+                    created_at_ms: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_push_subscription(&self, endpoint: &str, user: Option<UserId>) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM push_subscriptions WHERE endpoint = $1 AND ($2::uuid IS NULL OR user_id = $2)")
+            .await?;
+        Ok(client.execute(&stmt, &[&endpoint, &user.map(|u| u.0)]).await? > 0)
+    }
+
     async fn list_users(&self, limit: u32) -> Result<Vec<UserView>> {
         let limit = i64::from(limit.clamp(1, MAX_ROWS));
         let client = self.pool.get().await?;
@@ -666,6 +740,10 @@ impl Directory for PgDirectory {
 
     async fn delete_token(&self, token_hash: &str) -> Result<()> {
         let client = self.pool.get().await?;
+        // Subscriptions first: a failure between the two leaves a token without notifications,
+        // never notifications without a token.
+        let subs = client.prepare_cached("DELETE FROM push_subscriptions WHERE token_hash = $1").await?;
+        client.execute(&subs, &[&token_hash]).await?;
         let stmt = client.prepare_cached("DELETE FROM tokens WHERE token_hash = $1").await?;
         client.execute(&stmt, &[&token_hash]).await?;
         Ok(())

@@ -137,6 +137,20 @@ CREATE TABLE IF NOT EXISTS user_conversations (
     conversation_id BLOB NOT NULL,
     PRIMARY KEY (user_id, conversation_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS push_subscriptions (
+    endpoint TEXT PRIMARY KEY,
+    user_id BLOB NOT NULL REFERENCES users(id),
+    token_hash TEXT NOT NULL,
+    p256dh TEXT NOT NULL,
+    auth TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS push_subscriptions_user ON push_subscriptions (user_id, created_at_ms);
+CREATE INDEX IF NOT EXISTS push_subscriptions_token ON push_subscriptions (token_hash);
 ";
 
 const SHARD_SCHEMA: &str = "
@@ -383,6 +397,92 @@ impl Directory for SqliteDirectory {
         .await
     }
 
+    async fn setting_or_init(&self, key: &str, init: &str) -> Result<String> {
+        let (key, init) = (key.to_string(), init.to_string());
+        with(&self.conn, move |c| {
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![key, init],
+            )?;
+            Ok(c.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn put_push_subscription(&self, record: &PushSubscriptionRecord, keep: usize) -> Result<()> {
+        let r = record.clone();
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        with(&self.conn, move |c| {
+            let tx = c.transaction()?;
+            let user = r.user.0.as_bytes().to_vec();
+            tx.execute(
+                "INSERT INTO push_subscriptions (endpoint, user_id, token_hash, p256dh, auth, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (endpoint) DO UPDATE SET user_id = excluded.user_id, token_hash = excluded.token_hash,
+                     p256dh = excluded.p256dh, auth = excluded.auth, created_at_ms = excluded.created_at_ms",
+                params![r.endpoint, user, r.token_hash, r.p256dh, r.auth, r.created_at_ms],
+            )?;
+            tx.execute(
+                "DELETE FROM push_subscriptions WHERE endpoint IN (
+                     SELECT endpoint FROM push_subscriptions WHERE user_id = ?1
+                     ORDER BY created_at_ms DESC, endpoint LIMIT -1 OFFSET ?2)",
+                params![user, keep],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn push_subscriptions(&self, user: UserId, now_ms: i64) -> Result<Vec<PushSubscriptionRecord>> {
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT s.endpoint, s.user_id, s.token_hash, s.p256dh, s.auth, s.created_at_ms
+                 FROM push_subscriptions s JOIN tokens t ON t.token_hash = s.token_hash
+                 WHERE s.user_id = ?1 AND t.expires_at_ms > ?2
+                 ORDER BY s.created_at_ms DESC LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![user.0.as_bytes().to_vec(), now_ms, MAX_ROWS], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (endpoint, user, token_hash, p256dh, auth, created_at_ms) = row?;
+                Ok(PushSubscriptionRecord {
+                    endpoint,
+                    user: UserId(uuid_of(user)?),
+                    token_hash,
+                    p256dh,
+                    auth,
+                    created_at_ms,
+                })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn delete_push_subscription(&self, endpoint: &str, user: Option<UserId>) -> Result<bool> {
+        let endpoint = endpoint.to_string();
+        with(&self.conn, move |c| {
+            let n = match user {
+                Some(u) => c.execute(
+                    "DELETE FROM push_subscriptions WHERE endpoint = ?1 AND user_id = ?2",
+                    params![endpoint, u.0.as_bytes().to_vec()],
+                )?,
+                None => c.execute("DELETE FROM push_subscriptions WHERE endpoint = ?1", params![endpoint])?,
+            };
+            Ok(n > 0)
+        })
+        .await
+    }
+
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()> {
         let seen = seen.to_vec();
         with(&self.conn, move |c| {
@@ -467,7 +567,10 @@ impl Directory for SqliteDirectory {
     async fn delete_token(&self, token_hash: &str) -> Result<()> {
         let token_hash = token_hash.to_string();
         with(&self.conn, move |c| {
-            c.execute("DELETE FROM tokens WHERE token_hash = ?1", params![token_hash])?;
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM push_subscriptions WHERE token_hash = ?1", params![token_hash])?;
+            tx.execute("DELETE FROM tokens WHERE token_hash = ?1", params![token_hash])?;
+            tx.commit()?;
             Ok(())
         })
         .await

@@ -16,7 +16,9 @@ use anyhow::{ensure, Context, Result};
 use parley_protocol::cluster::SyncRequest;
 use parley_protocol::frames::{ConversationKind, ReceiptKind};
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, MessageId, ShardId, UserId};
-use parley_storage::{now_ms, token_hash, CursorUpdate, NewMessage, StoreConfig, UserRecord, WriteBatch};
+use parley_storage::{
+    now_ms, token_hash, CursorUpdate, NewMessage, PushSubscriptionRecord, StoreConfig, UserRecord, WriteBatch,
+};
 use parley_tests::postgres::TestPostgres;
 
 /// Tables that stay small however much traffic there is: a scan of them is not a defect.
@@ -73,6 +75,27 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
         let token = format!("token-{round}");
         directory.insert_token(&token_hash(&token), alice.id, now_ms() + 60_000).await?;
         ensure!(directory.token_user(&token_hash(&token), now_ms()).await?.is_some(), "token grants");
+        // Push: every message to an offline user reads their subscriptions; browsers register
+        // and unregister; push services report gone ones; every node reads the VAPID key at start.
+        let subscription = PushSubscriptionRecord {
+            endpoint: format!("https://push.example/{round}"),
+            user: alice.id,
+            token_hash: token_hash(&token),
+            p256dh: "key".into(),
+            auth: "auth".into(),
+            created_at_ms: now_ms(),
+        };
+        directory.put_push_subscription(&subscription, 16).await?;
+        directory
+            .put_push_subscription(
+                &PushSubscriptionRecord { endpoint: "https://push.example/x".into(), ..subscription },
+                1,
+            )
+            .await?;
+        ensure!(directory.push_subscriptions(alice.id, now_ms()).await?.len() == 1, "the newest subscription");
+        directory.delete_push_subscription("https://push.example/x", Some(alice.id)).await?;
+        directory.delete_push_subscription("https://push.example/gone", None).await?;
+        directory.setting_or_init("push.vapid_private_key", "k").await?;
         directory.add_conversation(conversation, ConversationKind::Direct, &[alice.id, bob.id], now_ms()).await?;
         ensure!(directory.user_conversations(alice.id).await?.len() == 1, "alice's conversation");
         ensure!(directory.conversation(conversation).await?.is_some(), "conversation record");

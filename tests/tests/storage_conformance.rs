@@ -21,7 +21,8 @@ use parley_protocol::media::MediaRef;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
     now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaRecord, MessageResult,
-    NewMessage, ShardStore, StorageError, StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
+    NewMessage, PushSubscriptionRecord, ShardStore, StorageError, StoreConfig, Stores, TokenGrant, UserRecord,
+    WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -128,6 +129,8 @@ conformance!(
     summaries_count_unread_from_others,
     cursors_never_move_backwards,
     media_is_stored_whole_and_messages_carry_its_description,
+    push_subscriptions_follow_their_token_and_keep_the_newest,
+    settings_keep_the_first_value,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -370,6 +373,88 @@ async fn tokens_expire_and_can_be_deleted(f: &Fixture) -> Result<()> {
     d.delete_token(&live).await?;
     assert_eq!(d.token_user(&live, now).await?, None, "deleted token");
     d.delete_token(&live).await?;
+    Ok(())
+}
+
+fn subscription(endpoint: &str, user: UserId, token: &str, at: i64) -> PushSubscriptionRecord {
+    PushSubscriptionRecord {
+        endpoint: endpoint.into(),
+        user,
+        token_hash: token_hash(token),
+        p256dh: format!("key-of-{endpoint}"),
+        auth: "auth".into(),
+        created_at_ms: at,
+    }
+}
+
+async fn push_subscriptions_follow_their_token_and_keep_the_newest(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    let (alice, bob) = (user("alice"), user("bob"));
+    d.create_user(&alice).await?;
+    d.create_user(&bob).await?;
+    let now = now_ms();
+    for (token, who, expires) in
+        [("a-phone", alice.id, now + 60_000), ("a-laptop", alice.id, now + 60_000), ("a-old", alice.id, now - 1)]
+    {
+        d.insert_token(&token_hash(token), who, expires).await?;
+    }
+    d.insert_token(&token_hash("b-laptop"), bob.id, now + 60_000).await?;
+
+    let keep = 3;
+    d.put_push_subscription(&subscription("https://p/phone", alice.id, "a-phone", now), keep).await?;
+    d.put_push_subscription(&subscription("https://p/laptop", alice.id, "a-laptop", now + 1), keep).await?;
+    d.put_push_subscription(&subscription("https://p/expired", alice.id, "a-old", now + 2), keep).await?;
+    let endpoints = |subs: Vec<PushSubscriptionRecord>| subs.into_iter().map(|s| s.endpoint).collect::<Vec<_>>();
+    assert_eq!(
+        endpoints(d.push_subscriptions(alice.id, now).await?),
+        ["https://p/laptop", "https://p/phone"],
+        "newest first, and none whose token expired"
+    );
+    let got = d.push_subscriptions(alice.id, now).await?;
+    assert_eq!(got[1], subscription("https://p/phone", alice.id, "a-phone", now), "stored as given");
+    assert!(d.push_subscriptions(bob.id, now).await?.is_empty());
+
+    // The same browser signed in as bob: the endpoint moves to him, with his token and keys.
+    let mut moved = subscription("https://p/laptop", bob.id, "b-laptop", now + 3);
+    moved.p256dh = "new-key".into();
+    d.put_push_subscription(&moved, keep).await?;
+    assert_eq!(d.push_subscriptions(bob.id, now).await?, vec![moved]);
+    assert_eq!(endpoints(d.push_subscriptions(alice.id, now).await?), ["https://p/phone"]);
+
+    // Past `keep`, the user's oldest are forgotten (the expired one counts: it is still stored).
+    for i in 0..3 {
+        d.put_push_subscription(&subscription(&format!("https://p/new-{i}"), alice.id, "a-phone", now + 10 + i), keep)
+            .await?;
+    }
+    assert_eq!(
+        endpoints(d.push_subscriptions(alice.id, now).await?),
+        ["https://p/new-2", "https://p/new-1", "https://p/new-0"],
+        "the three newest"
+    );
+
+    // A user may delete only their own; a push service's "gone" deletes whoever's.
+    assert!(!d.delete_push_subscription("https://p/new-2", Some(bob.id)).await?, "not bob's");
+    assert!(d.delete_push_subscription("https://p/new-2", Some(alice.id)).await?);
+    assert!(!d.delete_push_subscription("https://p/new-2", Some(alice.id)).await?, "already gone");
+    assert!(d.delete_push_subscription("https://p/new-1", None).await?);
+    assert_eq!(endpoints(d.push_subscriptions(alice.id, now).await?), ["https://p/new-0"]);
+
+    // Signing out ends the token's subscriptions, not the others'.
+    d.delete_token(&token_hash("a-phone")).await?;
+    assert!(d.push_subscriptions(alice.id, now).await?.is_empty());
+    assert_eq!(d.push_subscriptions(bob.id, now).await?.len(), 1);
+    let reopened = f.reopen().await?;
+    assert_eq!(reopened.directory.push_subscriptions(bob.id, now).await?.len(), 1, "durable");
+    Ok(())
+}
+
+async fn settings_keep_the_first_value(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    assert_eq!(d.setting_or_init("vapid", "first").await?, "first");
+    assert_eq!(d.setting_or_init("vapid", "second").await?, "first", "the first value stays");
+    let other = f.reopen().await?;
+    assert_eq!(other.directory.setting_or_init("vapid", "third").await?, "first", "as another node sees it");
+    assert_eq!(d.setting_or_init("other", "x").await?, "x");
     Ok(())
 }
 

@@ -15,8 +15,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use parley_protocol::cluster::{Delivery, ReceiptCommand, SendCommand, SendOutcome, SyncReply, SyncRequest, UserEvent};
+use parley_protocol::cluster::{
+    Delivery, ReceiptCommand, SendCommand, SendOutcome, StoredAck, SyncReply, SyncRequest, UserEvent,
+};
 use parley_protocol::frames::{MessageView, ReceiptKind};
+use parley_protocol::media::MediaRef;
 use parley_protocol::{ConversationId, Epoch, ErrorCode, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
     now_ms, Committed, CursorUpdate, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch,
@@ -26,6 +29,7 @@ use ractor_cluster::RactorMessage;
 
 use crate::actors::store::{CommitOutcome, StoreActor, StoreArgs, StoreMsg};
 use crate::context::NodeContext;
+use crate::push;
 
 /// Receipts that may wait for the next commit; more are dropped (receipts are cumulative, so the
 /// next one from the same device supersedes a dropped one).
@@ -232,6 +236,7 @@ impl ShardState {
                     if ack.conversation_id.is_group() {
                         self.remember_sender(ack.conversation_id, ack.seq, sender);
                     }
+                    self.notify_offline(&members, sender, &ack, &body, media.as_ref());
                     let view = MessageView {
                         message_id: ack.message_id,
                         conversation_id: ack.conversation_id,
@@ -275,6 +280,39 @@ impl ShardState {
             answers.answer(reply, SendOutcome::Stored(ack));
         }
         answers.finish(&self.ctx);
+    }
+
+    /// Queue a push notification for each member other than the sender who is online nowhere
+    /// in the cluster (`push.rs`); the others get the message through the fan-out.
+    fn notify_offline(
+        &self,
+        members: &[UserId],
+        sender: UserId,
+        ack: &StoredAck,
+        body: &str,
+        media: Option<&MediaRef>,
+    ) {
+        if !self.ctx.push.enabled() {
+            return;
+        }
+        let offline = self.ctx.presence.offline_among(members.iter().copied().filter(|m| *m != sender));
+        if offline.is_empty() {
+            return;
+        }
+        let preview = self.ctx.push.preview(body);
+        for user in offline {
+            self.ctx.push.enqueue(push::Job {
+                user,
+                conversation_id: ack.conversation_id,
+                message_id: ack.message_id,
+                seq: ack.seq,
+                sender,
+                preview: preview.clone(),
+                media_mime: media.map(|m| m.mime.clone()),
+                sent_at_ms: ack.sent_at_ms,
+                count: 1,
+            });
+        }
     }
 
     fn remember_sender(&mut self, conversation: ConversationId, seq: Seq, sender: UserId) {

@@ -1,0 +1,93 @@
+//! Push notification routes (PROTOCOL.md §5, "Push notifications"): the key browsers subscribe
+//! with, and registering or forgetting a subscription. Sending is `crate::push`.
+//!
+//! A subscription belongs to the token it was registered with: signing out (or the token
+//! expiring) ends its notifications, and registering the same endpoint again — another account
+//! signing in on that browser — moves it to the new token.
+
+use std::sync::Arc;
+
+use parley_protocol::error::ErrorCode;
+use parley_protocol::limits::MAX_PUSH_SUBSCRIPTIONS_PER_USER;
+use parley_protocol::push::{PushKeyResponse, PushSubscriptionRequest, PushUnsubscribeRequest};
+use parley_storage::token_hash;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use super::{bearer, json, json_body, reject, with_ctx};
+use crate::context::NodeContext;
+use crate::error::NodeError;
+use crate::push;
+
+/// Refuses every push route with `not_found` when push is off on this node.
+fn enabled(ctx: &NodeContext) -> Result<(), Rejection> {
+    if ctx.push.enabled() {
+        Ok(())
+    } else {
+        Err(reject(ErrorCode::NotFound, "push notifications are turned off on this server"))
+    }
+}
+
+/// Authenticates the request; yields the context, the user's id and the token's hash.
+fn signed_in(
+    ctx: Arc<NodeContext>,
+) -> impl Filter<Extract = (Arc<NodeContext>, parley_protocol::UserId, String), Error = Rejection> + Clone {
+    with_ctx(ctx)
+        .and(bearer())
+        .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
+            enabled(&ctx)?;
+            let token = token
+                .ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
+            let user = ctx.authenticate(&token).await?.user;
+            Ok::<_, Rejection>((ctx, user.id, token_hash(&token)))
+        })
+        .untuple_one()
+}
+
+pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    let key = warp::path!("v1" / "push" / "key").and(warp::get()).and(with_ctx(ctx.clone())).and_then(
+        |ctx: Arc<NodeContext>| async move {
+            enabled(&ctx)?;
+            let key = ctx.push.public_key().ok_or_else(|| reject(ErrorCode::Unavailable, "no push key yet"))?;
+            Ok::<_, Rejection>(json(&PushKeyResponse { vapid_public_key: key.to_string() }, StatusCode::OK))
+        },
+    );
+
+    let subscriptions = warp::path!("v1" / "push" / "subscriptions");
+    let subscribe = subscriptions
+        .and(warp::post())
+        .and(signed_in(ctx.clone()))
+        .and(json_body::<PushSubscriptionRequest>())
+        .and_then(
+            |ctx: Arc<NodeContext>, user: parley_protocol::UserId, token: String, sub: PushSubscriptionRequest| async move {
+                ctx.push.check_subscription(&sub)?;
+                let record = push::record(&sub, user, token);
+                ctx.stores
+                    .directory
+                    .put_push_subscription(&record, MAX_PUSH_SUBSCRIPTIONS_PER_USER)
+                    .await
+                    .map_err(NodeError::from)?;
+                tracing::debug!(%user, "push subscription registered");
+                Ok::<_, Rejection>(StatusCode::NO_CONTENT.into_response())
+            },
+        );
+    let unsubscribe = subscriptions
+        .and(warp::delete())
+        .and(signed_in(ctx))
+        .and(json_body::<PushUnsubscribeRequest>())
+        .and_then(
+            |ctx: Arc<NodeContext>, user: parley_protocol::UserId, _token: String, req: PushUnsubscribeRequest| async move {
+                let forgotten = ctx
+                    .stores
+                    .directory
+                    .delete_push_subscription(&req.endpoint, Some(user))
+                    .await
+                    .map_err(NodeError::from)?;
+                if !forgotten {
+                    return Err(reject(ErrorCode::NotFound, "you have no push subscription with that endpoint"));
+                }
+                Ok::<_, Rejection>(StatusCode::NO_CONTENT.into_response())
+            },
+        );
+    key.or(subscribe).unify().or(unsubscribe).unify().boxed()
+}

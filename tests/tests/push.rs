@@ -1,0 +1,349 @@
+//! Push notifications end to end: real `parley` nodes send Web Push (RFC 8030) requests to a push
+//! service run by this test on loopback, which plays both the push service (records each request,
+//! answers as scripted) and the browser behind it (holds the subscription's private key and auth
+//! secret, decrypts the payload as RFC 8291 says, checks the VAPID signature of RFC 8292 against
+//! the key the node advertised). Nothing in the node is mocked: the only stand-in is the third
+//! party the node calls, as FCM or Mozilla's push service would be in production.
+//!
+//! Absence is shown by order, not by waiting: a user's subscriptions are tried newest first, one
+//! after the other, so when a notification reaches an older subscription, one that should not
+//! have been sent to a newer one would already have arrived.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use parley_node::client::{Client, Connection};
+use parley_protocol::frames::{ClientFrame, ServerFrame};
+use parley_protocol::http::TokenResponse;
+use parley_protocol::push::{PushKeys, PushNotification, PushSubscriptionRequest};
+use parley_protocol::shard::shard_for;
+use parley_protocol::{ConversationId, ErrorCode, MessageId, Seq, UserId};
+use parley_tests::backend::Backend;
+use parley_tests::cluster::TestCluster;
+use parley_tests::node::Storage;
+use parley_tests::postgres::TestPostgres;
+use tokio::sync::mpsc;
+use warp::Filter;
+use web_push_native::jwt_simple::algorithms::{ECDSAP256PublicKeyLike, ES256PublicKey};
+use web_push_native::jwt_simple::claims::NoCustomClaims;
+use web_push_native::jwt_simple::common::VerificationOptions;
+use web_push_native::p256;
+use web_push_native::p256::elliptic_curve::sec1::ToEncodedPoint;
+
+const T: Duration = Duration::from_secs(15);
+
+parley_tests::both_backends!(notifications_reach_offline_devices_only);
+
+/// One request the push service received.
+#[derive(Debug)]
+struct Pushed {
+    path: String,
+    headers: warp::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+/// A push service on loopback (see the module doc).
+struct PushService {
+    origin: String,
+    received: mpsc::UnboundedReceiver<Pushed>,
+    /// Statuses to answer per path, in order; 201 when none is scripted.
+    script: Arc<Mutex<HashMap<String, VecDeque<u16>>>>,
+}
+
+impl PushService {
+    async fn start() -> PushService {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, received) = mpsc::unbounded_channel();
+        let script: Arc<Mutex<HashMap<String, VecDeque<u16>>>> = Arc::default();
+        let answers = script.clone();
+        let route =
+            warp::post().and(warp::path::full()).and(warp::header::headers_cloned()).and(warp::body::bytes()).map(
+                move |path: warp::path::FullPath, headers, body: warp::hyper::body::Bytes| {
+                    let path = path.as_str().to_string();
+                    let status = answers.lock().unwrap().get_mut(&path).and_then(VecDeque::pop_front).unwrap_or(201);
+                    let _ = tx.send(Pushed { path, headers, body: body.to_vec() });
+                    warp::http::StatusCode::from_u16(status).unwrap()
+                },
+            );
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        PushService { origin, received, script }
+    }
+
+    fn answer(&self, path: &str, statuses: &[u16]) {
+        self.script.lock().unwrap().entry(path.to_string()).or_default().extend(statuses);
+    }
+
+    /// The next request to arrive (any path).
+    async fn next(&mut self) -> Pushed {
+        tokio::time::timeout(T, self.received.recv()).await.expect("a push in time").expect("push service running")
+    }
+
+    /// The node's config for this service: the only push service it may call.
+    fn toml(&self) -> String {
+        format!("[push]\nallowed_endpoints = [\"{}\"]\ncontact = \"mailto:ops@parley.test\"\n", self.origin)
+    }
+}
+
+/// A browser's side of one subscription: its keys, and what it registers.
+struct Device {
+    secret: p256::SecretKey,
+    auth: [u8; 16],
+    path: String,
+    endpoint: String,
+}
+
+impl Device {
+    fn new(service: &PushService, path: &str) -> Device {
+        let secret = loop {
+            let bytes: Vec<u8> =
+                [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()].iter().flat_map(|u| *u.as_bytes()).collect();
+            if let Ok(k) = p256::SecretKey::from_slice(&bytes) {
+                break k;
+            }
+        };
+        let auth = *uuid::Uuid::new_v4().as_bytes();
+        Device { secret, auth, path: path.into(), endpoint: format!("{}{path}", service.origin) }
+    }
+
+    fn subscription(&self) -> PushSubscriptionRequest {
+        let public = self.secret.public_key().to_encoded_point(false);
+        PushSubscriptionRequest {
+            endpoint: self.endpoint.clone(),
+            expiration_time: None,
+            keys: PushKeys {
+                p256dh: URL_SAFE_NO_PAD.encode(public.as_bytes()),
+                auth: URL_SAFE_NO_PAD.encode(self.auth),
+            },
+        }
+    }
+
+    /// Check the request as a push service and a browser would, and return what it says.
+    fn open(&self, pushed: &Pushed, vapid_key: &str, audience: &str) -> PushNotification {
+        assert_eq!(pushed.path, self.path);
+        let header = |name: &str| pushed.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        assert_eq!(header("content-encoding"), "aes128gcm");
+        assert_eq!(header("urgency"), "high");
+        assert_eq!(header("ttl"), (24 * 3600).to_string(), "push.ttl_secs by default");
+        let topic = header("topic");
+        assert!(topic.len() <= 32 && !topic.is_empty(), "RFC 8030 topic: {topic}");
+        // VAPID: `vapid t=<JWT>, k=<key>`, the key the node advertises, the JWT signed by it for
+        // this push service's origin.
+        let authorization = header("authorization");
+        let (t, k) = authorization
+            .strip_prefix("vapid t=")
+            .and_then(|rest| rest.split_once(", k="))
+            .unwrap_or_else(|| panic!("VAPID authorization: {authorization}"));
+        assert_eq!(k, vapid_key, "signed with the advertised key");
+        let public = ES256PublicKey::from_bytes(&URL_SAFE_NO_PAD.decode(k).unwrap()).unwrap();
+        let options = VerificationOptions {
+            allowed_audiences: Some(HashSet::from([audience.to_string()])),
+            required_subject: Some("mailto:ops@parley.test".into()),
+            ..Default::default()
+        };
+        let claims = public.verify_token::<NoCustomClaims>(t, Some(options)).expect("a valid VAPID JWT");
+        let expires = claims.expires_at.expect("exp").as_secs();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(expires > now && expires <= now + 24 * 3600, "exp within 24 h (RFC 8292)");
+        let auth = web_push_native::Auth::clone_from_slice(&self.auth);
+        let plain =
+            web_push_native::decrypt(pushed.body.clone(), &self.secret, &auth).expect("decrypts for this device");
+        serde_json::from_slice(&plain).expect("a PushNotification")
+    }
+}
+
+async fn register(http: &Client, name: &str) -> TokenResponse {
+    http.register(name, "correct horse battery").await.unwrap()
+}
+
+async fn online(http: &Client, who: &TokenResponse) -> Connection {
+    let mut c = http.connect(&who.token, "laptop").await.unwrap();
+    c.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    c
+}
+
+fn acked(frame: ServerFrame) -> (MessageId, Seq) {
+    match frame {
+        ServerFrame::Ack { message_id, seq, .. } => (message_id, seq),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+/// Wait until `watcher` sees `user` go offline (their last session has ended on every node).
+async fn await_offline(watcher: &mut Connection, user: UserId) {
+    watcher.send(&ClientFrame::Presence { user_ids: vec![user] }).await.unwrap();
+    watcher
+        .expect(T, |f| matches!(f, ServerFrame::Presence { user_id, online: false, .. } if *user_id == user))
+        .await
+        .unwrap();
+}
+
+fn code(r: Result<(), parley_node::client::ClientError>) -> Option<ErrorCode> {
+    r.err().and_then(|e| e.code())
+}
+
+/// Offline users get an encrypted, VAPID-signed notification on each subscribed device; online
+/// users get none; bad subscriptions are refused and never called; a push service's "gone"
+/// forgets the subscription, its 5xx is retried; signing out and unsubscribing end
+/// notifications; the key survives a restart.
+async fn notifications_reach_offline_devices_only(pg: bool) {
+    let mut service = PushService::start().await;
+    let backend = Backend::new(pg).await;
+    let mut node = backend.node(&service.toml()).await;
+    let http = node.client();
+    let key = http.push_key().await.unwrap().vapid_public_key;
+    assert_eq!(URL_SAFE_NO_PAD.decode(&key).unwrap().len(), 65, "an uncompressed P-256 point");
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let carol = register(&http, "carol").await;
+    let audience = service.origin.clone();
+
+    // Refused, each with a clear code; none of these endpoints is ever called (checked at the end).
+    let b1 = Device::new(&service, "/b1");
+    let mut sub = b1.subscription();
+    assert_eq!(code(http.push_subscribe("not-a-token", &sub).await), Some(ErrorCode::BadToken));
+    let (status, _) = http.raw("POST", "/v1/push/subscriptions", None, Some(b"{}".to_vec())).await.unwrap();
+    assert_eq!(status, 401, "no token");
+    sub.endpoint = "https://push.evil.example/x".into();
+    assert_eq!(code(http.push_subscribe(&bob.token, &sub).await), Some(ErrorCode::InvalidField), "not allowed");
+    sub.endpoint = "http://127.0.0.1:1/x".into();
+    assert_eq!(code(http.push_subscribe(&bob.token, &sub).await), Some(ErrorCode::InvalidField), "other port");
+    let mut bad_point = b1.subscription();
+    bad_point.endpoint = format!("{}/bad-point", service.origin);
+    bad_point.keys.p256dh = URL_SAFE_NO_PAD.encode([4u8; 65]);
+    assert_eq!(code(http.push_subscribe(&bob.token, &bad_point).await), Some(ErrorCode::InvalidField), "off the curve");
+    let mut bad_auth = b1.subscription();
+    bad_auth.endpoint = format!("{}/bad-auth", service.origin);
+    bad_auth.keys.auth = URL_SAFE_NO_PAD.encode([7u8; 15]);
+    assert_eq!(code(http.push_subscribe(&bob.token, &bad_auth).await), Some(ErrorCode::InvalidField), "short auth");
+    let (status, body) =
+        http.raw("POST", "/v1/push/subscriptions", Some(&bob.token), Some(b"{\"endpoint\":".to_vec())).await.unwrap();
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_json")));
+    let (status, _) = http.raw("GET", "/v1/push/subscriptions", Some(&bob.token), None).await.unwrap();
+    assert_eq!(status, 405);
+
+    // Bob turns notifications on and is offline: alice's message reaches his device.
+    http.push_subscribe(&bob.token, &b1.subscription()).await.unwrap();
+    let mut a = online(&http, &alice).await;
+    let (message_id, seq) = acked(a.send_message(bob.user_id, "hello bob", "m1").await.unwrap());
+    let n = b1.open(&service.next().await, &key, &audience);
+    let direct = ConversationId::direct(alice.user_id, bob.user_id);
+    assert_eq!(
+        (n.kind.as_str(), n.conversation_id, n.message_id, n.seq, n.sender_id, n.sender_name.as_str()),
+        ("message", direct, message_id, seq, alice.user_id, "alice")
+    );
+    assert_eq!((n.preview.as_deref(), n.group_name, n.count, n.media_mime), (Some("hello bob"), None, 1, None));
+
+    // Online, he gets the message live and no notification; offline again, the next one is
+    // notified — and it is the first to reach the push service since.
+    let b = online(&http, &bob).await;
+    a.send_message(bob.user_id, "you are here", "m2").await.unwrap();
+    let mut b = b;
+    b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == "you are here")).await.unwrap();
+    b.close().await;
+    await_offline(&mut a, bob.user_id).await;
+    let (_, seq3) = acked(a.send_message(bob.user_id, "gone again?", "m3").await.unwrap());
+    let n = b1.open(&service.next().await, &key, &audience);
+    assert_eq!((n.seq, n.preview.as_deref()), (seq3, Some("gone again?")), "nothing was sent while he was online");
+
+    // A group: each offline member is notified, with the group's name.
+    let c1 = Device::new(&service, "/c1");
+    http.push_subscribe(&carol.token, &c1.subscription()).await.unwrap();
+    let group = http.create_group(&alice.token, "Trip", &[bob.user_id, carol.user_id]).await.unwrap();
+    a.send_to_conversation(group.conversation_id, "tickets booked", "g1").await.unwrap();
+    let mut seen = HashMap::new();
+    for _ in 0..2 {
+        let pushed = service.next().await;
+        let device = if pushed.path == "/b1" { &b1 } else { &c1 };
+        seen.insert(pushed.path.clone(), device.open(&pushed, &key, &audience));
+    }
+    for path in ["/b1", "/c1"] {
+        let n = &seen[path];
+        assert_eq!(
+            (n.conversation_id, n.group_name.as_deref(), n.preview.as_deref()),
+            (group.conversation_id, Some("Trip"), Some("tickets booked")),
+            "{path}"
+        );
+    }
+
+    // A second device of bob's (newer: tried first). Its push service fails once (retried), then
+    // says it is gone (forgotten: the next message reaches only b1).
+    let bob2 = http.login("bob", "correct horse battery").await.unwrap();
+    let b2 = Device::new(&service, "/b2");
+    http.push_subscribe(&bob2.token, &b2.subscription()).await.unwrap();
+    service.answer("/b2", &[503, 201, 410]);
+    let (m4, _) = acked(a.send_message(bob.user_id, "four", "m4").await.unwrap());
+    for attempt in ["503", "retry"] {
+        let n = b2.open(&service.next().await, &key, &audience);
+        assert_eq!(n.message_id, m4, "{attempt}");
+    }
+    assert_eq!(b1.open(&service.next().await, &key, &audience).message_id, m4);
+    let (m5, _) = acked(a.send_message(bob.user_id, "five", "m5").await.unwrap());
+    assert_eq!(b2.open(&service.next().await, &key, &audience).message_id, m5, "answered 410");
+    assert_eq!(b1.open(&service.next().await, &key, &audience).message_id, m5);
+    let (m6, _) = acked(a.send_message(bob.user_id, "six", "m6").await.unwrap());
+    assert_eq!(b1.open(&service.next().await, &key, &audience).message_id, m6, "b2 was forgotten");
+
+    // Signing out ends that token's notifications (b3, newer than b1, would come first).
+    let bob3 = http.login("bob", "correct horse battery").await.unwrap();
+    let b3 = Device::new(&service, "/b3");
+    http.push_subscribe(&bob3.token, &b3.subscription()).await.unwrap();
+    http.logout(&bob3.token).await.unwrap();
+    let (m7, _) = acked(a.send_message(bob.user_id, "seven", "m7").await.unwrap());
+    assert_eq!(b1.open(&service.next().await, &key, &audience).message_id, m7, "b3 signed out");
+
+    // Unsubscribing: only one's own, once.
+    assert_eq!(code(http.push_unsubscribe(&carol.token, &b1.endpoint).await), Some(ErrorCode::NotFound), "not hers");
+    http.push_unsubscribe(&bob.token, &b1.endpoint).await.unwrap();
+    assert_eq!(code(http.push_unsubscribe(&bob.token, &b1.endpoint).await), Some(ErrorCode::NotFound), "already off");
+    let stores = backend.open().await;
+    assert!(stores.directory.push_subscriptions(bob.user_id, parley_storage::now_ms()).await.unwrap().is_empty());
+    assert_eq!(stores.directory.push_subscriptions(carol.user_id, parley_storage::now_ms()).await.unwrap().len(), 1);
+
+    // What the node counted; and nothing ever reached the refused endpoints.
+    let (_, cluster) = http.raw("GET", "/v1/cluster", None, None).await.unwrap();
+    let push = &cluster["push"];
+    assert_eq!(
+        (push["sent"].as_u64(), push["gone"].as_u64(), push["failed"].as_u64()),
+        (Some(9), Some(1), Some(0)),
+        "{push}"
+    );
+    assert!(service.received.try_recv().is_err(), "no other request");
+
+    // The key is the cluster's, kept in the directory: the same after a restart.
+    node.terminate(T).await.unwrap();
+    node.restart().await.unwrap();
+    assert_eq!(node.client().push_key().await.unwrap().vapid_public_key, key);
+}
+
+/// In a cluster: every node advertises the same key, and the node that commits a message (the
+/// conversation's owner) notifies a device that subscribed through another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_notifies_a_subscription_made_through_another() {
+    let mut service = PushService::start().await;
+    let pg = TestPostgres::start().await.unwrap();
+    let cluster =
+        TestCluster::start_with(2, 2, &Storage::Postgres(pg.url().into()), 8, 3_000, &service.toml()).await.unwrap();
+    let key = cluster.client(0).push_key().await.unwrap().vapid_public_key;
+    assert_eq!(cluster.client(1).push_key().await.unwrap().vapid_public_key, key, "one key for the cluster");
+
+    let alice = register(&cluster.client(0), "alice").await;
+    let bob = register(&cluster.client(0), "bob").await;
+    let direct = ConversationId::direct(alice.user_id, bob.user_id);
+    let map = cluster.shard_map(0).await.unwrap();
+    let owner = cluster.owner_index(&map, shard_for(direct, cluster.shard_count).0).expect("an owner");
+    let other = 1 - owner;
+
+    // Bob subscribes through the node that does not own the chat; alice writes on that node too.
+    let b1 = Device::new(&service, "/b1");
+    cluster.client(other).push_subscribe(&bob.token, &b1.subscription()).await.unwrap();
+    let mut a = online(&cluster.client(other), &alice).await;
+    let (message_id, _) = acked(a.send_message(bob.user_id, "across the cluster", "x1").await.unwrap());
+    let n = b1.open(&service.next().await, &key, &service.origin);
+    assert_eq!((n.message_id, n.preview.as_deref()), (message_id, Some("across the cluster")));
+    let (_, owner_view) = cluster.client(owner).raw("GET", "/v1/cluster", None, None).await.unwrap();
+    assert_eq!(owner_view["push"]["sent"].as_u64(), Some(1), "sent by the owner: {}", owner_view["push"]);
+}
