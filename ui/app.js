@@ -14,6 +14,10 @@
 // - A photo or file is uploaded first (`POST /v1/media`, §5 "Media"), then sent like any message with its
 //   `media_id`. Media is fetched with the bearer token and shown from a `blob:` URL; only raster
 //   image types are shown inline, everything else is a download link.
+// - Notifications (§5 "Push notifications") are this browser's Web Push subscription, registered
+//   with the server while signed in; ui/sw.js shows them. Signing out ends them (the server drops
+//   the subscriptions of a token that is logged out); the next sign-in on a browser that allowed
+//   notifications registers them again for whoever signed in.
 
 const PROTOCOL_VERSION = 1;
 const HISTORY_PAGE = 50;
@@ -90,6 +94,7 @@ const state = {
   reconnectDelay: RECONNECT_MIN_MS,
   reconnectTimer: null,
   reqSeq: 0,
+  openOnLoad: null,      // a chat to open once the conversation list arrives (from a notification)
 };
 
 /** A conversation as this client knows it. */
@@ -214,6 +219,7 @@ async function enter(auth) {
   show("chat");
   await loadPeople();
   connect();
+  restoreNotifications();
 }
 
 function signOut(reason) {
@@ -229,6 +235,7 @@ function signOut(reason) {
   $("me").textContent = "";
   $("node").textContent = "";
   $("logout").hidden = true;
+  $("notify").hidden = true;
   $("auth-error").textContent = reason || "";
   show("auth");
 }
@@ -241,6 +248,135 @@ async function loadPeople() {
     watchPresence();
   } catch (e) {
     if (state.auth) $("thread-error").textContent = `People could not be loaded: ${e.message}`;
+  }
+}
+
+// ---------------------------------------------------------------- push notifications
+
+const PUSH_SUPPORTED = "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+const SW_SCOPE = "/ui/";
+const PUSH_SUBSCRIBE_TIMEOUT_MS = 15000;
+
+const NOTIFY_LABELS = {
+  off: "🔕 Notifications off",
+  on: "🔔 Notifications on",
+  busy: "🔔 …",
+  blocked: "🔕 Notifications blocked",
+  failed: "🔕 Notifications unavailable",
+};
+
+function renderNotify(s, detail) {
+  const b = $("notify");
+  b.hidden = !state.auth || !PUSH_SUPPORTED;
+  b.dataset.state = s;
+  b.textContent = NOTIFY_LABELS[s];
+  b.title = detail || (s === "on"
+    ? "You get a notification here when a message arrives while you are offline. Click to turn off."
+    : "Get a notification on this browser when a message arrives while you are offline");
+}
+
+function base64UrlBytes(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/");
+  const raw = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
+  return Uint8Array.from(raw, (c) => c.charCodeAt(0));
+}
+
+function sameBytes(a, b) {
+  if (!a || !b) return false;
+  const x = new Uint8Array(a), y = new Uint8Array(b);
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}
+
+/** The service worker's registration once it is active (a push subscription needs an active
+ *  worker). Not `navigator.serviceWorker.ready`: that waits for a worker controlling this page,
+ *  and the page (`/`) is outside the worker's scope (`/ui/`). */
+async function activeRegistration() {
+  const reg = await navigator.serviceWorker.register("/ui/sw.js", { scope: SW_SCOPE });
+  const worker = reg.installing || reg.waiting;
+  if (!reg.active && worker) {
+    await new Promise((resolve, reject) => {
+      const check = () => {
+        if (worker.state === "activated") resolve();
+        if (worker.state === "redundant") reject(new Error("the service worker failed to start"));
+      };
+      worker.addEventListener("statechange", check);
+      check();
+    });
+  }
+  return reg;
+}
+
+/** `promise`, or an error saying `what` did not answer within `ms`. */
+function within(ms, what, promise) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not answer within ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/** Subscribe this browser with the server's key (replacing a subscription made with another
+ *  key) and register it for the signed-in user. */
+async function subscribePush() {
+  const { vapid_public_key } = await api("GET", "/v1/push/key");
+  const key = base64UrlBytes(vapid_public_key);
+  const reg = await activeRegistration();
+  let sub = await reg.pushManager.getSubscription();
+  if (sub && !sameBytes(sub.options.applicationServerKey, key)) {
+    await sub.unsubscribe();
+    sub = null;
+  }
+  // The browser asks its vendor's push service for an endpoint here; without a network path to it,
+  // some browsers wait indefinitely. The person is told instead.
+  if (!sub) {
+    sub = await within(PUSH_SUBSCRIBE_TIMEOUT_MS, "this browser's push service",
+      reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key }));
+  }
+  await api("POST", "/v1/push/subscriptions", sub.toJSON());
+}
+
+async function toggleNotifications() {
+  const b = $("notify");
+  if (b.dataset.state === "busy") return;
+  const wasOn = b.dataset.state === "on";
+  renderNotify("busy");
+  try {
+    if (wasOn) {
+      const reg = await navigator.serviceWorker.getRegistration(SW_SCOPE);
+      const sub = reg && await reg.pushManager.getSubscription();
+      if (sub) {
+        await api("DELETE", "/v1/push/subscriptions", { endpoint: sub.endpoint }).catch(() => {});
+        await sub.unsubscribe();
+      }
+      renderNotify("off");
+      return;
+    }
+    const permission = await Notification.requestPermission();
+    if (permission !== "granted") {
+      renderNotify("blocked", "This browser does not allow notifications from this site (see its site settings)");
+      return;
+    }
+    await subscribePush();
+    renderNotify("on");
+  } catch (e) {
+    renderNotify("failed", `Notifications could not be turned on: ${e.message || e}`);
+  }
+}
+
+/** After sign-in: a browser that allowed notifications and still holds its subscription is
+ *  registered again, for whoever signed in (the server forgot it at the last sign-out). */
+async function restoreNotifications() {
+  if (!PUSH_SUPPORTED) return;
+  renderNotify("off");
+  if (Notification.permission === "denied") { renderNotify("blocked"); return; }
+  if (Notification.permission !== "granted") return;
+  try {
+    const reg = await navigator.serviceWorker.getRegistration(SW_SCOPE);
+    if (!reg || !(await reg.pushManager.getSubscription())) return;
+    await subscribePush();
+    renderNotify("on");
+  } catch (e) {
+    renderNotify("failed", `Notifications could not be turned on: ${e.message || e}`);
   }
 }
 
@@ -408,6 +544,8 @@ function mergeConversations(list) {
   }
   renderConversations();
   if (state.current) openConversation(state.current, false);
+  else if (state.openOnLoad && state.convs.has(state.openOnLoad)) openConversation(state.openOnLoad);
+  state.openOnLoad = null;
   watchPresence(); // the people of direct chats come first in the watch list
 }
 
@@ -1024,6 +1162,18 @@ $("register").addEventListener("click", () => {
   if ($("auth").reportValidity()) authenticate("register");
 });
 $("logout").addEventListener("click", () => signOut());
+$("notify").addEventListener("click", toggleNotifications);
+// A notification was clicked (ui/sw.js): open its chat here.
+if (PUSH_SUPPORTED) {
+  navigator.serviceWorker.addEventListener("message", (e) => {
+    if (!e.data || e.data.type !== "open") return;
+    show("chat");
+    if (state.convs.has(e.data.conversation_id)) openConversation(e.data.conversation_id);
+    else state.openOnLoad = e.data.conversation_id;
+  });
+}
+// Opened from a notification (`/#<conversation id>`): that chat once the list is in.
+if (/^#[0-9a-f-]{36}$/.test(location.hash)) state.openOnLoad = location.hash.slice(1);
 $("composer").addEventListener("submit", (ev) => { ev.preventDefault(); submitMessage(); });
 $("text").addEventListener("input", typed);
 $("attach").addEventListener("change", (ev) => {

@@ -92,7 +92,7 @@ impl Driver {
             .connect(&self.url)
             .await
             .with_context(|| format!("a chromium session for {name} (chromedriver log: {})", self.log()))?;
-        Ok(Browser { client, name: name.to_string(), _profile: profile })
+        Ok(Browser { client, name: name.to_string(), driver: self.url.clone(), _profile: profile })
     }
 
     pub fn log(&self) -> String {
@@ -113,6 +113,8 @@ impl Drop for Driver {
 pub struct Browser {
     pub client: Client,
     pub name: String,
+    /// chromedriver's URL, for the commands WebDriver has no verb for ([`Browser::cdp`]).
+    driver: String,
     _profile: TempDir,
 }
 
@@ -175,6 +177,21 @@ impl Browser {
         let el = el.with_context(|| format!("{}: no element {css}", self.name))?;
         el.clear().await.with_context(|| format!("{}: clear {css}", self.name))?;
         el.send_keys(text).await.with_context(|| format!("{}: type into {css}", self.name))
+    }
+
+    /// Runs a Chrome DevTools Protocol command through chromedriver (`goog/cdp/execute`): what a
+    /// test needs that no page script may do (grant a permission, deliver a push message to a
+    /// service worker).
+    pub async fn cdp(&self, cmd: &str, params: Value) -> anyhow::Result<Value> {
+        let session = self.client.session_id().await?.context("no WebDriver session")?;
+        let url = format!("{}/session/{session}/goog/cdp/execute", self.driver);
+        let res = reqwest::Client::new().post(&url).json(&json!({ "cmd": cmd, "params": params })).send().await?;
+        let status = res.status();
+        let body: Value = res.json().await?;
+        if !status.is_success() {
+            bail!("{}: CDP {cmd} failed: HTTP {status}: {body}", self.name);
+        }
+        Ok(body["value"].clone())
     }
 
     /// Saves a screenshot next to the test's temp files, for a failure's post-mortem.

@@ -8,6 +8,7 @@ pub mod browser;
 pub mod cluster;
 pub mod node;
 pub mod postgres;
+pub mod push;
 pub mod redis;
 
 use std::path::{Path, PathBuf};

@@ -9,8 +9,7 @@
 //! after the other, so when a notification reaches an older subscription, one that should not
 //! have been sent to a newer one would already have arrived.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -18,142 +17,17 @@ use base64::Engine as _;
 use parley_node::client::{Client, Connection};
 use parley_protocol::frames::{ClientFrame, ServerFrame};
 use parley_protocol::http::TokenResponse;
-use parley_protocol::push::{PushKeys, PushNotification, PushSubscriptionRequest};
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ConversationId, ErrorCode, MessageId, Seq, UserId};
 use parley_tests::backend::Backend;
 use parley_tests::cluster::TestCluster;
 use parley_tests::node::Storage;
 use parley_tests::postgres::TestPostgres;
-use tokio::sync::mpsc;
-use warp::Filter;
-use web_push_native::jwt_simple::algorithms::{ECDSAP256PublicKeyLike, ES256PublicKey};
-use web_push_native::jwt_simple::claims::NoCustomClaims;
-use web_push_native::jwt_simple::common::VerificationOptions;
-use web_push_native::p256;
-use web_push_native::p256::elliptic_curve::sec1::ToEncodedPoint;
+use parley_tests::push::{Device, PushService};
 
 const T: Duration = Duration::from_secs(15);
 
 parley_tests::both_backends!(notifications_reach_offline_devices_only);
-
-/// One request the push service received.
-#[derive(Debug)]
-struct Pushed {
-    path: String,
-    headers: warp::http::HeaderMap,
-    body: Vec<u8>,
-}
-
-/// A push service on loopback (see the module doc).
-struct PushService {
-    origin: String,
-    received: mpsc::UnboundedReceiver<Pushed>,
-    /// Statuses to answer per path, in order; 201 when none is scripted.
-    script: Arc<Mutex<HashMap<String, VecDeque<u16>>>>,
-}
-
-impl PushService {
-    async fn start() -> PushService {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, received) = mpsc::unbounded_channel();
-        let script: Arc<Mutex<HashMap<String, VecDeque<u16>>>> = Arc::default();
-        let answers = script.clone();
-        let route =
-            warp::post().and(warp::path::full()).and(warp::header::headers_cloned()).and(warp::body::bytes()).map(
-                move |path: warp::path::FullPath, headers, body: warp::hyper::body::Bytes| {
-                    let path = path.as_str().to_string();
-                    let status = answers.lock().unwrap().get_mut(&path).and_then(VecDeque::pop_front).unwrap_or(201);
-                    let _ = tx.send(Pushed { path, headers, body: body.to_vec() });
-                    warp::http::StatusCode::from_u16(status).unwrap()
-                },
-            );
-        tokio::spawn(warp::serve(route).incoming(listener).run());
-        PushService { origin, received, script }
-    }
-
-    fn answer(&self, path: &str, statuses: &[u16]) {
-        self.script.lock().unwrap().entry(path.to_string()).or_default().extend(statuses);
-    }
-
-    /// The next request to arrive (any path).
-    async fn next(&mut self) -> Pushed {
-        tokio::time::timeout(T, self.received.recv()).await.expect("a push in time").expect("push service running")
-    }
-
-    /// The node's config for this service: the only push service it may call.
-    fn toml(&self) -> String {
-        format!("[push]\nallowed_endpoints = [\"{}\"]\ncontact = \"mailto:ops@parley.test\"\n", self.origin)
-    }
-}
-
-/// A browser's side of one subscription: its keys, and what it registers.
-struct Device {
-    secret: p256::SecretKey,
-    auth: [u8; 16],
-    path: String,
-    endpoint: String,
-}
-
-impl Device {
-    fn new(service: &PushService, path: &str) -> Device {
-        let secret = loop {
-            let bytes: Vec<u8> =
-                [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()].iter().flat_map(|u| *u.as_bytes()).collect();
-            if let Ok(k) = p256::SecretKey::from_slice(&bytes) {
-                break k;
-            }
-        };
-        let auth = *uuid::Uuid::new_v4().as_bytes();
-        Device { secret, auth, path: path.into(), endpoint: format!("{}{path}", service.origin) }
-    }
-
-    fn subscription(&self) -> PushSubscriptionRequest {
-        let public = self.secret.public_key().to_encoded_point(false);
-        PushSubscriptionRequest {
-            endpoint: self.endpoint.clone(),
-            expiration_time: None,
-            keys: PushKeys {
-                p256dh: URL_SAFE_NO_PAD.encode(public.as_bytes()),
-                auth: URL_SAFE_NO_PAD.encode(self.auth),
-            },
-        }
-    }
-
-    /// Check the request as a push service and a browser would, and return what it says.
-    fn open(&self, pushed: &Pushed, vapid_key: &str, audience: &str) -> PushNotification {
-        assert_eq!(pushed.path, self.path);
-        let header = |name: &str| pushed.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        assert_eq!(header("content-encoding"), "aes128gcm");
-        assert_eq!(header("urgency"), "high");
-        assert_eq!(header("ttl"), (24 * 3600).to_string(), "push.ttl_secs by default");
-        let topic = header("topic");
-        assert!(topic.len() <= 32 && !topic.is_empty(), "RFC 8030 topic: {topic}");
-        // VAPID: `vapid t=<JWT>, k=<key>`, the key the node advertises, the JWT signed by it for
-        // this push service's origin.
-        let authorization = header("authorization");
-        let (t, k) = authorization
-            .strip_prefix("vapid t=")
-            .and_then(|rest| rest.split_once(", k="))
-            .unwrap_or_else(|| panic!("VAPID authorization: {authorization}"));
-        assert_eq!(k, vapid_key, "signed with the advertised key");
-        let public = ES256PublicKey::from_bytes(&URL_SAFE_NO_PAD.decode(k).unwrap()).unwrap();
-        let options = VerificationOptions {
-            allowed_audiences: Some(HashSet::from([audience.to_string()])),
-            required_subject: Some("mailto:ops@parley.test".into()),
-            ..Default::default()
-        };
-        let claims = public.verify_token::<NoCustomClaims>(t, Some(options)).expect("a valid VAPID JWT");
-        let expires = claims.expires_at.expect("exp").as_secs();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        assert!(expires > now && expires <= now + 24 * 3600, "exp within 24 h (RFC 8292)");
-        let auth = web_push_native::Auth::clone_from_slice(&self.auth);
-        let plain =
-            web_push_native::decrypt(pushed.body.clone(), &self.secret, &auth).expect("decrypts for this device");
-        serde_json::from_slice(&plain).expect("a PushNotification")
-    }
-}
 
 async fn register(http: &Client, name: &str) -> TokenResponse {
     http.register(name, "correct horse battery").await.unwrap()

@@ -9,6 +9,8 @@
 //! - One node on the embedded store: refusals are shown and change nothing (wrong password, a
 //!   taken username, an oversized message), message text is never interpreted as HTML, and groups
 //!   are created, used and left from the UI.
+//! - Notifications: the 🔔 control and its failure when the browser's push service is out of
+//!   reach, the service worker, and the notifications it shows for pushes the server really sent.
 
 use parley_tests::browser::{Browser, Driver};
 use parley_tests::cluster::TestCluster;
@@ -477,4 +479,86 @@ async fn refusals_escaping_and_groups_in_the_browser() {
 
     alice.close().await;
     drop(node);
+}
+
+/// Notifications in the browser: the 🔔 control, the service worker, and notifications built from
+/// what the server really sent. Headless Chromium on a box without internet cannot reach its push
+/// service (FCM), so the browser's own subscription cannot complete — the page must say so rather
+/// than hang. The server's pushes therefore go to a test push service, for a device of the same
+/// user subscribed over HTTP; the test decrypts each (as the browser would) and hands the payload
+/// to the page's service worker through DevTools, and reads the notifications it shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_in_the_browser() {
+    use parley_protocol::frames::{ClientFrame, ServerFrame};
+    use parley_tests::push::{Device, PushService};
+    let mut service = PushService::start().await;
+    let dir = TempDir::new("parley-ui-store");
+    let mut options = NodeOptions::new("n1", Storage::Embedded(dir.path().join("data")));
+    options.extra_toml = service.toml();
+    let node = NodeProcess::start(options).await.unwrap();
+    let url = format!("http://{}/", node.http);
+    let origin = format!("http://{}", node.http);
+    let driver = Driver::start().await.unwrap();
+    let bob = driver.browser("bob").await.unwrap();
+    let bob_name = unique("bob");
+    bob.goto(&url).await.unwrap();
+    sign_up(&bob, &bob_name).await.unwrap();
+    let notify = "const b = document.getElementById('notify'); return !b.hidden && b.dataset.state;";
+    assert_eq!(bob.wait_for("the notifications control", notify, vec![]).await.unwrap(), json!("off"));
+
+    // Allowed, but the browser's push service is out of reach: a clear failure, not a spinner.
+    bob.cdp("Browser.grantPermissions", json!({"origin": origin, "permissions": ["notifications"]})).await.unwrap();
+    bob.click("#notify").await.unwrap();
+    let outcome = bob
+        .wait_for(
+            "the outcome of turning notifications on",
+            "const b = document.getElementById('notify');
+             return b.dataset.state !== 'busy' && [b.dataset.state, b.title, b.textContent];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome[0], json!("failed"), "{outcome}");
+    assert!(outcome[1].as_str().unwrap().contains("push service did not answer"), "{outcome}");
+    let workers = bob
+        .eval(
+            "return navigator.serviceWorker.getRegistrations().then(rs => rs.map(r => [new URL(r.scope).pathname, !!r.active]));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(workers, json!([["/ui/", true]]), "the service worker is installed and active");
+
+    // Bob's phone is subscribed; bob signs out of the browser and is offline everywhere.
+    let client = node.client();
+    let alice = client.register(&unique("alice"), PASSWORD).await.unwrap();
+    let bob_phone = client.login(&bob_name, PASSWORD).await.unwrap();
+    let phone = Device::new(&service, "/bob-phone");
+    client.push_subscribe(&bob_phone.token, &phone.subscription()).await.unwrap();
+    let mut a = client.connect(&alice.token, "phone").await.unwrap();
+    a.send(&ClientFrame::Presence { user_ids: vec![bob_phone.user_id] }).await.unwrap();
+    bob.click("#logout").await.unwrap();
+    let offline = |f: &ServerFrame| matches!(f, ServerFrame::Presence { online: false, .. });
+    a.expect(parley_tests::browser::UI_TIMEOUT, offline).await.unwrap();
+
+    // What the server sends is what the service worker shows; a newer message of the same chat
+    // replaces the notification rather than adding one.
+    bob.cdp("ServiceWorker.enable", json!({})).await.unwrap();
+    let shown = "return navigator.serviceWorker.getRegistration('/ui/')
+                     .then(r => r.getNotifications())
+                     .then(ns => JSON.stringify(ns.map(n => [n.title, n.body, n.tag])) === arguments[0]);";
+    for (i, text) in ["dinner at 8?", "and bring <b>wine</b>"].into_iter().enumerate() {
+        a.send_message(bob_phone.user_id, text, &format!("n{i}")).await.unwrap();
+        let payload = String::from_utf8(phone.decrypt(&service.next().await)).unwrap();
+        // The first registration of a fresh profile.
+        bob.cdp("ServiceWorker.deliverPushMessage", json!({"origin": origin, "registrationId": "0", "data": payload}))
+            .await
+            .unwrap();
+        let want = json!([[
+            alice.username,
+            text,
+            parley_protocol::ConversationId::direct(alice.user_id, bob_phone.user_id).to_string()
+        ]]);
+        bob.wait_for("the notification", shown, vec![json!(want.to_string())]).await.unwrap();
+    }
 }
