@@ -694,6 +694,37 @@ mod tests {
     }
 
     #[test]
+    fn push_settings_come_from_the_file_and_the_environment_and_are_checked() {
+        let c = Config::from_toml("[push]\nallowed_endpoints = [\"https://*.example.org\", \"http://127.0.0.1:9\"]\n")
+            .unwrap();
+        assert_eq!(c.push.allowed_endpoints.len(), 2);
+        assert!(c.push.enabled && c.push.preview && c.push.vapid_private_key.is_none());
+        for bad in [
+            "[push]\nallowed_endpoints = [\"fcm.googleapis.com\"]\n",
+            "[push]\nallowed_endpoints = [\"https://fcm.googleapis.com/fcm/send\"]\n",
+            "[push]\ncontact = \"ops@example.org\"\n",
+            "[push]\nqueue_max = 0\n",
+            "[push]\nttl_secs = 99999999\n",
+            "[push]\nvapid_private_key = \"in the file\"\n",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        let env = |name: &str| match name {
+            "PARLEY_PUSH_ENABLED" => Some("false".to_string()),
+            "PARLEY_PUSH_PREVIEW" => Some("false".to_string()),
+            "PARLEY_PUSH_ALLOWED_ENDPOINTS" => Some("https://a.example, https://b.example".to_string()),
+            "PARLEY_PUSH_VAPID_KEY" => Some(" secret ".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert!(!c.push.enabled && !c.push.preview);
+        assert_eq!(c.push.allowed_endpoints, ["https://a.example", "https://b.example"]);
+        assert_eq!(c.push.vapid_private_key.as_deref(), Some("secret"));
+        assert!(Config::default().apply_env(|n| (n == "PARLEY_PUSH_ENABLED").then(|| "maybe".into())).is_err());
+    }
+
+    #[test]
     fn committed_cluster_toml_parses() {
         let text = include_str!("../../cluster.toml");
         let c = Config::from_toml(text).unwrap();
