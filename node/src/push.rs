@@ -170,7 +170,7 @@ impl Push {
     pub fn check_subscription(&self, sub: &PushSubscriptionRequest) -> NodeResult<()> {
         sub.validate()?;
         let origin = endpoint_origin(&sub.endpoint)?;
-        if !self.config.allowed_endpoints.iter().any(|allowed| origin_allowed(allowed, &origin)) {
+        if !self.allowed(&origin) {
             return Err(NodeError::client(
                 ErrorCode::InvalidField,
                 format!("endpoint: {origin} is not a push service this server uses (push.allowed_endpoints)"),
@@ -180,6 +180,12 @@ impl Push {
             return Err(NodeError::client(ErrorCode::InvalidField, "keys.p256dh is not a point on P-256"));
         }
         Ok(())
+    }
+
+    /// Whether this node may call the push service at `origin` (checked at registration, and
+    /// again before every request: the operator may have narrowed the list since).
+    fn allowed(&self, origin: &str) -> bool {
+        self.config.allowed_endpoints.iter().any(|allowed| origin_allowed(allowed, origin))
     }
 
     /// Queue a notification for `job.user` (see the module doc: coalesced per conversation,
@@ -342,6 +348,14 @@ async fn deliver(
     topic: &str,
 ) {
     let push = &ctx.push;
+    if !endpoint_origin(&sub.endpoint).is_ok_and(|origin| push.allowed(&origin)) {
+        // Registered while the list allowed it; it never will be called again, so forget it.
+        tracing::info!(user = %sub.user, "forgetting a push subscription to a push service no longer allowed");
+        if let Err(e) = ctx.stores.directory.delete_push_subscription(&sub.endpoint, None).await {
+            tracing::warn!(error = %e, "forgetting a disallowed push subscription");
+        }
+        return;
+    }
     let mut backoff = Duration::from_secs(1);
     for attempt in 1..=ATTEMPTS {
         let outcome = match request(push, sub, payload, topic) {

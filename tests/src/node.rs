@@ -122,6 +122,11 @@ impl NodeProcess {
         Ok(())
     }
 
+    /// The config file the node runs with (a test may edit it before a restart).
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// The log of the current (latest) start.
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join(format!("node-{}.log", self.starts))

@@ -187,10 +187,26 @@ async fn notifications_reach_offline_devices_only(pg: bool) {
     );
     assert!(service.received.try_recv().is_err(), "no other request");
 
-    // The key is the cluster's, kept in the directory: the same after a restart.
+    // The key is the cluster's, kept in the directory: the same after a restart. This restart also
+    // narrows the push services the node may call: carol's subscription, made while it was
+    // allowed, is forgotten instead of called.
     node.terminate(T).await.unwrap();
+    let config = std::fs::read_to_string(node.config_path()).unwrap();
+    let narrowed = config.replace(&service.toml(), "[push]\nallowed_endpoints = [\"https://fcm.googleapis.com\"]\n");
+    assert_ne!(config, narrowed);
+    std::fs::write(node.config_path(), narrowed).unwrap();
     node.restart().await.unwrap();
-    assert_eq!(node.client().push_key().await.unwrap().vapid_public_key, key);
+    let http = node.client();
+    assert_eq!(http.push_key().await.unwrap().vapid_public_key, key);
+    assert_eq!(code(http.push_subscribe(&carol.token, &c1.subscription()).await), Some(ErrorCode::InvalidField));
+    let mut a = online(&http, &alice).await;
+    a.send_to_conversation(group.conversation_id, "anyone?", "g2").await.unwrap();
+    let forgotten = parley_tests::wait_until(T, || async {
+        stores.directory.push_subscriptions(carol.user_id, parley_storage::now_ms()).await.unwrap().is_empty()
+    })
+    .await;
+    assert!(forgotten, "carol's subscription to a service no longer allowed is forgotten");
+    assert!(service.received.try_recv().is_err(), "and never called");
 }
 
 /// In a cluster: every node advertises the same key, and the node that commits a message (the
