@@ -879,6 +879,42 @@ async function leaveGroup() {
   }
 }
 
+/** Group changes (the owner's): each answer is the new group, applied like a `group` frame. */
+async function changeGroup(method, path, body) {
+  $("thread-error").textContent = "";
+  try {
+    onGroup(await api(method, path, body));
+    return true;
+  } catch (e) {
+    $("thread-error").textContent = `${e.message} (${e.code})`;
+    return false;
+  }
+}
+
+async function renameGroup() {
+  const c = state.convs.get(state.current);
+  if (!c || c.kind !== "group") return;
+  await changeGroup("PATCH", `/v1/groups/${c.id}`, { name: $("group-rename").value.trim() });
+}
+
+async function addMembers() {
+  const c = state.convs.get(state.current);
+  if (!c || c.kind !== "group") return;
+  const members = [...state.picked].filter((m) => !c.members.includes(m));
+  if (members.length === 0) {
+    $("thread-error").textContent = "Tick the people to add in People first.";
+    return;
+  }
+  if (await changeGroup("POST", `/v1/groups/${c.id}/members`, { members })) {
+    state.picked.clear();
+    renderPeople();
+  }
+}
+
+async function removeMember(c, userId) {
+  await changeGroup("DELETE", `/v1/groups/${c.id}/members/${userId}`);
+}
+
 // ---------------------------------------------------------------- rendering
 
 function show(view) {
@@ -994,6 +1030,9 @@ function renderThread() {
   const c = state.current ? state.convs.get(state.current) : null;
   $("composer").hidden = !c;
   $("leave-group").hidden = !c || c.kind !== "group";
+  const owner = !!c && c.kind === "group" && c.owner === state.auth.user_id;
+  $("group-manage").hidden = !owner;
+  if (owner && document.activeElement !== $("group-rename")) $("group-rename").value = c.name || "";
   $("older").hidden = !c || !c.hasMore;
   if (!c) {
     $("typing").textContent = "";
@@ -1006,10 +1045,17 @@ function renderThread() {
   $("thread-title").textContent = c.title();
   renderPresence();
   $("typing").textContent = typingLine(c);
-  $("thread-members").textContent = c.kind === "group"
-    ? c.members.map((m) => (state.users.get(m) || m.slice(0, 8)) + (m === c.owner ? " (owner)" : "")).join(", ")
-    : "";
   const me = state.auth.user_id;
+  // Members, the owner marked; the owner may remove anyone but themselves (they leave instead).
+  $("thread-members").replaceChildren(...(c.kind !== "group" ? [] : c.members.flatMap((m, i) => {
+    const name = state.users.get(m) || m.slice(0, 8);
+    return [i > 0 ? ", " : null, h("span", { class: "member", "data-user-id": m },
+      name + (m === c.owner ? " (owner)" : ""),
+      owner && m !== me
+        ? h("button", { type: "button", class: "remove-member", title: `remove ${name} from the group`,
+            onclick: () => removeMember(c, m) }, "✕")
+        : null)];
+  })));
   const items = [...c.messages.values()].sort((a, b) => a.seq - b.seq).map((m) => {
     const mine = m.sender === me;
     const tick = mine ? c.tickState(m.seq) : null;
@@ -1186,6 +1232,8 @@ $("text").addEventListener("keydown", (ev) => {
 });
 $("new-group").addEventListener("submit", (ev) => { ev.preventDefault(); createGroup(); });
 $("leave-group").addEventListener("click", leaveGroup);
+$("rename-form").addEventListener("submit", (ev) => { ev.preventDefault(); renameGroup(); });
+$("add-members").addEventListener("click", addMembers);
 $("refresh-people").addEventListener("click", (ev) => { ev.preventDefault(); loadPeople(); });
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);

@@ -8,7 +8,8 @@
 //!   next message, and a reload shows the whole history with its read ticks.
 //! - One node on the embedded store: refusals are shown and change nothing (wrong password, a
 //!   taken username, an oversized message), message text is never interpreted as HTML, and groups
-//!   are created, used and left from the UI.
+//!   are created, renamed, managed (members removed and added by the owner), used and left from
+//!   the UI.
 //! - Notifications: the 🔔 control and its failure when the browser's push service is out of
 //!   reach, the service worker, and the notifications it shows for pushes the server really sent.
 
@@ -432,16 +433,47 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     let senders = texts(&bob, "#messages li.msg.theirs .sender").await.unwrap();
     assert_eq!(senders, [alice_name.as_str()]);
 
+    // Alice, the owner, renames the group, removes Bob and adds him back, all from the UI; Bob's
+    // browser follows each change. Bob, a member, has no such controls.
+    let hidden = "return document.getElementById('group-manage').hidden;";
+    assert_eq!(bob.eval(hidden, vec![]).await.unwrap(), json!(true), "only the owner manages");
+    assert_eq!(alice.eval(hidden, vec![]).await.unwrap(), json!(false));
+    alice.eval("document.getElementById('group-manage').open = true;", vec![]).await.unwrap();
+    alice.type_into("#group-rename", "bouldering").await.unwrap();
+    alice.click("#rename-group").await.unwrap();
+    let titled = "return document.getElementById('thread-title').textContent === arguments[0];";
+    alice.wait_for("the new name", titled, vec![json!("bouldering")]).await.unwrap();
+    bob.wait_for("the new name at Bob's", titled, vec![json!("bouldering")]).await.unwrap();
+    let bob_id = alice
+        .eval(
+            "return document.querySelector(`#people li[data-username=\"${arguments[0]}\"]`).dataset.userId;",
+            vec![json!(bob_name)],
+        )
+        .await
+        .unwrap();
+    let bob_id = bob_id.as_str().unwrap().to_string();
+    alice.click(&format!("#thread-members .member[data-user-id='{bob_id}'] .remove-member")).await.unwrap();
+    let gone =
+        "return ![...document.querySelectorAll('#conversations li .title')].some((e) => e.textContent === arguments[0])
+                    && document.getElementById('thread-title').textContent === 'Pick a chat';";
+    bob.wait_for("the group to leave Bob's list", gone, vec![json!("bouldering")]).await.unwrap();
+    let member = "return document.querySelector(`#thread-members .member[data-user-id='${arguments[0]}']`) !== null;";
+    assert_eq!(alice.eval(member, vec![json!(bob_id)]).await.unwrap(), json!(false), "Bob removed");
+    alice
+        .eval(
+            "document.querySelector(`#people li[data-username=\"${arguments[0]}\"] input[type=checkbox]`).click();",
+            vec![json!(bob_name)],
+        )
+        .await
+        .unwrap();
+    alice.click("#add-members").await.unwrap();
+    alice.wait_for("Bob back among the members", member, vec![json!(bob_id)]).await.unwrap();
+    open_conversation_titled(&bob, "bouldering").await.unwrap();
+    see_message(&bob, "who's in on saturday?").await.unwrap();
+
     // Bob leaves: the group disappears from his list, and Alice's member list loses him.
     bob.click("#leave-group").await.unwrap();
-    bob.wait_for(
-        "the group to leave Bob's list",
-        "return ![...document.querySelectorAll('#conversations li .title')].some((e) => e.textContent === 'climbing')
-             && document.getElementById('thread-title').textContent === 'Pick a chat';",
-        vec![],
-    )
-    .await
-    .unwrap();
+    bob.wait_for("the group to leave Bob's list", gone, vec![json!("bouldering")]).await.unwrap();
     alice
         .wait_for(
             "Bob gone from the members",
