@@ -263,12 +263,7 @@ pub async fn run(ctx: Arc<NodeContext>) {
     if !push.enabled() {
         return;
     }
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(push.config.request_timeout_ms))
-        .connect_timeout(Duration::from_millis(push.config.request_timeout_ms.min(5_000)))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+    let client = match http_client(&push.config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "push notifications are off: no HTTP client");
@@ -294,6 +289,17 @@ pub async fn run(ctx: Arc<NodeContext>) {
             drop(permit);
         });
     }
+}
+
+/// The client for push services: HTTPS (rustls, the Mozilla roots built in), bounded in time, and
+/// never following a redirect (a push service has no reason to send one, and following it would
+/// take the request somewhere `push.allowed_endpoints` did not allow).
+fn http_client(config: &PushConfig) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(config.request_timeout_ms))
+        .connect_timeout(Duration::from_millis(config.request_timeout_ms.min(5_000)))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// Send one job to every live subscription of its user.
@@ -451,6 +457,25 @@ pub fn record(sub: &PushSubscriptionRequest, user: UserId, token_hash: String) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Push services are HTTPS: a request to an `https://` endpoint must open a TLS handshake
+    /// (a client built without TLS refuses the URL before connecting at all).
+    #[tokio::test]
+    async fn the_client_speaks_https() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first_bytes = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 3];
+            socket.read_exact(&mut head).await.unwrap();
+            head
+        });
+        let client = http_client(&PushConfig { request_timeout_ms: 2_000, ..Default::default() }).unwrap();
+        let _ = client.post(format!("https://{addr}/push")).send().await;
+        let head = tokio::time::timeout(Duration::from_secs(5), first_bytes).await.expect("a connection").unwrap();
+        assert_eq!(head[..2], [0x16, 0x03], "a TLS handshake record: {head:?}");
+    }
 
     #[test]
     fn allowed_origins_match_exactly_or_by_suffix() {
