@@ -28,6 +28,10 @@
 //! endpoint is a URL the client chose, and the node POSTs to it, so an open list would let any
 //! user make the node send requests into its own network.
 //!
+//! **Reads.** A job reads its user's subscriptions from the directory; a user found without any
+//! is remembered for [`NO_SUBSCRIPTION_TTL`], so offline users who never turned notifications on
+//! cost a read per interval, not per message.
+//!
 //! **Answers.** 2xx: sent. 404/410: the subscription is gone (the browser unsubscribed or was
 //! wiped) and is forgotten. 429 and 5xx, and network errors: retried up to
 //! [`ATTEMPTS`] times in all, after `Retry-After` (at most [`MAX_RETRY_AFTER`]) or a back-off.
@@ -62,6 +66,15 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// How long a VAPID signature is valid (RFC 8292 allows at most 24 hours).
 const VAPID_VALIDITY_SECS: u64 = 12 * 3600;
+
+/// How long a node remembers that a user has no push subscription, so that a user without any
+/// costs one directory read per this interval, not one per message. A subscription made through
+/// this node clears it at once; one made through another node is seen within this time — and a
+/// user subscribes from a browser that is open, that is while online, when nothing is pushed anyway.
+pub const NO_SUBSCRIPTION_TTL: Duration = Duration::from_secs(15);
+
+/// Users remembered as having no subscription, per node; past it the memory is cleared.
+const NO_SUBSCRIPTION_MAX: usize = 100_000;
 
 /// The directory key of the cluster's generated VAPID key.
 const VAPID_SETTING: &str = "push.vapid_private_key";
@@ -99,6 +112,8 @@ pub struct PushCounters {
     pub dropped: AtomicU64,
     /// Subscriptions forgotten because their push service said they are gone.
     pub gone: AtomicU64,
+    /// Notifications not sent because their user has no subscription.
+    pub unsubscribed: AtomicU64,
 }
 
 /// The cluster's VAPID key pair.
@@ -114,6 +129,8 @@ pub struct Push {
     queue: Mutex<Queue>,
     wake: Notify,
     vapid: OnceLock<Vapid>,
+    /// Users found without a subscription, and when (see [`NO_SUBSCRIPTION_TTL`]).
+    unsubscribed: Mutex<HashMap<UserId, std::time::Instant>>,
     pub counters: PushCounters,
 }
 
@@ -124,6 +141,7 @@ impl Push {
             queue: Mutex::default(),
             wake: Notify::new(),
             vapid: OnceLock::new(),
+            unsubscribed: Mutex::default(),
             counters: Default::default(),
         }
     }
@@ -182,6 +200,25 @@ impl Push {
         Ok(())
     }
 
+    /// Whether `user` was found without a subscription less than [`NO_SUBSCRIPTION_TTL`] ago.
+    fn known_unsubscribed(&self, user: UserId) -> bool {
+        let known = self.unsubscribed.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(&user).is_some_and(|at| at.elapsed() < NO_SUBSCRIPTION_TTL)
+    }
+
+    fn remember_unsubscribed(&self, user: UserId) {
+        let mut known = self.unsubscribed.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= NO_SUBSCRIPTION_MAX {
+            known.clear();
+        }
+        known.insert(user, std::time::Instant::now());
+    }
+
+    /// `user` registered a subscription through this node: look again at their next message.
+    pub fn subscribed(&self, user: UserId) {
+        self.unsubscribed.lock().unwrap_or_else(|p| p.into_inner()).remove(&user);
+    }
+
     /// Whether this node may call the push service at `origin` (checked at registration, and
     /// again before every request: the operator may have narrowed the list since).
     fn allowed(&self, origin: &str) -> bool {
@@ -232,6 +269,7 @@ impl Push {
             "failed": c.failed.load(Ordering::Relaxed),
             "dropped": c.dropped.load(Ordering::Relaxed),
             "gone": c.gone.load(Ordering::Relaxed),
+            "unsubscribed": c.unsubscribed.load(Ordering::Relaxed),
         })
     }
 }
@@ -305,8 +343,14 @@ fn http_client(config: &PushConfig) -> reqwest::Result<reqwest::Client> {
 /// Send one job to every live subscription of its user.
 async fn notify(ctx: &NodeContext, client: &reqwest::Client, job: Job) -> NodeResult<()> {
     let directory = &*ctx.stores.directory;
+    if ctx.push.known_unsubscribed(job.user) {
+        ctx.push.counters.unsubscribed.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
     let subscriptions = directory.push_subscriptions(job.user, now_ms()).await?;
     if subscriptions.is_empty() {
+        ctx.push.remember_unsubscribed(job.user);
+        ctx.push.counters.unsubscribed.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
     let sender_name =
@@ -521,6 +565,17 @@ mod tests {
         assert_eq!((first.user, first.seq, first.count, first.preview.as_deref()), (ann, 4, 4, Some("message 4")));
         assert_eq!(push.next().map(|j| (j.user, j.count)), Some((ben, 1)));
         assert!(push.next().is_none());
+    }
+
+    #[test]
+    fn a_user_without_subscriptions_is_remembered_until_they_subscribe_here() {
+        let push = Push::new(PushConfig::default());
+        let (ann, ben) = (UserId::random(), UserId::random());
+        assert!(!push.known_unsubscribed(ann));
+        push.remember_unsubscribed(ann);
+        assert!(push.known_unsubscribed(ann) && !push.known_unsubscribed(ben));
+        push.subscribed(ann);
+        assert!(!push.known_unsubscribed(ann), "a subscription through this node is seen at once");
     }
 
     #[test]

@@ -123,6 +123,15 @@ async fn notifications_reach_offline_devices_only(pg: bool) {
     let n = b1.open(&service.next().await, &key, &audience);
     assert_eq!((n.seq, n.preview.as_deref()), (seq3, Some("gone again?")), "nothing was sent while he was online");
 
+    // Carol has not turned notifications on: her message is not pushed, and the node remembers
+    // that she has none — until she subscribes through it, which it sees at once.
+    a.send_message(carol.user_id, "carol?", "c0").await.unwrap();
+    let counted = parley_tests::wait_until(T, || async {
+        let (_, view) = http.raw("GET", "/v1/cluster", None, None).await.unwrap();
+        view["push"]["unsubscribed"].as_u64() == Some(1)
+    })
+    .await;
+    assert!(counted, "carol's notification was skipped: she has no subscription");
     // A group: each offline member is notified, with the group's name.
     let c1 = Device::new(&service, "/c1");
     http.push_subscribe(&carol.token, &c1.subscription()).await.unwrap();

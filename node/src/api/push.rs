@@ -67,6 +67,7 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
                     .put_push_subscription(&record, MAX_PUSH_SUBSCRIPTIONS_PER_USER)
                     .await
                     .map_err(NodeError::from)?;
+                ctx.push.subscribed(user);
                 tracing::debug!(%user, "push subscription registered");
                 Ok::<_, Rejection>(StatusCode::NO_CONTENT.into_response())
             },
