@@ -48,6 +48,16 @@ async fn sign_up(b: &Browser, username: &str) -> anyhow::Result<String> {
     Ok(node.as_str().unwrap_or_default().trim_start_matches("via ").to_string())
 }
 
+/// Ticks `username` in People (for a new group, or to add to one).
+async fn tick_person(b: &Browser, username: &str) -> anyhow::Result<()> {
+    b.eval(
+        "document.querySelector(`#people li[data-username=\"${arguments[0]}\"] input[type=checkbox]`).click();",
+        vec![json!(username)],
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Opens the direct chat with `username` from the People list.
 async fn open_chat_with(b: &Browser, username: &str) -> anyhow::Result<()> {
     b.click("#refresh-people").await?;
@@ -403,13 +413,7 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     assert_eq!(convs.iter().map(|c| c.last_seq).collect::<Vec<_>>(), [1], "only the first message is stored");
 
     // Alice makes a group with Bob; he sees it by name, and her message in it, with her name.
-    alice
-        .eval(
-            "document.querySelector(`#people li[data-username=\"${arguments[0]}\"] input[type=checkbox]`).click();",
-            vec![json!(bob_name)],
-        )
-        .await
-        .unwrap();
+    tick_person(&alice, &bob_name).await.unwrap();
     alice.eval("document.getElementById('group-box').open = true;", vec![]).await.unwrap();
     alice.type_into("#group-name", "climbing").await.unwrap();
     alice.click("#create-group").await.unwrap();
@@ -459,13 +463,7 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     bob.wait_for("the group to leave Bob's list", gone, vec![json!("bouldering")]).await.unwrap();
     let member = "return document.querySelector(`#thread-members .member[data-user-id='${arguments[0]}']`) !== null;";
     assert_eq!(alice.eval(member, vec![json!(bob_id)]).await.unwrap(), json!(false), "Bob removed");
-    alice
-        .eval(
-            "document.querySelector(`#people li[data-username=\"${arguments[0]}\"] input[type=checkbox]`).click();",
-            vec![json!(bob_name)],
-        )
-        .await
-        .unwrap();
+    tick_person(&alice, &bob_name).await.unwrap();
     alice.click("#add-members").await.unwrap();
     alice.wait_for("Bob back among the members", member, vec![json!(bob_id)]).await.unwrap();
     open_conversation_titled(&bob, "bouldering").await.unwrap();
