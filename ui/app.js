@@ -126,6 +126,7 @@ class Conversation {
     this.typing = new Map();         // user -> time until which "typing…" is shown
     this.typingSentAt = 0;
     this.lastActivity = fields.last_message ? fields.last_message.sent_at_ms : 0;
+    this.mutedUntil = fields.muted_until_ms || 0; // no notifications of this chat until then
     if (fields.last_message) this.addMessage(fields.last_message, false);
   }
 
@@ -532,6 +533,7 @@ function mergeConversations(list) {
       c.lastSeq = Math.max(c.lastSeq, s.last_seq);
       c.readSeq = Math.max(c.readSeq, s.read_seq);
       c.unread = s.unread;
+      c.mutedUntil = s.muted_until_ms || 0;
       c.othersDelivered = Math.max(c.othersDelivered, s.others_delivered_seq || 0);
       c.othersRead = Math.max(c.othersRead, s.others_read_seq || 0);
       if (s.last_message) {
@@ -911,6 +913,25 @@ async function addMembers() {
   }
 }
 
+// "Until I unmute" (9999-12-31), as PROTOCOL §5 "Push notifications" names it.
+const MUTED_FOREVER_MS = 253402300799000;
+
+async function toggleMute() {
+  const c = state.convs.get(state.current);
+  if (!c || !c.id) return;
+  const muted = c.mutedUntil > Date.now();
+  const until = muted ? null : MUTED_FOREVER_MS;
+  $("thread-error").textContent = "";
+  try {
+    await api("PUT", `/v1/conversations/${c.id}/mute`, { muted_until_ms: until });
+    c.mutedUntil = until || 0;
+    renderConversations();
+    renderThread();
+  } catch (e) {
+    $("thread-error").textContent = `${e.message} (${e.code})`;
+  }
+}
+
 async function removeMember(c, userId) {
   await changeGroup("DELETE", `/v1/groups/${c.id}/members/${userId}`);
 }
@@ -945,6 +966,7 @@ function renderConversations() {
       onclick: () => openConversation(c.key),
     },
     h("span", { class: "title" }, c.title()),
+    c.mutedUntil > Date.now() ? h("span", { class: "muted-icon", title: "notifications muted" }, "🔕") : null,
     c.unread > 0 ? h("span", { class: "unread", title: "unread" }, String(c.unread)) : null,
     typers(c).length ? h("span", { class: "typing-hint" }, "typing…")
       : last ? h("span", { class: "preview" }, preview(last)) : null);
@@ -1032,6 +1054,14 @@ function renderThread() {
   $("leave-group").hidden = !c || c.kind !== "group";
   const owner = !!c && c.kind === "group" && c.owner === state.auth.user_id;
   $("group-manage").hidden = !owner;
+  // A chat that is not stored yet (no id) has nothing to mute.
+  const muted = !!c && c.mutedUntil > Date.now();
+  $("mute").hidden = !c || !c.id;
+  $("mute").dataset.muted = String(muted);
+  $("mute").textContent = muted ? "🔕" : "🔔";
+  $("mute").title = muted
+    ? "Notifications of this chat are muted. Click to unmute."
+    : "Mute this chat's notifications (messages still arrive)";
   if (owner && document.activeElement !== $("group-rename")) $("group-rename").value = c.name || "";
   $("older").hidden = !c || !c.hasMore;
   if (!c) {
@@ -1234,6 +1264,7 @@ $("new-group").addEventListener("submit", (ev) => { ev.preventDefault(); createG
 $("leave-group").addEventListener("click", leaveGroup);
 $("rename-form").addEventListener("submit", (ev) => { ev.preventDefault(); renameGroup(); });
 $("add-members").addEventListener("click", addMembers);
+$("mute").addEventListener("click", toggleMute);
 $("refresh-people").addEventListener("click", (ev) => { ev.preventDefault(); loadPeople(); });
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);

@@ -98,7 +98,9 @@ fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clo
 }
 
 /// Requires a valid bearer token; yields the context and the authenticated user.
-fn authed(ctx: Arc<NodeContext>) -> impl Filter<Extract = (Arc<NodeContext>, UserView), Error = Rejection> + Clone {
+pub(crate) fn authed(
+    ctx: Arc<NodeContext>,
+) -> impl Filter<Extract = (Arc<NodeContext>, UserView), Error = Rejection> + Clone {
     with_ctx(ctx)
         .and(bearer())
         .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
@@ -307,7 +309,7 @@ struct PageQuery {
     limit: Option<u32>,
 }
 
-fn parse_conversation(id: &str) -> Result<ConversationId, Rejection> {
+pub(crate) fn parse_conversation(id: &str) -> Result<ConversationId, Rejection> {
     id.parse().map_err(|_| reject(ErrorCode::UnknownConversation, "no such conversation"))
 }
 

@@ -538,6 +538,8 @@ impl NodeContext {
     /// The user's conversations with last message and unread count, newest activity first.
     pub async fn conversations(&self, user: UserId) -> NodeResult<Vec<ConversationSummary>> {
         let records = self.stores.directory.user_conversations(user).await?;
+        let muted: HashMap<ConversationId, i64> =
+            self.stores.directory.muted(user, now_ms()).await?.into_iter().collect();
         let mut by_shard: HashMap<ShardId, Vec<ConversationRecord>> = HashMap::new();
         for r in records {
             by_shard.entry(self.shard_of(r.id)).or_default().push(r);
@@ -569,6 +571,7 @@ impl NodeContext {
                     last_message: s.and_then(|s| s.last_message.clone()),
                     name: record.name.clone(),
                     owner: record.owner,
+                    muted_until_ms: muted.get(&record.id).copied(),
                 });
             }
         }

@@ -32,6 +32,9 @@
 //! is remembered for [`NO_SUBSCRIPTION_TTL`], so offline users who never turned notifications on
 //! cost a read per interval, not per message.
 //!
+//! A conversation the user muted (`PUT /v1/conversations/:id/mute`) is skipped until the mute
+//! ends; its messages still arrive as usual.
+//!
 //! **Answers.** 2xx: sent. 404/410: the subscription is gone (the browser unsubscribed or was
 //! wiped) and is forgotten. 429 and 5xx, and network errors: retried up to
 //! [`ATTEMPTS`] times in all, after `Retry-After` (at most [`MAX_RETRY_AFTER`]) or a back-off.
@@ -112,6 +115,8 @@ pub struct PushCounters {
     pub dropped: AtomicU64,
     /// Subscriptions forgotten because their push service said they are gone.
     pub gone: AtomicU64,
+    /// Notifications not sent because their user muted the conversation.
+    pub muted: AtomicU64,
     /// Notifications not sent because their user has no subscription.
     pub unsubscribed: AtomicU64,
 }
@@ -270,6 +275,7 @@ impl Push {
             "dropped": c.dropped.load(Ordering::Relaxed),
             "gone": c.gone.load(Ordering::Relaxed),
             "unsubscribed": c.unsubscribed.load(Ordering::Relaxed),
+            "muted": c.muted.load(Ordering::Relaxed),
         })
     }
 }
@@ -351,6 +357,10 @@ async fn notify(ctx: &NodeContext, client: &reqwest::Client, job: Job) -> NodeRe
     if subscriptions.is_empty() {
         ctx.push.remember_unsubscribed(job.user);
         ctx.push.counters.unsubscribed.fetch_add(1, Ordering::Relaxed);
+        return Ok(());
+    }
+    if directory.muted(job.user, now_ms()).await?.iter().any(|(c, _)| *c == job.conversation_id) {
+        ctx.push.counters.muted.fetch_add(1, Ordering::Relaxed);
         return Ok(());
     }
     let sender_name =

@@ -161,6 +161,10 @@ pub struct ConversationSummary {
     /// Groups only: the member who may change the group (add, remove, rename).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<UserId>,
+    /// This user muted the conversation's notifications until then (ms since the epoch); absent
+    /// when it is not muted (PROTOCOL.md §5, "Push notifications").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muted_until_ms: Option<i64>,
 }
 
 /// A group as its members see it: answered by the group endpoints and pushed in `group` frames.

@@ -46,6 +46,17 @@ pub struct PushUnsubscribeRequest {
     pub endpoint: String,
 }
 
+/// `PUT /v1/conversations/:id/mute`: no notifications for this conversation until
+/// `muted_until_ms` (ms since the epoch; [`MUTED_FOREVER_MS`] for "always"), or again from now
+/// on when it is `null`. Messages still arrive; only notifications stop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MuteRequest {
+    pub muted_until_ms: Option<i64>,
+}
+
+/// "Muted until further notice": 9999-12-31T23:59:59Z.
+pub const MUTED_FOREVER_MS: i64 = 253_402_300_799_000;
+
 /// What a push carries, encrypted end to end (the push service sees only ciphertext). One
 /// notification stands for every message of the conversation that arrived while the previous
 /// one for it was waiting to be sent (`count`): a burst of 50 messages is not 50 pushes.

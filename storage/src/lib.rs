@@ -91,6 +91,11 @@ pub trait Directory: Send + Sync + 'static {
     async fn put_push_subscription(&self, record: &PushSubscriptionRecord, keep: usize) -> Result<()>;
     /// A user's push subscriptions whose token is still valid at `now_ms`, newest first.
     async fn push_subscriptions(&self, user: UserId, now_ms: i64) -> Result<Vec<PushSubscriptionRecord>>;
+    /// Mute (`Some(until)`) or unmute (`None`) `user`'s notifications of a conversation they are
+    /// indexed under. `false`: they are not (not a member), nothing changed.
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, until_ms: Option<i64>) -> Result<bool>;
+    /// The conversations `user` has muted past `now_ms`, with until when.
+    async fn muted(&self, user: UserId, now_ms: i64) -> Result<Vec<(ConversationId, i64)>>;
     /// Forget a push subscription: only if it is `user`'s when a user is given (a client
     /// unsubscribing), whoever's otherwise (its push service said it is gone). Whether one was
     /// forgotten.

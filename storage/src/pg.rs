@@ -65,6 +65,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("pg/0003_last_seen.sql")),
     (4, include_str!("pg/0004_media.sql")),
     (5, include_str!("pg/0005_push.sql")),
+    (6, include_str!("pg/0006_mute.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -699,6 +700,32 @@ impl Directory for PgDirectory {
                     created_at_ms: r.try_get(5)?,
                 })
             })
+            .collect()
+    }
+
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, until_ms: Option<i64>) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE user_conversations SET muted_until_ms = $3 WHERE user_id = $1 AND conversation_id = $2",
+            )
+            .await?;
+        Ok(client.execute(&stmt, &[&user.0, &conversation.0, &until_ms]).await? > 0)
+    }
+
+    async fn muted(&self, user: UserId, now_ms: i64) -> Result<Vec<(ConversationId, i64)>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT conversation_id, muted_until_ms FROM user_conversations
+                 WHERE user_id = $1 AND muted_until_ms > $2",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&user.0, &now_ms])
+            .await?
+            .iter()
+            .map(|r| Ok((ConversationId(r.try_get(0)?), r.try_get(1)?)))
             .collect()
     }
 

@@ -135,6 +135,7 @@ CREATE TABLE IF NOT EXISTS conversations (
 CREATE TABLE IF NOT EXISTS user_conversations (
     user_id BLOB NOT NULL,
     conversation_id BLOB NOT NULL,
+    muted_until_ms INTEGER,
     PRIMARY KEY (user_id, conversation_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS settings (
@@ -243,6 +244,13 @@ impl SqliteBackend {
         let media_path = dir.join("media.db");
         let (conn, media) = tokio::task::spawn_blocking(move || {
             let conn = open_with_schema(&path, DIRECTORY_SCHEMA)?;
+            // Files made before muting existed.
+            add_missing_column(
+                &conn,
+                "user_conversations",
+                "muted_until_ms",
+                "ALTER TABLE user_conversations ADD COLUMN muted_until_ms INTEGER",
+            )?;
             upgrade_directory(&conn)?;
             let media = open_with_schema(&media_path, MEDIA_SCHEMA)?;
             Ok::<_, StorageError>((conn, media))
@@ -462,6 +470,35 @@ impl Directory for SqliteDirectory {
                     auth,
                     created_at_ms,
                 })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, until_ms: Option<i64>) -> Result<bool> {
+        with(&self.conn, move |c| {
+            let n = c.execute(
+                "UPDATE user_conversations SET muted_until_ms = ?3 WHERE user_id = ?1 AND conversation_id = ?2",
+                params![user.0.as_bytes().to_vec(), conversation.0.as_bytes().to_vec(), until_ms],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn muted(&self, user: UserId, now_ms: i64) -> Result<Vec<(ConversationId, i64)>> {
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT conversation_id, muted_until_ms FROM user_conversations
+                 WHERE user_id = ?1 AND muted_until_ms > ?2",
+            )?;
+            let rows = stmt.query_map(params![user.0.as_bytes().to_vec(), now_ms], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            rows.map(|row| {
+                let (id, until) = row?;
+                Ok((ConversationId(uuid_of(id)?), until))
             })
             .collect()
         })

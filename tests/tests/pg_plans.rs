@@ -98,6 +98,9 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
         directory.setting_or_init("push.vapid_private_key", "k").await?;
         directory.add_conversation(conversation, ConversationKind::Direct, &[alice.id, bob.id], now_ms()).await?;
         ensure!(directory.user_conversations(alice.id).await?.len() == 1, "alice's conversation");
+        // Muting: every notification to an offline user reads their mutes.
+        directory.set_muted(alice.id, conversation, Some(now_ms() + 60_000)).await?;
+        ensure!(directory.muted(alice.id, now_ms()).await?.len() == 1, "one muted conversation");
         ensure!(directory.conversation(conversation).await?.is_some(), "conversation record");
 
         let store = stores.shard(ShardId(3)).await?;

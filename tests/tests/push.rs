@@ -17,6 +17,7 @@ use base64::Engine as _;
 use parley_node::client::{Client, Connection};
 use parley_protocol::frames::{ClientFrame, ServerFrame};
 use parley_protocol::http::TokenResponse;
+use parley_protocol::push::MUTED_FOREVER_MS;
 use parley_protocol::shard::shard_for;
 use parley_protocol::{ConversationId, ErrorCode, MessageId, Seq, UserId};
 use parley_tests::backend::Backend;
@@ -152,6 +153,51 @@ async fn notifications_reach_offline_devices_only(pg: bool) {
         );
     }
 
+    // Carol mutes the group: bob is still notified, she is not (her messages still arrive by
+    // sync). Refused: a negative time, a conversation one is not in, a malformed id. Unmuted, she
+    // is notified again.
+    let mute = |token: String, id: String, body: serde_json::Value| {
+        let http = http.clone();
+        async move {
+            let path = format!("/v1/conversations/{id}/mute");
+            let (status, answer) =
+                http.raw("PUT", &path, Some(&token), Some(body.to_string().into_bytes())).await.unwrap();
+            (status, answer["error"].as_str().map(String::from))
+        }
+    };
+    let group_id = group.conversation_id.to_string();
+    let forever = serde_json::json!({ "muted_until_ms": MUTED_FOREVER_MS });
+    assert_eq!(mute(carol.token.clone(), group_id.clone(), forever.clone()).await, (204, None));
+    let negative = serde_json::json!({ "muted_until_ms": -5 });
+    assert_eq!(mute(carol.token.clone(), group_id.clone(), negative).await, (400, Some("invalid_field".into())));
+    let alice_carol = ConversationId::direct(alice.user_id, carol.user_id).to_string();
+    let not_his = mute(bob.token.clone(), alice_carol, forever.clone()).await;
+    assert_eq!(not_his, (404, Some("unknown_conversation".into())));
+    let malformed = mute(carol.token.clone(), "not-an-id".into(), forever).await;
+    assert_eq!(malformed, (404, Some("unknown_conversation".into())));
+    let listed = http.conversations(&carol.token).await.unwrap();
+    let muted: Vec<_> = listed.iter().filter_map(|c| c.muted_until_ms.map(|t| (c.conversation_id, t))).collect();
+    assert_eq!(muted, [(group.conversation_id, MUTED_FOREVER_MS)], "the list shows the mute");
+    a.send_to_conversation(group.conversation_id, "quiet please", "g-m1").await.unwrap();
+    assert_eq!(b1.open(&service.next().await, &key, &audience).preview.as_deref(), Some("quiet please"));
+    let skipped = parley_tests::wait_until(T, || async {
+        let (_, view) = http.raw("GET", "/v1/cluster", None, None).await.unwrap();
+        view["push"]["muted"].as_u64() == Some(1)
+    })
+    .await;
+    assert!(skipped, "carol's notification was skipped: she muted the group");
+    assert_eq!(mute(carol.token.clone(), group_id, serde_json::json!({ "muted_until_ms": null })).await, (204, None));
+    a.send_to_conversation(group.conversation_id, "loud again", "g-m2").await.unwrap();
+    let mut paths = Vec::new();
+    for _ in 0..2 {
+        let pushed = service.next().await;
+        let device = if pushed.path == "/b1" { &b1 } else { &c1 };
+        assert_eq!(device.open(&pushed, &key, &audience).preview.as_deref(), Some("loud again"));
+        paths.push(pushed.path);
+    }
+    paths.sort();
+    assert_eq!(paths, ["/b1", "/c1"], "both notified once carol unmuted");
+
     // A second device of bob's (newer: tried first). Its push service fails once (retried), then
     // says it is gone (forgotten: the next message reaches only b1).
     let bob2 = http.login("bob", "correct horse battery").await.unwrap();
@@ -191,7 +237,7 @@ async fn notifications_reach_offline_devices_only(pg: bool) {
     let push = &cluster["push"];
     assert_eq!(
         (push["sent"].as_u64(), push["gone"].as_u64(), push["failed"].as_u64()),
-        (Some(9), Some(1), Some(0)),
+        (Some(12), Some(1), Some(0)),
         "{push}"
     );
     assert!(service.received.try_recv().is_err(), "no other request");

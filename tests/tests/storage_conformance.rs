@@ -131,6 +131,7 @@ conformance!(
     media_is_stored_whole_and_messages_carry_its_description,
     push_subscriptions_follow_their_token_and_keep_the_newest,
     settings_keep_the_first_value,
+    mutes_belong_to_members_and_expire,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -445,6 +446,30 @@ async fn push_subscriptions_follow_their_token_and_keep_the_newest(f: &Fixture) 
     assert_eq!(d.push_subscriptions(bob.id, now).await?.len(), 1);
     let reopened = f.reopen().await?;
     assert_eq!(reopened.directory.push_subscriptions(bob.id, now).await?.len(), 1, "durable");
+    Ok(())
+}
+
+async fn mutes_belong_to_members_and_expire(f: &Fixture) -> Result<()> {
+    let d = &f.stores.directory;
+    let (alice, bob) = (user("alice"), user("bob"));
+    d.create_user(&alice).await?;
+    d.create_user(&bob).await?;
+    let (chat, other) = (new_conversation(), new_conversation());
+    let now = now_ms();
+    d.add_conversation(chat, ConversationKind::Direct, &[alice.id, bob.id], now).await?;
+    d.add_conversation(other, ConversationKind::Direct, &[alice.id], now).await?;
+    assert!(d.muted(alice.id, now).await?.is_empty());
+    assert!(d.set_muted(alice.id, chat, Some(now + 60_000)).await?);
+    assert!(d.set_muted(alice.id, other, Some(now - 1)).await?, "a time already past: allowed, not muted");
+    assert_eq!(d.muted(alice.id, now).await?, vec![(chat, now + 60_000)], "only hers, only unexpired");
+    assert_eq!(d.muted(alice.id, now + 60_000).await?, vec![], "expired by the given clock");
+    assert!(d.muted(bob.id, now).await?.is_empty(), "alice's mute is not bob's");
+    assert!(!d.set_muted(bob.id, other, Some(now + 60_000)).await?, "not a member: nothing changes");
+    assert!(d.muted(bob.id, now).await?.is_empty());
+    let reopened = f.reopen().await?;
+    assert_eq!(reopened.directory.muted(alice.id, now).await?.len(), 1, "durable");
+    assert!(d.set_muted(alice.id, chat, None).await?);
+    assert!(d.muted(alice.id, now).await?.is_empty(), "unmuted");
     Ok(())
 }
 

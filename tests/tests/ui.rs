@@ -591,4 +591,20 @@ async fn notifications_in_the_browser() {
         ]]);
         bob.wait_for("the notification", shown, vec![json!(want.to_string())]).await.unwrap();
     }
+
+    // Bob signs in again and mutes the chat from its header: the server keeps it (his other
+    // devices see it in their list), and a reload still shows it muted.
+    submit_auth(&bob, &bob_name, PASSWORD, "#login").await.unwrap();
+    open_conversation_titled(&bob, &alice.username).await.unwrap();
+    let muted = "const b = document.getElementById('mute');
+                 return !b.hidden && b.dataset.muted === arguments[0]
+                     && (arguments[0] === 'false' || document.querySelector('#conversations li.active .muted-icon') !== null);";
+    bob.wait_for("the chat unmuted", muted, vec![json!("false")]).await.unwrap();
+    bob.click("#mute").await.unwrap();
+    bob.wait_for("the chat muted", muted, vec![json!("true")]).await.unwrap();
+    let listed = client.conversations(&bob_phone.token).await.unwrap();
+    assert_eq!(listed[0].muted_until_ms, Some(parley_protocol::push::MUTED_FOREVER_MS));
+    bob.goto(&url).await.unwrap();
+    open_conversation_titled(&bob, &alice.username).await.unwrap();
+    bob.wait_for("the chat still muted after a reload", muted, vec![json!("true")]).await.unwrap();
 }

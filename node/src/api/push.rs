@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parley_protocol::error::ErrorCode;
 use parley_protocol::limits::MAX_PUSH_SUBSCRIPTIONS_PER_USER;
-use parley_protocol::push::{PushKeyResponse, PushSubscriptionRequest, PushUnsubscribeRequest};
+use parley_protocol::push::{MuteRequest, PushKeyResponse, PushSubscriptionRequest, PushUnsubscribeRequest};
 use parley_storage::token_hash;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
@@ -74,7 +74,7 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
         );
     let unsubscribe = subscriptions
         .and(warp::delete())
-        .and(signed_in(ctx))
+        .and(signed_in(ctx.clone()))
         .and(json_body::<PushUnsubscribeRequest>())
         .and_then(
             |ctx: Arc<NodeContext>, user: parley_protocol::UserId, _token: String, req: PushUnsubscribeRequest| async move {
@@ -90,5 +90,33 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
                 Ok::<_, Rejection>(StatusCode::NO_CONTENT.into_response())
             },
         );
-    key.or(subscribe).unify().or(unsubscribe).unify().boxed()
+    // Muting a conversation's notifications: members only (others learn nothing, as for every
+    // conversation route). Works whether or not push is on, like the conversation list showing it.
+    let mute = warp::path!("v1" / "conversations" / String / "mute")
+        .and(warp::put())
+        .and(super::authed(ctx))
+        .and(json_body::<MuteRequest>())
+        .and_then(
+            |id: String, ctx: Arc<NodeContext>, me: parley_protocol::http::UserView, req: MuteRequest| async move {
+                let conversation = super::parse_conversation(&id)?;
+                if req.muted_until_ms.is_some_and(|t| t < 0) {
+                    return Err(reject(
+                        ErrorCode::InvalidField,
+                        "muted_until_ms must be a time (ms since the epoch) or null",
+                    ));
+                }
+                ctx.member_conversation(me.id, conversation).await?;
+                if !ctx
+                    .stores
+                    .directory
+                    .set_muted(me.id, conversation, req.muted_until_ms)
+                    .await
+                    .map_err(NodeError::from)?
+                {
+                    return Err(reject(ErrorCode::UnknownConversation, "no such conversation"));
+                }
+                Ok::<_, Rejection>(StatusCode::NO_CONTENT.into_response())
+            },
+        );
+    key.or(subscribe).unify().or(unsubscribe).unify().or(mute).unify().boxed()
 }
