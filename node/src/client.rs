@@ -396,6 +396,14 @@ impl Connection {
         }
     }
 
+    /// Wait for a `presence` frame about `user`; its `(online, last_seen_ms)`.
+    pub async fn expect_presence(&mut self, user: UserId, timeout: Duration) -> Result<(bool, Option<i64>)> {
+        match self.expect(timeout, |f| matches!(f, ServerFrame::Presence { user_id, .. } if *user_id == user)).await? {
+            ServerFrame::Presence { online, last_seen_ms, .. } => Ok((online, last_seen_ms)),
+            other => Err(ClientError::Protocol(format!("expected a presence frame of {user}, got {other:?}"))),
+        }
+    }
+
     /// Frames received but not consumed yet.
     pub fn buffered(&self) -> impl Iterator<Item = &ServerFrame> {
         self.buffer.iter()

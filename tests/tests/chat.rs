@@ -161,13 +161,6 @@ async fn media_is_uploaded_sent_and_downloaded(pg: bool) {
 }
 
 /// The `presence` frame of `user` that `conn` gets next (others are kept for later).
-async fn expect_presence(conn: &mut Connection, user: UserId) -> (bool, Option<i64>) {
-    match conn.expect(T, |f| matches!(f, ServerFrame::Presence { user_id, .. } if *user_id == user)).await {
-        Ok(ServerFrame::Presence { online, last_seen_ms, .. }) => (online, last_seen_ms),
-        other => panic!("expected a presence frame of {user}, got {other:?}"),
-    }
-}
-
 /// No presence frame came before the answer to a ping sent now (one node hands a session its
 /// frames in order, so a change made before the ping would have arrived first).
 async fn assert_no_presence_yet(conn: &mut Connection, why: &str) {
@@ -189,11 +182,11 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
 
     // Never connected: offline, never seen. Watching yourself: online.
     a1.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
-    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (false, None));
-    assert_eq!(expect_presence(&mut a1, alice.user_id).await, (true, None));
+    assert_eq!(a1.expect_presence(bob.user_id, T).await.unwrap(), (false, None));
+    assert_eq!(a1.expect_presence(alice.user_id, T).await.unwrap(), (true, None));
 
     let b1 = http.connect(&bob.token, "phone").await.unwrap();
-    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (true, None), "bob's first device");
+    assert_eq!(a1.expect_presence(bob.user_id, T).await.unwrap(), (true, None), "bob's first device");
     let mut b2 = http.connect(&bob.token, "laptop").await.unwrap();
     b2.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
     b1.close().await;
@@ -211,7 +204,7 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
 
     let before = parley_storage::now_ms();
     b2.close().await;
-    let (online, seen) = expect_presence(&mut a1, bob.user_id).await;
+    let (online, seen) = a1.expect_presence(bob.user_id, T).await.unwrap();
     let after = parley_storage::now_ms();
     assert!(!online, "bob's last device left");
     let seen = seen.expect("the moment bob left");
@@ -220,15 +213,15 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
     // Another device of alice's asks later: the same moment.
     let mut a2 = http.connect(&alice.token, "a2").await.unwrap();
     a2.send(&ClientFrame::Presence { user_ids: vec![bob.user_id] }).await.unwrap();
-    assert_eq!(expect_presence(&mut a2, bob.user_id).await, (false, Some(seen)));
+    assert_eq!(a2.expect_presence(bob.user_id, T).await.unwrap(), (false, Some(seen)));
     // An empty list stops watching: bob coming back is not reported to a2 (a1 still watches).
     a2.send(&ClientFrame::Presence { user_ids: vec![] }).await.unwrap();
     assert_no_presence_yet(&mut a2, "(the empty list is handled before the ping's pong)").await;
     let b3 = http.connect(&bob.token, "tablet").await.unwrap();
-    assert_eq!(expect_presence(&mut a1, bob.user_id).await, (true, None));
+    assert_eq!(a1.expect_presence(bob.user_id, T).await.unwrap(), (true, None));
     assert_no_presence_yet(&mut a2, "a2 no longer watches bob").await;
     b3.close().await;
-    let (_, seen) = expect_presence(&mut a1, bob.user_id).await;
+    let (_, seen) = a1.expect_presence(bob.user_id, T).await.unwrap();
     let seen = seen.expect("left again");
     a1.close().await;
     a2.close().await;
@@ -238,8 +231,8 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
     node.restart().await.expect("restart");
     let mut a3 = http.connect(&alice.token, "a3").await.unwrap();
     a3.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
-    assert_eq!(expect_presence(&mut a3, bob.user_id).await, (false, Some(seen)), "last seen after a restart");
-    assert_eq!(expect_presence(&mut a3, alice.user_id).await, (true, None));
+    assert_eq!(a3.expect_presence(bob.user_id, T).await.unwrap(), (false, Some(seen)), "last seen after a restart");
+    assert_eq!(a3.expect_presence(alice.user_id, T).await.unwrap(), (true, None));
 }
 
 /// A token's WebSocket sessions end when it is logged out or expires; other tokens' sessions stay.

@@ -481,13 +481,6 @@ async fn undecodable_payloads_from_a_peer_crash_nobody() {
 }
 
 /// The `presence` frame of `user` that `conn` gets next (others are kept for later).
-async fn expect_presence(conn: &mut Connection, user: UserId) -> (bool, Option<i64>) {
-    match conn.expect(T, |f| matches!(f, ServerFrame::Presence { user_id, .. } if *user_id == user)).await {
-        Ok(ServerFrame::Presence { online, last_seen_ms, .. }) => (online, last_seen_ms),
-        other => panic!("expected a presence frame of {user}, got {other:?}"),
-    }
-}
-
 /// How many users node `via` believes online on `peer` (`/v1/cluster` → `presence.peers`).
 async fn online_on(cluster: &TestCluster, via: usize, peer: &str) -> Option<u64> {
     let (_, body) = cluster.client(via).raw("GET", "/v1/cluster", None, None).await.ok()?;
@@ -508,9 +501,9 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
 
     let mut a = cluster.client(0).connect(&alice.token, "a").await.unwrap();
     a.send(&ClientFrame::Presence { user_ids: vec![bob.user_id] }).await.unwrap();
-    assert_eq!(expect_presence(&mut a, bob.user_id).await, (false, None));
+    assert_eq!(a.expect_presence(bob.user_id, T).await.unwrap(), (false, None));
     let b = cluster.client(1).connect(&bob.token, "b").await.unwrap();
-    assert_eq!(expect_presence(&mut a, bob.user_id).await, (true, None), "bob came online on n2");
+    assert_eq!(a.expect_presence(bob.user_id, T).await.unwrap(), (true, None), "bob came online on n2");
 
     // n3 joins while bob is online on n2: it learns n2's list (and n1's) from them.
     cluster.nodes.spawn(2).unwrap();
@@ -523,15 +516,15 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
     assert!(learned, "n3 learns who is online on n2 and n1");
     let mut c = cluster.client(2).connect(&carol.token, "c").await.unwrap();
     c.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
-    assert_eq!(expect_presence(&mut c, bob.user_id).await, (true, None), "bob, online on n2, seen from n3");
-    assert_eq!(expect_presence(&mut c, alice.user_id).await, (true, None), "alice, online on n1, seen from n3");
+    assert_eq!(c.expect_presence(bob.user_id, T).await.unwrap(), (true, None), "bob, online on n2, seen from n3");
+    assert_eq!(c.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "alice, online on n1, seen from n3");
 
     // kill -9 of bob's node: both other nodes report him offline, at about the kill.
     let before = parley_storage::now_ms();
     cluster.nodes.nodes[1].kill9();
     drop(b);
-    let (online_a, seen_a) = expect_presence(&mut a, bob.user_id).await;
-    let (online_c, seen_c) = expect_presence(&mut c, bob.user_id).await;
+    let (online_a, seen_a) = a.expect_presence(bob.user_id, T).await.unwrap();
+    let (online_c, seen_c) = c.expect_presence(bob.user_id, T).await.unwrap();
     let after = parley_storage::now_ms();
     assert!(!online_a && !online_c, "bob is offline once his node is gone");
     for seen in [seen_a, seen_c] {
@@ -545,7 +538,7 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
     cluster.nodes.nodes[0].wait_ready(parley_node::launcher::READY_TIMEOUT).await.unwrap();
     let mut a2 = cluster.client(0).connect(&alice.token, "a2").await.unwrap();
     a2.send(&ClientFrame::Presence { user_ids: vec![bob.user_id] }).await.unwrap();
-    let (online, seen) = expect_presence(&mut a2, bob.user_id).await;
+    let (online, seen) = a2.expect_presence(bob.user_id, T).await.unwrap();
     assert!(!online);
     let seen = seen.expect("recorded by a survivor");
     let (seen_a, seen_c) = (seen_a.unwrap(), seen_c.unwrap());
