@@ -36,6 +36,9 @@ pub enum Command {
         /// `host:port` peers dial to reach this node, when it differs from `--cluster`.
         #[arg(long)]
         advertise: Option<String>,
+        /// `host:port` browsers and tools reach this node's HTTP at, when it differs from `--http`.
+        #[arg(long)]
+        advertise_http: Option<String>,
         /// Override the embedded store's data directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -76,12 +79,12 @@ pub enum Command {
 /// Run the parsed command line.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node { config, name, http, cluster, advertise, data_dir } => {
+        Command::Node { config, name, http, cluster, advertise, advertise_http, data_dir } => {
             let mut config = Config::load(&config).with_context(|| format!("loading {}", config.display()))?;
             if let Some(dir) = data_dir {
                 config.storage.dir = dir;
             }
-            let entry = config.join_as(&name, http, cluster, advertise)?;
+            let entry = config.join_as(&name, http, cluster, advertise, advertise_http)?;
             let spec = NodeSpec { name: name.clone(), http: entry.http, cluster: entry.cluster };
             crate::run(config, spec, crate::shutdown_signal()).await
         }

@@ -238,6 +238,12 @@ pub struct NodeEntry {
     /// listen on 0.0.0.0, advertise the service name). Defaults to `cluster`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// `host:port` where browsers and tools reach this node's HTTP, when it differs from `http`:
+    /// a node listening on `0.0.0.0`, or in a container whose port is published as another one.
+    /// `/v1/cluster` lists it for every member, and the browser UI fails over to it. Defaults to
+    /// the address `http` is bound to.
+    #[serde(default)]
+    pub advertise_http: Option<String>,
 }
 
 impl NodeEntry {
@@ -263,6 +269,7 @@ impl Default for Config {
                 http: "127.0.0.1:8080".parse().expect("literal address"),
                 cluster: "127.0.0.1:9080".parse().expect("literal address"),
                 advertise: None,
+                advertise_http: None,
             }],
         }
     }
@@ -600,6 +607,7 @@ impl Config {
         http: Option<SocketAddr>,
         cluster: Option<SocketAddr>,
         advertise: Option<String>,
+        advertise_http: Option<String>,
     ) -> Result<NodeEntry, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         match self.nodes.iter_mut().find(|n| n.name == name) {
@@ -607,6 +615,7 @@ impl Config {
                 entry.http = http.unwrap_or(entry.http);
                 entry.cluster = cluster.unwrap_or(entry.cluster);
                 entry.advertise = advertise.or(entry.advertise.take());
+                entry.advertise_http = advertise_http.or(entry.advertise_http.take());
                 Ok(entry.clone())
             }
             None => {
@@ -621,7 +630,7 @@ impl Config {
                 if name.is_empty() || name.contains(['#', '@']) {
                     return bad(format!("node name `{name}` must be non-empty without '#' or '@'"));
                 }
-                let entry = NodeEntry { name: name.to_string(), http, cluster, advertise };
+                let entry = NodeEntry { name: name.to_string(), http, cluster, advertise, advertise_http };
                 self.nodes.push(entry.clone());
                 Ok(entry)
             }

@@ -182,6 +182,16 @@ impl NodeContext {
         self.http.get().copied()
     }
 
+    /// Where browsers and tools reach this node's HTTP: its entry's `advertise_http`, else the
+    /// bound address. What peers and `/v1/cluster` show for this node.
+    pub fn advertised_http(&self) -> String {
+        self.config
+            .node(&self.node_name)
+            .and_then(|n| n.advertise_http.clone())
+            .or_else(|| self.http_addr().map(|a| a.to_string()))
+            .unwrap_or_default()
+    }
+
     /// The live peers and every identified one (the cluster agent publishes both every
     /// heartbeat). Sends waiting on a peer that is no longer live are answered `unavailable` now.
     pub fn set_peers(&self, live: Vec<(String, ActorRef<GatewayMsg>)>, known: Vec<(String, ActorRef<GatewayMsg>)>) {

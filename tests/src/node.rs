@@ -37,11 +37,20 @@ pub struct NodeOptions {
     pub lease_ttl_ms: u64,
     /// Extra TOML appended to the generated config (e.g. a `[limits]` table).
     pub extra_toml: String,
+    /// The node entry's `advertise_http`, if any.
+    pub advertise_http: Option<String>,
 }
 
 impl NodeOptions {
     pub fn new(name: &str, storage: Storage) -> Self {
-        NodeOptions { name: name.into(), storage, shard_count: 8, lease_ttl_ms: 3_000, extra_toml: String::new() }
+        NodeOptions {
+            name: name.into(),
+            storage,
+            shard_count: 8,
+            lease_ttl_ms: 3_000,
+            extra_toml: String::new(),
+            advertise_http: None,
+        }
     }
 }
 
@@ -99,6 +108,10 @@ impl NodeProcess {
             http,
             cluster_port,
         );
+        let mut text = text;
+        if let Some(advertised) = &options.advertise_http {
+            text.push_str(&format!("advertise_http = \"{advertised}\"\n"));
+        }
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text)?;
         let mut node = NodeProcess { options, http, child: None, dir, config, starts: 0 };

@@ -547,3 +547,25 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
         "a survivor's time {seen} (n1 {seen_a}, n3 {seen_c}; the later one wins if both were written)"
     );
 }
+
+/// A node that listens on 0.0.0.0 (or behind a published port) tells browsers and peers where to
+/// reach it (`advertise_http`), not where it is bound; without it, its bound address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lists_the_http_address_it_advertises() {
+    let dir = parley_tests::TempDir::new("parley-advertise");
+    let mut options = parley_tests::node::NodeOptions::new("n1", Storage::Embedded(dir.path().join("data")));
+    options.advertise_http = Some("chat.example.test:8443".into());
+    let node = parley_tests::node::NodeProcess::start(options.clone()).await.unwrap();
+    let members = |client: Client| async move {
+        let (_, view) = client.raw("GET", "/v1/cluster", None, None).await.unwrap();
+        view["members"].as_array().unwrap().iter().map(|m| m["http"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(members(node.client()).await, ["chat.example.test:8443"]);
+    let plain = parley_tests::node::NodeProcess::start(parley_tests::node::NodeOptions::new(
+        "n1",
+        Storage::Embedded(dir.path().join("data2")),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(members(plain.client()).await, [plain.http.to_string()], "the bound address by default");
+}

@@ -27,6 +27,16 @@ fn compose_services_match_the_shipped_cluster_config() {
     for node in &config.nodes {
         assert!(compose.contains(&format!("\"--name\", \"{}\"", node.name)), "no compose service runs {}", node.name);
         assert_eq!(node.dial_address(), format!("{}:9080", node.name), "peers dial the service name");
+        // Browsers on the host reach a node at the port compose publishes for its 8080.
+        let advertised = node.advertise_http.as_deref().unwrap_or_else(|| panic!("{} advertises no HTTP", node.name));
+        let port = advertised.rsplit_once(':').map(|(_, p)| p).unwrap();
+        let service =
+            compose.split(&format!("\n  {}:", node.name)).nth(1).expect("its service").split("\n\n").next().unwrap();
+        assert!(
+            service.contains(&format!("ports: [\"{port}:{}\"]", node.http.port())),
+            "{}: {advertised} is not published",
+            node.name
+        );
     }
     for service in ["postgres:", "redis:", "n1:", "n2:", "n3:"] {
         assert!(compose.contains(&format!("\n  {service}")), "service {service} missing");

@@ -541,7 +541,7 @@ impl Actor for ClusterAgentActor {
                 out.push(MemberView {
                     node: state.ctx.node_name.clone(),
                     boot_id: state.ctx.boot_id.clone(),
-                    http: state.ctx.http_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    http: state.ctx.advertised_http(),
                     alive: true,
                     last_seen_ms_ago: 0,
                 });

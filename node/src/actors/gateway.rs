@@ -122,7 +122,7 @@ impl GatewayState {
             NodePayload::Identify => NodePayload::Identity {
                 node: ctx.node_name.clone(),
                 boot_id: ctx.boot_id.clone(),
-                http: ctx.http_addr().map(|a| a.to_string()).unwrap_or_default(),
+                http: ctx.advertised_http(),
                 dial: ctx.dial_address(),
             },
             NodePayload::Sync(req) => match shard {
