@@ -97,19 +97,27 @@ fn bearer() -> impl Filter<Extract = (Option<String>,), Error = Rejection> + Clo
         .map(|h: Option<String>| h.and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string())))
 }
 
-/// Requires a valid bearer token; yields the context and the authenticated user.
-pub(crate) fn authed(
+/// Requires a valid bearer token; yields the context, the authenticated user and the token (for
+/// what belongs to the token rather than the user: push subscriptions).
+pub(crate) fn authed_token(
     ctx: Arc<NodeContext>,
-) -> impl Filter<Extract = (Arc<NodeContext>, UserView), Error = Rejection> + Clone {
+) -> impl Filter<Extract = (Arc<NodeContext>, UserView, String), Error = Rejection> + Clone {
     with_ctx(ctx)
         .and(bearer())
         .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
             let token = token
                 .ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
             let user = ctx.authenticate(&token).await?.user;
-            Ok::<_, Rejection>((ctx, user))
+            Ok::<_, Rejection>((ctx, user, token))
         })
         .untuple_one()
+}
+
+/// Requires a valid bearer token; yields the context and the authenticated user.
+pub(crate) fn authed(
+    ctx: Arc<NodeContext>,
+) -> impl Filter<Extract = (Arc<NodeContext>, UserView), Error = Rejection> + Clone {
+    authed_token(ctx).map(|ctx, user, _token| (ctx, user)).untuple_one()
 }
 
 fn json<T: serde::Serialize>(value: &T, status: StatusCode) -> warp::reply::Response {

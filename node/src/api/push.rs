@@ -14,7 +14,7 @@ use parley_storage::token_hash;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
-use super::{bearer, json, json_body, reject, with_ctx};
+use super::{authed_token, json, json_body, reject, with_ctx};
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::push;
@@ -28,19 +28,20 @@ fn enabled(ctx: &NodeContext) -> Result<(), Rejection> {
     }
 }
 
-/// Authenticates the request; yields the context, the user's id and the token's hash.
+/// Push must be on (else `not_found`, before any token check); then the request is
+/// authenticated. Yields the context, the user's id and the token's hash.
 fn signed_in(
     ctx: Arc<NodeContext>,
 ) -> impl Filter<Extract = (Arc<NodeContext>, parley_protocol::UserId, String), Error = Rejection> + Clone {
-    with_ctx(ctx)
-        .and(bearer())
-        .and_then(|ctx: Arc<NodeContext>, token: Option<String>| async move {
-            enabled(&ctx)?;
-            let token = token
-                .ok_or_else(|| reject(ErrorCode::NotAuthenticated, "Authorization: Bearer <token> is required"))?;
-            let user = ctx.authenticate(&token).await?.user;
-            Ok::<_, Rejection>((ctx, user.id, token_hash(&token)))
+    let on = ctx.clone();
+    warp::any()
+        .and_then(move || {
+            let on = on.clone();
+            async move { enabled(&on) }
         })
+        .untuple_one()
+        .and(authed_token(ctx))
+        .map(|ctx, user: parley_protocol::http::UserView, token: String| (ctx, user.id, token_hash(&token)))
         .untuple_one()
 }
 
