@@ -134,6 +134,9 @@ impl ShardGroupConfig {
     }
 }
 
+/// The shortest `limits.idle_timeout_ms`: the server pings every third of it.
+pub const MIN_IDLE_TIMEOUT_MS: u64 = 300;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -152,7 +155,8 @@ pub struct LimitsConfig {
     /// A connection must authenticate (`hello`) within this time.
     pub hello_timeout_ms: u64,
     /// A connection that sends nothing (not even a ping) for this long is closed. The server pings
-    /// every third of it, so a live browser always answers in time.
+    /// every third of it, so a live browser always answers in time. At least
+    /// [`MIN_IDLE_TIMEOUT_MS`]: a third of 0 is no ping interval at all.
     pub idle_timeout_ms: u64,
     /// How long a session waits for a shard to answer before telling the client `unavailable`
     /// (outcome unknown: retry with the same client_msg_id).
@@ -492,6 +496,11 @@ impl Config {
         if self.cluster.renew_interval_ms == 0 || self.cluster.renew_interval_ms * 2 > self.cluster.lease_ttl_ms {
             return bad("cluster.renew_interval_ms must be positive and at most half of lease_ttl_ms");
         }
+        if self.limits.idle_timeout_ms < MIN_IDLE_TIMEOUT_MS {
+            return bad(&format!(
+                "limits.idle_timeout_ms must be at least {MIN_IDLE_TIMEOUT_MS} (the server pings every third of it)"
+            ));
+        }
         if self.limits.outbox_frames < 16 {
             return bad("limits.outbox_frames must be at least 16");
         }
@@ -731,6 +740,16 @@ mod tests {
         assert_eq!(c.push.allowed_endpoints, ["https://a.example", "https://b.example"]);
         assert_eq!(c.push.vapid_private_key.as_deref(), Some("secret"));
         assert!(Config::default().apply_env(|n| (n == "PARLEY_PUSH_ENABLED").then(|| "maybe".into())).is_err());
+    }
+
+    #[test]
+    fn connection_limits_that_would_break_the_pump_are_refused() {
+        for bad in
+            ["[limits]\nidle_timeout_ms = 0\n", "[limits]\nidle_timeout_ms = 299\n", "[limits]\noutbox_frames = 15\n"]
+        {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Config::from_toml("[limits]\nidle_timeout_ms = 300\n").unwrap().limits.idle_timeout_ms, 300);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod error;
 pub mod hub;
 pub mod launcher;
 pub mod outbound;
+pub mod outbox;
 pub mod presence;
 pub mod push;
 pub mod routing;

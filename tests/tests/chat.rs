@@ -341,6 +341,118 @@ async fn hello_timeout_closes_only_unauthenticated_sockets() {
     );
 }
 
+/// The idle timeout: a client that sends nothing — not even the pongs its WebSocket library sends
+/// for the server's pings, because it does not read — is closed with 4009; one that reads (and so
+/// answers the pings) stays, well past the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_answers_no_ping_is_closed_as_idle() {
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nidle_timeout_ms = 600\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let mut deaf = http.connect(&alice.token, "a2").await.unwrap();
+    let mut reading = http.connect(&alice.token, "a1").await.unwrap();
+    // `reading` reads (its library answers the pings) until the node has ended the other session;
+    // `deaf` reads nothing meanwhile.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match reading.expect(Duration::from_millis(200), |f| matches!(f, ServerFrame::Pong { .. })).await {
+            Err(ClientError::Timeout) => {}
+            other => panic!("a reading client is not closed: {other:?}"),
+        }
+        if sessions(&http).await == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the deaf session was never closed");
+    }
+    // Read right away: the node keeps the socket for its close handshake, so the Close frame is there.
+    assert_eq!(expect_closed(&mut deaf).await, 4009, "close code of a client that answered no ping");
+    // Reading on for twice the timeout, the reading client is still served.
+    match reading.expect(Duration::from_millis(1_200), |f| matches!(f, ServerFrame::Pong { .. })).await {
+        Err(ClientError::Timeout) => {}
+        other => panic!("a reading client is not closed: {other:?}"),
+    }
+    reading.send(&ClientFrame::Ping { nonce: Some(1) }).await.unwrap();
+    assert_eq!(
+        reading.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.unwrap(),
+        ServerFrame::Pong { nonce: Some(1) }
+    );
+}
+
+/// The sessions a node holds, by its `/v1/cluster`.
+async fn sessions(http: &Client) -> u64 {
+    let (status, body) = http.raw("GET", "/v1/cluster", None, None).await.unwrap();
+    assert_eq!(status, 200);
+    body["sessions"].as_u64().expect("sessions in /v1/cluster")
+}
+
+/// A slow consumer: a recipient that stops reading while messages keep coming is disconnected
+/// (4008) once its outbox (`limits.outbox_frames`, here 16) is full behind a full socket — the node
+/// neither buffers without bound nor drops messages to make room, and the sender is not held up.
+/// The recipient then gets everything by the protocol's own means: its reconnect sync (paced, so
+/// an outbox of 16 carries a sync of hundreds of frames), then `history` for what the sync left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_that_does_not_read_is_closed_and_misses_nothing() {
+    // Bodies of 16 KiB: 16 MiB in all, several times what loopback's socket buffers hold before the
+    // node's writer blocks, and twice a sync reply's byte cap (so the sync is truncated).
+    const SENDS: u64 = 1_000;
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\noutbox_frames = 16\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut sender = http.connect(&alice.token, "a1").await.unwrap();
+    let mut slow = http.connect(&bob.token, "b1").await.unwrap();
+    let pad = "x".repeat(parley_protocol::limits::MAX_BODY_BYTES - 8);
+    for i in 1..=SENDS {
+        let ack = sender.send_message(bob.user_id, &format!("{i:06}{pad}"), &format!("s-{i}")).await.unwrap();
+        assert!(matches!(ack, ServerFrame::Ack { duplicate: false, .. }), "send {i}: {ack:?}");
+    }
+    let mut live = 0;
+    let code = loop {
+        match slow.next(T).await {
+            Ok(ServerFrame::Message { .. }) => live += 1,
+            Ok(_) => {}
+            Err(ClientError::Closed(Some((code, _)))) => break code,
+            Err(e) => panic!("expected the slow consumer to be closed, got {e:?} after {live} messages"),
+        }
+    };
+    assert_eq!(code, 4008, "close code of a slow consumer");
+    assert!(live < SENDS, "closed before all {SENDS} were pushed live ({live} were)");
+
+    // Bob acknowledged nothing, so his sync starts at the first message, in order.
+    let conv = ConversationId::direct(alice.user_id, bob.user_id);
+    let mut again = http.connect(&bob.token, "b1").await.unwrap();
+    // A moment before reading: the sync (≈8 MiB) fills the socket buffers meanwhile, and must wait
+    // for the client rather than overflow its outbox.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut synced = Vec::new();
+    let truncated = loop {
+        match again.next(T).await.unwrap() {
+            ServerFrame::Message { message } => synced.push(message.seq),
+            ServerFrame::SyncDone { truncated, .. } => break truncated,
+            _ => {}
+        }
+    };
+    assert!(synced.len() > 16, "the sync carried more than the outbox holds ({} frames)", synced.len());
+    assert_eq!(synced, (1..=synced.len() as u64).collect::<Vec<_>>(), "the sync replays from the first, in order");
+    assert_eq!(truncated, [conv], "cut by the sync reply's byte cap, and said so");
+    // The rest by `history`, newest page first.
+    let mut all = synced.clone();
+    let mut before = None;
+    loop {
+        let page = http.history(&bob.token, conv, before, Some(500)).await.unwrap();
+        let Some(oldest) = page.messages.iter().map(|m| m.seq).min() else { break };
+        all.extend(page.messages.iter().map(|m| m.seq).filter(|&s| s > synced.len() as u64));
+        if oldest <= synced.len() as u64 + 1 {
+            break;
+        }
+        before = Some(oldest);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=SENDS).collect::<Vec<_>>(), "every message, by sync and history ({live} were live)");
+}
+
 /// One HTTP/1.1 request on a fresh connection: status, head and body of the answer (a `101` has
 /// no body: the head is all that is read).
 async fn raw_http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {

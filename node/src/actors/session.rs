@@ -24,11 +24,12 @@ use parley_protocol::limits::{
 use parley_protocol::{ConversationId, DeviceId, ErrorCode, Seq, UserId, PROTOCOL_VERSION};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::context::NodeContext;
 use crate::error::NodeError;
 use crate::hub::LocalEvent;
+use crate::outbox::{Outbox, OutboxSender, PushError};
 
 /// WebSocket close codes we use (4000-4999 is the application range).
 pub mod close_code {
@@ -54,20 +55,10 @@ const MAX_EXPIRY_TIMER_MS: u64 = 24 * 3600 * 1000;
 
 pub struct SessionActor;
 
-/// What the writer task should do.
-#[derive(Debug)]
-pub enum Outgoing {
-    Frame(String),
-}
-
-/// A request to close the socket: (close code, reason).
-pub type CloseSignal = watch::Sender<Option<(u16, String)>>;
-
 pub struct SessionArgs {
     pub ctx: Arc<NodeContext>,
     pub id: u64,
-    pub outbox: mpsc::Sender<Outgoing>,
-    pub close: Arc<CloseSignal>,
+    pub outbox: OutboxSender,
 }
 
 struct Authed {
@@ -84,8 +75,8 @@ struct Authed {
 pub struct SessionState {
     ctx: Arc<NodeContext>,
     id: u64,
-    outbox: mpsc::Sender<Outgoing>,
-    close: Arc<CloseSignal>,
+    /// The connection's outbox, also where the session asks for the close.
+    outbox: OutboxSender,
     auth: Option<Authed>,
     /// Highest seq pushed to this device per conversation, so a message that arrives both live and
     /// through reconnect sync is pushed once.
@@ -168,19 +159,19 @@ pub enum SessionMsg {
 }
 
 /// Push a frame, or close the connection as a slow consumer if its outbox is full.
-fn push(outbox: &mpsc::Sender<Outgoing>, close: &CloseSignal, frame: &ServerFrame) -> bool {
-    push_text(outbox, close, frame.encode())
+fn push(outbox: &Outbox, frame: &ServerFrame) -> bool {
+    push_text(outbox, frame.encode())
 }
 
 /// Queue an encoded frame; a full outbox closes the connection (`slow_consumer`).
-fn push_text(outbox: &mpsc::Sender<Outgoing>, close: &CloseSignal, text: String) -> bool {
-    match outbox.try_send(Outgoing::Frame(text)) {
+fn push_text(outbox: &Outbox, text: String) -> bool {
+    match outbox.push(text) {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            close.send_replace(Some((close_code::SLOW_CONSUMER, "slow_consumer: outbox full".into())));
+        Err(PushError::Full) => {
+            outbox.close(close_code::SLOW_CONSUMER, "slow_consumer: outbox full");
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(PushError::Closing) => false,
     }
 }
 
@@ -190,18 +181,11 @@ fn error_frame(e: &NodeError) -> ServerFrame {
 
 impl SessionState {
     fn send(&self, frame: &ServerFrame) -> bool {
-        push(&self.outbox, &self.close, frame)
+        push(&self.outbox, frame)
     }
 
     fn close(&self, code: u16, reason: &str) {
-        self.close.send_replace(Some((code, reason.to_string())));
-    }
-
-    /// Push a message unless this device already got it.
-    fn push_message(&mut self, m: MessageView) {
-        if self.first_push(&m) {
-            self.send(&ServerFrame::Message { message: m });
-        }
+        self.outbox.close(code, reason);
     }
 
     /// Whether `m` is newer than every message of its conversation pushed to this device (and
@@ -242,7 +226,6 @@ impl SessionState {
                 let req = SendRequest { client_msg_id: client_msg_id.clone(), to, conversation_id, body, media_id };
                 let dispatched = self.ctx.dispatch_send(user, req, self.id).await;
                 let outbox = self.outbox.clone();
-                let close = self.close.clone();
                 let reply = move |result: Result<_, NodeError>| {
                     let frame = match result {
                         Ok(ack) => {
@@ -262,7 +245,7 @@ impl SessionState {
                             req_id: None,
                         },
                     };
-                    push(&outbox, &close, &frame);
+                    push(&outbox, &frame);
                 };
                 match dispatched {
                     Ok(pending) => {
@@ -451,10 +434,18 @@ impl SessionState {
             })
             .await;
         let count = reply.messages.len() as u64;
+        // Paced: the sync may hold far more frames than the outbox (see `Outbox::push_paced`).
         for m in reply.messages {
-            self.push_message(m);
+            if self.first_push(&m)
+                && self.outbox.push_paced(ServerFrame::Message { message: m }.encode()).await.is_err()
+            {
+                return;
+            }
         }
-        self.send(&ServerFrame::SyncDone { messages: count, truncated: reply.truncated });
+        let _ = self
+            .outbox
+            .push_paced(ServerFrame::SyncDone { messages: count, truncated: reply.truncated }.encode())
+            .await;
     }
 }
 
@@ -470,7 +461,6 @@ impl Actor for SessionActor {
             ctx: args.ctx,
             id: args.id,
             outbox: args.outbox,
-            close: args.close,
             auth: None,
             pushed: HashMap::new(),
             typing_sent: HashMap::new(),
@@ -512,7 +502,7 @@ impl Actor for SessionActor {
                 | UserEvent::Typing { .. }
                 | UserEvent::Presence { .. } => {
                     if let Some(text) = event.frame_text() {
-                        push_text(&state.outbox, &state.close, text.to_owned());
+                        push_text(&state.outbox, text.to_owned());
                     }
                 }
             },

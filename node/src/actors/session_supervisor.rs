@@ -8,8 +8,9 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
-use crate::actors::session::{CloseSignal, Outgoing, SessionActor, SessionArgs, SessionMsg};
+use crate::actors::session::{SessionActor, SessionArgs, SessionMsg};
 use crate::context::NodeContext;
+use crate::outbox::OutboxSender;
 
 pub struct SessionSupervisorActor;
 
@@ -20,12 +21,7 @@ pub struct SessionSupervisorState {
 #[derive(RactorMessage)]
 pub enum SessionSupervisorMsg {
     /// Start a session for a new connection.
-    Start {
-        id: u64,
-        outbox: tokio::sync::mpsc::Sender<Outgoing>,
-        close: Arc<CloseSignal>,
-        reply: RpcReplyPort<Option<ActorRef<SessionMsg>>>,
-    },
+    Start { id: u64, outbox: OutboxSender, reply: RpcReplyPort<Option<ActorRef<SessionMsg>>> },
     /// Stop every session (shutdown) and answer when they are gone.
     StopAll { reply: RpcReplyPort<()> },
 }
@@ -50,8 +46,8 @@ impl Actor for SessionSupervisorActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SessionSupervisorMsg::Start { id, outbox, close, reply } => {
-                let args = SessionArgs { ctx: state.ctx.clone(), id, outbox, close };
+            SessionSupervisorMsg::Start { id, outbox, reply } => {
+                let args = SessionArgs { ctx: state.ctx.clone(), id, outbox };
                 let session = Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await.ok().map(|(a, _)| a);
                 let _ = reply.send(session);
             }

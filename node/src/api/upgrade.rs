@@ -88,7 +88,10 @@ impl Upgrade {
                 Ok(upgraded) => {
                     let socket =
                         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-                    on_socket(socket).await;
+                    // A task of its own rather than awaited here: this task's future would hold the
+                    // connection's whole life in a cell sized for the handshake's state too (the
+                    // config, the upgrade, the stream being built) — paid by every idle session.
+                    tokio::spawn(on_socket(socket));
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use parley_protocol::ErrorCode;
 use ractor::ActorRef;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -22,10 +23,11 @@ use tokio_tungstenite::tungstenite::Message;
 use warp::Rejection;
 
 use super::upgrade::{Socket, Upgrade};
-use crate::actors::session::{close_code, Outgoing, SessionMsg};
+use crate::actors::session::{close_code, SessionMsg};
 use crate::actors::session_supervisor::SessionSupervisorMsg;
 use crate::context::{call, NodeContext};
 use crate::error::NodeError;
+use crate::outbox::{Next, Outbox, OutboxSender};
 
 /// The transport's own cap on one WebSocket message. Frames between `MAX_FRAME_BYTES` (64 KiB,
 /// answered with a `frame_too_large` error, connection kept) and this are read and refused;
@@ -112,16 +114,29 @@ fn close_message(code: u16, reason: impl Into<String>) -> Message {
     Message::Close(Some(CloseFrame { code: code.into(), reason: reason.into().into() }))
 }
 
-async fn pump(
+/// Pump `socket` until either side ends. Not an `async fn` on purpose: an async fn's future keeps
+/// its arguments for its whole life — rustc does not reuse their space for later state, and here
+/// even stores the socket twice — so a `Socket` argument (tungstenite's whole stream, hundreds of
+/// bytes) would stay in every connection's task long after `split` moved it to the heap. Splitting
+/// first leaves two pointers in the future (BENCHMARKS.md, session 17).
+fn pump(
     socket: Socket,
+    ctx: Arc<NodeContext>,
+    sessions: ActorRef<SessionSupervisorMsg>,
+    guard: ConnectionGuard,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    run(sink, stream, ctx, sessions, guard)
+}
+
+async fn run(
+    mut sink: SplitSink<Socket, Message>,
+    mut stream: SplitStream<Socket>,
     ctx: Arc<NodeContext>,
     sessions: ActorRef<SessionSupervisorMsg>,
     _guard: ConnectionGuard,
 ) {
-    let (mut sink, mut stream) = socket.split();
-    let (outbox, mut outbox_rx) = mpsc::channel::<Outgoing>(ctx.config.limits.outbox_frames);
-    let (close_tx, mut close_rx) = watch::channel::<Option<(u16, String)>>(None);
-    let close = Arc::new(close_tx);
+    let outbox = Outbox::new(ctx.config.limits.outbox_frames);
     let id = loop {
         let id = rand::random::<u64>();
         if id != 0 {
@@ -130,7 +145,7 @@ async fn pump(
     };
     let started = call(
         &sessions,
-        |reply| SessionSupervisorMsg::Start { id, outbox, close: close.clone(), reply },
+        |reply| SessionSupervisorMsg::Start { id, outbox: OutboxSender::new(&outbox), reply },
         Duration::from_secs(5),
         "start session",
     )
@@ -141,60 +156,52 @@ async fn pump(
     };
 
     let idle = Duration::from_millis(ctx.config.limits.idle_timeout_ms);
-    let mut writer_close = close_rx.clone();
-    let writer_lost = close.clone();
+    let writer_outbox = outbox.clone();
     let writer = tokio::spawn(async move {
+        let outbox = writer_outbox;
         let mut ping = tokio::time::interval(idle / 3);
         ping.tick().await;
         // Whether the socket still works, so that the close frame is worth sending.
         let writable = loop {
             tokio::select! {
-                out = outbox_rx.recv() => match out {
-                    Some(Outgoing::Frame(text)) => {
-                        // This frame and those queued behind it, then one flush.
-                        let mut queued = sink.feed(Message::text(text)).await.is_ok();
-                        let mut taken = 1;
-                        while queued && taken < MAX_FRAMES_PER_FLUSH {
-                            let Ok(Outgoing::Frame(text)) = outbox_rx.try_recv() else { break };
+                next = outbox.next(MAX_FRAMES_PER_FLUSH) => match next {
+                    Next::Frames(frames) => {
+                        // Every frame that became ready together, then one flush.
+                        let mut queued = true;
+                        for text in frames {
                             queued = sink.feed(Message::text(text)).await.is_ok();
-                            taken += 1;
+                            if !queued {
+                                break;
+                            }
                         }
                         if !queued || sink.flush().await.is_err() {
                             break false;
                         }
                     }
-                    // The session is gone (it stops right after asking for a close, so this can
-                    // win the race against the close signal): close with its reason all the same.
-                    None => break true,
+                    Next::Closing => break true,
+                    // The session is gone without asking for a close (it failed): close all the same.
+                    Next::Orphaned => break true,
                 },
                 _ = ping.tick() => {
                     if sink.send(Message::Ping(Default::default())).await.is_err() {
                         break false;
                     }
                 }
-                _ = writer_close.changed() => break true,
             }
         };
         if writable {
             // Flush what is already queued (e.g. the error frame explaining the close), then the
             // Close frame with the code that says why.
-            while let Ok(Outgoing::Frame(text)) = outbox_rx.try_recv() {
+            for text in outbox.take_all() {
                 let _ = sink.send(Message::text(text)).await;
             }
-            let reason = writer_close.borrow().clone();
-            let (code, text) = reason.unwrap_or((close_code::GOING_AWAY, String::new()));
+            let (code, text) = outbox.close_reason().unwrap_or((close_code::GOING_AWAY, String::new()));
             let _ = sink.send(close_message(code, text)).await;
         } else {
             // The client is gone (a reset, a broken pipe). Tell the reader: what the client left
             // in our receive buffer must not be worked off for nobody — it never saw those sends
             // acked and resends them, under the same ids, when it reconnects.
-            writer_lost.send_if_modified(|reason| {
-                let unset = reason.is_none();
-                if unset {
-                    *reason = Some((close_code::GOING_AWAY, "connection lost".into()));
-                }
-                unset
-            });
+            outbox.close_if_unset(close_code::GOING_AWAY, "connection lost");
         }
         let _ = sink.close().await;
         writable
@@ -211,19 +218,19 @@ async fn pump(
                 Ok(permit) => permit,
                 Err(_) => break,
             },
-            _ = close_rx.changed() => break,
+            _ = outbox.closing() => break,
         };
         tokio::select! {
             next = tokio::time::timeout(idle, stream.next()) => match next {
                 Err(_) => {
-                    close.send_replace(Some((close_code::IDLE, "idle timeout".into())));
+                    outbox.close(close_code::IDLE, "idle timeout");
                     break;
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
                     // Over the transport's hard cap: say so with the standard code (RFC 6455 1009).
                     if matches!(e, WsError::Capacity(_)) {
-                        close.send_replace(Some((close_code::MESSAGE_TOO_BIG, "message too big".into())));
+                        outbox.close(close_code::MESSAGE_TOO_BIG, "message too big");
                     }
                     break;
                 }
@@ -240,13 +247,11 @@ async fn pump(
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                 },
             },
-            _ = close_rx.changed() => break,
+            _ = outbox.closing() => break,
         }
     }
-    let server_closed = close.borrow().is_some();
-    if !server_closed {
-        close.send_replace(Some((close_code::GOING_AWAY, String::new())));
-    }
+    // Whether the server asked for the close (then it waits for the client's Close reply below).
+    let server_closed = !outbox.close_if_unset(close_code::GOING_AWAY, "");
     session.stop(Some("connection closed".into()));
     let writable = writer.await.unwrap_or(false);
     if server_closed && writable {
