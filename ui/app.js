@@ -177,12 +177,24 @@ async function api(method, path, body) {
   return request(method, path, headers, body === undefined ? undefined : JSON.stringify(body));
 }
 
+/**
+ * Where HTTP calls go: the node this page's socket uses (the page's own node until the socket has
+ * failed over). When the page's node dies, the socket moves to another member and every request
+ * follows it there — the nodes answer cross-origin for this (PROTOCOL §5) — so history, groups,
+ * media and settings keep working without a reload.
+ */
+function apiBase() {
+  if (state.endpoints.length === 0) return "";
+  const ws = state.endpoints[state.endpointIndex % state.endpoints.length];
+  return ws.replace(/^ws/, "http").replace(/\/v1\/ws$/, "");
+}
+
 /** Any authenticated request; JSON answers are parsed, error bodies become an ApiError. */
 async function request(method, path, headers, body) {
   if (state.auth) headers.Authorization = "Bearer " + state.auth.token;
   let res;
   try {
-    res = await fetch(path, { method, headers, body });
+    res = await fetch(apiBase() + path, { method, headers, body });
   } catch (e) {
     throw new ApiError("unavailable", "the server cannot be reached", 0);
   }
@@ -225,7 +237,7 @@ async function enter(auth) {
 
 function signOut(reason) {
   const auth = state.auth;
-  if (auth) fetch("/v1/logout", { method: "POST", headers: { Authorization: "Bearer " + auth.token } }).catch(() => {});
+  if (auth) fetch(apiBase() + "/v1/logout", { method: "POST", headers: { Authorization: "Bearer " + auth.token } }).catch(() => {});
   store.auth = null;
   state.auth = null;
   state.convs.clear();
@@ -805,7 +817,7 @@ function mediaUrl(media) {
     const p = (async () => {
       let res;
       try {
-        res = await fetch("/v1/media/" + media.media_id, { headers: { Authorization: "Bearer " + state.auth.token } });
+        res = await fetch(apiBase() + "/v1/media/" + media.media_id, { headers: { Authorization: "Bearer " + state.auth.token } });
       } catch (e) {
         throw new ApiError("unavailable", "the server cannot be reached", 0);
       }
@@ -1132,7 +1144,8 @@ function logCluster(text) {
 /** Learns the other members' addresses, so the socket can fail over when this node dies. */
 async function learnEndpoints() {
   try {
-    const view = await (await fetch("/v1/cluster")).json();
+    // Through the socket's node: after a failover the page's own node may be the dead one.
+    const view = await (await fetch(apiBase() + "/v1/cluster")).json();
     const urls = [wsUrl(location.host), ...view.members.map((m) => wsUrl(m.http))];
     const current = state.endpoints[state.endpointIndex % state.endpoints.length];
     state.endpoints = [...new Set(urls)];

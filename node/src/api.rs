@@ -154,13 +154,9 @@ pub fn routes(
                 "events": ctx.events.to_json(),
                 "push": ctx.push.to_json(),
             });
-            // The browser UI of one node shows every member's session count, and keeps watching
-            // through another member when its own node is killed: both read this route
-            // cross-origin. It is unauthenticated and read-only, so any origin may read it.
-            let mut res = json(&body, StatusCode::OK);
-            res.headers_mut()
-                .insert(warp::http::header::ACCESS_CONTROL_ALLOW_ORIGIN, warp::http::HeaderValue::from_static("*"));
-            Ok::<_, Rejection>(res)
+            // Read cross-origin too (see `cors`): the browser UI of one node shows every member's
+            // session count, and keeps watching through another member when its own node is killed.
+            Ok::<_, Rejection>(json(&body, StatusCode::OK))
         });
 
     let health = warp::path("healthz")
@@ -288,9 +284,26 @@ pub fn routes(
         .unify()
         .recover(handle_rejection)
         .unify()
+        .with(cors())
         .with(warp::trace::request())
         .map(Reply::into_response)
         .boxed()
+}
+
+/// Cross-origin access to the whole API. Why: the browser UI served by one node must keep working
+/// when that node dies — its socket fails over to another member, and its HTTP calls (history,
+/// groups, media, mute, …) follow the socket there, which is another origin. Any origin may call:
+/// the API authenticates with a bearer token the page sends explicitly, never with a cookie or
+/// anything else a browser adds on its own, so a foreign page can do nothing with it that it could
+/// not do from any HTTP client. Error answers carry the headers too, so the UI can read their codes.
+fn cors() -> warp::cors::Builder {
+    use warp::http::Method;
+    warp::cors()
+        .allow_any_origin()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers(["authorization", "content-type"])
+        .expose_headers(["content-disposition"])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Headers of the UI's static files. The page runs only its own script and style; it talks to

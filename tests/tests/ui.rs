@@ -27,6 +27,14 @@ fn unique(name: &str) -> String {
 }
 
 /// Fills the sign-in form and presses `button` (`#login` or `#register`).
+/// Picks the PNG of `arguments[0]` (base64) in the composer's file input, as a user would.
+const ATTACH_PNG: &str = "const png = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+     const dt = new DataTransfer();
+     dt.items.add(new File([png], 'beach.png', { type: 'image/png' }));
+     const input = document.getElementById('attach');
+     input.files = dt.files;
+     input.dispatchEvent(new Event('change'));";
+
 async fn submit_auth(b: &Browser, username: &str, password: &str, button: &str) -> anyhow::Result<()> {
     b.type_into("#username", username).await?;
     b.type_into("#password", password).await?;
@@ -216,26 +224,22 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     // uploaded to her node, it shows as a decoded picture in Bob's chat on the other node, and in
     // hers once acked; the chat list previews it as a photo.
     alice.type_into("#text", "our beach").await.unwrap();
-    alice
-        .eval(
-            "const png = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
-             const dt = new DataTransfer();
-             dt.items.add(new File([png], 'beach.png', { type: 'image/png' }));
-             const input = document.getElementById('attach');
-             input.files = dt.files;
-             input.dispatchEvent(new Event('change'));",
-            vec![json!(TINY_PNG)],
-        )
-        .await
-        .unwrap();
+    alice.eval(ATTACH_PNG, vec![json!(TINY_PNG)]).await.unwrap();
     let picture = "const li = [...document.querySelectorAll(arguments[0])]
-             .find((li) => li.querySelector('.body').textContent === 'our beach');
+             .find((li) => li.querySelector('.body').textContent === arguments[1]);
          const img = li && li.querySelector('img.media-img');
          return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png';";
-    bob.wait_until("Alice's photo, decoded, on the other node", picture, vec![json!("#messages li.msg.theirs")])
+    bob.wait_until(
+        "Alice's photo, decoded, on the other node",
+        picture,
+        vec![json!("#messages li.msg.theirs"), json!("our beach")],
+    )
+    .await
+    .unwrap();
+    alice
+        .wait_until("her own photo, acked", picture, vec![json!("#messages li.msg.mine[data-seq]"), json!("our beach")])
         .await
         .unwrap();
-    alice.wait_until("her own photo, acked", picture, vec![json!("#messages li.msg.mine[data-seq]")]).await.unwrap();
     let previews = texts(&bob, "#conversations li .preview").await.unwrap();
     assert_eq!(previews, vec!["📷 our beach".to_string()], "the chat list previews the photo");
 
@@ -301,6 +305,30 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     see_message(&bob, "still there?").await.unwrap();
     tick_of(&alice, third, "read").await.unwrap();
 
+    // Bob's page came from the dead node, yet its HTTP calls follow his socket to the live one
+    // (cross-origin): he sends a photo — an upload, then a download to show it — and mutes the chat.
+    bob.type_into("#text", "from the other node").await.unwrap();
+    bob.eval(ATTACH_PNG, vec![json!(TINY_PNG)]).await.unwrap();
+    bob.wait_until(
+        "his photo, uploaded through the live node and acked",
+        picture,
+        vec![json!("#messages li.msg.mine[data-seq]"), json!("from the other node")],
+    )
+    .await
+    .unwrap();
+    alice
+        .wait_until("Bob's photo", picture, vec![json!("#messages li.msg.theirs"), json!("from the other node")])
+        .await
+        .unwrap();
+    bob.click("#mute").await.unwrap();
+    bob.wait_for(
+        "the chat muted through the live node",
+        "const b = document.getElementById('mute'); return !b.hidden && b.dataset.muted === 'true';",
+        vec![],
+    )
+    .await
+    .unwrap();
+
     // Everything acknowledged is durable: a reload (token kept by the browser) shows it all.
     alice.goto(&url(0)).await.unwrap();
     alice
@@ -315,15 +343,19 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     alice
         .wait_for(
             "the whole history",
-            "return document.querySelectorAll('#messages li.msg[data-seq]').length === 4;",
+            "return document.querySelectorAll('#messages li.msg[data-seq]').length === 5;",
             vec![],
         )
         .await
         .unwrap();
     let bodies = texts(&alice, "#messages li.msg .body").await.unwrap();
-    assert_eq!(bodies, ["hello bob", "hi alice", "our beach", "still there?"]);
+    assert_eq!(bodies, ["hello bob", "hi alice", "our beach", "still there?", "from the other node"]);
     alice
-        .wait_until("the photo after a reload", picture, vec![json!("#messages li.msg.mine[data-seq]")])
+        .wait_until(
+            "the photo after a reload",
+            picture,
+            vec![json!("#messages li.msg.mine[data-seq]"), json!("our beach")],
+        )
         .await
         .unwrap();
     // Receipts are not replayed, yet her messages keep their read ticks: the list carries Bob's
