@@ -12,6 +12,8 @@ use tracing_subscriber::EnvFilter;
 /// interleaved A/B runs of the durable benchmark, jemalloc took node CPU per message from
 /// 116-126 µs to 101-108 µs (+8-10% msg/s) for ≈1.2 KB more RSS per idle session (20.7 → 21.9
 /// KB); mimalloc saved as much CPU but cost ≈2 KB per session. BENCHMARKS.md, session 9.
+/// (`--features system-alloc` leaves it out, for heap profilers that hook malloc.)
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
