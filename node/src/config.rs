@@ -158,6 +158,11 @@ pub struct LimitsConfig {
     /// every third of it, so a live browser always answers in time. At least
     /// [`MIN_IDLE_TIMEOUT_MS`]: a third of 0 is no ping interval at all.
     pub idle_timeout_ms: u64,
+    /// How long a client may take to read its reconnect sync. The sync waits for the client instead
+    /// of filling its outbox (`Outbox::push_paced`), and the session handles nothing else meanwhile
+    /// (events for it wait in its mailbox): past this, the client is closed as a slow consumer
+    /// (4008) and resumes from its delivered cursor when it reconnects.
+    pub sync_timeout_ms: u64,
     /// How long a session waits for a shard to answer before telling the client `unavailable`
     /// (outcome unknown: retry with the same client_msg_id).
     pub shard_call_timeout_ms: u64,
@@ -317,6 +322,7 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: 64,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
+            sync_timeout_ms: 60_000,
             shard_call_timeout_ms: 10_000,
             max_batch: 1_000,
         }
@@ -500,6 +506,9 @@ impl Config {
             return bad(&format!(
                 "limits.idle_timeout_ms must be at least {MIN_IDLE_TIMEOUT_MS} (the server pings every third of it)"
             ));
+        }
+        if self.limits.sync_timeout_ms == 0 {
+            return bad("limits.sync_timeout_ms must be positive");
         }
         if self.limits.outbox_frames < 16 {
             return bad("limits.outbox_frames must be at least 16");

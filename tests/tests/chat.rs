@@ -401,13 +401,8 @@ async fn a_recipient_that_does_not_read_is_closed_and_misses_nothing() {
     let http = node.client();
     let alice = register(&http, "alice").await;
     let bob = register(&http, "bob").await;
-    let mut sender = http.connect(&alice.token, "a1").await.unwrap();
     let mut slow = http.connect(&bob.token, "b1").await.unwrap();
-    let pad = "x".repeat(parley_protocol::limits::MAX_BODY_BYTES - 8);
-    for i in 1..=SENDS {
-        let ack = sender.send_message(bob.user_id, &format!("{i:06}{pad}"), &format!("s-{i}")).await.unwrap();
-        assert!(matches!(ack, ServerFrame::Ack { duplicate: false, .. }), "send {i}: {ack:?}");
-    }
+    send_padded(&http, &alice.token, bob.user_id, SENDS).await;
     let mut live = 0;
     let code = loop {
         match slow.next(T).await {
@@ -451,6 +446,93 @@ async fn a_recipient_that_does_not_read_is_closed_and_misses_nothing() {
     }
     all.sort_unstable();
     assert_eq!(all, (1..=SENDS).collect::<Vec<_>>(), "every message, by sync and history ({live} were live)");
+}
+
+/// The reconnect sync waits for its client, but only `limits.sync_timeout_ms` (here 3 s): the
+/// session handles nothing else meanwhile. A client that does not read it in time is closed as a
+/// slow consumer, without `sync_done`; one that reads gets all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_not_read_in_time_closes_the_client() {
+    // ≈8 MiB of sync (the reply's byte cap), more than the socket buffers hold.
+    const SENDS: u64 = 600;
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\noutbox_frames = 16\nsync_timeout_ms = 3000\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    send_padded(&http, &alice.token, bob.user_id, SENDS).await;
+
+    let mut deaf = http.connect(&bob.token, "b1").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut synced = 0;
+    let reason = loop {
+        match deaf.next(T).await {
+            Ok(ServerFrame::Message { .. }) => synced += 1,
+            Ok(ServerFrame::SyncDone { .. }) => panic!("the sync finished although it was not read in time"),
+            Ok(_) => {}
+            Err(ClientError::Closed(Some(reason))) => break reason,
+            Err(e) => panic!("expected a close, got {e:?}"),
+        }
+    };
+    assert_eq!(reason, (4008, "slow_consumer: sync not read in time".to_string()), "after {synced} messages");
+
+    let mut reading = http.connect(&bob.token, "b1").await.unwrap();
+    let mut synced = 0;
+    loop {
+        match reading.next(T).await.unwrap() {
+            ServerFrame::Message { .. } => synced += 1,
+            ServerFrame::SyncDone { messages, .. } => {
+                assert_eq!(messages, synced);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(synced > 16, "a sync larger than the outbox ({synced} messages)");
+}
+
+/// A client that stops reading cannot keep its place in `limits.max_connections` (here 1) for
+/// ever: once the node has closed it (a slow consumer, its socket full), the node waits on its
+/// socket for the idle timeout (here 5 s), then drops it, and the place is free for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_frees_its_connection_slot() {
+    let backend = Backend::new(false).await;
+    let node = backend.node("[limits]\nmax_connections = 1\nidle_timeout_ms = 5000\noutbox_frames = 16\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let carol = register(&http, "carol").await;
+    let _deaf = http.connect(&bob.token, "b1").await.unwrap();
+    assert!(http.connect(&carol.token, "c1").await.is_err(), "the one place is taken");
+    // ≈10 MiB for bob over HTTP (no socket of alice's), faster than his idle timeout: the node's
+    // writer blocks on his full socket, his outbox fills behind it, and he is closed (4008) — a
+    // close the writer cannot send.
+    send_padded(&http, &alice.token, bob.user_id, 600).await;
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if let Ok(mut c) = http.connect(&carol.token, "c1").await {
+            c.send(&ClientFrame::Ping { nonce: Some(7) }).await.unwrap();
+            assert!(c.expect(T, |f| matches!(f, ServerFrame::Pong { .. })).await.is_ok());
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the deaf client still holds the only place");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Send `n` messages of 16 KiB from `token`'s user to `to` over HTTP, body `{i:06}xxx…`.
+async fn send_padded(http: &Client, token: &str, to: UserId, n: u64) {
+    let pad = "x".repeat(parley_protocol::limits::MAX_BODY_BYTES - 8);
+    for i in 1..=n {
+        let req = SendRequest {
+            client_msg_id: cid(&format!("p-{i}")),
+            to: Some(to),
+            conversation_id: None,
+            body: format!("{i:06}{pad}"),
+            media_id: None,
+        };
+        http.send(token, &req).await.unwrap();
+    }
 }
 
 /// One HTTP/1.1 request on a fresh connection: status, head and body of the answer (a `101` has

@@ -175,6 +175,17 @@ fn push_text(outbox: &Outbox, text: String) -> bool {
     }
 }
 
+/// Whether `m` is newer than every message of its conversation in `pushed` (and from now on, the
+/// newest): a message that arrives both live and through the reconnect sync is pushed once.
+fn first_push(pushed: &mut HashMap<ConversationId, Seq>, m: &MessageView) -> bool {
+    let last = pushed.entry(m.conversation_id).or_insert(0);
+    if m.seq <= *last {
+        return false;
+    }
+    *last = m.seq;
+    true
+}
+
 fn error_frame(e: &NodeError) -> ServerFrame {
     ServerFrame::error(e.code(), e.client_message())
 }
@@ -191,12 +202,7 @@ impl SessionState {
     /// Whether `m` is newer than every message of its conversation pushed to this device (and
     /// from now on, the newest).
     fn first_push(&mut self, m: &MessageView) -> bool {
-        let last = self.pushed.entry(m.conversation_id).or_insert(0);
-        if m.seq <= *last {
-            return false;
-        }
-        *last = m.seq;
-        true
+        first_push(&mut self.pushed, m)
     }
 
     /// Handle one client frame. `permit` is the frame's place in the connection's in-flight
@@ -434,18 +440,22 @@ impl SessionState {
             })
             .await;
         let count = reply.messages.len() as u64;
-        // Paced: the sync may hold far more frames than the outbox (see `Outbox::push_paced`).
-        for m in reply.messages {
-            if self.first_push(&m)
-                && self.outbox.push_paced(ServerFrame::Message { message: m }.encode()).await.is_err()
-            {
-                return;
+        // Paced: the sync may hold far more frames than the outbox (see `Outbox::push_paced`),
+        // and bounded in time, since the session handles nothing else meanwhile.
+        let outbox = &self.outbox;
+        let pushed = &mut self.pushed;
+        let paced = async {
+            for m in reply.messages {
+                if first_push(pushed, &m) {
+                    outbox.push_paced(ServerFrame::Message { message: m }.encode()).await?;
+                }
             }
+            outbox.push_paced(ServerFrame::SyncDone { messages: count, truncated: reply.truncated }.encode()).await
+        };
+        let limit = Duration::from_millis(self.ctx.config.limits.sync_timeout_ms);
+        if tokio::time::timeout(limit, paced).await.is_err() {
+            self.close(close_code::SLOW_CONSUMER, "slow_consumer: sync not read in time");
         }
-        let _ = self
-            .outbox
-            .push_paced(ServerFrame::SyncDone { messages: count, truncated: reply.truncated }.encode())
-            .await;
     }
 }
 

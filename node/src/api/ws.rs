@@ -157,7 +157,7 @@ async fn run(
 
     let idle = Duration::from_millis(ctx.config.limits.idle_timeout_ms);
     let writer_outbox = outbox.clone();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         let outbox = writer_outbox;
         let mut ping = tokio::time::interval(idle / 3);
         ping.tick().await;
@@ -253,7 +253,16 @@ async fn run(
     // Whether the server asked for the close (then it waits for the client's Close reply below).
     let server_closed = !outbox.close_if_unset(close_code::GOING_AWAY, "");
     session.stop(Some("connection closed".into()));
-    let writable = writer.await.unwrap_or(false);
+    // The writer may be stuck flushing to a client that does not read: give it what the idle
+    // timeout gives any client, then drop the connection, so that it frees its place in
+    // `limits.max_connections` (and its memory) instead of waiting on the socket for ever.
+    let writable = match tokio::time::timeout(idle, &mut writer).await {
+        Ok(done) => done.unwrap_or(false),
+        Err(_) => {
+            writer.abort();
+            false
+        }
+    };
     if server_closed && writable {
         // RFC 6455 closing handshake: having sent our Close, read (and discard) until the client's
         // Close or end of stream, for a bounded time. Dropping the socket with unread input (the
