@@ -35,6 +35,20 @@ const ATTACH_PNG: &str = "const png = Uint8Array.from(atob(arguments[0]), (c) =>
      input.files = dt.files;
      input.dispatchEvent(new Event('change'));";
 
+/// Messages of the open chat: another's, and one's own once acked.
+const THEIRS: &str = "#messages li.msg.theirs";
+const MINE_ACKED: &str = "#messages li.msg.mine[data-seq]";
+
+/// Waits until the message captioned `caption` among the `css` messages shows `ATTACH_PNG`'s
+/// picture, decoded (3×2, named in its alt text).
+async fn see_photo(b: &Browser, what: &str, css: &str, caption: &str) -> anyhow::Result<()> {
+    let picture = "const li = [...document.querySelectorAll(arguments[0])]
+             .find((li) => li.querySelector('.body').textContent === arguments[1]);
+         const img = li && li.querySelector('img.media-img');
+         return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png';";
+    b.wait_until(what, picture, vec![json!(css), json!(caption)]).await
+}
+
 async fn submit_auth(b: &Browser, username: &str, password: &str, button: &str) -> anyhow::Result<()> {
     b.type_into("#username", username).await?;
     b.type_into("#password", password).await?;
@@ -225,21 +239,8 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     // hers once acked; the chat list previews it as a photo.
     alice.type_into("#text", "our beach").await.unwrap();
     alice.eval(ATTACH_PNG, vec![json!(TINY_PNG)]).await.unwrap();
-    let picture = "const li = [...document.querySelectorAll(arguments[0])]
-             .find((li) => li.querySelector('.body').textContent === arguments[1]);
-         const img = li && li.querySelector('img.media-img');
-         return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png';";
-    bob.wait_until(
-        "Alice's photo, decoded, on the other node",
-        picture,
-        vec![json!("#messages li.msg.theirs"), json!("our beach")],
-    )
-    .await
-    .unwrap();
-    alice
-        .wait_until("her own photo, acked", picture, vec![json!("#messages li.msg.mine[data-seq]"), json!("our beach")])
-        .await
-        .unwrap();
+    see_photo(&bob, "Alice's photo, decoded, on the other node", THEIRS, "our beach").await.unwrap();
+    see_photo(&alice, "her own photo, acked", MINE_ACKED, "our beach").await.unwrap();
     let previews = texts(&bob, "#conversations li .preview").await.unwrap();
     assert_eq!(previews, vec!["📷 our beach".to_string()], "the chat list previews the photo");
 
@@ -309,17 +310,10 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     // (cross-origin): he sends a photo — an upload, then a download to show it — and mutes the chat.
     bob.type_into("#text", "from the other node").await.unwrap();
     bob.eval(ATTACH_PNG, vec![json!(TINY_PNG)]).await.unwrap();
-    bob.wait_until(
-        "his photo, uploaded through the live node and acked",
-        picture,
-        vec![json!("#messages li.msg.mine[data-seq]"), json!("from the other node")],
-    )
-    .await
-    .unwrap();
-    alice
-        .wait_until("Bob's photo", picture, vec![json!("#messages li.msg.theirs"), json!("from the other node")])
+    see_photo(&bob, "his photo, uploaded through the live node and acked", MINE_ACKED, "from the other node")
         .await
         .unwrap();
+    see_photo(&alice, "Bob's photo", THEIRS, "from the other node").await.unwrap();
     bob.click("#mute").await.unwrap();
     bob.wait_for(
         "the chat muted through the live node",
@@ -350,14 +344,7 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
         .unwrap();
     let bodies = texts(&alice, "#messages li.msg .body").await.unwrap();
     assert_eq!(bodies, ["hello bob", "hi alice", "our beach", "still there?", "from the other node"]);
-    alice
-        .wait_until(
-            "the photo after a reload",
-            picture,
-            vec![json!("#messages li.msg.mine[data-seq]"), json!("our beach")],
-        )
-        .await
-        .unwrap();
+    see_photo(&alice, "the photo after a reload", MINE_ACKED, "our beach").await.unwrap();
     // Receipts are not replayed, yet her messages keep their read ticks: the list carries Bob's
     // read position.
     tick_of(&alice, first, "read").await.unwrap();
