@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use parley_protocol::cluster::{
-    Delivery, NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply, SyncRequest,
-    UserEvent,
+    Delivery, GroupFloor, NodePayload, ReceiptCommand, SendCommand, SendOutcome, ShardSummary, StoredAck, SyncReply,
+    SyncRequest, UserEvent,
 };
 use parley_protocol::codec;
 use parley_protocol::frames::{ConversationKind, ConversationSummary, GroupView, MessageView};
@@ -557,16 +557,31 @@ impl NodeContext {
         let mut out = Vec::new();
         for (shard, records) in by_shard {
             let ids: Vec<ConversationId> = records.iter().map(|r| r.id).collect();
-            let summaries = self.summaries(shard, user, ids).await?;
+            // Groups: how far every *current* member but this user has got, over the member list
+            // the directory holds now (a member who left keeps a cursor that no longer counts).
+            let groups: Vec<(ConversationId, Vec<UserId>)> = records
+                .iter()
+                .filter(|r| r.kind == ConversationKind::Group)
+                .map(|r| (r.id, r.members.iter().copied().filter(|m| *m != user).collect::<Vec<_>>()))
+                .filter(|(_, others)| !others.is_empty())
+                .collect();
+            let (summaries, floors) = if groups.is_empty() {
+                (self.summaries(shard, user, ids).await?, Vec::new())
+            } else {
+                tokio::try_join!(self.summaries(shard, user, ids), self.group_floors(shard, groups))?
+            };
             for record in records {
                 let s = summaries.iter().find(|s| s.conversation_id == record.id);
                 let last_seq = s.map_or(0, |s| s.last_seq);
-                // Direct chats only: the store reports the one other user's cursor, which in a
-                // direct chat is the peer's (its membership never changes); in a group it would
-                // be whichever member happened to have one.
+                let alone = record.members.iter().all(|m| *m == user);
                 let (others_delivered_seq, others_read_seq) = match record.kind {
-                    ConversationKind::Group => (0, 0),
-                    ConversationKind::Direct if record.members.iter().all(|m| *m == user) => (last_seq, last_seq),
+                    _ if alone => (last_seq, last_seq),
+                    ConversationKind::Group => floors
+                        .iter()
+                        .find(|f| f.conversation_id == record.id)
+                        .map_or((0, 0), |f| (f.delivered_seq.min(last_seq), f.read_seq.min(last_seq))),
+                    // The store reports the one other user's cursor: in a direct chat, the peer's
+                    // (its membership never changes).
                     ConversationKind::Direct => s.and_then(|s| s.peer_cursor).unwrap_or((0, 0)),
                 };
                 out.push(ConversationSummary {
@@ -655,6 +670,28 @@ impl NodeContext {
                 {
                     NodePayload::SummariesResult(r) => r,
                     _ => return Err(NodeError::Timeout("peer summaries")),
+                }
+            }
+        };
+        result.map_err(|code| NodeError::client(code, refusal_text(code)))
+    }
+
+    /// The [`GroupFloor`] of each group, from the shard that owns them.
+    async fn group_floors(
+        &self,
+        shard: ShardId,
+        groups: Vec<(ConversationId, Vec<UserId>)>,
+    ) -> NodeResult<Vec<GroupFloor>> {
+        let route = self.route(shard)?;
+        let result = match route.target {
+            RouteTarget::Local(actor) => {
+                call(&actor, |reply| ShardMsg::GroupFloors { groups, reply }, self.call_timeout(), "shard group floors")
+                    .await?
+            }
+            RouteTarget::Remote(gateway) => {
+                match remote_call(&gateway, &NodePayload::GroupFloors { groups }, self.call_timeout()).await? {
+                    NodePayload::GroupFloorsResult(r) => r,
+                    _ => return Err(NodeError::Timeout("peer group floors")),
                 }
             }
         };

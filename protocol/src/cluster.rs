@@ -128,6 +128,17 @@ pub struct ShardSummary {
     pub peer_cursor: Option<(Seq, Seq)>,
 }
 
+/// How far *every* listed member of a group has got: the lowest member-level (delivered, read)
+/// cursor among them, a member without a cursor counting as 0. For one user's conversation list,
+/// the members are everyone but that user, so their own messages up to `read_seq` are read by all
+/// (the list's `others_*_seq`, which lets a client show group ticks after a restart).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFloor {
+    pub conversation_id: ConversationId,
+    pub delivered_seq: Seq,
+    pub read_seq: Seq,
+}
+
 /// Everything nodes send each other. Append-only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodePayload {
@@ -215,6 +226,11 @@ pub enum NodePayload {
         online: Vec<UserId>,
         offline: Vec<(UserId, i64)>,
     },
+    /// The [`GroupFloor`] of each group, over the members listed with it.
+    GroupFloors {
+        groups: Vec<(ConversationId, Vec<UserId>)>,
+    },
+    GroupFloorsResult(Result<Vec<GroupFloor>, ErrorCode>),
 }
 
 /// One send of a [`NodePayload::SendBatch`].

@@ -146,12 +146,13 @@ pub struct ConversationSummary {
     pub read_seq: Seq,
     /// Messages from others after `read_seq`.
     pub unread: u64,
-    /// Direct chats: the other member has received (on some device) every message up to here.
-    /// Lets a client show its own messages' ticks after a restart, since receipts are not
-    /// replayed. A chat with yourself: `last_seq`. Groups: 0 (not tracked in the list yet).
+    /// Every other member has received (on some device) every message up to here: in a direct
+    /// chat the peer, in a group each current member but this user (a member without any receipt
+    /// counts as 0). Lets a client show its own messages' ticks after a restart, since receipts
+    /// are not replayed. A conversation with no one else: `last_seq`.
     #[serde(default)]
     pub others_delivered_seq: Seq,
-    /// Direct chats: the other member has read every message up to here (as above).
+    /// Every other member has read every message up to here (as above).
     #[serde(default)]
     pub others_read_seq: Seq,
     pub last_message: Option<MessageView>,

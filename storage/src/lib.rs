@@ -135,6 +135,10 @@ pub trait ShardStore: Send + Sync + 'static {
     async fn sync(&self, request: &SyncRequest) -> Result<SyncReply>;
     /// Last message, last seq, the user's read seq and unread count per conversation.
     async fn summaries(&self, user: UserId, conversations: &[ConversationId]) -> Result<Vec<ShardSummary>>;
+    /// For each group, the lowest member-level cursor among the users listed with it, a user
+    /// without one counting as (0, 0): how far every one of them has got ([`GroupFloor`]). Groups
+    /// listed without users are left out.
+    async fn group_floors(&self, groups: &[(ConversationId, Vec<UserId>)]) -> Result<Vec<GroupFloor>>;
     /// The member-level cursor of `user` (max over devices): (delivered_seq, read_seq).
     async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)>;
     /// Audit: (seq, lease epoch it was written under) of every message of a conversation, in seq

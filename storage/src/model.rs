@@ -141,7 +141,7 @@ pub enum MessageResult {
 }
 
 /// A conversation as one shard knows it (defined in the protocol: it crosses nodes).
-pub use parley_protocol::cluster::ShardSummary;
+pub use parley_protocol::cluster::{GroupFloor, ShardSummary};
 
 /// Milliseconds since the Unix epoch by the local clock.
 pub fn now_ms() -> i64 {

@@ -1143,6 +1143,47 @@ impl ShardStore for PgShard {
             .collect()
     }
 
+    async fn group_floors(&self, groups: &[(ConversationId, Vec<UserId>)]) -> Result<Vec<GroupFloor>> {
+        // One row per (group, member), each joined to its cursor by a LATERAL probe of the
+        // primary key (a plain join was planned as a scan of `cursors`: tests/tests/pg_plans.rs);
+        // a member without a cursor joins as NULL, which counts as 0.
+        let (mut conversations, mut users) = (Vec::new(), Vec::new());
+        for (conversation, members) in groups {
+            for user in members {
+                conversations.push(conversation.0);
+                users.push(user.0);
+            }
+        }
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.backend.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT p.conversation_id, min(COALESCE(c.delivered_seq, 0)), min(COALESCE(c.read_seq, 0))
+                 FROM UNNEST($1::uuid[], $2::uuid[]) AS p(conversation_id, user_id)
+                 LEFT JOIN LATERAL (
+                     SELECT delivered_seq, read_seq FROM cursors
+                     WHERE conversation_id = p.conversation_id AND user_id = p.user_id AND device_id = ''
+                     LIMIT 1
+                 ) c ON true
+                 GROUP BY p.conversation_id",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&conversations, &users])
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(GroupFloor {
+                    conversation_id: ConversationId(row.try_get(0)?),
+                    delivered_seq: from_db(row.try_get(1)?, "group delivered_seq")?,
+                    read_seq: from_db(row.try_get(2)?, "group read_seq")?,
+                })
+            })
+            .collect()
+    }
+
     async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)> {
         let client = self.backend.pool.get().await?;
         let stmt = client

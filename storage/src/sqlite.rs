@@ -1160,6 +1160,34 @@ impl ShardStore for SqliteShard {
         .await
     }
 
+    async fn group_floors(&self, groups: &[(ConversationId, Vec<UserId>)]) -> Result<Vec<GroupFloor>> {
+        let groups = groups.to_vec();
+        with(&self.reader, move |c| {
+            let mut cursor = c.prepare_cached(
+                "SELECT delivered_seq, read_seq FROM cursors
+                 WHERE conversation_id = ?1 AND user_id = ?2 AND device_id = ''",
+            )?;
+            let mut out = Vec::new();
+            for (conversation, users) in groups.iter().filter(|(_, users)| !users.is_empty()) {
+                let key = conversation.0.as_bytes().to_vec();
+                let (mut delivered, mut read) = (u64::MAX, u64::MAX);
+                for user in users {
+                    let (d, r) = cursor
+                        .query_row(params![key, user.0.as_bytes().to_vec()], |r| {
+                            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                        })
+                        .optional()?
+                        .unwrap_or((0, 0));
+                    delivered = delivered.min(d);
+                    read = read.min(r);
+                }
+                out.push(GroupFloor { conversation_id: *conversation, delivered_seq: delivered, read_seq: read });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn member_cursor(&self, conversation: ConversationId, user: UserId) -> Result<(Seq, Seq)> {
         with(&self.reader, move |c| {
             let row = c

@@ -144,6 +144,22 @@ async fn cross_node_delivery_with_sender_recipient_and_owner_on_three_nodes() {
     assert_eq!(message.media.as_ref(), Some(&media), "the description crossed two hops");
     let (_, fetched) = cluster.client(1).download_media(&bob.token, media.media_id).await.unwrap();
     assert!(fetched == bytes, "n2 serves the upload n1 stored");
+
+    // A group's "read by everyone" position in the conversation list, asked of every node: the
+    // two that do not own the group's shard get it from the owner.
+    let group = cluster.client(0).create_group(&alice.token, "hops", &[bob.user_id]).await.unwrap().conversation_id;
+    let ack = a.send_to_conversation(group, "to the group", "g-1").await.unwrap();
+    assert!(matches!(ack, ServerFrame::Ack { seq: 1, .. }), "{ack:?}");
+    b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.conversation_id == group)).await.unwrap();
+    b.send(&ClientFrame::Read { conversation_id: group, seq: 1 }).await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Receipt { conversation_id, .. } if *conversation_id == group))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let list = cluster.client(i).conversations(&alice.token).await.unwrap();
+        let g = list.iter().find(|c| c.conversation_id == group).expect("the group is listed");
+        assert_eq!((g.others_delivered_seq, g.others_read_seq), (1, 1), "through node {i}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -623,6 +623,28 @@ async fn group_receipts_reach_the_covered_senders_and_the_readers_devices(pg: bo
         let list = http.conversations(&who.token).await.unwrap();
         assert_eq!((list[0].read_seq, list[0].unread), (2, 1), "{}", who.username);
     }
+
+    // The list carries how far *every* other member has got, the ticks of a client's own messages
+    // after a restart. For alice: carol acknowledged nothing yet, so nothing is everyone's.
+    let floor = |token: String| {
+        let http = http.clone();
+        async move {
+            let list = http.conversations(&token).await.unwrap();
+            (list[0].others_delivered_seq, list[0].others_read_seq)
+        }
+    };
+    assert_eq!(floor(alice.token.clone()).await, (0, 0), "carol has no cursor");
+    for (conn, who) in [(&mut c, carol.user_id), (&mut d, dave.user_id)] {
+        conn.send(&ClientFrame::Read { conversation_id: group, seq: 3 }).await.unwrap();
+        expect_receipt(conn, group, who, ReceiptKind::Read, 3).await;
+    }
+    assert_eq!(floor(alice.token.clone()).await, (2, 2), "bob read up to 2, carol and dave 3");
+    b1.send(&ClientFrame::Delivered { conversation_id: group, seq: 3 }).await.unwrap();
+    expect_receipt(&mut b1, group, bob.user_id, ReceiptKind::Delivered, 3).await;
+    assert_eq!(floor(alice.token.clone()).await, (3, 2), "delivered to all, read by all but bob up to 2");
+    // A member who left no longer holds the group back.
+    http.remove_member(&alice.token, group, bob.user_id).await.unwrap();
+    assert_eq!(floor(alice.token.clone()).await, (3, 3), "carol and dave read everything");
 }
 
 /// A device that was offline gets the group's messages it missed on its next `hello`, in order,

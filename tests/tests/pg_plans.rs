@@ -134,6 +134,9 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
         store.sync(&sync).await?;
         ensure!(store.summaries(bob.id, &[conversation]).await?.len() == 1, "one summary");
         store.member_cursor(conversation, bob.id).await?;
+        // A group's floor in the conversation list: one cursor probe per (group, member).
+        let floors = store.group_floors(&[(conversation, vec![alice.id, bob.id])]).await?;
+        ensure!(floors.len() == 1, "one group floor");
     }
     drop(directory);
     drop(stores);

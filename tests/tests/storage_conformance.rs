@@ -128,6 +128,7 @@ conformance!(
     sync_follows_each_device_cursor,
     summaries_count_unread_from_others,
     cursors_never_move_backwards,
+    group_floors_are_the_lowest_cursor_of_the_members_listed,
     media_is_stored_whole_and_messages_carry_its_description,
     push_subscriptions_follow_their_token_and_keep_the_newest,
     settings_keep_the_first_value,
@@ -1093,6 +1094,56 @@ async fn summaries_count_unread_from_others(f: &Fixture) -> Result<()> {
     store.commit(epoch, &cursors(vec![cursor(c1, alice, None, ReceiptKind::Read, 4)])).await?;
     let s1 = store.summaries(alice, &[c1]).await?.pop().context("summary")?;
     assert_eq!((s1.read_seq, s1.unread), (4, 0));
+    Ok(())
+}
+
+async fn group_floors_are_the_lowest_cursor_of_the_members_listed(f: &Fixture) -> Result<()> {
+    let (store, epoch) = leased(&f.stores, 1, "node-a").await?;
+    let (alice, bob, carol, dave) = (UserId::random(), UserId::random(), UserId::random(), UserId::random());
+    let (g1, g2) = (new_conversation(), new_conversation());
+    fill(&*store, epoch, g1, alice, "m", 6).await?;
+    fill(&*store, epoch, g2, alice, "n", 3).await?;
+    let floors = |groups: Vec<(ConversationId, Vec<UserId>)>| {
+        let store = store.clone();
+        async move {
+            let mut got: Vec<(ConversationId, Seq, Seq)> = store
+                .group_floors(&groups)
+                .await?
+                .into_iter()
+                .map(|f| (f.conversation_id, f.delivered_seq, f.read_seq))
+                .collect();
+            got.sort();
+            anyhow::Ok(got)
+        }
+    };
+    let sorted = |mut v: Vec<(ConversationId, Seq, Seq)>| {
+        v.sort();
+        v
+    };
+    assert_eq!(floors(vec![(g1, vec![bob, carol])]).await?, vec![(g1, 0, 0)], "nobody has a cursor yet");
+
+    store
+        .commit(
+            epoch,
+            &cursors(vec![
+                cursor(g1, bob, Some("web"), ReceiptKind::Read, 5),
+                cursor(g1, carol, None, ReceiptKind::Delivered, 4),
+                cursor(g1, carol, None, ReceiptKind::Read, 2),
+                cursor(g1, dave, None, ReceiptKind::Read, 1),
+                cursor(g2, bob, None, ReceiptKind::Read, 3),
+            ]),
+        )
+        .await?;
+    assert_eq!(
+        floors(vec![(g1, vec![bob, carol]), (g2, vec![bob])]).await?,
+        sorted(vec![(g1, 4, 2), (g2, 3, 3)]),
+        "the lowest of each: carol's delivered 4 and read 2 in g1"
+    );
+    // Only the users listed count: dave's lower cursor (he left) does not.
+    assert_eq!(floors(vec![(g1, vec![bob])]).await?, vec![(g1, 5, 5)]);
+    // A listed user without a cursor holds the floor at 0; a group listed without users is left out.
+    assert_eq!(floors(vec![(g2, vec![bob, carol]), (g1, vec![])]).await?, vec![(g2, 0, 0)]);
+    assert_eq!(floors(vec![]).await?, vec![]);
     Ok(())
 }
 

@@ -450,11 +450,25 @@ async fn refusals_escaping_and_groups_in_the_browser() {
         members.contains(&format!("{alice_name} (owner)")) && members.contains(&bob_name),
         "members shown: {members}"
     );
-    send_text(&alice, "who's in on saturday?").await.unwrap();
+    let asked = send_text(&alice, "who's in on saturday?").await.unwrap();
     open_conversation_titled(&bob, "climbing").await.unwrap();
     see_message(&bob, "who's in on saturday?").await.unwrap();
     let senders = texts(&bob, "#messages li.msg.theirs .sender").await.unwrap();
     assert_eq!(senders, [alice_name.as_str()]);
+    // Read by everyone (Bob): Alice's tick turns blue live, and stays so after a reload, although
+    // receipts are not replayed — the conversation list says how far every other member has got.
+    tick_of(&alice, asked, "read").await.unwrap();
+    alice.goto(&url).await.unwrap();
+    alice
+        .wait_for(
+            "the chat view after a reload",
+            "return document.getElementById('conn').dataset.state === 'online';",
+            vec![],
+        )
+        .await
+        .unwrap();
+    open_conversation_titled(&alice, "climbing").await.unwrap();
+    tick_of(&alice, asked, "read").await.unwrap();
 
     // Alice, the owner, renames the group, removes Bob and adds him back, all from the UI; Bob's
     // browser follows each change. Bob, a member, has no such controls.

@@ -159,6 +159,15 @@ impl GatewayState {
                 }
                 None => NodePayload::SummariesResult(Err(unavailable(&ctx))),
             },
+            NodePayload::GroupFloors { groups } => match shard {
+                Some(shard) => {
+                    let r =
+                        call(&shard, |reply| ShardMsg::GroupFloors { groups, reply }, timeout, "shard group floors")
+                            .await;
+                    NodePayload::GroupFloorsResult(r.unwrap_or_else(|e| Err(e.code())))
+                }
+                None => NodePayload::GroupFloorsResult(Err(unavailable(&ctx))),
+            },
             other => {
                 tracing::warn!(payload = ?std::mem::discriminant(&other), "unexpected call from a peer; dropped");
                 return None;
@@ -173,6 +182,7 @@ fn conversation_of(p: &NodePayload) -> Option<parley_protocol::ConversationId> {
         NodePayload::History { conversation, .. } => Some(*conversation),
         NodePayload::Sync(req) => req.conversations.first().copied(),
         NodePayload::Summaries { conversations, .. } => conversations.first().copied(),
+        NodePayload::GroupFloors { groups } => groups.first().map(|(c, _)| *c),
         _ => None,
     }
 }

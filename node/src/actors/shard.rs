@@ -22,7 +22,7 @@ use parley_protocol::frames::{MessageView, ReceiptKind};
 use parley_protocol::media::MediaRef;
 use parley_protocol::{ConversationId, Epoch, ErrorCode, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
-    now_ms, Committed, CursorUpdate, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch,
+    now_ms, Committed, CursorUpdate, GroupFloor, MessageResult, NewMessage, ShardStore, ShardSummary, WriteBatch,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
@@ -161,6 +161,10 @@ pub enum ShardMsg {
         user: UserId,
         conversations: Vec<ConversationId>,
         reply: RpcReplyPort<Result<Vec<ShardSummary>, ErrorCode>>,
+    },
+    GroupFloors {
+        groups: Vec<(ConversationId, Vec<UserId>)>,
+        reply: RpcReplyPort<Result<Vec<GroupFloor>, ErrorCode>>,
     },
     /// Stop taking sends, finish what is queued, answer, stop. Used for hand-off and shutdown.
     Drain {
@@ -436,6 +440,9 @@ impl Actor for ShardActor {
             }
             ShardMsg::Summaries { user, conversations, reply } => {
                 let _ = state.store.cast(StoreMsg::Summaries { user, conversations, reply });
+            }
+            ShardMsg::GroupFloors { groups, reply } => {
+                let _ = state.store.cast(StoreMsg::GroupFloors { groups, reply });
             }
             ShardMsg::Drain { reply } => {
                 state.draining.get_or_insert_with(Vec::new).push(reply);

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::MessageView;
 use parley_protocol::{ConversationId, Epoch, ErrorCode, Seq, UserId};
-use parley_storage::{Committed, MessageResult, ShardCache, ShardStore, ShardSummary, StorageError, WriteBatch};
+use parley_storage::{
+    Committed, GroupFloor, MessageResult, ShardCache, ShardStore, ShardSummary, StorageError, WriteBatch,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 
@@ -83,6 +85,10 @@ pub enum StoreMsg {
         user: UserId,
         conversations: Vec<ConversationId>,
         reply: RpcReplyPort<Result<Vec<ShardSummary>, ErrorCode>>,
+    },
+    GroupFloors {
+        groups: Vec<(ConversationId, Vec<UserId>)>,
+        reply: RpcReplyPort<Result<Vec<GroupFloor>, ErrorCode>>,
     },
 }
 
@@ -178,6 +184,12 @@ impl Actor for StoreActor {
                 let store = state.store.clone();
                 tokio::spawn(async move {
                     let _ = reply.send(store.summaries(user, &conversations).await.map_err(read_error));
+                });
+            }
+            StoreMsg::GroupFloors { groups, reply } => {
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(store.group_floors(&groups).await.map_err(read_error));
                 });
             }
         }
