@@ -49,6 +49,17 @@ async fn see_photo(b: &Browser, what: &str, css: &str, caption: &str) -> anyhow:
     b.wait_until(what, picture, vec![json!(css), json!(caption)]).await
 }
 
+/// Loads `url` again (the browser keeps the token) and waits until the chat view is connected.
+async fn reload(b: &Browser, url: &str) -> anyhow::Result<()> {
+    b.goto(url).await?;
+    b.wait_until(
+        "the chat view after a reload",
+        "return document.getElementById('conn').dataset.state === 'online';",
+        vec![],
+    )
+    .await
+}
+
 async fn submit_auth(b: &Browser, username: &str, password: &str, button: &str) -> anyhow::Result<()> {
     b.type_into("#username", username).await?;
     b.type_into("#password", password).await?;
@@ -324,15 +335,7 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     .unwrap();
 
     // Everything acknowledged is durable: a reload (token kept by the browser) shows it all.
-    alice.goto(&url(0)).await.unwrap();
-    alice
-        .wait_for(
-            "the chat view after a reload",
-            "return document.getElementById('conn').dataset.state === 'online';",
-            vec![],
-        )
-        .await
-        .unwrap();
+    reload(&alice, &url(0)).await.unwrap();
     open_conversation_titled(&alice, &bob_name).await.unwrap();
     alice
         .wait_for(
@@ -458,15 +461,7 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     // Read by everyone (Bob): Alice's tick turns blue live, and stays so after a reload, although
     // receipts are not replayed — the conversation list says how far every other member has got.
     tick_of(&alice, asked, "read").await.unwrap();
-    alice.goto(&url).await.unwrap();
-    alice
-        .wait_for(
-            "the chat view after a reload",
-            "return document.getElementById('conn').dataset.state === 'online';",
-            vec![],
-        )
-        .await
-        .unwrap();
+    reload(&alice, &url).await.unwrap();
     open_conversation_titled(&alice, "climbing").await.unwrap();
     tick_of(&alice, asked, "read").await.unwrap();
 
