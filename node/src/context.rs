@@ -25,6 +25,7 @@ use ractor::ActorRef;
 
 use crate::actors::gateway::GatewayMsg;
 use crate::actors::shard::{AckTo, ShardMsg};
+use crate::actors::store::cap_sync_reply;
 use crate::config::Config;
 use crate::conversation_cache::ConversationCache;
 use crate::error::{NodeError, NodeResult};
@@ -604,14 +605,24 @@ impl NodeContext {
         Ok(out)
     }
 
-    /// Everything this device has not acknowledged, shard by shard.
+    /// Everything this device has not acknowledged, shard by shard, up to
+    /// [`MAX_SYNC_REPLY_BYTES`](crate::actors::store::MAX_SYNC_REPLY_BYTES) in all: each shard's answer is capped at that, and so is the
+    /// whole — the session holds the reply while its client reads it (for up to
+    /// `limits.sync_timeout_ms`), and a user with busy chats on many shards would otherwise hold
+    /// one capped answer per shard. Once the cap cuts, the remaining shards are not asked; all
+    /// that was cut or not asked is reported as truncated, for the client to page with `history`.
     pub async fn sync(&self, request: SyncRequest) -> SyncReply {
         let mut by_shard: HashMap<ShardId, Vec<ConversationId>> = HashMap::new();
         for c in &request.conversations {
             by_shard.entry(self.shard_of(*c)).or_default().push(*c);
         }
         let mut reply = SyncReply::default();
+        let mut full = false;
         for (shard, conversations) in by_shard {
+            if full {
+                reply.truncated.extend(conversations);
+                continue;
+            }
             // A shard that cannot answer now does not spoil the others: its conversations are
             // reported as truncated and the client pages them with `history` later.
             let part = match self.route(shard) {
@@ -640,6 +651,9 @@ impl NodeContext {
                 Some(part) => {
                     reply.messages.extend(part.messages);
                     reply.truncated.extend(part.truncated);
+                    let before = reply.messages.len();
+                    reply = cap_sync_reply(reply);
+                    full = reply.messages.len() < before;
                 }
                 None => reply.truncated.extend(conversations),
             }

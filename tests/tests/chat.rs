@@ -520,6 +520,50 @@ async fn a_client_that_reads_nothing_frees_its_connection_slot() {
     }
 }
 
+/// A device's reconnect sync is capped at `MAX_SYNC_REPLY_BYTES` (8 MiB) in all, not only per
+/// shard: two chats on different shards with ≈5.6 MiB each come as one sync of at most 8 MiB that
+/// lists what it left out, oldest first within each chat; `history` has the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_is_capped_in_all_not_only_per_shard() {
+    const SENDS: u64 = 350;
+    let backend = Backend::new(false).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let bob = register(&http, "bob").await;
+    let alice = register(&http, "alice").await;
+    let shard_of = |u: UserId| shard_for(ConversationId::direct(u, bob.user_id), 8);
+    let mut carol = register(&http, "carol").await;
+    while shard_of(carol.user_id) == shard_of(alice.user_id) {
+        carol = register(&http, "carol").await;
+    }
+    send_padded(&http, &alice.token, bob.user_id, SENDS).await;
+    send_padded(&http, &carol.token, bob.user_id, SENDS).await;
+
+    let mut b = http.connect(&bob.token, "b1").await.unwrap();
+    let mut seqs: std::collections::HashMap<ConversationId, Vec<u64>> = Default::default();
+    let mut bytes = 0;
+    let (messages, truncated) = loop {
+        match b.next(T).await.unwrap() {
+            ServerFrame::Message { message } => {
+                bytes += message.body.len();
+                seqs.entry(message.conversation_id).or_default().push(message.seq);
+            }
+            ServerFrame::SyncDone { messages, truncated } => break (messages, truncated),
+            _ => {}
+        }
+    };
+    let total: usize = seqs.values().map(Vec::len).sum();
+    assert_eq!(messages, total as u64);
+    assert!(bytes <= 8 * 1024 * 1024, "the whole sync holds at most 8 MiB of bodies: {bytes}");
+    assert!(!truncated.is_empty() && total < 2 * SENDS as usize, "cut, and said so: {total} messages");
+    for (conv, got) in &seqs {
+        assert_eq!(*got, (1..=got.len() as u64).collect::<Vec<_>>(), "oldest first in {conv}");
+        if got.len() < SENDS as usize {
+            assert!(truncated.contains(conv), "a chat cut short is listed");
+        }
+    }
+}
+
 /// Send `n` messages of 16 KiB from `token`'s user to `to` over HTTP, body `{i:06}xxx…`.
 async fn send_padded(http: &Client, token: &str, to: UserId, n: u64) {
     let pad = "x".repeat(parley_protocol::limits::MAX_BODY_BYTES - 8);

@@ -93,8 +93,9 @@ pub enum StoreMsg {
 }
 
 /// Largest sync reply (sum of message bodies plus a per-message allowance), so a reply always fits
-/// a node-to-node payload (`MAX_NODE_PAYLOAD_BYTES`, 32 MiB) with room to spare. Conversations cut
-/// short are reported as truncated; the client pages them with `history`.
+/// a node-to-node payload (`MAX_NODE_PAYLOAD_BYTES`, 32 MiB) with room to spare. The node caps the
+/// whole sync of a device at the same size (`NodeContext::sync`). Conversations cut short are
+/// reported as truncated; the client pages them with `history`.
 pub const MAX_SYNC_REPLY_BYTES: usize = 8 * 1024 * 1024;
 /// Envelope allowance per message (ids, seq, timestamps) when sizing a sync reply.
 const MESSAGE_OVERHEAD_BYTES: usize = 128;
