@@ -519,31 +519,18 @@ impl NodeContext {
             return Err(NodeError::client(ErrorCode::InvalidField, format!("limit must be 1..={MAX_PAGE}")));
         }
         self.member_conversation(user, conversation).await?;
-        let route = self.route(self.shard_of(conversation))?;
-        let result = match route.target {
-            RouteTarget::Local(actor) => {
-                call(
-                    &actor,
-                    |reply| ShardMsg::History { conversation, before_seq, limit, reply },
-                    self.call_timeout(),
-                    "shard history",
-                )
-                .await?
-            }
-            RouteTarget::Remote(gateway) => {
-                match remote_call(
-                    &gateway,
-                    &NodePayload::History { conversation, before_seq, limit },
-                    self.call_timeout(),
-                )
-                .await?
-                {
-                    NodePayload::HistoryResult(r) => r,
-                    _ => return Err(NodeError::Timeout("peer history")),
-                }
-            }
-        };
-        result.map_err(|code| NodeError::client(code, refusal_text(code)))
+        self.ask_shard(
+            self.shard_of(conversation),
+            "shard history",
+            (conversation, before_seq, limit),
+            |(conversation, before_seq, limit), reply| ShardMsg::History { conversation, before_seq, limit, reply },
+            |(conversation, before_seq, limit)| NodePayload::History { conversation, before_seq, limit },
+            |answer| match answer {
+                NodePayload::HistoryResult(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// The user's conversations with last message and unread count, newest activity first.
@@ -667,27 +654,18 @@ impl NodeContext {
         user: UserId,
         conversations: Vec<ConversationId>,
     ) -> NodeResult<Vec<ShardSummary>> {
-        let route = self.route(shard)?;
-        let result = match route.target {
-            RouteTarget::Local(actor) => {
-                call(
-                    &actor,
-                    |reply| ShardMsg::Summaries { user, conversations, reply },
-                    self.call_timeout(),
-                    "shard summaries",
-                )
-                .await?
-            }
-            RouteTarget::Remote(gateway) => {
-                match remote_call(&gateway, &NodePayload::Summaries { user, conversations }, self.call_timeout())
-                    .await?
-                {
-                    NodePayload::SummariesResult(r) => r,
-                    _ => return Err(NodeError::Timeout("peer summaries")),
-                }
-            }
-        };
-        result.map_err(|code| NodeError::client(code, refusal_text(code)))
+        self.ask_shard(
+            shard,
+            "shard summaries",
+            conversations,
+            |conversations, reply| ShardMsg::Summaries { user, conversations, reply },
+            |conversations| NodePayload::Summaries { user, conversations },
+            |answer| match answer {
+                NodePayload::SummariesResult(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// The [`GroupFloor`] of each group, from the shard that owns them.
@@ -696,18 +674,36 @@ impl NodeContext {
         shard: ShardId,
         groups: Vec<(ConversationId, Vec<UserId>)>,
     ) -> NodeResult<Vec<GroupFloor>> {
-        let route = self.route(shard)?;
-        let result = match route.target {
-            RouteTarget::Local(actor) => {
-                call(&actor, |reply| ShardMsg::GroupFloors { groups, reply }, self.call_timeout(), "shard group floors")
-                    .await?
-            }
-            RouteTarget::Remote(gateway) => {
-                match remote_call(&gateway, &NodePayload::GroupFloors { groups }, self.call_timeout()).await? {
-                    NodePayload::GroupFloorsResult(r) => r,
-                    _ => return Err(NodeError::Timeout("peer group floors")),
-                }
-            }
+        self.ask_shard(
+            shard,
+            "shard group floors",
+            groups,
+            |groups, reply| ShardMsg::GroupFloors { groups, reply },
+            |groups| NodePayload::GroupFloors { groups },
+            |answer| match answer {
+                NodePayload::GroupFloorsResult(r) => Some(r),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// A read from the shard's owner: this node's shard actor, or the owning peer through its
+    /// gateway. `args` go into whichever request is made; `answer` picks the result out of the
+    /// peer's reply (another payload counts as no answer). A refusal becomes a client error.
+    async fn ask_shard<A, T: Send + 'static>(
+        &self,
+        shard: ShardId,
+        what: &'static str,
+        args: A,
+        local: impl FnOnce(A, ractor::RpcReplyPort<Result<T, ErrorCode>>) -> ShardMsg,
+        remote: impl FnOnce(A) -> NodePayload,
+        answer: impl FnOnce(NodePayload) -> Option<Result<T, ErrorCode>>,
+    ) -> NodeResult<T> {
+        let result = match self.route(shard)?.target {
+            RouteTarget::Local(actor) => call(&actor, |reply| local(args, reply), self.call_timeout(), what).await?,
+            RouteTarget::Remote(gateway) => answer(remote_call(&gateway, &remote(args), self.call_timeout()).await?)
+                .ok_or(NodeError::Timeout(what))?,
         };
         result.map_err(|code| NodeError::client(code, refusal_text(code)))
     }

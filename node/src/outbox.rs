@@ -237,6 +237,12 @@ mod tests {
 
     use super::*;
 
+    /// The writer's next step, waited for in a task of its own.
+    fn spawn_writer(outbox: &Arc<Outbox>) -> tokio::task::JoinHandle<Next> {
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.next(64).await })
+    }
+
     fn frames(n: std::ops::Range<u32>) -> VecDeque<String> {
         n.map(|i| i.to_string()).collect()
     }
@@ -281,10 +287,7 @@ mod tests {
     async fn the_writer_wakes_for_a_frame_pushed_while_it_waits() {
         let outbox = Outbox::new(10);
         let tx = OutboxSender::new(&outbox);
-        let writer = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.next(64).await }
-        });
+        let writer = spawn_writer(&outbox);
         tokio::time::sleep(Duration::from_millis(20)).await;
         tx.push("x".into()).unwrap();
         let next = tokio::time::timeout(Duration::from_secs(5), writer).await.expect("woken").unwrap();
@@ -301,10 +304,7 @@ mod tests {
             let outbox = outbox.clone();
             async move { outbox.closing().await }
         });
-        let writer = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.next(64).await }
-        });
+        let writer = spawn_writer(&outbox);
         tokio::time::sleep(Duration::from_millis(20)).await;
         tx.push("last".into()).unwrap();
         tx.close(4001, "bad_token");
@@ -378,10 +378,7 @@ mod tests {
         tx.push("a".into()).unwrap();
         drop(tx);
         assert_eq!(outbox.next(64).await, Next::Frames(VecDeque::from(["a".to_string()])));
-        let writer = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.next(64).await }
-        });
+        let writer = spawn_writer(&outbox);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "a pending-ack task still holds a sender");
         drop(pending_ack);

@@ -199,12 +199,6 @@ impl SessionState {
         self.outbox.close(code, reason);
     }
 
-    /// Whether `m` is newer than every message of its conversation pushed to this device (and
-    /// from now on, the newest).
-    fn first_push(&mut self, m: &MessageView) -> bool {
-        first_push(&mut self.pushed, m)
-    }
-
     /// Handle one client frame. `permit` is the frame's place in the connection's in-flight
     /// window: held until the frame is answered (for a send, until its ack or error is queued).
     async fn on_text(&mut self, me: &ActorRef<SessionMsg>, text: &str, permit: OwnedSemaphorePermit) {
@@ -442,8 +436,7 @@ impl SessionState {
         let count = reply.messages.len() as u64;
         // Paced: the sync may hold far more frames than the outbox (see `Outbox::push_paced`),
         // and bounded in time, since the session handles nothing else meanwhile.
-        let outbox = &self.outbox;
-        let pushed = &mut self.pushed;
+        let (outbox, pushed) = (&self.outbox, &mut self.pushed);
         let paced = async {
             for m in reply.messages {
                 if first_push(pushed, &m) {
@@ -505,7 +498,7 @@ impl Actor for SessionActor {
                         state.close(close_code::UNAUTHENTICATED, "logged out");
                     }
                 }
-                UserEvent::Message(m) if !state.first_push(m) => {}
+                UserEvent::Message(m) if !first_push(&mut state.pushed, m) => {}
                 UserEvent::Message(_)
                 | UserEvent::Group(_)
                 | UserEvent::Receipt { .. }
