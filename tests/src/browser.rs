@@ -165,10 +165,20 @@ impl Browser {
         }
     }
 
+    /// Clicks the first element matching `css`, waiting (up to `UI_TIMEOUT`) for it to appear.
+    /// The element is looked up again when the page replaced it between the lookup and the click
+    /// (a list re-rendered by a live update: "stale element reference"), as a person would simply
+    /// click the new one.
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
-        let el = self.client.wait().at_most(UI_TIMEOUT).for_element(Locator::Css(css)).await;
-        let el = el.with_context(|| format!("{}: no element {css}", self.name))?;
-        el.click().await.with_context(|| format!("{}: click {css}", self.name))
+        let deadline = Instant::now() + UI_TIMEOUT;
+        loop {
+            let el = self.client.wait().at_most(UI_TIMEOUT).for_element(Locator::Css(css)).await;
+            let el = el.with_context(|| format!("{}: no element {css}", self.name))?;
+            match el.click().await {
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => continue,
+                done => return done.with_context(|| format!("{}: click {css}", self.name)),
+            }
+        }
     }
 
     /// Types into an input, the way a person would (key events, not a value assignment).
