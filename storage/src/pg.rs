@@ -66,6 +66,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("pg/0004_media.sql")),
     (5, include_str!("pg/0005_push.sql")),
     (6, include_str!("pg/0006_mute.sql")),
+    (7, include_str!("pg/0007_message_id_index.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
