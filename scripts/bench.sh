@@ -34,16 +34,21 @@ as_pg() { setpriv --reuid="$PGUSER_OS" --regid="$(id -g "$PGUSER_OS")" --init-gr
 PGPID=
 cleanup() {
   [ -n "$PGPID" ] && kill -INT "$PGPID" 2>/dev/null && wait "$PGPID" 2>/dev/null || true
+  # The server's log outlives the run (checkpoints, autovacuum, errors: what a slow phase may owe
+  # to Postgres rather than to Parley).
+  mkdir -p data/bench && cp "$PGBASE/postgres.log" data/bench/postgres-last.log 2>/dev/null || true
   rm -rf "$PGBASE"
 }
 trap cleanup EXIT
 log "private Postgres on 127.0.0.1:$PGPORT ($PGBIN), durable settings"
 (cd /tmp && as_pg "$PGBIN/initdb" -D "$PGBASE/data" -U postgres -A trust -E UTF8 --locale=C >"$PGBASE/initdb.log" 2>&1)
 # Durability on (fsync, synchronous_commit: the defaults); enough connections for the nodes' pools;
-# shared_buffers sized for a history table of millions of rows. Everything else is the default.
+# shared_buffers sized for a history table of millions of rows; checkpoints and autovacuum runs are
+# logged (the log is kept in data/bench/postgres-last.log). Everything else is the default.
 (cd /tmp && exec setpriv --reuid="$PGUSER_OS" --regid="$(id -g "$PGUSER_OS")" --init-groups --pdeathsig KILL \
   "$PGBIN/postgres" -D "$PGBASE/data" -p "$PGPORT" -k "$PGBASE" -c listen_addresses=127.0.0.1 \
-  -c max_connections=200 -c shared_buffers=1GB ${BENCH_PG_ARGS:-} >"$PGBASE/postgres.log" 2>&1) &
+  -c max_connections=200 -c shared_buffers=1GB -c log_checkpoints=on -c log_autovacuum_min_duration=0 \
+  -c log_line_prefix='%m ' ${BENCH_PG_ARGS:-} >"$PGBASE/postgres.log" 2>&1) &
 PGPID=$!
 for _ in $(seq 1 100); do pg_isready -q -h 127.0.0.1 -p "$PGPORT" && break; sleep 0.1; done
 pg_isready -q -h 127.0.0.1 -p "$PGPORT" || { cat "$PGBASE/postgres.log" >&2; exit 1; }

@@ -314,7 +314,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             report.phases.push(r);
         }
         if has("durable") {
-            let pids = Probes::of(cluster.as_ref(), postmaster);
+            let pids = Probes::of(cluster.as_ref(), postmaster, args.postgres_url.as_deref());
             let settled = settle(&pids).await;
             let mode = Mode { in_flight: window, rate: None, reconnect: false, group: None };
             let name = named("durable");
@@ -347,7 +347,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if has("open") {
         for rate in parse_rates(&args.rates)? {
-            let pids = Probes::of(cluster.as_ref(), postmaster);
+            let pids = Probes::of(cluster.as_ref(), postmaster, args.postgres_url.as_deref());
             let settled = settle(&pids).await;
             let per_client = rate as f64 / traffic_users.len().max(1) as f64;
             let mode = Mode { in_flight: 0, rate: Some(per_client), reconnect: false, group: None };
@@ -382,7 +382,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let senders = args.group_senders.min(members.len() as u32);
         let mut fanout = GroupFanout { members: group.members.len() as u32, senders, ..GroupFanout::default() };
         for rate in parse_rates(&args.group_rates)? {
-            let pids = Probes::of(cluster.as_ref(), postmaster);
+            let pids = Probes::of(cluster.as_ref(), postmaster, args.postgres_url.as_deref());
             let settled = settle(&pids).await;
             let mode = Mode {
                 in_flight: 0,
@@ -406,7 +406,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.group_fanout = Some(fanout);
     }
     if has("failover") {
-        let settled = settle(&Probes::of(cluster.as_ref(), postmaster)).await;
+        let settled = settle(&Probes::of(cluster.as_ref(), postmaster, args.postgres_url.as_deref())).await;
         let c = cluster.as_mut().context("failover needs the cluster")?;
         let (mut r, f) = failover_phase(&ctx, &args, c, &node_urls, &traffic_users).await?;
         kills_for_plot = f.kills_at.iter().map(|(at, name)| (*at, format!("kill -9 {name}"))).collect();
@@ -417,7 +417,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.failover = Some(f);
     }
     if let Some(s) = &seeded {
-        settle(&Probes::of(cluster.as_ref(), postmaster)).await;
+        settle(&Probes::of(cluster.as_ref(), postmaster, args.postgres_url.as_deref())).await;
         let r = history_phase(&ctx, &args, &node_urls, s).await?;
         report.history = Some(r);
     }
@@ -579,6 +579,14 @@ fn cluster_toml(args: &BenchArgs, ports: &Ports) -> String {
     toml
 }
 
+/// A connection to the Postgres at `url` for the bench's own queries (its driver task runs until
+/// the client is dropped); `None` when it cannot connect.
+async fn pg_connect(url: &str) -> Option<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(conn);
+    Some(client)
+}
+
 /// The postmaster of the Postgres at `url` (parent of our backend), to read its CPU time.
 async fn postmaster_pid(url: &str) -> Option<u32> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
@@ -595,15 +603,50 @@ async fn postmaster_pid(url: &str) -> Option<u32> {
 struct Probes {
     server: Vec<u32>,
     postmaster: Option<u32>,
+    /// The Postgres the cluster writes to, for its checkpoints (see [`settle`]).
+    postgres_url: Option<String>,
     nodes: Vec<Client>,
 }
 
 impl Probes {
-    fn of(cluster: Option<&LocalCluster>, postmaster: Option<u32>) -> Probes {
+    fn of(cluster: Option<&LocalCluster>, postmaster: Option<u32>, postgres_url: Option<&str>) -> Probes {
         Probes {
             server: cluster.map(|c| c.nodes.iter().filter_map(|n| n.pid()).collect()).unwrap_or_default(),
             postmaster,
+            postgres_url: postgres_url.map(str::to_string),
             nodes: cluster.map(|c| c.nodes.iter().map(|n| n.client()).collect()).unwrap_or_default(),
+        }
+    }
+
+    /// Checkpoints Postgres has completed so far (timed and requested); `None` without Postgres
+    /// or when it cannot say.
+    async fn checkpoints(&self) -> Option<u64> {
+        let client = pg_connect(self.postgres_url.as_deref()?).await?;
+        // Postgres 17 moved the counters from pg_stat_bgwriter to pg_stat_checkpointer.
+        let n: i64 = match client.query_one("SELECT num_timed + num_requested FROM pg_stat_checkpointer", &[]).await {
+            Ok(row) => row.get(0),
+            Err(_) => client
+                .query_one("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter", &[])
+                .await
+                .ok()?
+                .get(0),
+        };
+        u64::try_from(n).ok()
+    }
+
+    /// Have Postgres write out every change made so far (`CHECKPOINT`), so that the next phase does
+    /// not pay for a checkpoint that earlier phases' writes made due.
+    async fn checkpoint(&self) {
+        let Some(url) = self.postgres_url.as_deref() else { return };
+        let done = match pg_connect(url).await {
+            Some(client) => tokio::time::timeout(CHECKPOINT_TIMEOUT, client.batch_execute("CHECKPOINT"))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            None => Err("cannot connect".to_string()),
+        };
+        if let Err(why) = done {
+            say(format!("CHECKPOINT before the phase failed ({why}); the phase may pay for the previous ones' writes"));
         }
     }
 
@@ -638,15 +681,25 @@ const QUIET_WINDOW: Duration = Duration::from_millis(500);
 /// Waiting for quiet gives up after this long (the phase then starts anyway, and its `settle_ms`
 /// says so).
 const SETTLE_MAX: Duration = Duration::from_secs(60);
+/// A `CHECKPOINT` before a phase gives up after this long (a few hundred MB of dirty pages take
+/// seconds on this machine's disk).
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Wait until the nodes and Postgres are quiet, so that a phase does not measure the previous
 /// one's leftovers (a phase's numbers must not depend on the order of phases). The time waited
 /// (`None` without processes to watch).
+///
+/// With Postgres, the wait starts with a `CHECKPOINT`. Without it, a phase after a busy one could
+/// meet a checkpoint that the busy phase's WAL made due (`max_wal_size`): the checkpointer then
+/// writes hundreds of MB of dirty pages during the phase (session 18: 355 MB in 4.6 s in the last
+/// seconds of the 10k msg/s phase right after the closed loops, whose deliver p99 tripled).
+/// Each phase still reports the checkpoints that happen during it (`postgres_checkpoints`).
 async fn settle(probes: &Probes) -> Option<u64> {
     if probes.server.is_empty() {
         return None;
     }
     let started = Instant::now();
+    probes.checkpoint().await;
     let (mut server, mut pg, _) = probes.sample();
     loop {
         tokio::time::sleep(QUIET_WINDOW).await;
@@ -756,6 +809,11 @@ struct PhaseReport {
     /// be 0 in a phase without faults; overload that starves the control plane shows here first.
     peers_declared_silent: Option<u64>,
     shards_lost: Option<u64>,
+    /// Checkpoints Postgres completed over the whole phase (connect to drain); `None` without
+    /// Postgres. A checkpoint writes every page changed since the one before, so a phase with one
+    /// paid for disk writes that a phase without one did not (each phase starts right after a
+    /// `CHECKPOINT`: see [`settle`]).
+    postgres_checkpoints: Option<u64>,
     /// How long the phase waited, before it started, for the nodes and Postgres to go quiet
     /// ([`settle`]); `None` for phases that do not wait (relay, or without a cluster).
     settle_ms: Option<u64>,
@@ -1005,6 +1063,7 @@ where
 {
     let specs = traffic_specs(args, phase, urls, users, mode, duration_secs, drain_ms);
     let events_before = pids.events().await;
+    let checkpoints_before = pids.checkpoints().await;
     let mut workers = Workers::spawn(ctx, phase, specs)?;
     let ready = workers.ready(READY_TIMEOUT).await?;
     let connected: u64 = ready.iter().map(|r| r.connected).sum();
@@ -1048,6 +1107,10 @@ where
         (Some(b), Some(a)) => Some((a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))),
         _ => None,
     };
+    let checkpoints = match (checkpoints_before, pids.checkpoints().await) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
     let m = merge(&results)?;
     let secs = duration_secs as f64;
     let acked = m.r.acked_in_window;
@@ -1082,6 +1145,7 @@ where
         load_cpu_us_per_msg: per_msg(m.r.cpu_ms as f64),
         peers_declared_silent: events.map(|e| e.0),
         shards_lost: events.map(|e| e.1),
+        postgres_checkpoints: checkpoints,
         settle_ms: None,
         timeline: m
             .timeline
@@ -1507,10 +1571,13 @@ impl Report {
             "events"
         ));
         for p in &self.phases {
-            let events = match (p.peers_declared_silent, p.shards_lost) {
+            let mut events = match (p.peers_declared_silent, p.shards_lost) {
                 (Some(silent), Some(lost)) => format!("{silent}/{lost}"),
                 _ => "-".to_string(),
             };
+            if let Some(n) = p.postgres_checkpoints {
+                events.push_str(&format!("/{n}"));
+            }
             out.push_str(&format!(
                 "{:<12} {:>6} {:>10.0} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7}\n",
                 p.name,
@@ -1530,7 +1597,10 @@ impl Report {
                 events,
             ));
         }
-        out.push_str("events: peers declared silent / shards lost, summed over the nodes (0/0 without faults)\n");
+        out.push_str(
+            "events: peers declared silent / shards lost, summed over the nodes (0/0 without faults) \
+             [/ Postgres checkpoints during the phase]\n",
+        );
         let waits: Vec<String> = self
             .phases
             .iter()

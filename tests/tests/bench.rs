@@ -13,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use parley_tests::node::run_json_report;
+use parley_tests::postgres::TestPostgres;
 use parley_tests::TempDir;
 
 /// Startup of two nodes, seeding, six short phases (one with a kill, a lease expiry and a restart)
@@ -186,6 +187,66 @@ async fn bench_reports_every_key_with_sane_values() {
         fail(dir.path(), &format!("{}\nreport: {report}", problems.join("\n")));
     }
     eprintln!("bench report: {report}");
+}
+
+/// The bench on Postgres (the store of every published number): each phase is charged Postgres's
+/// CPU and counts the checkpoints that happened during it, and each starts right after a
+/// `CHECKPOINT`, so that it does not pay for the disk writes of the phases before it (a 10k msg/s
+/// phase right after the closed loops met a checkpoint that wrote 355 MB and tripled its p99;
+/// BENCHMARKS.md, session 18). A private server: its checkpoint counter is this test's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_on_postgres_checkpoints_before_each_phase() {
+    let dir = TempDir::new("parley-bench-pg");
+    let pg = TestPostgres::start_private().await.expect("private postgres");
+    let checkpoints = || async {
+        let client = pg.connect().await.expect("connect");
+        let row = client
+            .query_one("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter", &[])
+            .await
+            .expect("checkpoint counters");
+        row.get::<_, i64>(0)
+    };
+    let before = checkpoints().await;
+
+    let mut cmd = Command::new(parley_tests::node::parley_bin().expect("parley binary"));
+    cmd.arg("bench").arg("--work-dir").arg(dir.path().join("work")).arg("--postgres-url").arg(pg.url());
+    cmd.args(["--scenarios", "durable,open", "--nodes", "2", "--shards", "4", "--clients", "8"]);
+    cmd.args(["--duration-secs", "2", "--in-flight", "1", "--warmup-ms", "300", "--rates", "200", "--json"]);
+    let (status, report) = match run_json_report(cmd, dir.path(), "bench", BENCH_TIMEOUT, None).await {
+        Ok(done) => done,
+        Err(why) => fail(dir.path(), &why),
+    };
+    let after = checkpoints().await;
+
+    let mut problems = Vec::new();
+    if !status.success() {
+        problems.push(format!("bench exited with {status}"));
+    }
+    let phases = report["phases"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
+    if names != ["durable", "open-200"] {
+        problems.push(format!("phases {names:?} (expected durable, open-200)"));
+    }
+    for phase in &phases {
+        let name = phase["name"].as_str().unwrap_or("?");
+        if !phase["postgres_cpu_us_per_msg"].as_f64().is_some_and(|us| us > 0.0) {
+            problems.push(format!("phase {name}: postgres_cpu_us_per_msg = {}", phase["postgres_cpu_us_per_msg"]));
+        }
+        if phase["postgres_checkpoints"].as_u64().is_none() {
+            problems.push(format!("phase {name}: postgres_checkpoints = {}", phase["postgres_checkpoints"]));
+        }
+        if !phase["msgs_per_s"].as_f64().is_some_and(|r| r > 0.0) || phase["errors"].as_u64() != Some(0) {
+            problems.push(format!("phase {name}: {phase}"));
+        }
+    }
+    // One CHECKPOINT before each phase (nothing else here makes one: the run is far shorter than
+    // `checkpoint_timeout` and writes far less than `max_wal_size`).
+    if after - before < phases.len() as i64 || phases.is_empty() {
+        problems.push(format!("{} checkpoints for {} phases", after - before, phases.len()));
+    }
+    if !problems.is_empty() {
+        fail(dir.path(), &format!("{}\nreport: {report}", problems.join("\n")));
+    }
 }
 
 /// Fail with the bench's stderr and the tail of every log of its run, where the evidence is.
