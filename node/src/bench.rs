@@ -984,6 +984,11 @@ fn traffic_specs(
     duration_secs: u64,
     drain_ms: u64,
 ) -> Vec<LoadSpec> {
+    // The tag is unique within the run even when a phase's name repeats (`--rates 10000,10000`):
+    // with the bare name, the second phase's client message ids were the first one's, so the
+    // server answered every send as a duplicate of the earlier phase's message and delivered none.
+    static PHASES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let tag = format!("{phase}.{}", PHASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let k = (args.load_processes as usize).min(users.len() / 2).max(1);
     let mut per_worker: Vec<Vec<ClientSpec>> = vec![Vec::new(); k];
     // Pairs: users 2p and 2p+1 chat with each other and share a worker (an odd last user sits
@@ -1009,7 +1014,7 @@ fn traffic_specs(
         .map(|(w, clients)| LoadSpec {
             worker: w as u32,
             work: Work::Traffic(TrafficSpec {
-                phase: phase.to_string(),
+                phase: tag.clone(),
                 urls: urls.to_vec(),
                 clients,
                 in_flight: mode.in_flight,

@@ -65,8 +65,9 @@ pub(crate) enum Work {
 /// 1:1 traffic between pairs of clients: client `2k` and `2k+1` of the list talk to each other.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct TrafficSpec {
-    /// Tag of the phase; in every client message id and body, so that messages replayed from an
-    /// earlier phase by a reconnect sync are recognised and ignored.
+    /// Tag of the phase (its name and its number in the run: unique even when a name repeats);
+    /// in every client message id and body, so that messages replayed from an earlier phase by a
+    /// reconnect sync are recognised and ignored, and no send is taken for an earlier one's retry.
     pub phase: String,
     /// `ws://host:port/v1/ws` of every node (or of the relay).
     pub urls: Vec<String>,
