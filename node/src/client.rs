@@ -144,18 +144,18 @@ impl Client {
         sub: &parley_protocol::push::PushSubscriptionRequest,
     ) -> Result<()> {
         let body = serde_json::to_vec(sub).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.no_content("POST", "/v1/push/subscriptions", token, body).await
+        self.no_content("POST", "/v1/push/subscriptions", token, Some(body)).await
     }
 
     /// `DELETE /v1/push/subscriptions`: turn them off.
     pub async fn push_unsubscribe(&self, token: &str, endpoint: &str) -> Result<()> {
         let body = serde_json::to_vec(&serde_json::json!({ "endpoint": endpoint })).expect("json values serialize");
-        self.no_content("DELETE", "/v1/push/subscriptions", token, body).await
+        self.no_content("DELETE", "/v1/push/subscriptions", token, Some(body)).await
     }
 
     /// A request whose success is `204 No Content`.
-    async fn no_content(&self, method: &str, path: &str, token: &str, body: Vec<u8>) -> Result<()> {
-        let (status, value) = self.raw(method, path, Some(token), Some(body)).await?;
+    async fn no_content(&self, method: &str, path: &str, token: &str, body: Option<Vec<u8>>) -> Result<()> {
+        let (status, value) = self.raw(method, path, Some(token), body).await?;
         match status {
             204 => Ok(()),
             s if s >= 400 => Err(server_error(s, value.to_string().as_bytes())),
@@ -187,6 +187,16 @@ impl Client {
             return Err(server_error(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// `GET /v1/media`: how much of their upload quota the caller uses.
+    pub async fn media_usage(&self, token: &str) -> Result<parley_protocol::http::MediaUsage> {
+        self.call("GET", "/v1/media", Some(token), None).await
+    }
+
+    /// `DELETE /v1/media/:id`: delete one of the caller's uploads.
+    pub async fn delete_media(&self, token: &str, id: parley_protocol::MediaId) -> Result<()> {
+        self.no_content("DELETE", &format!("/v1/media/{id}"), token, None).await
     }
 
     /// `GET /v1/media/:id`: the bytes and the response's headers.

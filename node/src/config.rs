@@ -168,6 +168,12 @@ pub struct LimitsConfig {
     pub shard_call_timeout_ms: u64,
     /// Largest batch one store transaction commits. Bounds transaction time and memory.
     pub max_batch: usize,
+    /// Bytes of uploads one user may have stored at once (`DEFAULT_MEDIA_QUOTA_BYTES`, 1 GiB).
+    /// An upload past it is refused (`413 media_quota_exceeded`) before its body is read when the
+    /// declared length already does not fit, and atomically at the store otherwise; deleting
+    /// uploads frees room. 0 turns uploads off. Nodes sharing a store should agree on it (each
+    /// checks its own).
+    pub media_quota_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -325,6 +331,7 @@ impl Default for LimitsConfig {
             sync_timeout_ms: 60_000,
             shard_call_timeout_ms: 10_000,
             max_batch: 1_000,
+            media_quota_bytes: parley_protocol::limits::DEFAULT_MEDIA_QUOTA_BYTES,
         }
     }
 }

@@ -37,6 +37,7 @@ impl NodeError {
             NodeError::Client { code, .. } => *code,
             NodeError::Protocol(e) => e.code(),
             NodeError::Storage(StorageError::UsernameTaken) => ErrorCode::UsernameTaken,
+            NodeError::Storage(StorageError::MediaQuotaExceeded { .. }) => ErrorCode::MediaQuotaExceeded,
             NodeError::Storage(StorageError::StaleEpoch { .. }) => ErrorCode::Unavailable,
             NodeError::Storage(StorageError::Pool(_) | StorageError::Postgres(_)) => ErrorCode::Unavailable,
             NodeError::Storage(_) => ErrorCode::Internal,
@@ -51,6 +52,7 @@ impl NodeError {
             NodeError::Client { message, .. } => message.clone(),
             NodeError::Protocol(e) => e.to_string(),
             NodeError::Storage(StorageError::UsernameTaken) => "username is taken".into(),
+            NodeError::Storage(StorageError::MediaQuotaExceeded { used, quota }) => quota_message(*used, None, *quota),
             NodeError::ShardUnavailable(_)
             | NodeError::Timeout(_)
             | NodeError::Storage(StorageError::StaleEpoch { .. }) => {
@@ -69,3 +71,9 @@ impl NodeError {
 }
 
 pub type NodeResult<T> = Result<T, NodeError>;
+
+/// What a user over their upload quota is told (`size`: the refused upload's, when known).
+pub fn quota_message(used: u64, size: Option<u64>, quota: u64) -> String {
+    let upload = size.map_or_else(|| "this upload does not fit".to_string(), |s| format!("{s} more do not fit"));
+    format!("your uploads use {used} of your {quota} bytes; {upload} (delete uploads to make room)")
+}

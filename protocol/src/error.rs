@@ -57,6 +57,9 @@ pub enum ErrorCode {
     UnknownMedia,
     /// An upload larger than `MAX_MEDIA_BYTES` (appended, as above).
     MediaTooLarge,
+    /// An upload that would take the user's stored uploads past their quota
+    /// (`limits.media_quota_bytes`); deleting uploads frees room (appended, as above).
+    MediaQuotaExceeded,
 }
 
 impl ErrorCode {
@@ -65,7 +68,7 @@ impl ErrorCode {
         use ErrorCode::*;
         match self {
             BadJson | UnknownFrame | InvalidUtf8 | InvalidField | UnsupportedProtocol => 400,
-            FrameTooLarge | BodyTooLarge | MediaTooLarge => 413,
+            FrameTooLarge | BodyTooLarge | MediaTooLarge | MediaQuotaExceeded => 413,
             NotAuthenticated | BadToken | BadCredentials => 401,
             SpoofedSender | Forbidden => 403,
             UnknownUser | UnknownConversation | NotFound | UnknownMedia => 404,
@@ -108,6 +111,7 @@ impl ErrorCode {
             Forbidden => "forbidden",
             UnknownMedia => "unknown_media",
             MediaTooLarge => "media_too_large",
+            MediaQuotaExceeded => "media_quota_exceeded",
         }
     }
 }

@@ -146,6 +146,17 @@ pub struct HealthResponse {
     pub node: String,
 }
 
+/// `GET /v1/media`: how much of their upload quota the caller uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaUsage {
+    /// Uploads the caller has stored (deleted ones no longer count).
+    pub uploads: u64,
+    /// Their total size, bytes.
+    pub used_bytes: u64,
+    /// `limits.media_quota_bytes` of the node that answered.
+    pub quota_bytes: u64,
+}
+
 /// `POST /v1/media?name=…`: the query. The body is the file's bytes and `Content-Type` its type;
 /// the answer (201) is the stored [`crate::media::MediaRef`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -64,6 +64,11 @@ pub const MAX_PRESENCE_WATCH: usize = 256;
 /// [`MAX_UPLOADS_IN_FLIGHT`] bounds the memory uploads can take on one node (128 MiB).
 pub const MAX_MEDIA_BYTES: u64 = 16 * 1024 * 1024;
 
+/// Default of `limits.media_quota_bytes`: how many bytes of uploads one user may have stored at
+/// once (64 uploads of the largest size). Without a quota one account could fill the store's disk;
+/// a user over it deletes uploads (`DELETE /v1/media/:id`) to make room.
+pub const DEFAULT_MEDIA_QUOTA_BYTES: u64 = 1024 * 1024 * 1024;
+
 /// Uploads one node stores at once; one more is refused with `unavailable` (503, retryable)
 /// before its body is read. Bounds upload memory (see [`MAX_MEDIA_BYTES`]) and the store's load.
 pub const MAX_UPLOADS_IN_FLIGHT: usize = 8;

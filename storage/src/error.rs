@@ -9,6 +9,10 @@ pub enum StorageError {
     StaleEpoch { shard: u16, held: u64, current: u64 },
     #[error("username is taken")]
     UsernameTaken,
+    /// Storing the upload would take its owner's uploads past `quota` bytes (they use `used`).
+    /// Nothing was stored.
+    #[error("uploads use {used} of {quota} bytes; this one does not fit")]
+    MediaQuotaExceeded { used: u64, quota: u64 },
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres pool: {0}")]

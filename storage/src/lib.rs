@@ -76,9 +76,17 @@ pub trait Directory: Send + Sync + 'static {
     /// The subset of `ids` that exist, each with its recorded last-seen time (`None`: never
     /// recorded).
     async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>>;
-    /// Store an upload's bytes under its (new, random) id. The id is never reused: storing it
-    /// twice is an error.
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()>;
+    /// Store an upload's bytes under its (new, random) id, unless its owner's stored uploads
+    /// would then pass `quota_bytes` ([`StorageError::MediaQuotaExceeded`], nothing stored). The
+    /// check and the insert are one step per owner, on every node sharing the store: concurrent
+    /// uploads cannot pass the quota together. The id is never reused: storing it twice is an
+    /// error.
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()>;
+    /// How many uploads `owner` has stored, and their total size.
+    async fn media_totals(&self, owner: UserId) -> Result<MediaTotals>;
+    /// Delete an upload (description and bytes) if it is `owner`'s. Messages that carried it keep
+    /// its description; fetching it answers unknown from then on.
+    async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion>;
     /// An upload's description, without its bytes (what a send with `media_id` needs).
     async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>>;
     /// An upload's description and bytes.

@@ -86,6 +86,24 @@ pub struct MediaRecord {
     pub created_at_ms: i64,
 }
 
+/// What deleting an upload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaDeletion {
+    /// It was the caller's, and it is gone (its bytes with it).
+    Deleted,
+    /// It is someone else's: nothing changed.
+    NotOwner,
+    /// No upload has that id (never had, or deleted before).
+    Unknown,
+}
+
+/// A user's stored uploads, counted for their quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediaTotals {
+    pub uploads: u64,
+    pub bytes: u64,
+}
+
 /// A browser's (or device's) Web Push subscription, registered while signed in with a token.
 /// It lasts as long as that token: signing out (or the token expiring) ends the notifications.
 #[derive(Clone, Debug, PartialEq, Eq)]

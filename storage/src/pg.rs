@@ -67,6 +67,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (5, include_str!("pg/0005_push.sql")),
     (6, include_str!("pg/0006_mute.sql")),
     (7, include_str!("pg/0007_message_id_index.sql")),
+    (8, include_str!("pg/0008_media_owner.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -74,6 +75,9 @@ const MIGRATIONS: &[(i32, &str)] = &[
 const SESSION_LOCK_CLASS: i32 = 0x7061_726c;
 /// Advisory-lock class ("parm") that serialises migrations of nodes starting at the same time.
 const MIGRATION_LOCK_CLASS: i32 = 0x7061_726d;
+/// Advisory-lock class ("parn") that serialises one owner's uploads (quota check, then insert);
+/// the second key is 32 bits of the owner's id (two owners sharing it only wait for each other).
+const MEDIA_LOCK_CLASS: i32 = 0x7061_726e;
 
 /// Pages the store returns are clamped to this many rows whatever the caller asks: a bug or a
 /// hostile limit upstream must not turn into an unbounded read.
@@ -597,23 +601,57 @@ impl Directory for PgDirectory {
         client.query(&stmt, &[&ids]).await?.iter().map(|r| Ok((UserId(r.try_get(0)?), r.try_get(1)?))).collect()
     }
 
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()> {
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()> {
         let m = &record.media;
         let size = i64::try_from(m.size).map_err(|_| StorageError::Corrupt(format!("media size {}", m.size)))?;
-        let client = self.pool.get().await?;
-        let stmt = client
+        let owner_key = i32::from_be_bytes(record.owner.0.as_bytes()[..4].try_into().expect("4 bytes"));
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // Held to the commit: another upload of the same owner (any node) waits here, then sees
+        // this one in its sum.
+        tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&MEDIA_LOCK_CLASS, &owner_key]).await?;
+        let sum = tx.prepare_cached("SELECT COALESCE(sum(size), 0)::bigint FROM media WHERE owner = $1").await?;
+        let used: i64 = tx.query_one(&sum, &[&record.owner.0]).await?.try_get(0)?;
+        let used = u64::try_from(used).map_err(|_| StorageError::Corrupt(format!("media total {used}")))?;
+        if used.saturating_add(m.size) > quota_bytes {
+            return Err(StorageError::MediaQuotaExceeded { used, quota: quota_bytes });
+        }
+        let stmt = tx
             .prepare_cached(
                 "INSERT INTO media (media_id, owner, mime, name, size, sha256, bytes, created_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .await?;
-        client
-            .execute(
-                &stmt,
-                &[&m.media_id.0, &record.owner.0, &m.mime, &m.name, &size, &m.sha256, &bytes, &record.created_at_ms],
-            )
-            .await?;
+        tx.execute(
+            &stmt,
+            &[&m.media_id.0, &record.owner.0, &m.mime, &m.name, &size, &m.sha256, &bytes, &record.created_at_ms],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn media_totals(&self, owner: UserId) -> Result<MediaTotals> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT count(*), COALESCE(sum(size), 0)::bigint FROM media WHERE owner = $1")
+            .await?;
+        let row = client.query_one(&stmt, &[&owner.0]).await?;
+        let (uploads, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok(MediaTotals { uploads: from_db(uploads, "upload count")?, bytes: from_db(bytes, "media total")? })
+    }
+
+    async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion> {
+        let client = self.pool.get().await?;
+        let delete = client.prepare_cached("DELETE FROM media WHERE media_id = $1 AND owner = $2").await?;
+        if client.execute(&delete, &[&id.0, &owner.0]).await? > 0 {
+            return Ok(MediaDeletion::Deleted);
+        }
+        let exists = client.prepare_cached("SELECT 1 FROM media WHERE media_id = $1").await?;
+        Ok(match client.query_opt(&exists, &[&id.0]).await? {
+            Some(_) => MediaDeletion::NotOwner,
+            None => MediaDeletion::Unknown,
+        })
     }
 
     async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>> {

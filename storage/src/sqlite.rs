@@ -201,6 +201,8 @@ CREATE TABLE IF NOT EXISTS media (
     bytes BLOB NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
+-- A user's uploads, summed for their quota on every upload (covering: the bytes are not read).
+CREATE INDEX IF NOT EXISTS media_owner ON media (owner, size);
 ";
 
 /// Add `column` to `table` with `ddl` unless it is there: how files made by an older version are
@@ -353,12 +355,24 @@ impl Directory for SqliteDirectory {
         .await
     }
 
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8]) -> Result<()> {
+    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()> {
         let record = record.clone();
         let bytes = bytes.to_vec();
         with(&self.media, move |c| {
             let m = &record.media;
-            c.execute(
+            // IMMEDIATE: the file's write lock from the sum to the commit, so that uploads from
+            // other node processes sharing the file cannot pass the quota together.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let owner = record.owner.0.as_bytes().to_vec();
+            let used: i64 =
+                tx.query_row("SELECT COALESCE(sum(size), 0) FROM media WHERE owner = ?1", params![owner], |r| {
+                    r.get(0)
+                })?;
+            let used = u64::try_from(used).map_err(|_| StorageError::Corrupt(format!("media total {used}")))?;
+            if used.saturating_add(m.size) > quota_bytes {
+                return Err(StorageError::MediaQuotaExceeded { used, quota: quota_bytes });
+            }
+            tx.execute(
                 "INSERT INTO media (media_id, owner, mime, name, size, sha256, bytes, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
@@ -372,7 +386,37 @@ impl Directory for SqliteDirectory {
                     record.created_at_ms
                 ],
             )?;
+            tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn media_totals(&self, owner: UserId) -> Result<MediaTotals> {
+        with(&self.media, move |c| {
+            let (uploads, bytes): (i64, i64) = c.query_row(
+                "SELECT count(*), COALESCE(sum(size), 0) FROM media WHERE owner = ?1",
+                params![owner.0.as_bytes().to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let count = |v: i64, what: &str| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} {v}")));
+            Ok(MediaTotals { uploads: count(uploads, "upload count")?, bytes: count(bytes, "media total")? })
+        })
+        .await
+    }
+
+    async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion> {
+        with(&self.media, move |c| {
+            let id = id.0.as_bytes().to_vec();
+            let deleted = c.execute(
+                "DELETE FROM media WHERE media_id = ?1 AND owner = ?2",
+                params![id, owner.0.as_bytes().to_vec()],
+            )?;
+            if deleted > 0 {
+                return Ok(MediaDeletion::Deleted);
+            }
+            let exists = c.query_row("SELECT 1 FROM media WHERE media_id = ?1", params![id], |_| Ok(())).optional()?;
+            Ok(if exists.is_some() { MediaDeletion::NotOwner } else { MediaDeletion::Unknown })
         })
         .await
     }

@@ -25,6 +25,7 @@ parley_tests::both_backends!(
     logout_and_expiry_end_open_sessions,
     presence_online_offline_and_last_seen,
     media_is_uploaded_sent_and_downloaded,
+    media_quota_refuses_what_does_not_fit_and_deleting_frees_room,
 );
 
 /// Uploads stored so far, read from the store itself (the API has no listing): how a refused
@@ -158,6 +159,78 @@ async fn media_is_uploaded_sent_and_downloaded(pg: bool) {
     assert_eq!(page.messages[0].media.as_ref(), Some(&media));
     let (_, again) = http.download_media(&alice.token, media.media_id).await.unwrap();
     assert!(again == bytes, "the bytes survive a restart");
+}
+
+/// A user's uploads stop at `limits.media_quota_bytes` (413 `media_quota_exceeded`, nothing
+/// stored), also when two uploads race for the last room; `GET /v1/media` tells the use. Only the
+/// uploader may delete an upload; once deleted it downloads as unknown, cannot be sent again, the
+/// messages that carried it keep its description, and its room is free.
+async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool) {
+    use parley_protocol::http::MediaUsage;
+    let backend = Backend::new(pg).await;
+    let node = backend.node("[limits]\nmedia_quota_bytes = 3000\n").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let upload = |size: usize| {
+        let (http, token) = (http.clone(), alice.token.clone());
+        async move { http.upload_media(&token, vec![b'x'; size], "application/octet-stream", None).await }
+    };
+    let usage = |uploads, used_bytes| MediaUsage { uploads, used_bytes, quota_bytes: 3000 };
+    let first = upload(1000).await.unwrap();
+    upload(1500).await.unwrap();
+    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(2, 2500));
+
+    // 600 more do not fit; of two racing 500s exactly one does (the store decides, not the check
+    // made before the body is read).
+    let refused = upload(600).await.err().and_then(|e| e.code());
+    assert_eq!(refused, Some(ErrorCode::MediaQuotaExceeded));
+    let (x, y) = tokio::join!(upload(500), upload(500));
+    let codes: Vec<_> = [&x, &y].iter().map(|r| r.as_ref().err().and_then(|e| e.code())).collect();
+    assert!(codes.contains(&None) && codes.contains(&Some(ErrorCode::MediaQuotaExceeded)), "{codes:?}");
+    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(3, 3000));
+    assert_eq!(stored_uploads(&backend).await, 3, "refused uploads store nothing");
+    let (status, body) = http.raw("GET", "/v1/media", Some(&bob.token), None).await.unwrap();
+    assert_eq!((status, body["used_bytes"].as_u64()), (200, Some(0)), "bob's use is his own");
+
+    // Alice sends the first upload to Bob, then deletes it; Bob may not.
+    let mut a = http.connect(&alice.token, "phone").await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    let send = |id: &str| ClientFrame::Send {
+        client_msg_id: cid(id),
+        to: Some(bob.user_id),
+        conversation_id: None,
+        body: "photo".into(),
+        media_id: Some(first.media_id),
+    };
+    a.send(&send("m1")).await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Ack { .. })).await.unwrap();
+    let delete = |token: &str, path: String| {
+        let (http, token) = (http.clone(), token.to_string());
+        async move { http.raw("DELETE", &path, Some(&token), None).await.unwrap() }
+    };
+    let path = format!("/v1/media/{}", first.media_id);
+    let (status, err) = delete(&bob.token, path.clone()).await;
+    assert_eq!((status, err["error"].as_str()), (403, Some("forbidden")));
+    assert!(http.download_media(&bob.token, first.media_id).await.is_ok(), "still there");
+    http.delete_media(&alice.token, first.media_id).await.unwrap();
+    let gone = http.download_media(&bob.token, first.media_id).await.err().and_then(|e| e.code());
+    assert_eq!(gone, Some(ErrorCode::UnknownMedia));
+    a.send(&send("m2")).await.unwrap();
+    expect_error(&mut a, ErrorCode::UnknownMedia).await;
+    let page = http.history(&bob.token, ConversationId::direct(alice.user_id, bob.user_id), None, None).await.unwrap();
+    assert_eq!(page.messages.len(), 1, "the refused send stored nothing");
+    assert_eq!(page.messages[0].media.as_ref(), Some(&first), "the message keeps the description");
+    for (token, path, status, code) in [
+        (Some(alice.token.as_str()), path.clone(), 404, "unknown_media"),
+        (Some(alice.token.as_str()), "/v1/media/not-an-id".to_string(), 404, "unknown_media"),
+        (None, path.clone(), 401, "not_authenticated"),
+    ] {
+        let (got, err) = http.raw("DELETE", &path, token, None).await.unwrap();
+        assert_eq!((got, err["error"].as_str()), (status, Some(code)), "DELETE {path}");
+    }
+    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(2, 2000));
+    upload(1000).await.expect("the freed room takes an upload");
 }
 
 /// The `presence` frame of `user` that `conn` gets next (others are kept for later).

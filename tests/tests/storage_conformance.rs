@@ -20,15 +20,18 @@ use parley_protocol::http::UserView;
 use parley_protocol::media::MediaRef;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
-    now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaRecord, MessageResult,
-    NewMessage, PushSubscriptionRecord, ShardStore, StorageError, StoreConfig, Stores, TokenGrant, UserRecord,
-    WriteBatch,
+    now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaDeletion, MediaRecord,
+    MediaTotals, MessageResult, NewMessage, PushSubscriptionRecord, ShardStore, StorageError, StoreConfig, Stores,
+    TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
 
 /// Lease TTL for checks that must not see a lease expire while they run.
 const LONG_TTL_MS: u64 = 60_000;
+
+/// A quota no upload of these checks reaches.
+const NO_QUOTA: u64 = u64::MAX;
 
 /// How long the crash check waits for the session lock of a dropped node to be released.
 const LOCK_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -130,6 +133,7 @@ conformance!(
     cursors_never_move_backwards,
     group_floors_are_the_lowest_cursor_of_the_members_listed,
     media_is_stored_whole_and_messages_carry_its_description,
+    media_quota_holds_across_nodes_and_deleting_frees_room,
     push_subscriptions_follow_their_token_and_keep_the_newest,
     settings_keep_the_first_value,
     mutes_belong_to_members_and_expire,
@@ -303,6 +307,75 @@ async fn last_seen_only_moves_forward_and_survives_a_reopen(f: &Fixture) -> Resu
     Ok(())
 }
 
+/// A user's stored uploads stop at their quota, also when uploads race through two nodes' stores
+/// (two opens of the same storage): of twelve 100-byte uploads against a 1,000-byte quota exactly
+/// ten are stored, and the refused ones say the quota and the use. Another user's quota is their
+/// own. Deleting is the uploader's alone; it removes the upload (description and bytes) and frees
+/// its room; deleting it again, or an unknown id, finds nothing.
+async fn media_quota_holds_across_nodes_and_deleting_frees_room(f: &Fixture) -> Result<()> {
+    const QUOTA: u64 = 1_000;
+    let d = f.stores.directory.clone();
+    let other = f.reopen().await?.directory;
+    let (alice, bob) = (user("alice"), user("bob"));
+    d.create_user(&alice).await?;
+    d.create_user(&bob).await?;
+    let upload = |owner: UserId, size: usize| {
+        let bytes = vec![7u8; size];
+        let media = MediaRef {
+            media_id: MediaId(Uuid::new_v4()),
+            mime: "application/octet-stream".into(),
+            size: size as u64,
+            name: None,
+            sha256: parley_storage::sha256_hex(&bytes),
+        };
+        (MediaRecord { media, owner, created_at_ms: now_ms() }, bytes)
+    };
+
+    let mut racing = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let store = if i % 2 == 0 { d.clone() } else { other.clone() };
+        let (record, bytes) = upload(alice.id, 100);
+        racing.spawn(async move { (record.media.media_id, store.put_media(&record, &bytes, QUOTA).await) });
+    }
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    while let Some(joined) = racing.join_next().await {
+        match joined? {
+            (id, Ok(())) => stored.push(id),
+            (id, Err(StorageError::MediaQuotaExceeded { used, quota: QUOTA })) if used + 100 > QUOTA => {
+                ensure!(d.media(id).await?.is_none(), "a refused upload is not stored");
+                refused += 1;
+            }
+            (_, Err(e)) => return Err(e.into()),
+        }
+    }
+    assert_eq!((stored.len(), refused), (10, 2), "exactly the uploads that fit");
+    assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 10, bytes: 1_000 });
+    let (one_byte, bytes) = upload(alice.id, 1);
+    ensure!(
+        matches!(
+            d.put_media(&one_byte, &bytes, QUOTA).await,
+            Err(StorageError::MediaQuotaExceeded { used: 1_000, .. })
+        ),
+        "a full quota takes not one byte more"
+    );
+    let (bobs, bytes) = upload(bob.id, 100);
+    other.put_media(&bobs, &bytes, QUOTA).await?;
+    assert_eq!(d.media_totals(bob.id).await?, MediaTotals { uploads: 1, bytes: 100 });
+
+    let victim = stored[0];
+    assert_eq!(d.delete_media(victim, bob.id).await?, MediaDeletion::NotOwner);
+    ensure!(d.media(victim).await?.is_some(), "someone else's delete changes nothing");
+    assert_eq!(other.delete_media(victim, alice.id).await?, MediaDeletion::Deleted);
+    assert_eq!((d.media(victim).await?, d.media_bytes(victim).await?), (None, None));
+    assert_eq!(d.delete_media(victim, alice.id).await?, MediaDeletion::Unknown);
+    assert_eq!(d.delete_media(MediaId(Uuid::new_v4()), alice.id).await?, MediaDeletion::Unknown);
+    assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 9, bytes: 900 });
+    let (fits, bytes) = upload(alice.id, 100);
+    d.put_media(&fits, &bytes, QUOTA).await?;
+    assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 10, bytes: 1_000 });
+    Ok(())
+}
+
 /// An upload's bytes come back whole (also after a reopen), an id is never stored twice, unknown
 /// ids are `None`; a message's media description survives the commit and every read path
 /// (history, sync, the conversation summary), and messages without media read back `None`.
@@ -320,8 +393,8 @@ async fn media_is_stored_whole_and_messages_carry_its_description(f: &Fixture) -
         sha256: parley_storage::sha256_hex(&bytes),
     };
     let record = MediaRecord { media: media.clone(), owner: alice.id, created_at_ms: 1_700_000_000_000 };
-    d.put_media(&record, &bytes).await?;
-    ensure!(d.put_media(&record, b"other bytes").await.is_err(), "an id is stored once");
+    d.put_media(&record, &bytes, NO_QUOTA).await?;
+    ensure!(d.put_media(&record, b"other bytes", NO_QUOTA).await.is_err(), "an id is stored once");
     assert_eq!(d.media(media.media_id).await?, Some(record.clone()));
     assert_eq!(d.media_bytes(media.media_id).await?, Some((record.clone(), bytes.clone())), "the first bytes stay");
     let unknown = MediaId(Uuid::new_v4());
@@ -329,7 +402,7 @@ async fn media_is_stored_whole_and_messages_carry_its_description(f: &Fixture) -
     assert_eq!(d.media_bytes(unknown).await?, None);
     let unnamed = MediaRef { media_id: MediaId(Uuid::new_v4()), name: None, size: 1, ..media.clone() };
     let unnamed_record = MediaRecord { media: unnamed.clone(), ..record.clone() };
-    d.put_media(&unnamed_record, b"x").await?;
+    d.put_media(&unnamed_record, b"x", NO_QUOTA).await?;
     assert_eq!(d.media(unnamed.media_id).await?, Some(unnamed_record));
 
     let (store, epoch) = leased(&f.stores, 5, "node-a").await?;

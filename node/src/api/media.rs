@@ -23,18 +23,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parley_protocol::error::ErrorCode;
-use parley_protocol::http::{MediaUploadQuery, UserView};
+use parley_protocol::http::{MediaUploadQuery, MediaUsage, UserView};
 use parley_protocol::limits::{MAX_MEDIA_BYTES, MAX_UPLOADS_IN_FLIGHT};
 use parley_protocol::media::{normalize_mime, validate_media_name, MediaRef};
 use parley_protocol::MediaId;
-use parley_storage::{now_ms, sha256_hex, MediaRecord};
+use parley_storage::{now_ms, sha256_hex, MediaDeletion, MediaRecord};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warp::http::{header, HeaderValue, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
 use super::{authed, json, reject};
 use crate::context::NodeContext;
-use crate::error::NodeError;
+use crate::error::{quota_message, NodeError};
 
 /// Downloads one node serves at once (each holds its file in memory until it is sent, up to
 /// `MAX_MEDIA_BYTES`: 512 MiB at most). A browser opening a chat full of photos asks for ≤ 6 at a
@@ -106,6 +106,13 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
                     }
                     let mime = normalize_mime(content_type.as_deref().unwrap_or("")).map_err(NodeError::from)?;
                     let name = query.name.as_deref().map(validate_media_name).transpose().map_err(NodeError::from)?;
+                    // Fail fast when the declared length cannot fit; the store checks again, in one
+                    // step with the insert, so concurrent uploads cannot pass the quota together.
+                    let quota = ctx.config.limits.media_quota_bytes;
+                    let used = ctx.stores.directory.media_totals(owner.id).await.map_err(NodeError::from)?.bytes;
+                    if used.saturating_add(length) > quota {
+                        return Err(reject(ErrorCode::MediaQuotaExceeded, quota_message(used, Some(length), quota)));
+                    }
                     let permit = uploads.try_acquire_owned().map_err(|_| {
                         reject(
                             ErrorCode::Unavailable,
@@ -130,10 +137,37 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
                 owner: admitted.owner.id,
                 created_at_ms: now_ms(),
             };
-            admitted.ctx.stores.directory.put_media(&record, &bytes).await.map_err(NodeError::from)?;
+            let quota = admitted.ctx.config.limits.media_quota_bytes;
+            admitted.ctx.stores.directory.put_media(&record, &bytes, quota).await.map_err(NodeError::from)?;
             tracing::debug!(media = %record.media.media_id, size = record.media.size, "stored an upload");
             Ok::<_, Rejection>(json(&record.media, StatusCode::CREATED))
         });
+
+    let usage = warp::path!("v1" / "media").and(warp::get()).and(authed(ctx.clone())).and_then(
+        |ctx: Arc<NodeContext>, me: UserView| async move {
+            let totals = ctx.stores.directory.media_totals(me.id).await.map_err(NodeError::from)?;
+            let usage = MediaUsage {
+                uploads: totals.uploads,
+                used_bytes: totals.bytes,
+                quota_bytes: ctx.config.limits.media_quota_bytes,
+            };
+            Ok::<_, Rejection>(json(&usage, StatusCode::OK))
+        },
+    );
+
+    let delete = warp::path!("v1" / "media" / String).and(warp::delete()).and(authed(ctx.clone())).and_then(
+        |id: String, ctx: Arc<NodeContext>, me: UserView| async move {
+            let id: MediaId = id.parse().map_err(|_| reject(ErrorCode::UnknownMedia, "no media with that id"))?;
+            match ctx.stores.directory.delete_media(id, me.id).await.map_err(NodeError::from)? {
+                MediaDeletion::Deleted => {
+                    tracing::debug!(media = %id, "deleted an upload");
+                    Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
+                }
+                MediaDeletion::NotOwner => Err(reject(ErrorCode::Forbidden, "only its uploader may delete an upload")),
+                MediaDeletion::Unknown => Err(reject(ErrorCode::UnknownMedia, format!("no media with id {id}"))),
+            }
+        },
+    );
 
     let downloads = Arc::new(Semaphore::new(DOWNLOADS_IN_FLIGHT));
     let download = warp::path!("v1" / "media" / String)
@@ -180,7 +214,7 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
             },
         );
 
-    upload.or(download).unify().boxed()
+    upload.or(usage).unify().or(delete).unify().or(download).unify().boxed()
 }
 
 fn etag(media: &MediaRef) -> String {
