@@ -13,7 +13,8 @@
 // - Every text that comes from the server is rendered with textContent, never as HTML.
 // - A photo or file is uploaded first (`POST /v1/media`, §5 "Media"), then sent like any message with its
 //   `media_id`. Media is fetched with the bearer token and shown from a `blob:` URL; only raster
-//   image types are shown inline, everything else is a download link.
+//   image types are shown inline, everything else is a download link. One's own uploads carry a 🗑
+//   (`DELETE /v1/media/:id`); a deleted upload (a 404) shows as no longer available.
 // - Notifications (§5 "Push notifications") are this browser's Web Push subscription, registered
 //   with the server while signed in; ui/sw.js shows them. Signing out ends them (the server drops
 //   the subscriptions of a token that is logged out); the next sign-in on a browser that allowed
@@ -836,26 +837,65 @@ function formatSize(n) {
   return (n / 1024 / 1024).toFixed(1) + " MB";
 }
 
-/** A message's attachment: the picture itself, or a link that downloads the file. */
-function mediaView(media) {
+// media_id of uploads known to be deleted (a fetch answered 404, or deleted from this page): shown
+// as gone and not fetched again.
+const goneMedia = new Set();
+
+/** A message's attachment: the picture itself, or a link that downloads the file; on one's own
+ * messages with a 🗑 that deletes the upload (`DELETE /v1/media/:id`: nobody can fetch it after). */
+function mediaView(media, mine) {
   const label = (media.name || "file") + " (" + formatSize(media.size) + ")";
-  if (INLINE_IMAGE_TYPES.includes(media.mime)) {
-    const img = h("img", { class: "media-img", alt: media.name || "photo", title: label, "data-media-id": media.media_id });
-    mediaUrl(media).then((url) => { img.src = url; }, () => { img.alt = "could not load " + label; });
-    return img;
+  if (goneMedia.has(media.media_id)) {
+    return h("span", { class: "media-gone", "data-media-id": media.media_id }, "🚫 " + label + " is no longer available");
   }
-  return h("a", {
-    class: "media-file", href: "#", "data-media-id": media.media_id,
-    onclick: async (ev) => {
-      ev.preventDefault();
-      try {
-        const a = h("a", { href: await mediaUrl(media), download: media.name || "file" });
-        a.click();
-      } catch (e) {
-        $("thread-error").textContent = `Download failed: ${e.message} (${e.code})`;
-      }
-    },
-  }, "📎 " + label);
+  // A 404: its uploader deleted it.
+  const gone = (e) => {
+    if (e.status !== 404) return false;
+    goneMedia.add(media.media_id);
+    renderThread();
+    return true;
+  };
+  let view;
+  if (INLINE_IMAGE_TYPES.includes(media.mime)) {
+    view = h("img", { class: "media-img", alt: media.name || "photo", title: label, "data-media-id": media.media_id });
+    mediaUrl(media).then((url) => { view.src = url; }, (e) => { if (!gone(e)) view.alt = "could not load " + label; });
+  } else {
+    view = h("a", {
+      class: "media-file", href: "#", "data-media-id": media.media_id,
+      onclick: async (ev) => {
+        ev.preventDefault();
+        try {
+          const a = h("a", { href: await mediaUrl(media), download: media.name || "file" });
+          a.click();
+        } catch (e) {
+          if (!gone(e)) $("thread-error").textContent = `Download failed: ${e.message} (${e.code})`;
+        }
+      },
+    }, "📎 " + label);
+  }
+  if (!mine) return view;
+  return h("span", { class: "media" }, view,
+    h("button", { type: "button", class: "delete-media", title: "delete this upload: nobody can open it any more",
+      onclick: () => deleteMedia(media) }, "🗑"));
+}
+
+/** Delete one's own upload; the messages that carried it then show it as gone. */
+async function deleteMedia(media) {
+  $("thread-error").textContent = "";
+  try {
+    await request("DELETE", "/v1/media/" + media.media_id, {});
+  } catch (e) {
+    // Already gone (deleted from another device) is what was asked for.
+    if (e.code !== "unknown_media") {
+      $("thread-error").textContent = `Could not delete: ${e.message} (${e.code})`;
+      return;
+    }
+  }
+  goneMedia.add(media.media_id);
+  const url = mediaUrls.get(media.media_id);
+  mediaUrls.delete(media.media_id);
+  if (url) url.then((u) => URL.revokeObjectURL(u), () => {});
+  renderThread();
 }
 
 /** One line for the chat list. */
@@ -1106,7 +1146,7 @@ function renderThread() {
       "data-state": tick,
     },
     c.kind === "group" && !mine ? h("span", { class: "sender" }, state.users.get(m.sender) || m.sender.slice(0, 8)) : null,
-    m.media ? mediaView(m.media) : null,
+    m.media ? mediaView(m.media, mine) : null,
     h("span", { class: "body" }, m.body),
     h("span", { class: "meta" }, formatTime(m.sent_at_ms), mine ? h("span", { class: "ticks " + tick, title: tick }, tick === "sent" ? "✓" : "✓✓") : null));
   });

@@ -353,6 +353,21 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     tick_of(&alice, first, "read").await.unwrap();
     tick_of(&alice, third, "read").await.unwrap();
 
+    // Alice deletes her photo (🗑, only on her own): her chat shows it gone at once, Bob's photo
+    // keeps its picture, and after another reload the server's 404 shows it gone too.
+    let own_photo = format!("{MINE_ACKED} .delete-media");
+    assert_eq!(texts(&alice, &own_photo).await.unwrap().len(), 1, "a 🗑 on her own photo");
+    assert!(texts(&alice, &format!("{THEIRS} .delete-media")).await.unwrap().is_empty(), "none on Bob's");
+    alice.click(&own_photo).await.unwrap();
+    let gone = "return [...document.querySelectorAll('#messages .media-gone')].map((e) => e.textContent).join('|')
+                  === arguments[0];";
+    let want = vec![json!("🚫 beach.png (73 B) is no longer available")];
+    alice.wait_for("her photo gone", gone, want.clone()).await.unwrap();
+    see_photo(&alice, "Bob's photo, not hers", THEIRS, "from the other node").await.unwrap();
+    reload(&alice, &url(0)).await.unwrap();
+    open_conversation_titled(&alice, &bob_name).await.unwrap();
+    alice.wait_for("the deleted photo after a reload (a 404)", gone, want).await.unwrap();
+
     alice.close().await;
     bob.close().await;
     cluster.nodes.stop_all().await;
