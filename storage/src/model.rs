@@ -153,9 +153,31 @@ pub struct Committed {
 /// group member removed mid-flight) can be added without changing every caller's shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MessageResult {
-    /// Stored now, or earlier (`ack.duplicate`) under the same idempotency key
-    /// (conversation, sender, client_msg_id).
+    /// Stored by this commit.
     Stored(StoredAck),
+    /// Stored before under the same idempotency key (conversation, sender, client_msg_id), by an
+    /// earlier commit or earlier in this batch: `ack` is the original's (`ack.duplicate` set) and
+    /// `original` what it holds. The commit returns it so that the shard can push the original
+    /// again (a retry may follow a crash between commit and fan-out) without reading it back —
+    /// one read per duplicate made a resend storm cost one query each (BENCHMARKS.md, session 18).
+    Duplicate { ack: StoredAck, original: Original },
+}
+
+impl MessageResult {
+    /// The ack the sender gets, whichever the case.
+    pub fn ack(&self) -> &StoredAck {
+        match self {
+            MessageResult::Stored(ack) | MessageResult::Duplicate { ack, .. } => ack,
+        }
+    }
+}
+
+/// What a stored message holds beyond its ack: a retry's own body and attachment may differ, and
+/// recipients must only ever get the original's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Original {
+    pub body: String,
+    pub media: Option<MediaRef>,
 }
 
 /// A conversation as one shard knows it (defined in the protocol: it crosses nodes).

@@ -989,7 +989,7 @@ impl ShardStore for SqliteShard {
             let mut applied = Vec::with_capacity(batch.cursors.len());
             {
                 let mut find = tx.prepare_cached(
-                    "SELECT seq, message_id, sent_at_ms FROM messages
+                    "SELECT seq, message_id, sent_at_ms, body, media FROM messages
                      WHERE conversation_id = ?1 AND sender = ?2 AND client_msg_id = ?3",
                 )?;
                 let mut counter = tx.prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")?;
@@ -998,27 +998,41 @@ impl ShardStore for SqliteShard {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 let mut next: HashMap<ConversationId, u64> = HashMap::new();
-                let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), StoredAck> = HashMap::new();
+                // Per idempotency key of the batch: its ack and what its original holds.
+                let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), (StoredAck, Original)> =
+                    HashMap::new();
                 for m in &batch.messages {
                     let key = (m.conversation_id, m.sender, m.client_msg_id.clone());
-                    if let Some(first) = in_batch.get(&key) {
-                        results.push(MessageResult::Stored(StoredAck { duplicate: true, ..first.clone() }));
+                    if let Some((first, original)) = in_batch.get(&key) {
+                        let ack = StoredAck { duplicate: true, ..first.clone() };
+                        results.push(MessageResult::Duplicate { ack, original: original.clone() });
                         continue;
                     }
                     let existing = find
                         .query_row(
                             params![m.conversation_id.0.as_bytes().to_vec(), m.sender.0.as_bytes().to_vec(), m.client_msg_id.as_str()],
-                            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
+                            |r| {
+                                Ok((
+                                    r.get::<_, i64>(0)?,
+                                    r.get::<_, Vec<u8>>(1)?,
+                                    r.get::<_, i64>(2)?,
+                                    r.get::<_, String>(3)?,
+                                    r.get::<_, Option<String>>(4)?,
+                                ))
+                            },
                         )
                         .optional()?;
-                    let ack = match existing {
-                        Some((seq, id, sent_at_ms)) => StoredAck {
-                            message_id: MessageId(uuid_of(id)?),
-                            conversation_id: m.conversation_id,
-                            seq: seq as u64,
-                            sent_at_ms,
-                            duplicate: true,
-                        },
+                    let (ack, original) = match existing {
+                        Some((seq, id, sent_at_ms, body, media)) => (
+                            StoredAck {
+                                message_id: MessageId(uuid_of(id)?),
+                                conversation_id: m.conversation_id,
+                                seq: seq as u64,
+                                sent_at_ms,
+                                duplicate: true,
+                            },
+                            Original { body, media: crate::media_from_json(media)? },
+                        ),
                         None => {
                             let seq = match next.get(&m.conversation_id) {
                                 Some(s) => *s,
@@ -1041,17 +1055,22 @@ impl ShardStore for SqliteShard {
                                 epoch.0 as i64,
                                 crate::media_to_json(&m.media),
                             ])?;
-                            StoredAck {
+                            let ack = StoredAck {
                                 message_id: m.message_id,
                                 conversation_id: m.conversation_id,
                                 seq,
                                 sent_at_ms: m.sent_at_ms,
                                 duplicate: false,
-                            }
+                            };
+                            (ack, Original { body: m.body.clone(), media: m.media.clone() })
                         }
                     };
-                    in_batch.insert(key, ack.clone());
-                    results.push(MessageResult::Stored(ack));
+                    results.push(if ack.duplicate {
+                        MessageResult::Duplicate { ack: ack.clone(), original: original.clone() }
+                    } else {
+                        MessageResult::Stored(ack.clone())
+                    });
+                    in_batch.insert(key, (ack, original));
                 }
                 let mut bump = tx.prepare_cached(
                     "INSERT INTO conversations (conversation_id, last_seq) VALUES (?1, ?2)

@@ -157,7 +157,7 @@ impl Writer {
         for (message, result) in batch.into_iter().zip(&committed.messages) {
             #[allow(unreachable_patterns)]
             let ack = match result {
-                MessageResult::Stored(ack) => ack,
+                MessageResult::Stored(ack) | MessageResult::Duplicate { ack, .. } => ack,
                 other => anyhow::bail!("expected a stored message, got {other:?}"),
             };
             if !ack.duplicate {

@@ -18,6 +18,7 @@ const T: Duration = Duration::from_secs(15);
 parley_tests::both_backends!(
     chat_with_acks_delivery_and_read_receipts,
     resend_with_same_client_id_is_stored_once,
+    a_resend_storm_pushes_the_originals_again_and_stores_nothing,
     kill9_and_restart_lose_no_acked_message,
     bad_input_is_refused_and_changes_nothing,
     stale_epoch_writes_are_refused,
@@ -971,6 +972,74 @@ async fn resend_with_same_client_id_is_stored_once(pg: bool) {
     let other =
         http.history(&alice.token, ConversationId::direct(alice.user_id, carol.user_id), None, None).await.unwrap();
     assert_eq!(other.messages.len(), 1);
+}
+
+/// A client that lost its acks resends everything (say after its node died): each resend is
+/// answered with the original's ack, and stores nothing. The originals are pushed again — the
+/// retries may follow a crash between commit and fan-out — as the commit read them, never the
+/// retry's body (here every retry says something else), however many retries share a commit.
+/// (A session pushes a message once, so it is Bob's reconnected device, whose cursor is past them
+/// and whose sync was empty, that sees the re-push.)
+async fn a_resend_storm_pushes_the_originals_again_and_stores_nothing(pg: bool) {
+    const N: u64 = 50;
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a = http.connect(&alice.token, "a1").await.unwrap();
+    let mut b = http.connect(&bob.token, "b1").await.unwrap();
+    for conn in [&mut a, &mut b] {
+        conn.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    }
+    pipeline(&mut a, bob.user_id, "s-", 0..N).await;
+    let mut firsts = std::collections::HashMap::new();
+    for i in 0..N {
+        let ack = a.expect_ack(&cid(&format!("s-{i}")), T).await.unwrap();
+        let ServerFrame::Ack { message_id, seq, duplicate: false, .. } = ack else { panic!("s-{i}: {ack:?}") };
+        firsts.insert(i, (message_id, seq));
+        expect_message(&mut b, &format!("m{i}")).await;
+    }
+    let conversation = ConversationId::direct(alice.user_id, bob.user_id);
+    b.send(&ClientFrame::Delivered { conversation_id: conversation, seq: N }).await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Delivered, seq, .. } if *seq == N))
+        .await
+        .unwrap();
+    b.close().await;
+    let mut b = http.connect(&bob.token, "b1").await.unwrap();
+    b.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    assert!(!b.buffered().any(|f| matches!(f, ServerFrame::Message { .. })), "nothing to sync");
+
+    // All resent at once, each with another body.
+    for i in 0..N {
+        let frame = ClientFrame::Send {
+            client_msg_id: cid(&format!("s-{i}")),
+            to: Some(bob.user_id),
+            conversation_id: None,
+            body: format!("changed {i}"),
+            media_id: None,
+        };
+        a.send(&frame).await.unwrap();
+    }
+    for i in 0..N {
+        match a.expect_ack(&cid(&format!("s-{i}")), T).await.unwrap() {
+            ServerFrame::Ack { message_id, seq, duplicate: true, .. } => {
+                assert_eq!((message_id, seq), firsts[&i], "s-{i}: the original's ack");
+            }
+            other => panic!("s-{i}: expected a duplicate's ack, got {other:?}"),
+        }
+    }
+    let mut again = Vec::new();
+    while again.len() < N as usize {
+        match b.expect(T, |f| matches!(f, ServerFrame::Message { .. })).await {
+            Ok(ServerFrame::Message { message }) => again.push((message.seq, message.body)),
+            other => panic!("{other:?} after {again:?}"),
+        }
+    }
+    let want: Vec<(u64, String)> = (0..N).map(|i| (firsts[&i].1, format!("m{i}"))).collect();
+    assert_eq!(again, want, "the originals, pushed again in order");
+    let page = http.history(&bob.token, conversation, None, None).await.unwrap();
+    assert_eq!(page.messages.len(), N as usize, "nothing new stored");
 }
 
 async fn kill9_and_restart_lose_no_acked_message(pg: bool) {

@@ -189,13 +189,23 @@ fn cursors(cursors: Vec<CursorUpdate>) -> WriteBatch {
     WriteBatch { messages: vec![], cursors }
 }
 
-/// The ack of a stored message. A match rather than a `let` so that a refusal variant added to
-/// `MessageResult` later fails the check that meets it instead of the build.
+/// The ack of a stored message, new or a duplicate. A match rather than [`MessageResult::ack`] so
+/// that a refusal variant added to `MessageResult` later fails the check that meets it instead of
+/// the build.
 #[allow(unreachable_patterns)]
 fn ack(result: &MessageResult) -> Result<&StoredAck> {
     match result {
-        MessageResult::Stored(ack) => Ok(ack),
+        MessageResult::Stored(ack) | MessageResult::Duplicate { ack, .. } => Ok(ack),
         other => anyhow::bail!("expected a stored message, got {other:?}"),
+    }
+}
+
+/// The body and media a duplicate's original holds (what the shard pushes again); `None` for a
+/// message stored now.
+fn original_of(result: &MessageResult) -> Option<(&str, Option<&MediaRef>)> {
+    match result {
+        MessageResult::Duplicate { original, .. } => Some((original.body.as_str(), original.media.as_ref())),
+        _ => None,
     }
 }
 
@@ -833,6 +843,13 @@ async fn retry_in_later_commit_returns_the_original(f: &Fixture) -> Result<()> {
     let results = store.commit(epoch, &messages(vec![retry])).await?.messages;
     let dup = ack(&results[0])?;
     assert_eq!(*dup, StoredAck { duplicate: true, ..first.clone() }, "the original's ids");
+    assert_eq!(original_of(&results[0]), Some(("hello", None)), "the original's body, not the retry's");
+    assert_eq!(
+        original_of(
+            &store.commit(epoch, &messages(vec![msg(new_conversation(), alice, "y1", "new")])).await?.messages[0]
+        ),
+        None
+    );
 
     let (page, _) = store.history(c1, None, 100).await?;
     assert_eq!(page.len(), 1, "nothing new stored");
@@ -862,8 +879,22 @@ async fn repeat_within_a_batch_is_a_duplicate_of_the_first(f: &Fixture) -> Resul
     assert_eq!(*acks[1], StoredAck { duplicate: true, ..acks[0].clone() });
     assert_eq!((acks[2].seq, acks[2].duplicate, acks[2].message_id), (2, false, batch[2].message_id));
     assert_eq!(*acks[3], StoredAck { duplicate: true, ..acks[0].clone() });
+    let originals: Vec<_> = results.iter().map(original_of).collect();
+    assert_eq!(originals, vec![None, Some(("first", None)), None, Some(("first", None))], "the first's body");
     let (page, _) = store.history(c1, None, 100).await?;
     assert_eq!(page.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), vec!["first", "bob's"]);
+    // A later retry of a key stored with media gets that media back.
+    let photo = MediaRef {
+        media_id: MediaId(Uuid::new_v4()),
+        mime: "image/png".into(),
+        size: 3,
+        name: None,
+        sha256: "00".repeat(32),
+    };
+    let with_photo = NewMessage { media: Some(photo.clone()), ..msg(c1, alice, "p", "caption") };
+    store.commit(epoch, &messages(vec![with_photo])).await?;
+    let retry = store.commit(epoch, &messages(vec![msg(c1, alice, "p", "other")])).await?.messages;
+    assert_eq!(original_of(&retry[0]), Some(("caption", Some(&photo))));
     Ok(())
 }
 
@@ -886,6 +917,7 @@ async fn client_id_is_scoped_to_its_conversation(f: &Fixture) -> Result<()> {
     );
     let retry = store.commit(epoch, &messages(vec![msg(c2, alice, "k", "to c2 again")])).await?.messages;
     assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..second }, "c2's original, not c1's");
+    assert_eq!(original_of(&retry[0]), Some(("to c2", None)));
     let retry = store.commit(epoch, &messages(vec![msg(c1, alice, "k", "to c1 again")])).await?.messages;
     assert_eq!(*ack(&retry[0])?, StoredAck { duplicate: true, ..first }, "c1's original");
     assert_eq!(seqs(&store.history(c1, None, 100).await?.0), vec![1]);

@@ -120,8 +120,6 @@ fn refuse(ctx: &NodeContext, sends: impl IntoIterator<Item = PendingSend>, code:
 
 pub struct ShardState {
     ctx: Arc<NodeContext>,
-    /// For reading back the stored original of a duplicate before re-pushing it.
-    reader: Arc<dyn ShardStore>,
     shard: ShardId,
     epoch: Epoch,
     store: ActorRef<StoreMsg>,
@@ -221,19 +219,29 @@ impl ShardState {
         let mut acks = Vec::with_capacity(sends.len());
         for (p, result) in sends.into_iter().zip(results.messages) {
             match result {
-                MessageResult::Stored(ack) if ack.duplicate => {
-                    // Push the stored original again before acking: the retry may come after a
-                    // crash between commit and fan-out, and recipients must still get it. Read it
-                    // back (off the actor) so that a retry with another body cannot push that body.
-                    let (ctx, reader) = (self.ctx.clone(), self.reader.clone());
-                    tokio::spawn(async move {
-                        if let Ok((page, _)) = reader.history(ack.conversation_id, Some(ack.seq + 1), 1).await {
-                            if let Some(original) = page.into_iter().find(|m| m.seq == ack.seq) {
-                                ctx.fan_out(&p.cmd.members, UserEvent::Message(original), p.cmd.origin_session);
-                            }
-                        }
-                        answer(&ctx, p.reply, SendOutcome::Stored(ack));
+                MessageResult::Duplicate { ack, original } => {
+                    // Push the stored original again, with this commit's fan-out and before the
+                    // ack: the retry may come after a crash between commit and fan-out, and
+                    // recipients must still get it. The original as the commit read it, never the
+                    // retry's own body; and in bulk, so a resend storm after a failover costs what
+                    // the same number of new messages does.
+                    let SendCommand { sender, client_msg_id, members, origin_session, .. } = p.cmd;
+                    let view = MessageView {
+                        message_id: ack.message_id,
+                        conversation_id: ack.conversation_id,
+                        seq: ack.seq,
+                        sender,
+                        client_msg_id,
+                        body: original.body,
+                        sent_at_ms: ack.sent_at_ms,
+                        media: original.media,
+                    };
+                    deliveries.push(Delivery {
+                        users: members,
+                        event: UserEvent::Message(view),
+                        skip_session: origin_session,
                     });
+                    acks.push((p.reply, ack));
                 }
                 MessageResult::Stored(ack) => {
                     let SendCommand { sender, client_msg_id, members, body, origin_session, media, .. } = p.cmd;
@@ -357,7 +365,6 @@ impl Actor for ShardActor {
     type Arguments = ShardArgs;
 
     async fn pre_start(&self, me: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
-        let reader = args.store.clone();
         // The history cache (if the shard's group has a Redis) lives exactly as long as this
         // actor and its epoch: a successor never reads what this one cached.
         let cache = args.ctx.stores.cache(args.shard).map(|c| c.shard(args.shard, args.epoch));
@@ -366,7 +373,6 @@ impl Actor for ShardActor {
         tracing::info!(shard = %args.shard, epoch = %args.epoch, "shard serving");
         Ok(ShardState {
             ctx: args.ctx,
-            reader,
             shard: args.shard,
             epoch: args.epoch,
             store,

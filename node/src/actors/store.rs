@@ -39,7 +39,7 @@ fn new_messages(batch: &WriteBatch, committed: &Committed) -> Vec<MessageView> {
         .iter()
         .zip(&committed.messages)
         .filter_map(|(m, result)| match result {
-            MessageResult::Stored(ack) if !ack.duplicate => Some(MessageView {
+            MessageResult::Stored(ack) => Some(MessageView {
                 message_id: ack.message_id,
                 conversation_id: m.conversation_id,
                 seq: ack.seq,
@@ -49,7 +49,7 @@ fn new_messages(batch: &WriteBatch, committed: &Committed) -> Vec<MessageView> {
                 sent_at_ms: ack.sent_at_ms,
                 media: m.media.clone(),
             }),
-            MessageResult::Stored(_) => None,
+            MessageResult::Duplicate { .. } => None,
         })
         .collect()
 }

@@ -223,6 +223,8 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
     let mut fences: HashMap<i32, i64> = HashMap::with_capacity(shards.len());
     let mut last_seqs: HashMap<Uuid, i64> = HashMap::new();
     let mut acks: Vec<Option<StoredAck>> = vec![None; total];
+    // What a candidate stored before holds (`None` for one stored now: its own body is the original).
+    let mut originals: Vec<Option<Original>> = vec![None; total];
     let conversation_at = |index: usize| -> Option<ConversationId> {
         let job = offsets.partition_point(|&o| o <= index).checked_sub(1)?;
         jobs[job].batch.messages.get(index - offsets[job]).map(|m| m.conversation_id)
@@ -240,13 +242,18 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
         let conversation_id = conversation_at(index).ok_or_else(bad_index)?;
         let seq: Option<i64> = row.try_get(3)?;
         let seq = seq.ok_or_else(|| StorageError::Corrupt("a stored message without a seq".into()))?;
+        let duplicate: bool = row.try_get(6)?;
         acks[index] = Some(StoredAck {
             message_id: MessageId(row.try_get(4)?),
             conversation_id,
             seq: from_db(seq, "seq")?,
             sent_at_ms: row.try_get(5)?,
-            duplicate: row.try_get(6)?,
+            duplicate,
         });
+        if duplicate {
+            let body: String = row.try_get(7)?;
+            originals[index] = Some(Original { body, media: crate::media_from_json(row.try_get(8)?)? });
+        }
     }
 
     let mut out = Vec::with_capacity(jobs.len());
@@ -264,7 +271,17 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
             let mut ack =
                 acks[offset + first].clone().ok_or_else(|| StorageError::Corrupt("unresolved batch slot".into()))?;
             ack.duplicate |= repeat.is_some();
-            results.push(MessageResult::Stored(ack));
+            if !ack.duplicate {
+                results.push(MessageResult::Stored(ack));
+                continue;
+            }
+            // Stored before this commit (the row read back), or by it as this batch's first
+            // occurrence of the key (that occurrence's own body).
+            let original = originals[offset + first].clone().unwrap_or_else(|| {
+                let m = &job.batch.messages[first];
+                Original { body: m.body.clone(), media: m.media.clone() }
+            });
+            results.push(MessageResult::Duplicate { ack, original });
         }
         // Each update as applied: clamped to its conversation's last seq after this commit.
         let cursors = job
@@ -305,7 +322,8 @@ async fn attempt(pool: &Pool, jobs: &[Job]) -> Result<Vec<Result<Committed>>> {
 ///   acknowledge messages that do not exist yet. Cursors only move forward (`GREATEST`).
 ///
 /// Output: per fenced shard one row (`ord` NULL, shard, epoch); per candidate its group index,
-/// seq, message id, sent-at and whether it was stored before; per receipt conversation one row
+/// seq, message id, sent-at and whether it was stored before (then also the stored body and
+/// media, which the shard pushes again instead of the retry's); per receipt conversation one row
 /// (`ord` and shard NULL, last seq, conversation id in the message-id column).
 const COMMIT_SQL: &str = "
 WITH cand AS (
@@ -315,9 +333,9 @@ WITH cand AS (
 ), fence AS (
     SELECT shard, epoch FROM shard_leases WHERE shard = ANY($10::int[]) FOR KEY SHARE
 ), old AS (
-    SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms
+    SELECT cand.ord, x.seq, x.message_id, x.sent_at_ms, x.body, x.media
     FROM cand CROSS JOIN LATERAL (
-        SELECT seq, message_id, sent_at_ms FROM messages
+        SELECT seq, message_id, sent_at_ms, body, media FROM messages
         WHERE conversation_id = cand.c AND sender = cand.u AND client_msg_id = cand.k AND shard = cand.s
         LIMIT 1
     ) x
@@ -358,14 +376,16 @@ WITH cand AS (
         delivered_seq = GREATEST(cursors.delivered_seq, EXCLUDED.delivered_seq),
         read_seq = GREATEST(cursors.read_seq, EXCLUDED.read_seq)
 )
-SELECT NULL::bigint, shard, epoch, NULL::bigint, NULL::uuid, NULL::bigint, NULL::boolean FROM fence
+SELECT NULL::bigint, shard, epoch, NULL::bigint, NULL::uuid, NULL::bigint, NULL::boolean, NULL::text, NULL::text
+FROM fence
 UNION ALL
-SELECT ord, NULL::int, NULL::bigint, seq, message_id, sent_at_ms, true FROM old
+SELECT ord, NULL::int, NULL::bigint, seq, message_id, sent_at_ms, true, body, media FROM old
 UNION ALL
-SELECT f.ord, NULL::int, NULL::bigint, b.last_seq - f.back, f.m, f.at, false
+SELECT f.ord, NULL::int, NULL::bigint, b.last_seq - f.back, f.m, f.at, false, NULL::text, NULL::text
 FROM fresh f JOIN bump b ON b.conversation_id = f.c
 UNION ALL
-SELECT NULL::bigint, NULL::int, NULL::bigint, last_seq, c, NULL::bigint, NULL::boolean FROM last";
+SELECT NULL::bigint, NULL::int, NULL::bigint, last_seq, c, NULL::bigint, NULL::boolean, NULL::text, NULL::text
+FROM last";
 
 /// A commit statement's error: a NULL seq means a counter row owned by another shard (see
 /// [`COMMIT_SQL`]); anything else is Postgres's own.
