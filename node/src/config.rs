@@ -78,11 +78,12 @@ pub struct StorageConfig {
     pub dir: PathBuf,
     /// Postgres URL. Prefer `PARLEY_DATABASE_URL` so that passwords stay out of the file.
     pub postgres_url: Option<String>,
-    /// Postgres connections per node for reads, leases and accounts (the group commits have
-    /// their own, `commit_slots` more).
+    /// Postgres connections per node for reads and accounts (the group commits have their own,
+    /// `commit_slots` more, and the leases theirs: `parley_storage::pg::LEASE_POOL_SIZE` more plus
+    /// one for the session locks, so that reads can never hold up a lease's renewal).
     pub pool_size: usize,
     /// Postgres group commits a node keeps in flight (1..=pool_size), each on a connection of its
-    /// own (so a node opens at most `pool_size + commit_slots`). Fewer make larger groups and cost
+    /// own (so a node opens at most `pool_size + commit_slots + 3`). Fewer make larger groups and cost
     /// the database less CPU per message; see `parley_storage::DEFAULT_COMMIT_SLOTS`.
     pub commit_slots: usize,
 }

@@ -90,6 +90,11 @@ const MAX_LEASE_TTL_MS: u64 = 10 * 60 * 1_000;
 /// How long a caller waits for a pooled connection before failing with `Pool`. Queries here take
 /// milliseconds; waiting longer only hides an overloaded or unreachable database from the caller.
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections of a node's lease pool. Lease statements are single-row and short; a node renews
+/// each of its shards about once a second, so two connections leave room for an acquire or a
+/// release running beside the renewals.
+pub const LEASE_POOL_SIZE: usize = 2;
 /// How long opening one connection may take (TCP connect plus authentication).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -118,6 +123,10 @@ macro_rules! ms {
 #[derive(Clone)]
 pub struct PgBackend {
     pool: Pool,
+    /// Leases only (acquire, renew, release, read): the control plane never waits behind reads.
+    /// On the shared pool, a burst of history reads, syncs or media downloads could hold every
+    /// connection past a lease's renewal and cost the node its shards.
+    lease_pool: Pool,
     locks: Arc<SessionLocks>,
     /// Every shard's commits go through here (group commit, see [`commit`]).
     committer: commit::Committer,
@@ -195,17 +204,19 @@ fn pool(config: tokio_postgres::Config, size: usize) -> Result<Pool> {
 }
 
 impl PgBackend {
-    /// Connect with up to `pool_size` pooled connections for reads, leases and accounts, plus
+    /// Connect with up to `pool_size` pooled connections for reads and accounts, plus
     /// `commit_slots` connections of the group committer's own (at most that many groups in
-    /// flight; their settings: [`commit_connection_config`]), and bring the schema up to date.
+    /// flight; their settings: [`commit_connection_config`]), [`LEASE_POOL_SIZE`] for leases and
+    /// one for the session locks, and bring the schema up to date.
     pub async fn open(url: &str, pool_size: usize, commit_slots: usize) -> Result<Self> {
         let config = connection_config(url)?;
         let main = pool(config.clone(), pool_size)?;
         migrate(&main).await?;
         let slots = commit_slots.clamp(1, pool_size.max(1));
         let committer = commit::Committer::start(pool(commit_connection_config(url)?, slots)?, slots);
+        let lease_pool = pool(config.clone(), LEASE_POOL_SIZE)?;
         let locks = SessionLocks { config, state: tokio::sync::Mutex::new(LockConn::default()) };
-        Ok(PgBackend { pool: main, locks: Arc::new(locks), committer })
+        Ok(PgBackend { pool: main, lease_pool, locks: Arc::new(locks), committer })
     }
 
     pub fn directory(&self) -> PgDirectory {
@@ -925,7 +936,7 @@ impl PgShard {
     /// The lease transaction of [`ShardStore::acquire_lease`].
     async fn grant(&self, owner: &str, ttl_ms: i64, lock: SessionLock) -> Result<Option<LeaseGrant>> {
         let shard = self.shard_db();
-        let mut client = self.backend.pool.get().await?;
+        let mut client = self.backend.lease_pool.get().await?;
         let tx = client.transaction().await?;
         let create = tx
             .prepare_cached(
@@ -960,7 +971,7 @@ impl PgShard {
 
     /// The lease row's owner and epoch (none and 0 when there is no row yet).
     async fn current_lease(&self) -> Result<(Option<String>, u64)> {
-        let client = self.backend.pool.get().await?;
+        let client = self.backend.lease_pool.get().await?;
         let stmt = client.prepare_cached("SELECT owner, epoch FROM shard_leases WHERE shard = $1").await?;
         match client.query_opt(&stmt, &[&self.shard_db()]).await? {
             Some(row) => Ok((row.try_get(0)?, from_db(row.try_get(1)?, "epoch")?)),
@@ -996,7 +1007,7 @@ impl ShardStore for PgShard {
     async fn renew_lease(&self, owner: &str, epoch: Epoch, ttl_ms: u64) -> Result<LeaseGrant> {
         let ttl = to_db(ttl_ms.clamp(1, MAX_LEASE_TTL_MS));
         let renewed = {
-            let client = self.backend.pool.get().await?;
+            let client = self.backend.lease_pool.get().await?;
             let stmt = client
                 .prepare_cached(concat!(
                     "UPDATE shard_leases SET expires_at = now() + $4::bigint * interval '1 millisecond'
@@ -1022,7 +1033,7 @@ impl ShardStore for PgShard {
 
     async fn release_lease(&self, owner: &str, epoch: Epoch) -> Result<()> {
         {
-            let client = self.backend.pool.get().await?;
+            let client = self.backend.lease_pool.get().await?;
             let stmt = client
                 .prepare_cached(
                     "UPDATE shard_leases SET owner = NULL, expires_at = now() - interval '1 millisecond'
@@ -1036,7 +1047,7 @@ impl ShardStore for PgShard {
     }
 
     async fn lease_info(&self) -> Result<LeaseInfo> {
-        let client = self.backend.pool.get().await?;
+        let client = self.backend.lease_pool.get().await?;
         let stmt = client
             .prepare_cached(concat!(
                 "SELECT l.owner, COALESCE(l.epoch, 0), COALESCE(",

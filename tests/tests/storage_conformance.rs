@@ -1306,6 +1306,49 @@ async fn cursors_never_move_backwards(f: &Fixture) -> Result<()> {
 // Postgres only
 // ---------------------------------------------------------------------------------------------
 
+/// Leases have connections of their own: with the read pool's only connection stuck (a history
+/// read waiting on a lock the test holds), a shard's lease is still renewed and read, and another
+/// shard acquired. On the shared pool each of them waited for the read, so a burst of reads could
+/// hold a renewal past the lease's expiry and cost the node its shards.
+#[tokio::test]
+async fn postgres_leases_do_not_wait_behind_reads() -> Result<()> {
+    let pg = TestPostgres::start().await?;
+    let config = StoreConfig::Postgres { url: pg.url().to_string(), pool_size: 1, commit_slots: 1 };
+    let stores = parley_storage::open(&config).await?;
+    let shard = stores.shard(ShardId(7)).await?;
+    let grant = shard.acquire_lease("node-a", LONG_TTL_MS).await?.context("fresh shard")?;
+
+    let mut blocker = pg.connect().await?;
+    let tx = blocker.transaction().await?;
+    tx.batch_execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE").await?;
+    let reader = shard.clone();
+    let stuck = tokio::spawn(async move { reader.history(new_conversation(), None, 10).await });
+    let watcher = pg.connect().await?;
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'messages'::regclass
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while watcher.query_one(waiting, &[]).await?.get::<_, i64>(0) == 0 {
+        ensure!(tokio::time::Instant::now() < deadline, "the read never started waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let bound = Duration::from_secs(5);
+    tokio::time::timeout(bound, shard.renew_lease("node-a", grant.epoch, LONG_TTL_MS))
+        .await
+        .context("the renewal waited behind the read")??;
+    tokio::time::timeout(bound, shard.lease_info()).await.context("reading the lease waited")??;
+    let other = stores.shard(ShardId(8)).await?;
+    tokio::time::timeout(bound, other.acquire_lease("node-a", LONG_TTL_MS))
+        .await
+        .context("the acquire waited behind the read")??
+        .context("a free shard")?;
+    ensure!(!stuck.is_finished(), "the read was waiting all along");
+    tx.rollback().await?;
+    let (page, _) = stuck.await??;
+    ensure!(page.is_empty(), "the read completes once the lock is gone");
+    Ok(())
+}
+
 /// Nodes that start together migrate the shared database exactly once (the advisory lock), and
 /// every one of them can use it afterwards.
 #[tokio::test]

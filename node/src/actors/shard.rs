@@ -218,55 +218,33 @@ impl ShardState {
         let mut deliveries = Vec::with_capacity(sends.len() + receipts.len());
         let mut acks = Vec::with_capacity(sends.len());
         for (p, result) in sends.into_iter().zip(results.messages) {
-            match result {
-                MessageResult::Duplicate { ack, original } => {
-                    // Push the stored original again, with this commit's fan-out and before the
-                    // ack: the retry may come after a crash between commit and fan-out, and
-                    // recipients must still get it. The original as the commit read it, never the
-                    // retry's own body; and in bulk, so a resend storm after a failover costs what
-                    // the same number of new messages does.
-                    let SendCommand { sender, client_msg_id, members, origin_session, .. } = p.cmd;
-                    let view = MessageView {
-                        message_id: ack.message_id,
-                        conversation_id: ack.conversation_id,
-                        seq: ack.seq,
-                        sender,
-                        client_msg_id,
-                        body: original.body,
-                        sent_at_ms: ack.sent_at_ms,
-                        media: original.media,
-                    };
-                    deliveries.push(Delivery {
-                        users: members,
-                        event: UserEvent::Message(view),
-                        skip_session: origin_session,
-                    });
-                    acks.push((p.reply, ack));
-                }
+            let SendCommand { sender, client_msg_id, members, body, origin_session, media, .. } = p.cmd;
+            let (ack, body, media) = match result {
                 MessageResult::Stored(ack) => {
-                    let SendCommand { sender, client_msg_id, members, body, origin_session, media, .. } = p.cmd;
                     if ack.conversation_id.is_group() {
                         self.remember_sender(ack.conversation_id, ack.seq, sender);
                     }
                     self.notify_offline(&members, sender, &ack, &body, media.as_ref());
-                    let view = MessageView {
-                        message_id: ack.message_id,
-                        conversation_id: ack.conversation_id,
-                        seq: ack.seq,
-                        sender,
-                        client_msg_id,
-                        body,
-                        sent_at_ms: ack.sent_at_ms,
-                        media,
-                    };
-                    deliveries.push(Delivery {
-                        users: members,
-                        event: UserEvent::Message(view),
-                        skip_session: origin_session,
-                    });
-                    acks.push((p.reply, ack));
+                    (ack, body, media)
                 }
-            }
+                // A retry: its stored original is pushed again, with this commit's fan-out and
+                // before the ack, since the retry may follow a crash between commit and fan-out.
+                // The original as the commit read it, never the retry's own body; and in bulk, so
+                // a resend storm after a failover costs what as many new messages do.
+                MessageResult::Duplicate { ack, original } => (ack, original.body, original.media),
+            };
+            let view = MessageView {
+                message_id: ack.message_id,
+                conversation_id: ack.conversation_id,
+                seq: ack.seq,
+                sender,
+                client_msg_id,
+                body,
+                sent_at_ms: ack.sent_at_ms,
+                media,
+            };
+            deliveries.push(Delivery { users: members, event: UserEvent::Message(view), skip_session: origin_session });
+            acks.push((p.reply, ack));
         }
         // Receipts announce the seq as stored, clamped to the conversation's last message: a client
         // claiming to have read the future does not make the sender's messages look read.
