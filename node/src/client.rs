@@ -189,7 +189,8 @@ impl Client {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
-    /// `GET /v1/media`: how much of their upload quota the caller uses.
+    /// `GET /v1/media`: how much of their upload quota the caller uses, and the newest page of
+    /// their uploads.
     pub async fn media_usage(&self, token: &str) -> Result<parley_protocol::http::MediaUsage> {
         self.call("GET", "/v1/media", Some(token), None).await
     }

@@ -146,7 +146,9 @@ pub struct HealthResponse {
     pub node: String,
 }
 
-/// `GET /v1/media`: how much of their upload quota the caller uses.
+/// `GET /v1/media?limit=&before=`: how much of their upload quota the caller uses, and a page of
+/// their uploads, newest first — how a client finds what to delete, including uploads that were
+/// never sent in a message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MediaUsage {
     /// Uploads the caller has stored (deleted ones no longer count).
@@ -155,6 +157,30 @@ pub struct MediaUsage {
     pub used_bytes: u64,
     /// `limits.media_quota_bytes` of the node that answered.
     pub quota_bytes: u64,
+    /// Up to `limit` (default `DEFAULT_PAGE`, at most `MAX_PAGE`) uploads, newest first.
+    pub items: Vec<MediaItem>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// One of the caller's uploads in [`MediaUsage`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaItem {
+    #[serde(flatten)]
+    pub media: crate::media::MediaRef,
+    /// When it was uploaded (ms since the epoch, server clock).
+    pub created_at_ms: i64,
+}
+
+/// `GET /v1/media`: the page asked for.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MediaListQuery {
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// A `next` from an earlier answer.
+    #[serde(default)]
+    pub before: Option<String>,
 }
 
 /// `POST /v1/media?name=…`: the query. The body is the file's bytes and `Content-Type` its type;

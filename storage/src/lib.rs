@@ -84,6 +84,9 @@ pub trait Directory: Send + Sync + 'static {
     async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()>;
     /// How many uploads `owner` has stored, and their total size.
     async fn media_totals(&self, owner: UserId) -> Result<MediaTotals>;
+    /// Up to `limit` of `owner`'s uploads, newest first (by upload time, then id), starting after
+    /// `before` (an upload's `(created_at_ms, id)`, exclusive; `None`: from the newest).
+    async fn media_list(&self, owner: UserId, before: Option<(i64, MediaId)>, limit: u32) -> Result<Vec<MediaRecord>>;
     /// Delete an upload (description and bytes) if it is `owner`'s. Messages that carried it keep
     /// its description; fetching it answers unknown from then on.
     async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion>;

@@ -652,6 +652,21 @@ impl Directory for PgDirectory {
         Ok(MediaTotals { uploads: from_db(uploads, "upload count")?, bytes: from_db(bytes, "media total")? })
     }
 
+    async fn media_list(&self, owner: UserId, before: Option<(i64, MediaId)>, limit: u32) -> Result<Vec<MediaRecord>> {
+        let (before_ms, before_id) = before.map_or((i64::MAX, Uuid::max()), |(ms, id)| (ms, id.0));
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms FROM media
+                 WHERE owner = $1 AND (created_at_ms, media_id) < ($2, $3)
+                 ORDER BY created_at_ms DESC, media_id DESC LIMIT $4",
+            )
+            .await?;
+        let limit = i64::from(limit.clamp(1, MAX_ROWS));
+        let rows = client.query(&stmt, &[&owner.0, &before_ms, &before_id, &limit]).await?;
+        rows.iter().map(media_record).collect()
+    }
+
     async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion> {
         let client = self.pool.get().await?;
         let delete = client.prepare_cached("DELETE FROM media WHERE media_id = $1 AND owner = $2").await?;

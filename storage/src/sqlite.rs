@@ -201,8 +201,9 @@ CREATE TABLE IF NOT EXISTS media (
     bytes BLOB NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
--- A user's uploads, summed for their quota on every upload (covering: the bytes are not read).
-CREATE INDEX IF NOT EXISTS media_owner ON media (owner, size);
+-- A user's uploads, summed for their quota on every upload and listed newest first (covering for
+-- the sum: the bytes are not read).
+CREATE INDEX IF NOT EXISTS media_owner_time ON media (owner, created_at_ms, media_id, size);
 ";
 
 /// Add `column` to `table` with `ddl` unless it is there: how files made by an older version are
@@ -401,6 +402,24 @@ impl Directory for SqliteDirectory {
             )?;
             let count = |v: i64, what: &str| u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{what} {v}")));
             Ok(MediaTotals { uploads: count(uploads, "upload count")?, bytes: count(bytes, "media total")? })
+        })
+        .await
+    }
+
+    async fn media_list(&self, owner: UserId, before: Option<(i64, MediaId)>, limit: u32) -> Result<Vec<MediaRecord>> {
+        let (before_ms, before_id) = before.map_or((i64::MAX, Uuid::max()), |(ms, id)| (ms, id.0));
+        let limit = limit.clamp(1, MAX_ROWS);
+        with(&self.media, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT media_id, owner, mime, name, size, sha256, created_at_ms FROM media
+                 WHERE owner = ?1 AND (created_at_ms, media_id) < (?2, ?3)
+                 ORDER BY created_at_ms DESC, media_id DESC LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(
+                params![owner.0.as_bytes().to_vec(), before_ms, before_id.as_bytes().to_vec(), limit],
+                media_row,
+            )?;
+            rows.map(|r| media_record(r?)).collect()
         })
         .await
     }

@@ -177,10 +177,11 @@ async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool)
         let (http, token) = (http.clone(), alice.token.clone());
         async move { http.upload_media(&token, vec![b'x'; size], "application/octet-stream", None).await }
     };
-    let usage = |uploads, used_bytes| MediaUsage { uploads, used_bytes, quota_bytes: 3000 };
+    let usage = |uploads: u64, used_bytes: u64| (uploads, used_bytes, 3000u64);
+    let totals = |u: MediaUsage| (u.uploads, u.used_bytes, u.quota_bytes);
     let first = upload(1000).await.unwrap();
     upload(1500).await.unwrap();
-    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(2, 2500));
+    assert_eq!(totals(http.media_usage(&alice.token).await.unwrap()), usage(2, 2500));
 
     // 600 more do not fit; of two racing 500s exactly one does (the store decides, not the check
     // made before the body is read).
@@ -189,7 +190,7 @@ async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool)
     let (x, y) = tokio::join!(upload(500), upload(500));
     let codes: Vec<_> = [&x, &y].iter().map(|r| r.as_ref().err().and_then(|e| e.code())).collect();
     assert!(codes.contains(&None) && codes.contains(&Some(ErrorCode::MediaQuotaExceeded)), "{codes:?}");
-    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(3, 3000));
+    assert_eq!(totals(http.media_usage(&alice.token).await.unwrap()), usage(3, 3000));
     assert_eq!(stored_uploads(&backend).await, 3, "refused uploads store nothing");
     let (status, body) = http.raw("GET", "/v1/media", Some(&bob.token), None).await.unwrap();
     assert_eq!((status, body["used_bytes"].as_u64()), (200, Some(0)), "bob's use is his own");
@@ -230,8 +231,31 @@ async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool)
         let (got, err) = http.raw("DELETE", &path, token, None).await.unwrap();
         assert_eq!((got, err["error"].as_str()), (status, Some(code)), "DELETE {path}");
     }
-    assert_eq!(http.media_usage(&alice.token).await.unwrap(), usage(2, 2000));
+    assert_eq!(totals(http.media_usage(&alice.token).await.unwrap()), usage(2, 2000));
     upload(1000).await.expect("the freed room takes an upload");
+
+    // The list finds every upload, sent or not, newest first, a page at a time.
+    let all = http.media_usage(&alice.token).await.unwrap();
+    assert_eq!((all.items.len(), all.next.as_deref()), (3, None));
+    assert!(all.items.windows(2).all(|w| w[0].created_at_ms >= w[1].created_at_ms), "newest first");
+    assert!(all.items.iter().all(|i| i.media.media_id != first.media_id), "not the deleted one");
+    let mut paged = Vec::new();
+    let mut path = "/v1/media?limit=1".to_string();
+    loop {
+        let (status, page) = http.raw("GET", &path, Some(&alice.token), None).await.unwrap();
+        assert_eq!(status, 200, "{page}");
+        let page: MediaUsage = serde_json::from_value(page).unwrap();
+        paged.extend(page.items.into_iter().map(|i| i.media.media_id));
+        match page.next {
+            Some(next) => path = format!("/v1/media?limit=1&before={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all.items.iter().map(|i| i.media.media_id).collect::<Vec<_>>(), "pages cover the list once");
+    for bad in ["/v1/media?limit=0", "/v1/media?limit=501", "/v1/media?before=yesterday"] {
+        let (status, err) = http.raw("GET", bad, Some(&alice.token), None).await.unwrap();
+        assert_eq!((status, err["error"].as_str()), (400, Some("invalid_field")), "{bad}");
+    }
 }
 
 /// The `presence` frame of `user` that `conn` gets next (others are kept for later).

@@ -15,9 +15,11 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use parley_protocol::cluster::SyncRequest;
 use parley_protocol::frames::{ConversationKind, ReceiptKind};
-use parley_protocol::{ClientMsgId, ConversationId, DeviceId, MessageId, ShardId, UserId};
+use parley_protocol::media::MediaRef;
+use parley_protocol::{ClientMsgId, ConversationId, DeviceId, MediaId, MessageId, ShardId, UserId};
 use parley_storage::{
-    now_ms, token_hash, CursorUpdate, NewMessage, PushSubscriptionRecord, StoreConfig, UserRecord, WriteBatch,
+    now_ms, sha256_hex, token_hash, CursorUpdate, MediaDeletion, MediaRecord, NewMessage, PushSubscriptionRecord,
+    StoreConfig, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 
@@ -102,6 +104,28 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
         directory.set_muted(alice.id, conversation, Some(now_ms() + 60_000)).await?;
         ensure!(directory.muted(alice.id, now_ms()).await?.len() == 1, "one muted conversation");
         ensure!(directory.conversation(conversation).await?.is_some(), "conversation record");
+        // Media: every upload sums its owner's uploads (the quota), and `GET /v1/media` also
+        // lists them by pages; a send reads the description and a download the bytes by id; the
+        // uploader deletes.
+        let bytes = vec![round as u8; 10];
+        let media = MediaRef {
+            media_id: MediaId(uuid::Uuid::new_v4()),
+            mime: "image/png".into(),
+            size: bytes.len() as u64,
+            name: None,
+            sha256: sha256_hex(&bytes),
+        };
+        let record = MediaRecord { media, owner: alice.id, created_at_ms: now_ms() };
+        directory.put_media(&record, &bytes, 1 << 30).await?;
+        ensure!(directory.media_totals(alice.id).await?.uploads == 1, "alice's upload");
+        let listed = directory.media_list(alice.id, None, 10).await?;
+        ensure!(listed.len() == 1, "alice's list");
+        directory.media_list(alice.id, Some((listed[0].created_at_ms, listed[0].media.media_id)), 10).await?;
+        ensure!(directory.media(record.media.media_id).await?.is_some(), "its description");
+        ensure!(directory.media_bytes(record.media.media_id).await?.is_some(), "its bytes");
+        let deleted = directory.delete_media(record.media.media_id, alice.id).await?;
+        ensure!(deleted == MediaDeletion::Deleted, "deleted by its uploader");
+        ensure!(directory.delete_media(record.media.media_id, bob.id).await? == MediaDeletion::Unknown, "gone");
 
         let store = stores.shard(ShardId(3)).await?;
         let epoch = match round {

@@ -383,6 +383,28 @@ async fn media_quota_holds_across_nodes_and_deleting_frees_room(f: &Fixture) -> 
     let (fits, bytes) = upload(alice.id, 100);
     d.put_media(&fits, &bytes, QUOTA).await?;
     assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 10, bytes: 1_000 });
+
+    // Listed newest first (time, then id), a page at a time, each exactly once; only one's own.
+    let all = d.media_list(alice.id, None, 100).await?;
+    let key = |r: &MediaRecord| (r.created_at_ms, r.media.media_id);
+    ensure!(all.windows(2).all(|w| key(&w[0]) > key(&w[1])), "newest first");
+    let ids: Vec<MediaId> = all.iter().map(|r| r.media.media_id).collect();
+    ensure!(ids.len() == 10 && !ids.contains(&victim) && ids.contains(&fits.media.media_id), "{ids:?}");
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = other.media_list(alice.id, before, 3).await?;
+        paged.extend(page.iter().map(|r| r.media.media_id));
+        match page.last() {
+            Some(last) if page.len() == 3 => before = Some(key(last)),
+            _ => break,
+        }
+    }
+    assert_eq!(paged, ids, "pages cover the list once, in order");
+    assert_eq!(
+        d.media_list(bob.id, None, 100).await?.iter().map(|r| r.media.media_id).collect::<Vec<_>>(),
+        vec![bobs.media.media_id]
+    );
     Ok(())
 }
 

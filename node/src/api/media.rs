@@ -23,8 +23,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parley_protocol::error::ErrorCode;
-use parley_protocol::http::{MediaUploadQuery, MediaUsage, UserView};
-use parley_protocol::limits::{MAX_MEDIA_BYTES, MAX_UPLOADS_IN_FLIGHT};
+use parley_protocol::http::{MediaItem, MediaListQuery, MediaUploadQuery, MediaUsage, UserView};
+use parley_protocol::limits::{DEFAULT_PAGE, MAX_MEDIA_BYTES, MAX_PAGE, MAX_UPLOADS_IN_FLIGHT};
 use parley_protocol::media::{normalize_mime, validate_media_name, MediaRef};
 use parley_protocol::MediaId;
 use parley_storage::{now_ms, sha256_hex, MediaDeletion, MediaRecord};
@@ -143,17 +143,31 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
             Ok::<_, Rejection>(json(&record.media, StatusCode::CREATED))
         });
 
-    let usage = warp::path!("v1" / "media").and(warp::get()).and(authed(ctx.clone())).and_then(
-        |ctx: Arc<NodeContext>, me: UserView| async move {
-            let totals = ctx.stores.directory.media_totals(me.id).await.map_err(NodeError::from)?;
+    let usage = warp::path!("v1" / "media")
+        .and(warp::get())
+        .and(authed(ctx.clone()))
+        .and(warp::query::<MediaListQuery>())
+        .and_then(|ctx: Arc<NodeContext>, me: UserView, query: MediaListQuery| async move {
+            let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+            if !(1..=MAX_PAGE).contains(&limit) {
+                return Err(reject(ErrorCode::InvalidField, format!("limit must be 1 to {MAX_PAGE}")));
+            }
+            let before = query.before.as_deref().map(parse_cursor).transpose()?;
+            let directory = &ctx.stores.directory;
+            let totals = directory.media_totals(me.id).await.map_err(NodeError::from)?;
+            let page = directory.media_list(me.id, before, limit).await.map_err(NodeError::from)?;
+            let next = (page.len() == limit as usize)
+                .then(|| page.last().map(|r| format!("{}.{}", r.created_at_ms, r.media.media_id)))
+                .flatten();
             let usage = MediaUsage {
                 uploads: totals.uploads,
                 used_bytes: totals.bytes,
                 quota_bytes: ctx.config.limits.media_quota_bytes,
+                items: page.into_iter().map(|r| MediaItem { media: r.media, created_at_ms: r.created_at_ms }).collect(),
+                next,
             };
             Ok::<_, Rejection>(json(&usage, StatusCode::OK))
-        },
-    );
+        });
 
     let delete = warp::path!("v1" / "media" / String).and(warp::delete()).and(authed(ctx.clone())).and_then(
         |id: String, ctx: Arc<NodeContext>, me: UserView| async move {
@@ -215,6 +229,13 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
         );
 
     upload.or(usage).unify().or(delete).unify().or(download).unify().boxed()
+}
+
+/// A `before` cursor (`<created_at_ms>.<media_id>`, as `next` gave it).
+fn parse_cursor(cursor: &str) -> Result<(i64, MediaId), Rejection> {
+    let bad = || reject(ErrorCode::InvalidField, "before must be a `next` from an earlier answer");
+    let (ms, id) = cursor.split_once('.').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, id.parse().map_err(|_| bad())?))
 }
 
 fn etag(media: &MediaRef) -> String {
