@@ -14,7 +14,8 @@
 // - A photo or file is uploaded first (`POST /v1/media`, §5 "Media"), then sent like any message with its
 //   `media_id`. Media is fetched with the bearer token and shown from a `blob:` URL; only raster
 //   image types are shown inline, everything else is a download link. One's own uploads carry a 🗑
-//   (`DELETE /v1/media/:id`); a deleted upload (a 404) shows as no longer available.
+//   (`DELETE /v1/media/:id`); a deleted upload (a 404) shows as no longer available. "My uploads"
+//   (`GET /v1/media`) lists them with the quota's use, also those never sent.
 // - Notifications (§5 "Push notifications") are this browser's Web Push subscription, registered
 //   with the server while signed in; ui/sw.js shows them. Signing out ends them (the server drops
 //   the subscriptions of a token that is logged out); the next sign-in on a browser that allowed
@@ -834,7 +835,8 @@ function mediaUrl(media) {
 function formatSize(n) {
   if (n < 1024) return n + " B";
   if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
-  return (n / 1024 / 1024).toFixed(1) + " MB";
+  if (n < 1024 * 1024 * 1024) return (n / 1024 / 1024).toFixed(1) + " MB";
+  return (n / 1024 / 1024 / 1024).toFixed(1) + " GB";
 }
 
 // media_id of uploads known to be deleted (a fetch answered 404, or deleted from this page): shown
@@ -879,6 +881,22 @@ function mediaView(media, mine) {
       onclick: () => deleteMedia(media) }, "🗑"));
 }
 
+/** "My uploads": the quota's use and the newest uploads (`GET /v1/media`), each deletable — also
+ * uploads that never made it into a message. */
+async function loadUploads() {
+  try {
+    const u = await api("GET", "/v1/media?limit=100");
+    const count = u.uploads === 1 ? "1 upload" : u.uploads + " uploads";
+    $("uploads-usage").textContent = `${count} · ${formatSize(u.used_bytes)} of ${formatSize(u.quota_bytes)}`;
+    $("uploads").replaceChildren(...u.items.map((m) => h("li", { "data-media-id": m.media_id },
+      h("span", { class: "upload-name" }, (m.name || m.mime) + " (" + formatSize(m.size) + ")"),
+      h("button", { type: "button", class: "delete-upload", title: "delete this upload: nobody can open it any more",
+        onclick: () => deleteMedia(m) }, "🗑"))));
+  } catch (e) {
+    $("uploads-usage").textContent = `Uploads could not be loaded: ${e.message} (${e.code})`;
+  }
+}
+
 /** Delete one's own upload; the messages that carried it then show it as gone. */
 async function deleteMedia(media) {
   $("thread-error").textContent = "";
@@ -896,6 +914,7 @@ async function deleteMedia(media) {
   mediaUrls.delete(media.media_id);
   if (url) url.then((u) => URL.revokeObjectURL(u), () => {});
   renderThread();
+  if ($("uploads-box").open) loadUploads();
 }
 
 /** One line for the chat list. */
@@ -1319,6 +1338,8 @@ $("rename-form").addEventListener("submit", (ev) => { ev.preventDefault(); renam
 $("add-members").addEventListener("click", addMembers);
 $("mute").addEventListener("click", toggleMute);
 $("refresh-people").addEventListener("click", (ev) => { ev.preventDefault(); loadPeople(); });
+$("refresh-uploads").addEventListener("click", (ev) => { ev.preventDefault(); loadUploads(); });
+$("uploads-box").addEventListener("toggle", () => { if ($("uploads-box").open) loadUploads(); });
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);
   if (c) requestHistory(c, Math.min(...c.messages.keys()));

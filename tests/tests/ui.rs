@@ -353,8 +353,17 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
     tick_of(&alice, first, "read").await.unwrap();
     tick_of(&alice, third, "read").await.unwrap();
 
-    // Alice deletes her photo (🗑, only on her own): her chat shows it gone at once, Bob's photo
-    // keeps its picture, and after another reload the server's 404 shows it gone too.
+    // "My uploads" lists her photo and what it takes of her quota.
+    // Opened as a click on its title does (a WebDriver click lands on the summary's centre, which
+    // is its ↻ button); opening is what loads the list.
+    alice.eval("document.getElementById('uploads-box').open = true;", vec![]).await.unwrap();
+    let uploads = "return document.getElementById('uploads-usage').textContent === arguments[0]
+                      && document.querySelectorAll('#uploads li').length === arguments[1];";
+    alice.wait_for("her one upload", uploads, vec![json!("1 upload · 73 B of 1.0 GB"), json!(1)]).await.unwrap();
+
+    // Alice deletes her photo (🗑, only on her own): her chat shows it gone at once, and her
+    // uploads no longer list it; Bob's photo keeps its picture, and after another reload the
+    // server's 404 shows hers gone too.
     let own_photo = format!("{MINE_ACKED} .delete-media");
     assert_eq!(texts(&alice, &own_photo).await.unwrap().len(), 1, "a 🗑 on her own photo");
     assert!(texts(&alice, &format!("{THEIRS} .delete-media")).await.unwrap().is_empty(), "none on Bob's");
@@ -363,6 +372,7 @@ async fn two_browsers_chat_across_nodes_and_survive_a_node_kill() {
                   === arguments[0];";
     let want = vec![json!("🚫 beach.png (73 B) is no longer available")];
     alice.wait_for("her photo gone", gone, want.clone()).await.unwrap();
+    alice.wait_for("no uploads left", uploads, vec![json!("0 uploads · 0 B of 1.0 GB"), json!(0)]).await.unwrap();
     see_photo(&alice, "Bob's photo, not hers", THEIRS, "from the other node").await.unwrap();
     reload(&alice, &url(0)).await.unwrap();
     open_conversation_titled(&alice, &bob_name).await.unwrap();
