@@ -589,11 +589,8 @@ async fn pg_connect(url: &str) -> Option<tokio_postgres::Client> {
 
 /// The postmaster of the Postgres at `url` (parent of our backend), to read its CPU time.
 async fn postmaster_pid(url: &str) -> Option<u32> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
-    let task = tokio::spawn(conn);
+    let client = pg_connect(url).await?;
     let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.ok()?.get(0);
-    drop(client);
-    task.abort();
     machine::parent_of(pid as u32)
 }
 

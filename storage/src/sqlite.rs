@@ -1017,14 +1017,24 @@ impl ShardStore for SqliteShard {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?;
                 let mut next: HashMap<ConversationId, u64> = HashMap::new();
-                // Per idempotency key of the batch: its ack and what its original holds.
-                let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), (StoredAck, Original)> =
-                    HashMap::new();
-                for m in &batch.messages {
+                // Per idempotency key of the batch: the index of its first occurrence.
+                let mut in_batch: HashMap<(ConversationId, UserId, ClientMsgId), usize> = HashMap::new();
+                for (i, m) in batch.messages.iter().enumerate() {
                     let key = (m.conversation_id, m.sender, m.client_msg_id.clone());
-                    if let Some((first, original)) = in_batch.get(&key) {
-                        let ack = StoredAck { duplicate: true, ..first.clone() };
-                        results.push(MessageResult::Duplicate { ack, original: original.clone() });
+                    if let Some(&first) = in_batch.get(&key) {
+                        // A repeat: of a message stored before (its original as read back), or of
+                        // one this batch stores (that occurrence's own body).
+                        let repeat = match &results[first] {
+                            MessageResult::Duplicate { ack, original } => {
+                                MessageResult::Duplicate { ack: ack.clone(), original: original.clone() }
+                            }
+                            MessageResult::Stored(ack) => {
+                                let m = &batch.messages[first];
+                                let original = Original { body: m.body.clone(), media: m.media.clone() };
+                                MessageResult::Duplicate { ack: StoredAck { duplicate: true, ..ack.clone() }, original }
+                            }
+                        };
+                        results.push(repeat);
                         continue;
                     }
                     let existing = find
@@ -1041,17 +1051,17 @@ impl ShardStore for SqliteShard {
                             },
                         )
                         .optional()?;
-                    let (ack, original) = match existing {
-                        Some((seq, id, sent_at_ms, body, media)) => (
-                            StoredAck {
+                    let result = match existing {
+                        Some((seq, id, sent_at_ms, body, media)) => MessageResult::Duplicate {
+                            ack: StoredAck {
                                 message_id: MessageId(uuid_of(id)?),
                                 conversation_id: m.conversation_id,
                                 seq: seq as u64,
                                 sent_at_ms,
                                 duplicate: true,
                             },
-                            Original { body, media: crate::media_from_json(media)? },
-                        ),
+                            original: Original { body, media: crate::media_from_json(media)? },
+                        },
                         None => {
                             let seq = match next.get(&m.conversation_id) {
                                 Some(s) => *s,
@@ -1074,22 +1084,17 @@ impl ShardStore for SqliteShard {
                                 epoch.0 as i64,
                                 crate::media_to_json(&m.media),
                             ])?;
-                            let ack = StoredAck {
+                            MessageResult::Stored(StoredAck {
                                 message_id: m.message_id,
                                 conversation_id: m.conversation_id,
                                 seq,
                                 sent_at_ms: m.sent_at_ms,
                                 duplicate: false,
-                            };
-                            (ack, Original { body: m.body.clone(), media: m.media.clone() })
+                            })
                         }
                     };
-                    results.push(if ack.duplicate {
-                        MessageResult::Duplicate { ack: ack.clone(), original: original.clone() }
-                    } else {
-                        MessageResult::Stored(ack.clone())
-                    });
-                    in_batch.insert(key, (ack, original));
+                    results.push(result);
+                    in_batch.insert(key, i);
                 }
                 let mut bump = tx.prepare_cached(
                     "INSERT INTO conversations (conversation_id, last_seq) VALUES (?1, ?2)
