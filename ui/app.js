@@ -20,6 +20,9 @@
 //   with the server while signed in; ui/sw.js shows them. Signing out ends them (the server drops
 //   the subscriptions of a token that is logged out); the next sign-in on a browser that allowed
 //   notifications registers them again for whoever signed in.
+// - Privacy (§5 "Privacy and contacts"): who may see one's last seen and online, chosen in the
+//   Privacy box and stored on the server (`/v1/me/privacy`); "contacts" are the people starred in
+//   People (`/v1/me/contacts`). What others may not see, the server never sends.
 
 const PROTOCOL_VERSION = 1;
 const HISTORY_PAGE = 50;
@@ -89,6 +92,7 @@ const state = {
   current: null,         // key of the open conversation
   picked: new Set(),     // people ticked for a new group
   presence: new Map(),   // user id -> {online, lastSeen} (users this connection watches)
+  contacts: new Set(),   // user ids on this user's contact list (starred in People)
   socket: null,
   connected: false,
   endpoints: [],         // ws URLs to try, this page's own node first
@@ -232,7 +236,7 @@ async function enter(auth) {
   $("me").textContent = auth.username;
   $("logout").hidden = false;
   show("chat");
-  await loadPeople();
+  await Promise.all([loadPeople(), loadContacts()]);
   connect();
   restoreNotifications();
 }
@@ -243,6 +247,7 @@ function signOut(reason) {
   store.auth = null;
   state.auth = null;
   state.convs.clear();
+  state.contacts.clear();
   state.current = null;
   if (state.socket) { state.socket.onclose = null; state.socket.close(1000); state.socket = null; }
   clearTimeout(state.reconnectTimer);
@@ -263,6 +268,60 @@ async function loadPeople() {
     watchPresence();
   } catch (e) {
     if (state.auth) $("thread-error").textContent = `People could not be loaded: ${e.message}`;
+  }
+}
+
+/** The contact list, for the stars in People. */
+async function loadContacts() {
+  try {
+    const list = await api("GET", "/v1/me/contacts");
+    state.contacts = new Set(list.contacts.map((u) => u.id));
+    renderPeople();
+  } catch (e) {
+    if (state.auth) $("thread-error").textContent = `Contacts could not be loaded: ${e.message}`;
+  }
+}
+
+/** Star (add) or unstar (remove) someone as a contact. */
+async function toggleContact(userId) {
+  const adding = !state.contacts.has(userId);
+  $("thread-error").textContent = "";
+  try {
+    await request(adding ? "PUT" : "DELETE", "/v1/me/contacts/" + userId, {});
+  } catch (e) {
+    // Removing someone already gone from the list (another device did it) is what was asked.
+    if (adding || e.code !== "not_found") {
+      $("thread-error").textContent = `Could not change your contacts: ${e.message} (${e.code})`;
+      return;
+    }
+  }
+  if (adding) state.contacts.add(userId); else state.contacts.delete(userId);
+  renderPeople();
+}
+
+/** The Privacy box shows what the server has stored. */
+async function loadPrivacy() {
+  try {
+    const p = await api("GET", "/v1/me/privacy");
+    $("privacy-last-seen").value = p.last_seen;
+    $("privacy-online").value = p.online;
+    $("privacy-form").dataset.loaded = "true";
+    $("privacy-status").textContent = "";
+  } catch (e) {
+    $("privacy-status").textContent = `Privacy settings could not be loaded: ${e.message} (${e.code})`;
+  }
+}
+
+/** Store the Privacy box's choice; on a refusal, show what is really stored. */
+async function savePrivacy() {
+  const settings = { last_seen: $("privacy-last-seen").value, online: $("privacy-online").value };
+  $("privacy-status").textContent = "saving…";
+  try {
+    await api("PUT", "/v1/me/privacy", settings);
+    $("privacy-status").textContent = "Saved";
+  } catch (e) {
+    await loadPrivacy();
+    $("privacy-status").textContent = `Not saved: ${e.message} (${e.code})`;
   }
 }
 
@@ -1086,7 +1145,12 @@ function renderPeople() {
       type: "checkbox", title: "add to a new group", checked: state.picked.has(id), disabled: id === me,
       onchange: (ev) => { if (ev.target.checked) state.picked.add(id); else state.picked.delete(id); },
     }),
-    h("button", { type: "button", class: "open-chat", onclick: () => chatWith(id) }, id === me ? `${name} (you)` : name))));
+    h("button", { type: "button", class: "open-chat", onclick: () => chatWith(id) }, id === me ? `${name} (you)` : name),
+    id === me ? null : h("button", {
+      type: "button", class: "contact-toggle", "data-contact": state.contacts.has(id) ? "true" : "false",
+      title: state.contacts.has(id) ? "a contact: remove from your contacts" : "add to your contacts",
+      onclick: () => toggleContact(id),
+    }, state.contacts.has(id) ? "★" : "☆"))));
 }
 
 function chatWith(userId) {
@@ -1340,6 +1404,9 @@ $("mute").addEventListener("click", toggleMute);
 $("refresh-people").addEventListener("click", (ev) => { ev.preventDefault(); loadPeople(); });
 $("refresh-uploads").addEventListener("click", (ev) => { ev.preventDefault(); loadUploads(); });
 $("uploads-box").addEventListener("toggle", () => { if ($("uploads-box").open) loadUploads(); });
+$("privacy-box").addEventListener("toggle", () => { if ($("privacy-box").open) loadPrivacy(); });
+$("privacy-last-seen").addEventListener("change", savePrivacy);
+$("privacy-online").addEventListener("change", savePrivacy);
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);
   if (c) requestHistory(c, Math.min(...c.messages.keys()));

@@ -12,6 +12,7 @@
 //! `405 method_not_allowed` only when the method filter comes second.
 
 pub mod media;
+pub mod privacy;
 pub mod push;
 pub mod upgrade;
 pub mod ws;
@@ -274,6 +275,8 @@ pub fn routes(
         .or(media::routes(ctx.clone()))
         .unify()
         .or(push::routes(ctx.clone()))
+        .unify()
+        .or(privacy::routes(ctx.clone()))
         .unify()
         .boxed();
     let rest = ws.or(seed).unify().or(index).unify().or(ui).unify().boxed();

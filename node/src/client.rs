@@ -167,6 +167,34 @@ impl Client {
         self.call("GET", "/v1/users", Some(token), None).await
     }
 
+    /// `GET /v1/me/privacy`: who may see the caller's presence.
+    pub async fn privacy(&self, token: &str) -> Result<parley_protocol::privacy::PrivacySettings> {
+        self.call("GET", "/v1/me/privacy", Some(token), None).await
+    }
+
+    /// `PUT /v1/me/privacy`: set who may see the caller's presence.
+    pub async fn set_privacy(
+        &self,
+        token: &str,
+        settings: parley_protocol::privacy::PrivacySettings,
+    ) -> Result<parley_protocol::privacy::PrivacySettings> {
+        let body = serde_json::to_value(settings).expect("settings serialize");
+        self.call("PUT", "/v1/me/privacy", Some(token), Some(body)).await
+    }
+
+    /// `GET /v1/me/contacts`: the caller's contacts.
+    pub async fn contacts(&self, token: &str) -> Result<Vec<UserView>> {
+        let list: parley_protocol::privacy::ContactsResponse =
+            self.call("GET", "/v1/me/contacts", Some(token), None).await?;
+        Ok(list.contacts)
+    }
+
+    /// `PUT /v1/me/contacts/:id` (`is_contact`) or `DELETE` it.
+    pub async fn set_contact(&self, token: &str, contact: UserId, is_contact: bool) -> Result<()> {
+        let method = if is_contact { "PUT" } else { "DELETE" };
+        self.no_content(method, &format!("/v1/me/contacts/{contact}"), token, None).await
+    }
+
     /// `POST /v1/media`: upload `bytes` as `content_type`, optionally named.
     pub async fn upload_media(
         &self,

@@ -117,6 +117,10 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
         let (ctx, directory) = (ctx.clone(), ctx.stores.directory.clone());
         tokio::spawn(async move { ctx.presence.run_writer(directory).await })
     };
+    let presence_refresher = {
+        let (ctx, directory) = (ctx.clone(), ctx.stores.directory.clone());
+        tokio::spawn(async move { ctx.presence.run_refresher(directory).await })
+    };
 
     let listener = bind_http(spec.http).with_context(|| format!("binding {}", spec.http))?;
     let bound = listener.local_addr()?;
@@ -159,6 +163,7 @@ pub async fn run(config: Config, spec: NodeSpec, shutdown: impl Future<Output = 
     let _ = tokio::time::timeout(Duration::from_secs(5), root_handle).await;
     // The sessions are gone: record when their users were last seen before the stores close.
     presence_writer.abort();
+    presence_refresher.abort();
     pusher.abort();
     match tokio::time::timeout(Duration::from_secs(5), ctx.presence.write_pending(&*ctx.stores.directory)).await {
         Ok(Ok(())) => {}

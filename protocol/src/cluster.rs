@@ -10,6 +10,7 @@ use crate::error::ErrorCode;
 use crate::frames::{GroupView, MessageView, ReceiptKind};
 use crate::ids::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 use crate::media::MediaRef;
+use crate::privacy::PrivacySettings;
 
 /// A send, as a session hands it to the shard that owns the conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +232,25 @@ pub enum NodePayload {
         groups: Vec<(ConversationId, Vec<UserId>)>,
     },
     GroupFloorsResult(Result<Vec<GroupFloor>, ErrorCode>),
+    /// Who may see `user`'s presence changed (PROTOCOL.md §5, "Privacy and contacts"): cast to
+    /// every live peer by the node that stored the change, so that nodes whose sessions watch
+    /// `user` filter the next change by it. `version` is `user`'s rules version after the change
+    /// (it grows by one per change, whichever node made it): a receiver keeps, per kind of change,
+    /// the newest it has seen, so casts from two nodes may arrive in any order.
+    PresenceRules {
+        user: UserId,
+        version: u64,
+        change: RulesChange,
+    },
+}
+
+/// One change of a user's presence rules ([`NodePayload::PresenceRules`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RulesChange {
+    /// The user's settings are now these.
+    Settings(PrivacySettings),
+    /// `contact` is now on the user's contact list, or no longer.
+    Contact { contact: UserId, is_contact: bool },
 }
 
 /// One send of a [`NodePayload::SendBatch`].

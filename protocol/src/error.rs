@@ -60,6 +60,8 @@ pub enum ErrorCode {
     /// An upload that would take the user's stored uploads past their quota
     /// (`limits.media_quota_bytes`); deleting uploads frees room (appended, as above).
     MediaQuotaExceeded,
+    /// Adding a contact past `MAX_CONTACTS`; removing one makes room (appended, as above).
+    TooManyContacts,
 }
 
 impl ErrorCode {
@@ -73,7 +75,7 @@ impl ErrorCode {
             SpoofedSender | Forbidden => 403,
             UnknownUser | UnknownConversation | NotFound | UnknownMedia => 404,
             MethodNotAllowed => 405,
-            UsernameTaken => 409,
+            UsernameTaken | TooManyContacts => 409,
             RateLimited => 429,
             Unavailable | SlowConsumer => 503,
             Internal => 500,
@@ -112,6 +114,7 @@ impl ErrorCode {
             UnknownMedia => "unknown_media",
             MediaTooLarge => "media_too_large",
             MediaQuotaExceeded => "media_quota_exceeded",
+            TooManyContacts => "too_many_contacts",
         }
     }
 }

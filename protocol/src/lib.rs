@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod limits;
 pub mod media;
+pub mod privacy;
 pub mod push;
 pub mod shard;
 

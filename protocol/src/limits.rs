@@ -59,6 +59,11 @@ pub const TYPING_SHOWN_MS: u64 = 6_000;
 /// of that user a frame to this connection.
 pub const MAX_PRESENCE_WATCH: usize = 256;
 
+/// Most users one account's contact list holds (`PUT /v1/me/contacts/:id`); one more is refused
+/// with `too_many_contacts`. Bounds the list a client fetches in one answer and the table's growth
+/// per account (WhatsApp's address book has no published cap; 5,000 is Facebook's friend limit).
+pub const MAX_CONTACTS: usize = 5_000;
+
 /// Largest media upload, in bytes (WhatsApp's long-standing limit for photos, video and audio).
 /// A node holds an upload in memory while it checks and stores it, so this times
 /// [`MAX_UPLOADS_IN_FLIGHT`] bounds the memory uploads can take on one node (128 MiB).

@@ -25,6 +25,7 @@ use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::media::MediaRef;
+use parley_protocol::privacy::PrivacySettings;
 use parley_protocol::{ConversationId, Epoch, MediaId, Seq, ShardId, UserId};
 
 pub use cache::{CacheOptions, CacheStats, RecentCache, ShardCache};
@@ -73,9 +74,21 @@ pub trait Directory: Send + Sync + 'static {
     /// moves forward: an older time than the stored one is ignored, so writers that race (every
     /// node that saw a peer die records its users) cannot move it back. Unknown users are skipped.
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()>;
-    /// The subset of `ids` that exist, each with its recorded last-seen time (`None`: never
-    /// recorded).
-    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>>;
+    /// The subset of `ids` that exist (each once), with what `watcher` may learn of their
+    /// presence: last seen, privacy settings, rules version and whether `watcher` is their
+    /// contact.
+    async fn presence_view(&self, watcher: UserId, ids: &[UserId]) -> Result<Vec<PresenceRecord>>;
+    /// A user's privacy settings and rules version (`None`: no such user).
+    async fn privacy(&self, user: UserId) -> Result<Option<(PrivacySettings, u64)>>;
+    /// Store a user's privacy settings and bump their rules version; the new version (`None`: no
+    /// such user). Changes of one user, from any node, are serialized and numbered in order.
+    async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>>;
+    /// `owner`'s contacts, by username.
+    async fn contacts(&self, owner: UserId) -> Result<Vec<UserView>>;
+    /// Add `contact` to `owner`'s contact list (`is_contact`), or remove it, bumping `owner`'s
+    /// rules version when something changed. An addition that would make the list longer than
+    /// `max` is refused. Serialized per owner with [`Directory::set_privacy`].
+    async fn set_contact(&self, owner: UserId, contact: UserId, is_contact: bool, max: usize) -> Result<ContactChange>;
     /// Store an upload's bytes under its (new, random) id, unless its owner's stored uploads
     /// would then pass `quota_bytes` ([`StorageError::MediaQuotaExceeded`], nothing stored). The
     /// check and the insert are one step per owner, on every node sharing the store: concurrent
@@ -341,6 +354,43 @@ pub(crate) fn media_from_json(column: Option<String>) -> Result<Option<MediaRef>
     column
         .map(|text| serde_json::from_str(&text).map_err(|e| StorageError::Corrupt(format!("message media: {e}"))))
         .transpose()
+}
+
+/// How both stores keep [`PrivacySettings`]: (last seen, online) as small codes.
+pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16) {
+    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O};
+    let last_seen = match settings.last_seen {
+        L::Everyone => 0,
+        L::Contacts => 1,
+        L::Nobody => 2,
+    };
+    let online = match settings.online {
+        O::Everyone => 0,
+        O::SameAsLastSeen => 1,
+    };
+    (last_seen, online)
+}
+
+/// The inverse of [`privacy_codes`]; an unknown code is corruption, not a default.
+pub(crate) fn privacy_from_codes(last_seen: i16, online: i16) -> Result<PrivacySettings> {
+    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O};
+    let last_seen = match last_seen {
+        0 => L::Everyone,
+        1 => L::Contacts,
+        2 => L::Nobody,
+        other => return Err(StorageError::Corrupt(format!("last seen audience {other}"))),
+    };
+    let online = match online {
+        0 => O::Everyone,
+        1 => O::SameAsLastSeen,
+        other => return Err(StorageError::Corrupt(format!("online audience {other}"))),
+    };
+    Ok(PrivacySettings { last_seen, online })
+}
+
+/// A stored rules version (never negative).
+pub(crate) fn version_of(v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("rules version {v}")))
 }
 
 /// Lower-case hex SHA-256 of an upload's bytes (what `MediaRef::sha256` carries).

@@ -3,6 +3,7 @@
 use parley_protocol::cluster::StoredAck;
 use parley_protocol::frames::{ConversationKind, ReceiptKind};
 use parley_protocol::media::MediaRef;
+use parley_protocol::privacy::PrivacySettings;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MessageId, Seq, ShardId, UserId};
 
 /// A user as stored, with the argon2 PHC string of the password.
@@ -95,6 +96,33 @@ pub enum MediaDeletion {
     NotOwner,
     /// No upload has that id (never had, or deleted before).
     Unknown,
+}
+
+/// What a watcher may know of one user's presence, as the directory holds it: one read, so the
+/// version, the settings and the contact flag agree with each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub user: UserId,
+    /// When they were last seen (`None`: never recorded). Unfiltered: the node applies `settings`.
+    pub last_seen_ms: Option<i64>,
+    pub settings: PrivacySettings,
+    /// The user's rules version: grows by one with each change of their settings or contacts.
+    pub version: u64,
+    /// Whether the watcher is on this user's contact list.
+    pub watcher_is_contact: bool,
+}
+
+/// What adding or removing a contact did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContactChange {
+    /// Done; the owner's rules version is now this.
+    Changed { version: u64 },
+    /// It already was so (added twice, or removed when absent): nothing written.
+    Unchanged,
+    /// The contact (or the owner) is not a user.
+    UnknownUser,
+    /// Adding would pass the list's limit: nothing written.
+    TooMany,
 }
 
 /// A user's stored uploads, counted for their quota.

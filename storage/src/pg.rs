@@ -49,12 +49,13 @@ use parley_protocol::cluster::{SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView};
 use parley_protocol::http::UserView;
 use parley_protocol::media::MediaRef;
+use parley_protocol::privacy::PrivacySettings;
 use parley_protocol::{ClientMsgId, ConversationId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use tokio_postgres::{NoTls, Row};
 use uuid::Uuid;
 
 use crate::model::*;
-use crate::{Directory, Result, ShardStore, StorageError};
+use crate::{privacy_codes, privacy_from_codes, version_of, Directory, Result, ShardStore, StorageError};
 
 mod commit;
 
@@ -68,6 +69,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (6, include_str!("pg/0006_mute.sql")),
     (7, include_str!("pg/0007_message_id_index.sql")),
     (8, include_str!("pg/0008_media_owner.sql")),
+    (9, include_str!("pg/0009_privacy.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -600,16 +602,114 @@ impl Directory for PgDirectory {
         Ok(())
     }
 
-    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>> {
+    async fn presence_view(&self, watcher: UserId, ids: &[UserId]) -> Result<Vec<PresenceRecord>> {
         let ids: Vec<Uuid> = distinct(ids).into_iter().map(|u| u.0).collect();
+        let client = self.pool.get().await?;
+        // One statement, so a user's version, settings and contact flag come from one snapshot.
+        let stmt = client
+            .prepare_cached(
+                "SELECT u.id, u.last_seen_ms, u.last_seen_audience, u.online_audience, u.rules_version,
+                        EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = $2)
+                 FROM UNNEST($1::uuid[]) AS k(id)
+                 CROSS JOIN LATERAL (SELECT id, last_seen_ms, last_seen_audience, online_audience, rules_version
+                                     FROM users WHERE id = k.id LIMIT 1) u",
+            )
+            .await?;
+        client
+            .query(&stmt, &[&ids, &watcher.0])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(PresenceRecord {
+                    user: UserId(r.try_get(0)?),
+                    last_seen_ms: r.try_get(1)?,
+                    settings: privacy_from_codes(r.try_get(2)?, r.try_get(3)?)?,
+                    version: version_of(r.try_get(4)?)?,
+                    watcher_is_contact: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn privacy(&self, user: UserId) -> Result<Option<(PrivacySettings, u64)>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT last_seen_audience, online_audience, rules_version FROM users WHERE id = $1")
+            .await?;
+        match client.query_opt(&stmt, &[&user.0]).await? {
+            Some(r) => Ok(Some((privacy_from_codes(r.try_get(0)?, r.try_get(1)?)?, version_of(r.try_get(2)?)?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>> {
+        let (last_seen, online) = privacy_codes(settings);
+        let client = self.pool.get().await?;
+        // The row lock orders this against the user's other rule changes on every node.
+        let stmt = client
+            .prepare_cached(
+                "UPDATE users SET last_seen_audience = $2, online_audience = $3, rules_version = rules_version + 1
+                 WHERE id = $1 RETURNING rules_version",
+            )
+            .await?;
+        match client.query_opt(&stmt, &[&user.0, &last_seen, &online]).await? {
+            Some(r) => Ok(Some(version_of(r.try_get(0)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn contacts(&self, owner: UserId) -> Result<Vec<UserView>> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT u.id, u.last_seen_ms FROM UNNEST($1::uuid[]) AS k(id)
-                 CROSS JOIN LATERAL (SELECT id, last_seen_ms FROM users WHERE id = k.id LIMIT 1) u",
+                // A keyed probe per contact, whatever plan empty tables suggested (see pg_plans).
+                "SELECT u.id, u.username FROM contacts c
+                 CROSS JOIN LATERAL (SELECT id, username FROM users WHERE id = c.contact LIMIT 1) u
+                 WHERE c.owner = $1 ORDER BY u.username",
             )
             .await?;
-        client.query(&stmt, &[&ids]).await?.iter().map(|r| Ok((UserId(r.try_get(0)?), r.try_get(1)?))).collect()
+        client.query(&stmt, &[&owner.0]).await?.iter().map(user_view).collect()
+    }
+
+    async fn set_contact(&self, owner: UserId, contact: UserId, is_contact: bool, max: usize) -> Result<ContactChange> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // Locks the owner's row to the commit: two changes of one owner's list (any node) run one
+        // after the other, so the count below cannot be passed by two additions together.
+        let lock = tx.prepare_cached("SELECT 1 FROM users WHERE id = $1 FOR UPDATE").await?;
+        if tx.query_opt(&lock, &[&owner.0]).await?.is_none() {
+            return Ok(ContactChange::UnknownUser);
+        }
+        let changed = if is_contact {
+            let exists = tx.prepare_cached("SELECT 1 FROM users WHERE id = $1").await?;
+            if tx.query_opt(&exists, &[&contact.0]).await?.is_none() {
+                return Ok(ContactChange::UnknownUser);
+            }
+            let present = tx.prepare_cached("SELECT 1 FROM contacts WHERE owner = $1 AND contact = $2").await?;
+            if tx.query_opt(&present, &[&owner.0, &contact.0]).await?.is_some() {
+                return Ok(ContactChange::Unchanged);
+            }
+            let count = tx.prepare_cached("SELECT count(*) FROM contacts WHERE owner = $1").await?;
+            let n: i64 = tx.query_one(&count, &[&owner.0]).await?.try_get(0)?;
+            if usize::try_from(n).unwrap_or(usize::MAX) >= max {
+                return Ok(ContactChange::TooMany);
+            }
+            let insert =
+                tx.prepare_cached("INSERT INTO contacts (owner, contact, added_at_ms) VALUES ($1, $2, $3)").await?;
+            tx.execute(&insert, &[&owner.0, &contact.0, &crate::now_ms()]).await? > 0
+        } else {
+            let delete = tx.prepare_cached("DELETE FROM contacts WHERE owner = $1 AND contact = $2").await?;
+            tx.execute(&delete, &[&owner.0, &contact.0]).await? > 0
+        };
+        if !changed {
+            return Ok(ContactChange::Unchanged);
+        }
+        let bump = tx
+            .prepare_cached("UPDATE users SET rules_version = rules_version + 1 WHERE id = $1 RETURNING rules_version")
+            .await?;
+        let version = version_of(tx.query_one(&bump, &[&owner.0]).await?.try_get(0)?)?;
+        tx.commit().await?;
+        Ok(ContactChange::Changed { version })
     }
 
     async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()> {

@@ -23,12 +23,13 @@ use parley_protocol::cluster::{StoredAck, SyncReply, SyncRequest};
 use parley_protocol::frames::{ConversationKind, MessageView, ReceiptKind};
 use parley_protocol::http::UserView;
 use parley_protocol::media::MediaRef;
+use parley_protocol::privacy::PrivacySettings;
 use parley_protocol::{ClientMsgId, ConversationId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use uuid::Uuid;
 
 use crate::model::*;
-use crate::{Directory, Result, ShardStore, StorageError};
+use crate::{privacy_codes, privacy_from_codes, version_of, Directory, Result, ShardStore, StorageError};
 
 /// How long a writer waits for another process's transaction on the same file before failing.
 /// Transactions here are short (a batch insert); 5 s only trips when something is badly wrong.
@@ -116,8 +117,17 @@ CREATE TABLE IF NOT EXISTS users (
     username TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER
+    last_seen_ms INTEGER,
+    last_seen_audience INTEGER NOT NULL DEFAULT 0,
+    online_audience INTEGER NOT NULL DEFAULT 0,
+    rules_version INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS contacts (
+    owner BLOB NOT NULL REFERENCES users(id),
+    contact BLOB NOT NULL REFERENCES users(id),
+    added_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (owner, contact)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
     token_hash TEXT PRIMARY KEY,
     user_id BLOB NOT NULL REFERENCES users(id),
@@ -218,14 +228,17 @@ fn add_missing_column(conn: &Connection, table: &str, column: &str, ddl: &str) -
 }
 
 /// Bring a `directory.db` made by an older version up to [`DIRECTORY_SCHEMA`]: the group columns
-/// of `conversations` (added in the version that brought groups) and `users.last_seen_ms` (added
-/// with presence). Idempotent; runs at every open.
+/// of `conversations` (added in the version that brought groups), `users.last_seen_ms` (added
+/// with presence) and the privacy columns of `users` (`contacts` is created by the schema). Idempotent; runs at every open.
 fn upgrade_directory(conn: &Connection) -> Result<()> {
     for (table, column, ddl) in [
         ("conversations", "name", "ALTER TABLE conversations ADD COLUMN name TEXT"),
         ("conversations", "owner", "ALTER TABLE conversations ADD COLUMN owner BLOB"),
         ("conversations", "version", "ALTER TABLE conversations ADD COLUMN version INTEGER NOT NULL DEFAULT 0"),
         ("users", "last_seen_ms", "ALTER TABLE users ADD COLUMN last_seen_ms INTEGER"),
+        ("users", "last_seen_audience", "ALTER TABLE users ADD COLUMN last_seen_audience INTEGER NOT NULL DEFAULT 0"),
+        ("users", "online_audience", "ALTER TABLE users ADD COLUMN online_audience INTEGER NOT NULL DEFAULT 0"),
+        ("users", "rules_version", "ALTER TABLE users ADD COLUMN rules_version INTEGER NOT NULL DEFAULT 0"),
     ] {
         add_missing_column(conn, table, column, ddl)?;
     }
@@ -601,20 +614,137 @@ impl Directory for SqliteDirectory {
         .await
     }
 
-    async fn last_seen(&self, ids: &[UserId]) -> Result<Vec<(UserId, Option<i64>)>> {
+    async fn presence_view(&self, watcher: UserId, ids: &[UserId]) -> Result<Vec<PresenceRecord>> {
         let ids = ids.to_vec();
         with(&self.conn, move |c| {
-            let mut stmt = c.prepare_cached("SELECT last_seen_ms FROM users WHERE id = ?1")?;
-            let mut out: Vec<(UserId, Option<i64>)> = Vec::new();
-            for id in ids {
-                if out.iter().any(|(u, _)| *u == id) {
-                    continue;
-                }
-                if let Some(at) = stmt.query_row(params![id.0.as_bytes().to_vec()], |r| r.get(0)).optional()? {
-                    out.push((id, at));
+            // One transaction, so a user's version, settings and contact flag agree.
+            let tx = c.transaction()?;
+            let mut out: Vec<PresenceRecord> = Vec::new();
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT u.last_seen_ms, u.last_seen_audience, u.online_audience, u.rules_version,
+                            EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = ?2)
+                     FROM users u WHERE u.id = ?1",
+                )?;
+                for id in ids {
+                    if out.iter().any(|r| r.user == id) {
+                        continue;
+                    }
+                    let row = stmt
+                        .query_row(params![id.0.as_bytes().to_vec(), watcher.0.as_bytes().to_vec()], |r| {
+                            Ok((r.get::<_, Option<i64>>(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?, r.get(4)?))
+                        })
+                        .optional()?;
+                    if let Some((last_seen_ms, last_seen, online, version, watcher_is_contact)) = row {
+                        out.push(PresenceRecord {
+                            user: id,
+                            last_seen_ms,
+                            settings: privacy_from_codes(last_seen, online)?,
+                            version: version_of(version)?,
+                            watcher_is_contact,
+                        });
+                    }
                 }
             }
+            tx.commit()?;
             Ok(out)
+        })
+        .await
+    }
+
+    async fn privacy(&self, user: UserId) -> Result<Option<(PrivacySettings, u64)>> {
+        with(&self.conn, move |c| {
+            let row = c
+                .query_row(
+                    "SELECT last_seen_audience, online_audience, rules_version FROM users WHERE id = ?1",
+                    params![user.0.as_bytes().to_vec()],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?)),
+                )
+                .optional()?;
+            match row {
+                Some((last_seen, online, version)) => {
+                    Ok(Some((privacy_from_codes(last_seen, online)?, version_of(version)?)))
+                }
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>> {
+        let (last_seen, online) = privacy_codes(settings);
+        with(&self.conn, move |c| {
+            let version = c
+                .query_row(
+                    "UPDATE users SET last_seen_audience = ?2, online_audience = ?3, rules_version = rules_version + 1
+                     WHERE id = ?1 RETURNING rules_version",
+                    params![user.0.as_bytes().to_vec(), last_seen, online],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?;
+            version.map(version_of).transpose()
+        })
+        .await
+    }
+
+    async fn contacts(&self, owner: UserId) -> Result<Vec<UserView>> {
+        with(&self.conn, move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT u.id, u.username FROM contacts c JOIN users u ON u.id = c.contact
+                 WHERE c.owner = ?1 ORDER BY u.username",
+            )?;
+            let rows =
+                stmt.query_map(params![owner.0.as_bytes().to_vec()], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get(1)?)))?;
+            rows.map(|row| {
+                let (id, username) = row?;
+                Ok(UserView { id: UserId(uuid_of(id)?), username })
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_contact(&self, owner: UserId, contact: UserId, is_contact: bool, max: usize) -> Result<ContactChange> {
+        with(&self.conn, move |c| {
+            // IMMEDIATE: the count and the insert are one step for every process sharing the file.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (o, k) = (owner.0.as_bytes().to_vec(), contact.0.as_bytes().to_vec());
+            let user_exists = |id: &Vec<u8>| -> Result<bool> {
+                Ok(tx.query_row("SELECT 1 FROM users WHERE id = ?1", params![id], |_| Ok(())).optional()?.is_some())
+            };
+            if !user_exists(&o)? || (is_contact && !user_exists(&k)?) {
+                return Ok(ContactChange::UnknownUser);
+            }
+            let changed = if is_contact {
+                let present = tx
+                    .query_row("SELECT 1 FROM contacts WHERE owner = ?1 AND contact = ?2", params![o, k], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if present {
+                    return Ok(ContactChange::Unchanged);
+                }
+                let n: i64 =
+                    tx.query_row("SELECT count(*) FROM contacts WHERE owner = ?1", params![o], |r| r.get(0))?;
+                if usize::try_from(n).unwrap_or(usize::MAX) >= max {
+                    return Ok(ContactChange::TooMany);
+                }
+                tx.execute(
+                    "INSERT INTO contacts (owner, contact, added_at_ms) VALUES (?1, ?2, ?3)",
+                    params![o, k, crate::now_ms()],
+                )? > 0
+            } else {
+                tx.execute("DELETE FROM contacts WHERE owner = ?1 AND contact = ?2", params![o, k])? > 0
+            };
+            if !changed {
+                return Ok(ContactChange::Unchanged);
+            }
+            let version: i64 = tx.query_row(
+                "UPDATE users SET rules_version = rules_version + 1 WHERE id = ?1 RETURNING rules_version",
+                params![o],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(ContactChange::Changed { version: version_of(version)? })
         })
         .await
     }

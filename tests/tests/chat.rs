@@ -25,6 +25,7 @@ parley_tests::both_backends!(
     sigterm_drains_and_releases_leases,
     logout_and_expiry_end_open_sessions,
     presence_online_offline_and_last_seen,
+    presence_privacy_hides_what_the_settings_say,
     media_is_uploaded_sent_and_downloaded,
     media_quota_refuses_what_does_not_fit_and_deleting_frees_room,
 );
@@ -258,7 +259,6 @@ async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool)
     }
 }
 
-/// The `presence` frame of `user` that `conn` gets next (others are kept for later).
 /// No presence frame came before the answer to a ping sent now (one node hands a session its
 /// frames in order, so a change made before the ping would have arrived first).
 async fn assert_no_presence_yet(conn: &mut Connection, why: &str) {
@@ -331,6 +331,107 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
     a3.send(&ClientFrame::Presence { user_ids: vec![bob.user_id, alice.user_id] }).await.unwrap();
     assert_eq!(a3.expect_presence(bob.user_id, T).await.unwrap(), (false, Some(seen)), "last seen after a restart");
     assert_eq!(a3.expect_presence(alice.user_id, T).await.unwrap(), (true, None));
+}
+
+/// Who may see alice's presence is hers to say, and every watcher sees exactly what the settings
+/// allow, at the watch and at each change: a hidden user looks offline and never seen. A change of
+/// settings or contacts reaches those already watching at once. Bad requests are refused with
+/// their own codes and change nothing.
+async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
+    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O, PrivacySettings};
+    let settings = |last_seen, online| PrivacySettings { last_seen, online };
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let carol = register(&http, "carol").await;
+    assert_eq!(http.privacy(&alice.token).await.unwrap(), settings(L::Everyone, O::Everyone), "the default");
+
+    let mut b = http.connect(&bob.token, "phone").await.unwrap();
+    let mut c = http.connect(&carol.token, "phone").await.unwrap();
+    for conn in [&mut b, &mut c] {
+        conn.send(&ClientFrame::Presence { user_ids: vec![alice.user_id] }).await.unwrap();
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None));
+    }
+    let a1 = http.connect(&alice.token, "phone").await.unwrap();
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "everyone sees online");
+    }
+
+    // Contacts only, online too: alice vanishes for both (neither is her contact yet).
+    let hidden = settings(L::Contacts, O::SameAsLastSeen);
+    assert_eq!(http.set_privacy(&alice.token, hidden).await.unwrap(), hidden);
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "hidden at once");
+    }
+    // Bob becomes her contact: he sees her again; carol learns nothing.
+    http.set_contact(&alice.token, bob.user_id, true).await.unwrap();
+    assert_eq!(b.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "a contact sees her");
+    assert_no_presence_yet(&mut c, "carol is not a contact").await;
+    let ids: Vec<UserId> = http.contacts(&alice.token).await.unwrap().iter().map(|u| u.id).collect();
+    assert_eq!(ids, vec![bob.user_id]);
+    assert_eq!(http.contacts(&bob.token).await.unwrap(), vec![], "the list is alice's, not bob's");
+
+    a1.close().await;
+    let (online, seen) = b.expect_presence(alice.user_id, T).await.unwrap();
+    let seen = seen.filter(|_| !online).expect("bob sees when she left");
+    assert_no_presence_yet(&mut c, "carol does not see her leave").await;
+    // A new watch shows the same: the last seen to bob, nothing to carol.
+    let mut c2 = http.connect(&carol.token, "laptop").await.unwrap();
+    c2.send(&ClientFrame::Presence { user_ids: vec![alice.user_id] }).await.unwrap();
+    assert_eq!(c2.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "hidden from a new watch");
+    let mut b2 = http.connect(&bob.token, "laptop").await.unwrap();
+    b2.send(&ClientFrame::Presence { user_ids: vec![alice.user_id] }).await.unwrap();
+    assert_eq!(b2.expect_presence(alice.user_id, T).await.unwrap(), (false, Some(seen)));
+
+    // Last seen for nobody, online for everyone: bob loses the time; both see her come online.
+    http.set_privacy(&alice.token, settings(L::Nobody, O::Everyone)).await.unwrap();
+    assert_eq!(b.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "the time is hidden");
+    assert_no_presence_yet(&mut c, "carol's view did not change").await;
+    let a2 = http.connect(&alice.token, "laptop").await.unwrap();
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (true, None));
+    }
+    a2.close().await;
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "offline, no time");
+    }
+
+    // Removing bob from her contacts, with last seen for contacts: bob loses the time, carol
+    // never had it.
+    http.set_privacy(&alice.token, settings(L::Contacts, O::Everyone)).await.unwrap();
+    let (_, seen) = b.expect_presence(alice.user_id, T).await.unwrap();
+    assert!(seen.is_some(), "a contact sees the time again");
+    http.set_contact(&alice.token, bob.user_id, false).await.unwrap();
+    assert_eq!(b.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "no longer a contact");
+    assert_no_presence_yet(&mut c, "carol's view never changed").await;
+
+    // Refusals, each changing nothing.
+    let now = settings(L::Contacts, O::Everyone);
+    for (method, path, body, status, code) in [
+        ("PUT", "/v1/me/privacy".to_string(), r#"{"last_seen":"friends","online":"everyone"}"#, 400, "bad_json"),
+        ("PUT", "/v1/me/privacy".to_string(), r#"{"last_seen":"nobody"}"#, 400, "bad_json"),
+        ("PUT", format!("/v1/me/contacts/{}", alice.user_id), "", 400, "invalid_field"),
+        ("PUT", format!("/v1/me/contacts/{}", UserId::random()), "", 404, "unknown_user"),
+        ("PUT", "/v1/me/contacts/not-a-uuid".to_string(), "", 404, "unknown_user"),
+        ("DELETE", format!("/v1/me/contacts/{}", carol.user_id), "", 404, "not_found"),
+    ] {
+        let body = (!body.is_empty()).then(|| body.as_bytes().to_vec());
+        let (got, err) = http.raw(method, &path, Some(&alice.token), body).await.unwrap();
+        assert_eq!((got, err["error"].as_str()), (status, Some(code)), "{method} {path}");
+    }
+    for (method, path) in [("GET", "/v1/me/privacy"), ("PUT", "/v1/me/privacy"), ("GET", "/v1/me/contacts")] {
+        let (got, err) = http.raw(method, path, Some("wrong-token"), None).await.unwrap();
+        assert_eq!((got, err["error"].as_str()), (401, Some("bad_token")), "{method} {path}");
+    }
+    assert_eq!(http.privacy(&alice.token).await.unwrap(), now, "refusals changed nothing");
+    assert_eq!(http.contacts(&alice.token).await.unwrap(), vec![]);
+    // Adding twice is one contact.
+    for _ in 0..2 {
+        http.set_contact(&alice.token, carol.user_id, true).await.unwrap();
+    }
+    assert_eq!(http.contacts(&alice.token).await.unwrap().len(), 1);
 }
 
 /// A token's WebSocket sessions end when it is logged out or expires; other tokens' sessions stay.

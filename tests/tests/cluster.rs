@@ -496,7 +496,6 @@ async fn undecodable_payloads_from_a_peer_crash_nobody() {
     ns.stop(None);
 }
 
-/// The `presence` frame of `user` that `conn` gets next (others are kept for later).
 /// How many users node `via` believes online on `peer` (`/v1/cluster` → `presence.peers`).
 async fn online_on(cluster: &TestCluster, via: usize, peer: &str) -> Option<u64> {
     let (_, body) = cluster.client(via).raw("GET", "/v1/cluster", None, None).await.ok()?;
@@ -562,6 +561,60 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
         (seen_a.min(seen_c)..=seen_a.max(seen_c)).contains(&seen),
         "a survivor's time {seen} (n1 {seen_a}, n3 {seen_c}; the later one wins if both were written)"
     );
+}
+
+/// Presence privacy across processes: alice (on n1) changes who may see her, and watchers on n2
+/// see the change at once, filtered by the same rules as on her own node. A change made while n2
+/// was frozen (so n1 had dropped it and cast it nothing) reaches n2's watchers once it is back,
+/// because n2 reads the rules again when n1 lists its users to it anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_privacy_crosses_nodes_and_a_missed_change_is_read_again() {
+    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O, PrivacySettings};
+    let pg = TestPostgres::start().await.unwrap();
+    let cluster = TestCluster::start(2, 2, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
+    cluster.wait_converged(&[0, 1], T).await.unwrap();
+    let (n1, n2) = (cluster.client(0), cluster.client(1));
+    let (alice, bob, carol) = (register(&n1, "alice").await, register(&n1, "bob").await, register(&n1, "carol").await);
+    let mut b = n2.connect(&bob.token, "b").await.unwrap();
+    let mut c = n2.connect(&carol.token, "c").await.unwrap();
+    for conn in [&mut b, &mut c] {
+        conn.send(&ClientFrame::Presence { user_ids: vec![alice.user_id] }).await.unwrap();
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None));
+    }
+    let _a = n1.connect(&alice.token, "a").await.unwrap();
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "online, seen from n2");
+    }
+
+    let hidden = PrivacySettings { last_seen: L::Contacts, online: O::SameAsLastSeen };
+    n1.set_privacy(&alice.token, hidden).await.unwrap();
+    for conn in [&mut b, &mut c] {
+        assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "hidden on n2 at once");
+    }
+    n1.set_contact(&alice.token, bob.user_id, true).await.unwrap();
+    assert_eq!(b.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "bob, now a contact, on n2");
+
+    // n2 stops until n1 drops it; alice shows herself to everyone meanwhile (n1 casts n2 nothing).
+    let pid = cluster.nodes.nodes[1].pid().unwrap();
+    let resume = Resume(pid);
+    assert!(parley_node::launcher::freeze(pid, T), "n2 did not stop");
+    let dropped =
+        parley_tests::wait_until(Duration::from_secs(30), || async { online_on(&cluster, 0, "n2").await.is_none() })
+            .await;
+    assert!(dropped, "n1 dropped the frozen n2");
+    n1.set_privacy(&alice.token, PrivacySettings::default()).await.unwrap();
+    drop(resume);
+    // Carol may first see alice go and come back (n2 may drop n1 too as it wakes), but she must
+    // end up seeing her online: without reading the rules again, n2 hides alice from her forever.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.expect_presence(alice.user_id, left).await {
+            Ok((true, None)) => break,
+            Ok(_) => continue,
+            Err(e) => panic!("carol on n2 never saw alice online after the change n2 missed: {e:?}"),
+        }
+    }
 }
 
 /// A node that listens on 0.0.0.0 (or behind a published port) tells browsers and peers where to

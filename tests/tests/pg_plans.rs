@@ -71,9 +71,16 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
         }
         ensure!(directory.user_by_name("alice").await?.is_some(), "alice exists");
         ensure!(directory.users_by_id(&[alice.id, bob.id, UserId::random()]).await?.len() == 2, "two users");
-        // Presence: every watch reads last-seen times; every user going offline records one.
+        // Presence: every watch reads last-seen times, privacy settings and the watcher's place on
+        // each contact list; every user going offline records one; users change their settings
+        // and contacts.
         directory.record_last_seen(&[(alice.id, now_ms()), (bob.id, now_ms())]).await?;
-        ensure!(directory.last_seen(&[alice.id, bob.id, UserId::random()]).await?.len() == 2, "two last-seen rows");
+        let watched = directory.presence_view(bob.id, &[alice.id, bob.id, UserId::random()]).await?;
+        ensure!(watched.len() == 2, "two presence rows");
+        ensure!(directory.set_privacy(alice.id, Default::default()).await?.is_some(), "settings stored");
+        ensure!(directory.privacy(alice.id).await?.is_some(), "settings read");
+        directory.set_contact(alice.id, bob.id, round == 0, 10).await?;
+        ensure!(directory.contacts(alice.id).await?.len() == usize::from(round == 0), "alice's contacts");
         let token = format!("token-{round}");
         directory.insert_token(&token_hash(&token), alice.id, now_ms() + 60_000).await?;
         ensure!(directory.token_user(&token_hash(&token), now_ms()).await?.is_some(), "token grants");

@@ -21,8 +21,8 @@ use parley_protocol::media::MediaRef;
 use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, MessageId, Seq, ShardId, UserId};
 use parley_storage::{
     now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaDeletion, MediaRecord,
-    MediaTotals, MessageResult, NewMessage, PushSubscriptionRecord, ShardStore, StorageError, StoreConfig, Stores,
-    TokenGrant, UserRecord, WriteBatch,
+    MediaTotals, MessageResult, NewMessage, PresenceRecord, PushSubscriptionRecord, ShardStore, StorageError,
+    StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -115,6 +115,7 @@ conformance!(
     users_and_usernames,
     users_by_id_returns_only_existing,
     last_seen_only_moves_forward_and_survives_a_reopen,
+    privacy_and_contacts_are_versioned_per_user,
     tokens_expire_and_can_be_deleted,
     conversations_are_idempotent,
     groups_change_only_from_the_version_read,
@@ -293,27 +294,112 @@ async fn last_seen_only_moves_forward_and_survives_a_reopen(f: &Fixture) -> Resu
     let (alice, bob, ghost) = (user("alice"), user("bob"), UserId::random());
     d.create_user(&alice).await?;
     d.create_user(&bob).await?;
-    let sorted = |mut v: Vec<(UserId, Option<i64>)>| {
+    let seen = |v: Vec<PresenceRecord>| {
+        let mut v: Vec<(UserId, Option<i64>)> = v.into_iter().map(|r| (r.user, r.last_seen_ms)).collect();
         v.sort();
         v
     };
     // Unknown ids are left out (that is how the node refuses to watch them); duplicates once.
     let mut want = vec![(alice.id, None), (bob.id, None)];
     want.sort();
-    assert_eq!(sorted(d.last_seen(&[alice.id, ghost, bob.id, alice.id]).await?), want);
-    assert_eq!(d.last_seen(&[]).await?, vec![]);
+    assert_eq!(seen(d.presence_view(bob.id, &[alice.id, ghost, bob.id, alice.id]).await?), want);
+    assert_eq!(d.presence_view(bob.id, &[]).await?, vec![]);
     d.record_last_seen(&[(alice.id, 2_000), (ghost, 9_000)]).await?;
     d.record_last_seen(&[]).await?;
     // An older time (a slower writer) does not move it back; a newer one moves it forward.
     d.record_last_seen(&[(alice.id, 1_000), (bob.id, 500)]).await?;
-    assert_eq!(d.last_seen(&[alice.id]).await?, vec![(alice.id, Some(2_000))]);
+    assert_eq!(seen(d.presence_view(bob.id, &[alice.id]).await?), vec![(alice.id, Some(2_000))]);
     d.record_last_seen(&[(alice.id, 3_000)]).await?;
     let mut want = vec![(alice.id, Some(3_000)), (bob.id, Some(500))];
     want.sort();
-    assert_eq!(sorted(d.last_seen(&[alice.id, bob.id]).await?), want);
-    assert_eq!(d.last_seen(&[ghost]).await?, vec![], "recording an unknown user creates nothing");
+    assert_eq!(seen(d.presence_view(bob.id, &[alice.id, bob.id]).await?), want);
+    assert_eq!(d.presence_view(bob.id, &[ghost]).await?, vec![], "recording an unknown user creates nothing");
     let reopened = f.reopen().await?;
-    assert_eq!(sorted(reopened.directory.last_seen(&[alice.id, bob.id]).await?), want);
+    assert_eq!(seen(reopened.directory.presence_view(bob.id, &[alice.id, bob.id]).await?), want);
+    Ok(())
+}
+
+/// Privacy settings and contact lists: new accounts show everything; every change of a user's
+/// settings or contacts bumps their rules version by one, from whichever node (open of the store)
+/// it comes; a watcher's contact flag is read from the *watched* user's list; a contact list stops
+/// at its limit also when additions race through two nodes, and repeats change nothing.
+async fn privacy_and_contacts_are_versioned_per_user(f: &Fixture) -> Result<()> {
+    use parley_protocol::privacy::{LastSeenAudience, OnlineAudience, PrivacySettings};
+    use parley_storage::ContactChange;
+    const MAX: usize = 3;
+    let d = f.stores.directory.clone();
+    let other = f.reopen().await?.directory;
+    let users: Vec<UserRecord> = ["alice", "bob", "carol", "dave", "erin", "frank"].iter().map(|n| user(n)).collect();
+    for u in &users {
+        d.create_user(u).await?;
+    }
+    let (alice, bob, carol) = (users[0].id, users[1].id, users[2].id);
+    let ghost = UserId::random();
+    let defaults = PrivacySettings::default();
+    assert_eq!(d.privacy(alice).await?, Some((defaults, 0)), "a new account shows everything");
+    assert_eq!(d.privacy(ghost).await?, None);
+    assert_eq!(d.set_privacy(ghost, defaults).await?, None, "no account, nothing stored");
+
+    let hidden = PrivacySettings { last_seen: LastSeenAudience::Contacts, online: OnlineAudience::SameAsLastSeen };
+    assert_eq!(d.set_privacy(alice, hidden).await?, Some(1));
+    assert_eq!(other.privacy(alice).await?, Some((hidden, 1)), "another node reads the change");
+    // Alice adds bob: bob (watching alice) is her contact; alice (watching bob) is not his.
+    assert_eq!(other.set_contact(alice, bob, true, MAX).await?, ContactChange::Changed { version: 2 });
+    assert_eq!(d.set_contact(alice, bob, true, MAX).await?, ContactChange::Unchanged, "added twice");
+    let view = d.presence_view(bob, &[alice]).await?;
+    assert_eq!(
+        view,
+        vec![PresenceRecord {
+            user: alice,
+            last_seen_ms: None,
+            settings: hidden,
+            version: 2,
+            watcher_is_contact: true
+        }]
+    );
+    ensure!(!d.presence_view(carol, &[alice]).await?[0].watcher_is_contact, "carol is not on alice's list");
+    ensure!(!d.presence_view(alice, &[bob]).await?[0].watcher_is_contact, "bob's list is his own");
+    assert_eq!(d.privacy(bob).await?, Some((defaults, 0)), "bob's rules did not change");
+
+    assert_eq!(d.set_contact(alice, ghost, true, MAX).await?, ContactChange::UnknownUser);
+    assert_eq!(d.set_contact(ghost, bob, true, MAX).await?, ContactChange::UnknownUser);
+    assert_eq!(d.set_contact(alice, carol, false, MAX).await?, ContactChange::Unchanged, "not a contact");
+
+    // Four additions race through two nodes for the two places left: two are stored.
+    let mut racing = tokio::task::JoinSet::new();
+    for (i, u) in users[2..].iter().enumerate() {
+        let store = if i % 2 == 0 { d.clone() } else { other.clone() };
+        let contact = u.id;
+        racing.spawn(async move { store.set_contact(alice, contact, true, MAX).await });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(joined) = racing.join_next().await {
+        outcomes.push(joined??);
+    }
+    let mut versions: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            ContactChange::Changed { version } => Some(*version),
+            _ => None,
+        })
+        .collect();
+    versions.sort();
+    assert_eq!(versions, vec![3, 4], "two additions fit, numbered in order");
+    assert_eq!(outcomes.iter().filter(|o| **o == ContactChange::TooMany).count(), 2);
+    let listed = other.contacts(alice).await?;
+    assert_eq!(listed.len(), MAX);
+    ensure!(listed.windows(2).all(|w| w[0].username < w[1].username), "by username: {listed:?}");
+    ensure!(listed.iter().any(|u| u.id == bob), "bob stays");
+
+    // Removing frees a place; the version moves on.
+    assert_eq!(d.set_contact(alice, bob, false, MAX).await?, ContactChange::Changed { version: 5 });
+    ensure!(!other.presence_view(bob, &[alice]).await?[0].watcher_is_contact, "bob was removed");
+    assert_eq!(other.set_contact(alice, bob, true, MAX).await?, ContactChange::Changed { version: 6 });
+    assert_eq!(d.set_privacy(alice, defaults).await?, Some(7));
+    let reopened = f.reopen().await?;
+    assert_eq!(reopened.directory.privacy(alice).await?, Some((defaults, 7)));
+    assert_eq!(reopened.directory.contacts(alice).await?.len(), MAX);
+    assert_eq!(reopened.directory.contacts(bob).await?, vec![]);
     Ok(())
 }
 

@@ -534,8 +534,8 @@ async fn refusals_escaping_and_groups_in_the_browser() {
         .await
         .unwrap();
 
-    // Presence: Alice's People list shows Bob online while his browser is open; once it is
-    // closed, offline with the time he was last seen (and the open direct chat says the same).
+    // Presence: Alice's People list shows Bob online while his browser is open (and the open
+    // direct chat says the same); once it is closed, offline with the time he was last seen.
     let bob_online = "const li = document.querySelector(`#people li[data-username='${arguments[0]}']`);
          return li && li.dataset.online === arguments[1]
              && (arguments[1] === 'true' || li.querySelector('.presence-dot').title.startsWith('last seen'));";
@@ -549,6 +549,41 @@ async fn refusals_escaping_and_groups_in_the_browser() {
         )
         .await
         .unwrap();
+
+    // Privacy: Bob shows last seen and online to his contacts only. Alice, not one, sees him
+    // offline with no time at once; when Bob stars her in People she sees him online again. A
+    // reload shows what the server stored.
+    let choose = "const s = document.getElementById(arguments[0]); s.value = arguments[1];
+                  s.dispatchEvent(new Event('change'));";
+    let saved = "return document.getElementById('privacy-status').textContent === 'Saved';";
+    bob.eval("document.getElementById('privacy-box').open = true;", vec![]).await.unwrap();
+    let loaded = "return document.getElementById('privacy-form').dataset.loaded === 'true'
+                    && document.getElementById('privacy-last-seen').value === arguments[0]
+                    && document.getElementById('privacy-online').value === arguments[1];";
+    bob.wait_for("the stored settings", loaded, vec![json!("everyone"), json!("everyone")]).await.unwrap();
+    bob.eval(choose, vec![json!("privacy-last-seen"), json!("contacts")]).await.unwrap();
+    bob.wait_for("last seen saved", saved, vec![]).await.unwrap();
+    bob.eval(choose, vec![json!("privacy-online"), json!("same_as_last_seen")]).await.unwrap();
+    bob.wait_for("online saved", saved, vec![]).await.unwrap();
+    let hidden = "const li = document.querySelector(`#people li[data-username='${arguments[0]}']`);
+                  return li && li.dataset.online === 'false' && li.querySelector('.presence-dot').title === 'offline'
+                      && document.getElementById('thread-presence').textContent === 'offline';";
+    alice.wait_for("Bob hidden from Alice", hidden, vec![json!(bob_name)]).await.unwrap();
+    let star = format!("#people li[data-username=\"{alice_name}\"] .contact-toggle");
+    bob.click(&star).await.unwrap();
+    let starred = "const b = document.querySelector(`#people li[data-username='${arguments[0]}'] .contact-toggle`);
+                   return b && b.dataset.contact === 'true' && b.textContent === '★';";
+    bob.wait_for("Alice starred", starred, vec![json!(alice_name)]).await.unwrap();
+    alice.wait_for("Bob online to his contact", bob_online, vec![json!(bob_name), json!("true")]).await.unwrap();
+    reload(&bob, &url).await.unwrap();
+    bob.wait_for("Alice still starred", starred, vec![json!(alice_name)]).await.unwrap();
+    bob.eval("document.getElementById('privacy-box').open = true;", vec![]).await.unwrap();
+    bob.wait_for("the settings after a reload", loaded, vec![json!("contacts"), json!("same_as_last_seen")])
+        .await
+        .unwrap();
+
+    // Bob leaves: Alice, his contact, sees when.
+    alice.wait_for("Bob online after his reload", bob_online, vec![json!(bob_name), json!("true")]).await.unwrap();
     bob.close().await;
     alice.wait_for("Bob offline in People", bob_online, vec![json!(bob_name), json!("false")]).await.unwrap();
     alice

@@ -102,6 +102,9 @@ impl GatewayState {
             NodePayload::Presence { node, full, want_full, online, offline } => {
                 self.ctx.presence.from_peer(&node, full, want_full, online, offline);
             }
+            NodePayload::PresenceRules { user, version, change } => {
+                self.ctx.presence.rules_from_peer(user, version, change);
+            }
             other => tracing::warn!(payload = ?std::mem::discriminant(&other), "unexpected frame from a peer; dropped"),
         }
     }

@@ -53,6 +53,10 @@ pub mod close_code {
 /// range every timer implementation handles, whatever `token_ttl_secs` is configured to.
 const MAX_EXPIRY_TIMER_MS: u64 = 24 * 3600 * 1000;
 
+/// Directory reads one `presence` frame makes at most when rule changes race with them (see
+/// `watch_presence`).
+const WATCH_READS: u32 = 3;
+
 pub struct SessionActor;
 
 pub struct SessionArgs {
@@ -290,9 +294,8 @@ impl SessionState {
     }
 
     /// Watch `users` instead of what this connection watched before, and answer with each one's
-    /// presence now. Refused, changing nothing, when the list is too long or names a user that
-    /// does not exist. Who is online is public to every signed-in user (WhatsApp's "everyone"
-    /// setting); there are no per-user privacy settings yet.
+    /// presence now, as their privacy settings let this user see it. Refused, changing nothing,
+    /// when the list is too long or names a user that does not exist.
     async fn watch_presence(&mut self, me: &ActorRef<SessionMsg>, mut users: Vec<UserId>) {
         users.sort();
         users.dedup();
@@ -303,24 +306,41 @@ impl SessionState {
             ));
             return;
         }
-        let stored: HashMap<UserId, Option<i64>> = match self.ctx.stores.directory.last_seen(&users).await {
-            Ok(found) => found.into_iter().collect(),
-            Err(e) => {
-                self.send(&error_frame(&NodeError::from(e)));
+        let Some(auth) = &self.auth else { return };
+        let my_user = auth.user;
+        let previous = self.watch.as_ref().map(|w| w.users.clone()).unwrap_or_default();
+        // A rule change of one of these users between the read and the watch makes the read
+        // stale; read again. Rule changes are rare, so a second read all but always does; after
+        // the last one the read is used as it is (a change that raced with all of them reaches
+        // this node's watchers only at the next refresh or watch).
+        let mut attempt = 0;
+        let now = loop {
+            attempt += 1;
+            let ticket = self.ctx.presence.rules_ticket();
+            let records = match self.ctx.stores.directory.presence_view(my_user, &users).await {
+                Ok(records) => records,
+                Err(e) => {
+                    self.send(&error_frame(&NodeError::from(e)));
+                    return;
+                }
+            };
+            if let Some(unknown) = users.iter().find(|u| !records.iter().any(|r| r.user == **u)) {
+                self.send(&ServerFrame::error(ErrorCode::UnknownUser, format!("unknown user {unknown}")));
                 return;
             }
+            let ticket = if attempt < WATCH_READS { ticket } else { self.ctx.presence.rules_ticket() };
+            if let Ok(now) = self.ctx.presence.watch(ticket, self.id, my_user, me, &previous, &records) {
+                break now;
+            }
         };
-        if let Some(unknown) = users.iter().find(|u| !stored.contains_key(u)) {
-            self.send(&ServerFrame::error(ErrorCode::UnknownUser, format!("unknown user {unknown}")));
-            return;
+        // The old list's entries were replaced by the watch; dropping the guard must not remove
+        // the new ones.
+        if let Some(mut old) = self.watch.take() {
+            old.users.clear();
         }
-        let previous = self.watch.take().map(|mut w| std::mem::take(&mut w.users)).unwrap_or_default();
-        let now = self.ctx.presence.watch(self.id, me, &previous, &users);
         self.watch = Some(Watch { ctx: self.ctx.clone(), session: self.id, users });
         for (user_id, status) in now {
-            let last_seen_ms =
-                if status.online { None } else { status.last_seen_ms.max(stored.get(&user_id).copied().flatten()) };
-            self.send(&ServerFrame::Presence { user_id, online: status.online, last_seen_ms });
+            self.send(&ServerFrame::Presence { user_id, online: status.online, last_seen_ms: status.last_seen_ms });
         }
     }
 

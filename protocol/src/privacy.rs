@@ -1,0 +1,115 @@
+//! Presence privacy (PROTOCOL.md §5, "Privacy and contacts"): who may see that a user is online
+//! and when they were last seen, and the contact list that "contacts" refers to.
+//!
+//! The settings follow WhatsApp's: last seen for everyone, for one's contacts, or for nobody; and
+//! "online" either for everyone or for the same people as last seen. A contact is someone the
+//! user added to *their own* list (`PUT /v1/me/contacts/:id`): being messaged by a stranger makes
+//! nobody a contact. A watcher who may not see something is told nothing about it — a hidden user
+//! looks exactly like one who is offline and was never seen, so hiding cannot be detected either.
+
+use serde::{Deserialize, Serialize};
+
+use crate::http::UserView;
+
+/// Who may see when a user was last seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LastSeenAudience {
+    #[default]
+    Everyone,
+    /// Only users on this user's contact list.
+    Contacts,
+    Nobody,
+}
+
+/// Who may see that a user is online now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnlineAudience {
+    #[default]
+    Everyone,
+    /// Whoever may see last seen (WhatsApp's "same as last seen").
+    SameAsLastSeen,
+}
+
+/// `GET`/`PUT /v1/me/privacy`. A new account's are the defaults: everyone sees both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PrivacySettings {
+    pub last_seen: LastSeenAudience,
+    pub online: OnlineAudience,
+}
+
+/// What one watcher may see of a user under [`PrivacySettings`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shown {
+    pub online: bool,
+    pub last_seen: bool,
+}
+
+impl PrivacySettings {
+    /// What a watcher sees; `is_contact`: the watcher is on the user's contact list. Whoever may
+    /// see last seen may also see online (no setting shows last seen while hiding online, which
+    /// would freeze a visible "last seen" while the user chats).
+    pub fn shown_to(self, is_contact: bool) -> Shown {
+        let last_seen = match self.last_seen {
+            LastSeenAudience::Everyone => true,
+            LastSeenAudience::Contacts => is_contact,
+            LastSeenAudience::Nobody => false,
+        };
+        let online = match self.online {
+            OnlineAudience::Everyone => true,
+            OnlineAudience::SameAsLastSeen => last_seen,
+        };
+        Shown { online, last_seen }
+    }
+}
+
+/// `GET /v1/me/contacts`: the caller's contacts, by username.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactsResponse {
+    pub contacts: Vec<UserView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_is_never_hidden_from_someone_who_sees_last_seen() {
+        for last_seen in [LastSeenAudience::Everyone, LastSeenAudience::Contacts, LastSeenAudience::Nobody] {
+            for online in [OnlineAudience::Everyone, OnlineAudience::SameAsLastSeen] {
+                for contact in [false, true] {
+                    let shown = PrivacySettings { last_seen, online }.shown_to(contact);
+                    assert!(shown.online || !shown.last_seen, "{last_seen:?} {online:?} {contact}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn each_setting_shows_what_it_says() {
+        let s = |last_seen, online| PrivacySettings { last_seen, online };
+        use LastSeenAudience as L;
+        use OnlineAudience as O;
+        assert_eq!(s(L::Everyone, O::Everyone).shown_to(false), Shown { online: true, last_seen: true });
+        assert_eq!(s(L::Contacts, O::Everyone).shown_to(false), Shown { online: true, last_seen: false });
+        assert_eq!(s(L::Contacts, O::Everyone).shown_to(true), Shown { online: true, last_seen: true });
+        assert_eq!(s(L::Contacts, O::SameAsLastSeen).shown_to(false), Shown { online: false, last_seen: false });
+        assert_eq!(s(L::Contacts, O::SameAsLastSeen).shown_to(true), Shown { online: true, last_seen: true });
+        assert_eq!(s(L::Nobody, O::Everyone).shown_to(true), Shown { online: true, last_seen: false });
+        assert_eq!(s(L::Nobody, O::SameAsLastSeen).shown_to(true), Shown { online: false, last_seen: false });
+    }
+
+    #[test]
+    fn settings_are_snake_case_json_and_both_are_required() {
+        let json = r#"{"last_seen":"contacts","online":"same_as_last_seen"}"#;
+        let s: PrivacySettings = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            s,
+            PrivacySettings { last_seen: LastSeenAudience::Contacts, online: OnlineAudience::SameAsLastSeen }
+        );
+        assert_eq!(serde_json::to_string(&s).unwrap(), json);
+        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"friends","online":"everyone"}"#).is_err());
+        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"nobody"}"#).is_err());
+    }
+}
