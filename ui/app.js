@@ -13,7 +13,8 @@
 // - Every text that comes from the server is rendered with textContent, never as HTML.
 // - A photo or file is uploaded first (`POST /v1/media`, §5 "Media"), then sent like any message with its
 //   `media_id`. Media is fetched with the bearer token and shown from a `blob:` URL; only raster
-//   image types are shown inline, everything else is a download link. One's own uploads carry a 🗑
+//   image types are shown inline (their thumbnail, `/v1/media/:id/thumbnail`; a click opens the
+//   full picture), everything else is a download link. One's own uploads carry a 🗑
 //   (`DELETE /v1/media/:id`); a deleted upload (a 404) shows as no longer available. "My uploads"
 //   (`GET /v1/media`) lists them with the quota's use, also those never sent.
 // - Notifications (§5 "Push notifications") are this browser's Web Push subscription, registered
@@ -891,6 +892,33 @@ function mediaUrl(media) {
   return mediaUrls.get(media.media_id);
 }
 
+// media_id -> Promise of a blob: URL of the picture shown inline: the upload's thumbnail
+// (`GET /v1/media/:id/thumbnail`, at most 320 px a side), or the upload itself when the server made
+// none (`not_found`). The full picture is fetched only when it is opened.
+const thumbUrls = new Map();
+
+function thumbUrl(media) {
+  if (!thumbUrls.has(media.media_id)) {
+    const p = (async () => {
+      let res;
+      try {
+        res = await fetch(apiBase() + "/v1/media/" + media.media_id + "/thumbnail", { headers: { Authorization: "Bearer " + state.auth.token } });
+      } catch (e) {
+        throw new ApiError("unavailable", "the server cannot be reached", 0);
+      }
+      if (res.status === 404) {
+        const body = await res.json().catch(() => ({}));
+        if (body.error === "not_found") return { url: await mediaUrl(media), shows: "full" };
+      }
+      if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
+      return { url: URL.createObjectURL(await res.blob()), shows: "thumbnail" };
+    })();
+    p.catch(() => thumbUrls.delete(media.media_id));
+    thumbUrls.set(media.media_id, p);
+  }
+  return thumbUrls.get(media.media_id);
+}
+
 function formatSize(n) {
   if (n < 1024) return n + " B";
   if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KB";
@@ -918,8 +946,19 @@ function mediaView(media, mine) {
   };
   let view;
   if (INLINE_IMAGE_TYPES.includes(media.mime)) {
-    view = h("img", { class: "media-img", alt: media.name || "photo", title: label, "data-media-id": media.media_id });
-    mediaUrl(media).then((url) => { view.src = url; }, (e) => { if (!gone(e)) view.alt = "could not load " + label; });
+    view = h("img", {
+      class: "media-img", alt: media.name || "photo", title: label + " (click for the full picture)",
+      "data-media-id": media.media_id,
+      onclick: async () => {
+        try {
+          h("a", { href: await mediaUrl(media), target: "_blank", rel: "noopener" }).click();
+        } catch (e) {
+          if (!gone(e)) $("thread-error").textContent = `Could not open the picture: ${e.message} (${e.code})`;
+        }
+      },
+    });
+    thumbUrl(media).then(({ url, shows }) => { view.dataset.shows = shows; view.src = url; },
+      (e) => { if (!gone(e)) view.alt = "could not load " + label; });
   } else {
     view = h("a", {
       class: "media-file", href: "#", "data-media-id": media.media_id,
@@ -972,6 +1011,9 @@ async function deleteMedia(media) {
   const url = mediaUrls.get(media.media_id);
   mediaUrls.delete(media.media_id);
   if (url) url.then((u) => URL.revokeObjectURL(u), () => {});
+  const thumb = thumbUrls.get(media.media_id);
+  thumbUrls.delete(media.media_id);
+  if (thumb) thumb.then(({ url: u }) => URL.revokeObjectURL(u), () => {});
   renderThread();
   if ($("uploads-box").open) loadUploads();
 }

@@ -234,9 +234,22 @@ impl Client {
         token: &str,
         id: parley_protocol::MediaId,
     ) -> Result<(reqwest::header::HeaderMap, Vec<u8>)> {
+        self.download(token, &format!("/v1/media/{id}")).await
+    }
+
+    /// `GET /v1/media/:id/thumbnail`: the thumbnail's bytes and the response's headers.
+    pub async fn download_thumbnail(
+        &self,
+        token: &str,
+        id: parley_protocol::MediaId,
+    ) -> Result<(reqwest::header::HeaderMap, Vec<u8>)> {
+        self.download(token, &format!("/v1/media/{id}/thumbnail")).await
+    }
+
+    async fn download(&self, token: &str, path: &str) -> Result<(reqwest::header::HeaderMap, Vec<u8>)> {
         let resp = self
             .http
-            .get(format!("{}/v1/media/{id}", self.base))
+            .get(format!("{}{path}", self.base))
             .bearer_auth(token)
             .send()
             .await

@@ -22,6 +22,7 @@ pub mod outbox;
 pub mod presence;
 pub mod push;
 pub mod routing;
+pub mod thumbnail;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -74,6 +74,15 @@ pub const MAX_MEDIA_BYTES: u64 = 16 * 1024 * 1024;
 /// a user over it deletes uploads (`DELETE /v1/media/:id`) to make room.
 pub const DEFAULT_MEDIA_QUOTA_BYTES: u64 = 1024 * 1024 * 1024;
 
+/// Longest side of an image upload's thumbnail, in pixels (`GET /v1/media/:id/thumbnail`): what a
+/// chat shows inline, a few tens of KB instead of up to 16 MiB per photo.
+pub const THUMBNAIL_EDGE: u32 = 320;
+
+/// Largest picture, in pixels (width × height, read from its header), that the server decodes to
+/// make a thumbnail: 40 megapixels, more than phone cameras take. A larger one is stored without a
+/// thumbnail, so a small file declaring a huge picture costs no memory.
+pub const MAX_THUMBNAIL_SOURCE_PIXELS: u64 = 40_000_000;
+
 /// Uploads one node stores at once; one more is refused with `unavailable` (503, retryable)
 /// before its body is read. Bounds upload memory (see [`MAX_MEDIA_BYTES`]) and the store's load.
 pub const MAX_UPLOADS_IN_FLIGHT: usize = 8;

@@ -93,8 +93,14 @@ pub trait Directory: Send + Sync + 'static {
     /// would then pass `quota_bytes` ([`StorageError::MediaQuotaExceeded`], nothing stored). The
     /// check and the insert are one step per owner, on every node sharing the store: concurrent
     /// uploads cannot pass the quota together. The id is never reused: storing it twice is an
-    /// error.
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()>;
+    /// error. Its thumbnail, if it has one, is stored with it (and does not count for the quota).
+    async fn put_media(
+        &self,
+        record: &MediaRecord,
+        bytes: &[u8],
+        thumbnail: Option<&Thumbnail>,
+        quota_bytes: u64,
+    ) -> Result<()>;
     /// How many uploads `owner` has stored, and their total size.
     async fn media_totals(&self, owner: UserId) -> Result<MediaTotals>;
     /// Up to `limit` of `owner`'s uploads, newest first (by upload time, then id), starting after
@@ -107,6 +113,9 @@ pub trait Directory: Send + Sync + 'static {
     async fn media(&self, id: MediaId) -> Result<Option<MediaRecord>>;
     /// An upload's description and bytes.
     async fn media_bytes(&self, id: MediaId) -> Result<Option<(MediaRecord, Vec<u8>)>>;
+    /// An upload's description and its thumbnail (`None` inside: it has none; outside: no such
+    /// upload).
+    async fn media_thumbnail(&self, id: MediaId) -> Result<Option<(MediaRecord, Option<Thumbnail>)>>;
     /// The value stored under `key`, storing `init` first if there is none. Every node that calls
     /// it for a key gets the same value, whoever stored it first (the cluster's VAPID key).
     async fn setting_or_init(&self, key: &str, init: &str) -> Result<String>;

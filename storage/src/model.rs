@@ -87,6 +87,15 @@ pub struct MediaRecord {
     pub created_at_ms: i64,
 }
 
+/// A small picture of an uploaded image, made by the node that took the upload; clients show it
+/// inline and fetch the full upload when asked to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Thumbnail {
+    /// `image/jpeg` or `image/png`.
+    pub mime: String,
+    pub bytes: Vec<u8>,
+}
+
 /// What deleting an upload did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MediaDeletion {

@@ -70,6 +70,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (7, include_str!("pg/0007_message_id_index.sql")),
     (8, include_str!("pg/0008_media_owner.sql")),
     (9, include_str!("pg/0009_privacy.sql")),
+    (10, include_str!("pg/0010_thumbnails.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -712,7 +713,13 @@ impl Directory for PgDirectory {
         Ok(ContactChange::Changed { version })
     }
 
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()> {
+    async fn put_media(
+        &self,
+        record: &MediaRecord,
+        bytes: &[u8],
+        thumbnail: Option<&Thumbnail>,
+        quota_bytes: u64,
+    ) -> Result<()> {
         let m = &record.media;
         let size = i64::try_from(m.size).map_err(|_| StorageError::Corrupt(format!("media size {}", m.size)))?;
         let owner_key = i32::from_be_bytes(record.owner.0.as_bytes()[..4].try_into().expect("4 bytes"));
@@ -738,6 +745,11 @@ impl Directory for PgDirectory {
             &[&m.media_id.0, &record.owner.0, &m.mime, &m.name, &size, &m.sha256, &bytes, &record.created_at_ms],
         )
         .await?;
+        if let Some(t) = thumbnail {
+            let stmt =
+                tx.prepare_cached("INSERT INTO media_thumbnails (media_id, mime, bytes) VALUES ($1, $2, $3)").await?;
+            tx.execute(&stmt, &[&m.media_id.0, &t.mime, &t.bytes]).await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -799,6 +811,25 @@ impl Directory for PgDirectory {
             .await?;
         match client.query_opt(&stmt, &[&id.0]).await? {
             Some(r) => Ok(Some((media_record(&r)?, r.try_get(7)?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn media_thumbnail(&self, id: MediaId) -> Result<Option<(MediaRecord, Option<Thumbnail>)>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT m.media_id, m.owner, m.mime, m.name, m.size, m.sha256, m.created_at_ms, t.mime, t.bytes
+                 FROM media m LEFT JOIN media_thumbnails t ON t.media_id = m.media_id WHERE m.media_id = $1",
+            )
+            .await?;
+        match client.query_opt(&stmt, &[&id.0]).await? {
+            Some(r) => {
+                let mime: Option<String> = r.try_get(7)?;
+                let bytes: Option<Vec<u8>> = r.try_get(8)?;
+                let thumbnail = mime.zip(bytes).map(|(mime, bytes)| Thumbnail { mime, bytes });
+                Ok(Some((media_record(&r)?, thumbnail)))
+            }
             None => Ok(None),
         }
     }

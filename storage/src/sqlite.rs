@@ -214,6 +214,12 @@ CREATE TABLE IF NOT EXISTS media (
 -- A user's uploads, summed for their quota on every upload and listed newest first (covering for
 -- the sum: the bytes are not read).
 CREATE INDEX IF NOT EXISTS media_owner_time ON media (owner, created_at_ms, media_id, size);
+-- An image upload's thumbnail, written and deleted with it.
+CREATE TABLE IF NOT EXISTS media_thumbnails (
+    media_id BLOB PRIMARY KEY,
+    mime TEXT NOT NULL,
+    bytes BLOB NOT NULL
+);
 ";
 
 /// Add `column` to `table` with `ddl` unless it is there: how files made by an older version are
@@ -369,9 +375,16 @@ impl Directory for SqliteDirectory {
         .await
     }
 
-    async fn put_media(&self, record: &MediaRecord, bytes: &[u8], quota_bytes: u64) -> Result<()> {
+    async fn put_media(
+        &self,
+        record: &MediaRecord,
+        bytes: &[u8],
+        thumbnail: Option<&Thumbnail>,
+        quota_bytes: u64,
+    ) -> Result<()> {
         let record = record.clone();
         let bytes = bytes.to_vec();
+        let thumbnail = thumbnail.cloned();
         with(&self.media, move |c| {
             let m = &record.media;
             // IMMEDIATE: the file's write lock from the sum to the commit, so that uploads from
@@ -400,6 +413,12 @@ impl Directory for SqliteDirectory {
                     record.created_at_ms
                 ],
             )?;
+            if let Some(t) = thumbnail {
+                tx.execute(
+                    "INSERT INTO media_thumbnails (media_id, mime, bytes) VALUES (?1, ?2, ?3)",
+                    params![m.media_id.0.as_bytes().to_vec(), t.mime, t.bytes],
+                )?;
+            }
             tx.commit()?;
             Ok(())
         })
@@ -440,13 +459,17 @@ impl Directory for SqliteDirectory {
     async fn delete_media(&self, id: MediaId, owner: UserId) -> Result<MediaDeletion> {
         with(&self.media, move |c| {
             let id = id.0.as_bytes().to_vec();
-            let deleted = c.execute(
+            let tx = c.transaction()?;
+            let deleted = tx.execute(
                 "DELETE FROM media WHERE media_id = ?1 AND owner = ?2",
                 params![id, owner.0.as_bytes().to_vec()],
             )?;
             if deleted > 0 {
+                tx.execute("DELETE FROM media_thumbnails WHERE media_id = ?1", params![id])?;
+                tx.commit()?;
                 return Ok(MediaDeletion::Deleted);
             }
+            drop(tx);
             let exists = c.query_row("SELECT 1 FROM media WHERE media_id = ?1", params![id], |_| Ok(())).optional()?;
             Ok(if exists.is_some() { MediaDeletion::NotOwner } else { MediaDeletion::Unknown })
         })
@@ -462,6 +485,24 @@ impl Directory for SqliteDirectory {
             )
             .optional()?
             .map(media_record)
+            .transpose()
+        })
+        .await
+    }
+
+    async fn media_thumbnail(&self, id: MediaId) -> Result<Option<(MediaRecord, Option<Thumbnail>)>> {
+        with(&self.media, move |c| {
+            c.query_row(
+                "SELECT m.media_id, m.owner, m.mime, m.name, m.size, m.sha256, m.created_at_ms, t.mime, t.bytes
+                 FROM media m LEFT JOIN media_thumbnails t ON t.media_id = m.media_id WHERE m.media_id = ?1",
+                params![id.0.as_bytes().to_vec()],
+                |r| Ok((media_row(r)?, r.get::<_, Option<String>>(7)?, r.get::<_, Option<Vec<u8>>>(8)?)),
+            )
+            .optional()?
+            .map(|(row, mime, bytes)| {
+                let thumbnail = mime.zip(bytes).map(|(mime, bytes)| Thumbnail { mime, bytes });
+                Ok((media_record(row)?, thumbnail))
+            })
             .transpose()
         })
         .await

@@ -28,6 +28,7 @@ parley_tests::both_backends!(
     presence_privacy_hides_what_the_settings_say,
     media_is_uploaded_sent_and_downloaded,
     media_quota_refuses_what_does_not_fit_and_deleting_frees_room,
+    pictures_get_thumbnails_and_nothing_else_does,
 );
 
 /// Uploads stored so far, read from the store itself (the API has no listing): how a refused
@@ -256,6 +257,96 @@ async fn media_quota_refuses_what_does_not_fit_and_deleting_frees_room(pg: bool)
     for bad in ["/v1/media?limit=0", "/v1/media?limit=501", "/v1/media?before=yesterday"] {
         let (status, err) = http.raw("GET", bad, Some(&alice.token), None).await.unwrap();
         assert_eq!((status, err["error"].as_str()), (400, Some("invalid_field")), "{bad}");
+    }
+}
+
+/// A picture encoded as `format`.
+fn picture(picture: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    picture.write_to(&mut out, format).expect("encode a picture");
+    out.into_inner()
+}
+
+/// An image upload gets a thumbnail that fits `THUMBNAIL_EDGE` (JPEG, or PNG when transparent,
+/// never enlarged), served with the download's safe headers; other files, undecodable pictures and
+/// a small file declaring a huge picture are stored without one (`not_found` asks for the upload
+/// instead); deleting the upload deletes it.
+async fn pictures_get_thumbnails_and_nothing_else_does(pg: bool) {
+    use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+    use parley_protocol::limits::THUMBNAIL_EDGE;
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+
+    let photo =
+        picture(DynamicImage::ImageRgb8(RgbImage::from_pixel(1200, 900, Rgb([20, 120, 200]))), ImageFormat::Jpeg);
+    let stored = http.upload_media(&alice.token, photo.clone(), "image/jpeg", Some("sea.jpg")).await.unwrap();
+    assert_eq!(stored.size, photo.len() as u64, "the upload is stored whole");
+    // Anyone signed in who holds the id may fetch it, like the upload.
+    let (headers, bytes) = http.download_thumbnail(&bob.token, stored.media_id).await.unwrap();
+    assert_eq!(headers["content-type"], "image/jpeg");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["content-length"], bytes.len().to_string().as_str());
+    let small = image::load_from_memory(&bytes).expect("a picture");
+    assert_eq!((small.width(), small.height()), (THUMBNAIL_EDGE, THUMBNAIL_EDGE * 3 / 4));
+    assert!(bytes.len() < photo.len(), "smaller than the photo");
+    // A browser asks again before using a cached copy (a deleted upload's thumbnail must not stay
+    // on screen); while it exists the answer is a bodiless 304.
+    assert_eq!(headers["cache-control"], "private, no-cache");
+    let tag = format!("\"{}.thumbnail\"", stored.sha256);
+    assert_eq!(headers["etag"], tag.as_str());
+    let again = reqwest::Client::new()
+        .get(format!("{}/v1/media/{}/thumbnail", http.base(), stored.media_id))
+        .bearer_auth(&bob.token)
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 304);
+    assert!(again.bytes().await.unwrap().is_empty());
+    let (_, full) = http.download_media(&bob.token, stored.media_id).await.unwrap();
+    assert_eq!(full, photo, "the upload itself is untouched");
+
+    let icon =
+        picture(DynamicImage::ImageRgba8(RgbaImage::from_pixel(48, 32, Rgba([0, 200, 0, 90]))), ImageFormat::Png);
+    let stored_icon = http.upload_media(&alice.token, icon, "image/png", None).await.unwrap();
+    let (headers, bytes) = http.download_thumbnail(&alice.token, stored_icon.media_id).await.unwrap();
+    assert_eq!(headers["content-type"], "image/png", "transparency stays");
+    let small = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((small.width(), small.height()), (48, 32), "never enlarged");
+
+    // A PNG header doctored to declare 30000×30000 pixels (its checksum no longer matches: either
+    // way it must not be decoded; `thumbnail.rs` tests the size check itself).
+    let mut bomb = picture(DynamicImage::ImageRgb8(RgbImage::new(1, 1)), ImageFormat::Png);
+    bomb[16..24].copy_from_slice(&[0, 0, 0x75, 0x30, 0, 0, 0x75, 0x30]);
+    for (bytes, mime) in
+        [(b"just some notes".to_vec(), "text/plain"), (b"not a png at all".to_vec(), "image/png"), (bomb, "image/png")]
+    {
+        let stored = http.upload_media(&alice.token, bytes.clone(), mime, None).await.unwrap();
+        match http.download_thumbnail(&alice.token, stored.media_id).await {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::NotFound, "{mime}"),
+            other => panic!("{mime}: expected no thumbnail, got {other:?}"),
+        }
+        let (_, full) = http.download_media(&alice.token, stored.media_id).await.unwrap();
+        assert_eq!(full, bytes, "{mime}: stored whole all the same");
+    }
+
+    for path in [
+        format!("/v1/media/{}/thumbnail", parley_protocol::MediaId(uuid::Uuid::new_v4())),
+        "/v1/media/nope/thumbnail".into(),
+    ] {
+        let (status, err) = http.raw("GET", &path, Some(&alice.token), None).await.unwrap();
+        assert_eq!((status, err["error"].as_str()), (404, Some("unknown_media")), "{path}");
+    }
+    let path = format!("/v1/media/{}/thumbnail", stored.media_id);
+    let (status, err) = http.raw("GET", &path, None, None).await.unwrap();
+    assert_eq!((status, err["error"].as_str()), (401, Some("not_authenticated")));
+    http.delete_media(&alice.token, stored.media_id).await.unwrap();
+    match http.download_thumbnail(&bob.token, stored.media_id).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::UnknownMedia, "deleted with its upload"),
+        other => panic!("expected unknown_media, got {other:?}"),
     }
 }
 

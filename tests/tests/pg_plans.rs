@@ -123,7 +123,7 @@ async fn hot_paths_probe_indexes_even_with_plans_made_on_empty_tables() -> Resul
             sha256: sha256_hex(&bytes),
         };
         let record = MediaRecord { media, owner: alice.id, created_at_ms: now_ms() };
-        directory.put_media(&record, &bytes, 1 << 30).await?;
+        directory.put_media(&record, &bytes, None, 1 << 30).await?;
         ensure!(directory.media_totals(alice.id).await?.uploads == 1, "alice's upload");
         let listed = directory.media_list(alice.id, None, 10).await?;
         ensure!(listed.len() == 1, "alice's list");

@@ -22,7 +22,7 @@ use parley_protocol::{ClientMsgId, ConversationId, DeviceId, Epoch, MediaId, Mes
 use parley_storage::{
     now_ms, token_hash, Committed, ConversationRecord, CursorUpdate, LeaseGrant, MediaDeletion, MediaRecord,
     MediaTotals, MessageResult, NewMessage, PresenceRecord, PushSubscriptionRecord, ShardStore, StorageError,
-    StoreConfig, Stores, TokenGrant, UserRecord, WriteBatch,
+    StoreConfig, Stores, Thumbnail, TokenGrant, UserRecord, WriteBatch,
 };
 use parley_tests::postgres::TestPostgres;
 use uuid::Uuid;
@@ -431,7 +431,7 @@ async fn media_quota_holds_across_nodes_and_deleting_frees_room(f: &Fixture) -> 
     for i in 0..12 {
         let store = if i % 2 == 0 { d.clone() } else { other.clone() };
         let (record, bytes) = upload(alice.id, 100);
-        racing.spawn(async move { (record.media.media_id, store.put_media(&record, &bytes, QUOTA).await) });
+        racing.spawn(async move { (record.media.media_id, store.put_media(&record, &bytes, None, QUOTA).await) });
     }
     let (mut stored, mut refused) = (Vec::new(), 0);
     while let Some(joined) = racing.join_next().await {
@@ -449,13 +449,13 @@ async fn media_quota_holds_across_nodes_and_deleting_frees_room(f: &Fixture) -> 
     let (one_byte, bytes) = upload(alice.id, 1);
     ensure!(
         matches!(
-            d.put_media(&one_byte, &bytes, QUOTA).await,
+            d.put_media(&one_byte, &bytes, None, QUOTA).await,
             Err(StorageError::MediaQuotaExceeded { used: 1_000, .. })
         ),
         "a full quota takes not one byte more"
     );
     let (bobs, bytes) = upload(bob.id, 100);
-    other.put_media(&bobs, &bytes, QUOTA).await?;
+    other.put_media(&bobs, &bytes, None, QUOTA).await?;
     assert_eq!(d.media_totals(bob.id).await?, MediaTotals { uploads: 1, bytes: 100 });
 
     let victim = stored[0];
@@ -467,7 +467,7 @@ async fn media_quota_holds_across_nodes_and_deleting_frees_room(f: &Fixture) -> 
     assert_eq!(d.delete_media(MediaId(Uuid::new_v4()), alice.id).await?, MediaDeletion::Unknown);
     assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 9, bytes: 900 });
     let (fits, bytes) = upload(alice.id, 100);
-    d.put_media(&fits, &bytes, QUOTA).await?;
+    d.put_media(&fits, &bytes, None, QUOTA).await?;
     assert_eq!(d.media_totals(alice.id).await?, MediaTotals { uploads: 10, bytes: 1_000 });
 
     // Listed newest first (time, then id), a page at a time, each exactly once; only one's own.
@@ -511,17 +511,31 @@ async fn media_is_stored_whole_and_messages_carry_its_description(f: &Fixture) -
         sha256: parley_storage::sha256_hex(&bytes),
     };
     let record = MediaRecord { media: media.clone(), owner: alice.id, created_at_ms: 1_700_000_000_000 };
-    d.put_media(&record, &bytes, NO_QUOTA).await?;
-    ensure!(d.put_media(&record, b"other bytes", NO_QUOTA).await.is_err(), "an id is stored once");
+    let thumbnail = Thumbnail { mime: "image/jpeg".into(), bytes: vec![0xFF, 0xD8, 0, 1, 2, 0xFF, 0xD9] };
+    d.put_media(&record, &bytes, Some(&thumbnail), NO_QUOTA).await?;
+    let other = Thumbnail { mime: "image/png".into(), bytes: vec![1] };
+    ensure!(d.put_media(&record, b"other bytes", Some(&other), NO_QUOTA).await.is_err(), "an id is stored once");
+    assert_eq!(d.media_thumbnail(media.media_id).await?, Some((record.clone(), Some(thumbnail.clone()))));
+    assert_eq!(d.media_totals(alice.id).await?.bytes, bytes.len() as u64, "a thumbnail takes no quota");
     assert_eq!(d.media(media.media_id).await?, Some(record.clone()));
     assert_eq!(d.media_bytes(media.media_id).await?, Some((record.clone(), bytes.clone())), "the first bytes stay");
     let unknown = MediaId(Uuid::new_v4());
     assert_eq!(d.media(unknown).await?, None);
     assert_eq!(d.media_bytes(unknown).await?, None);
+    assert_eq!(d.media_thumbnail(unknown).await?, None);
     let unnamed = MediaRef { media_id: MediaId(Uuid::new_v4()), name: None, size: 1, ..media.clone() };
     let unnamed_record = MediaRecord { media: unnamed.clone(), ..record.clone() };
-    d.put_media(&unnamed_record, b"x", NO_QUOTA).await?;
-    assert_eq!(d.media(unnamed.media_id).await?, Some(unnamed_record));
+    d.put_media(&unnamed_record, b"x", None, NO_QUOTA).await?;
+    assert_eq!(d.media(unnamed.media_id).await?, Some(unnamed_record.clone()));
+    assert_eq!(d.media_thumbnail(unnamed.media_id).await?, Some((unnamed_record, None)), "stored without one");
+    // Deleting an upload deletes its thumbnail (nothing is left to serve or count).
+    let doomed = MediaRef { media_id: MediaId(Uuid::new_v4()), size: 1, ..media.clone() };
+    d.put_media(&MediaRecord { media: doomed.clone(), ..record.clone() }, b"y", Some(&thumbnail), NO_QUOTA).await?;
+    assert_eq!(d.delete_media(doomed.media_id, alice.id).await?, MediaDeletion::Deleted);
+    assert_eq!(d.media_thumbnail(doomed.media_id).await?, None);
+    let put_back = MediaRecord { media: doomed.clone(), ..record.clone() };
+    d.put_media(&put_back, b"y", None, NO_QUOTA).await?;
+    assert_eq!(d.media_thumbnail(doomed.media_id).await?, Some((put_back, None)), "no thumbnail outlived it");
 
     let (store, epoch) = leased(&f.stores, 5, "node-a").await?;
     let c = new_conversation();
@@ -542,7 +556,8 @@ async fn media_is_stored_whole_and_messages_carry_its_description(f: &Fixture) -
     assert_eq!((last.body.as_str(), last.media), ("caption", Some(media.clone())));
 
     let reopened = f.reopen().await?;
-    assert_eq!(reopened.directory.media_bytes(media.media_id).await?, Some((record, bytes)));
+    assert_eq!(reopened.directory.media_bytes(media.media_id).await?, Some((record.clone(), bytes)));
+    assert_eq!(reopened.directory.media_thumbnail(media.media_id).await?, Some((record, Some(thumbnail))));
     Ok(())
 }
 

@@ -40,12 +40,13 @@ const THEIRS: &str = "#messages li.msg.theirs";
 const MINE_ACKED: &str = "#messages li.msg.mine[data-seq]";
 
 /// Waits until the message captioned `caption` among the `css` messages shows `ATTACH_PNG`'s
-/// picture, decoded (3×2, named in its alt text).
+/// picture, decoded (3×2, named in its alt text), from the thumbnail the server made of it.
 async fn see_photo(b: &Browser, what: &str, css: &str, caption: &str) -> anyhow::Result<()> {
     let picture = "const li = [...document.querySelectorAll(arguments[0])]
              .find((li) => li.querySelector('.body').textContent === arguments[1]);
          const img = li && li.querySelector('img.media-img');
-         return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png';";
+         return img && img.complete && img.naturalWidth === 3 && img.naturalHeight === 2 && img.alt === 'beach.png'
+             && img.dataset.shows === 'thumbnail';";
     b.wait_until(what, picture, vec![json!(css), json!(caption)]).await
 }
 

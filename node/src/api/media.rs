@@ -1,5 +1,6 @@
-//! Media over HTTP: `POST /v1/media` stores an upload, `GET /v1/media/:id` serves it back
-//! (PROTOCOL.md §5, "Media"). Messages carry only the upload's description ([`MediaRef`]), so a photo
+//! Media over HTTP: `POST /v1/media` stores an upload (with a thumbnail when it is a picture,
+//! [`crate::thumbnail`]), `GET /v1/media/:id` serves it back and `GET /v1/media/:id/thumbnail` its
+//! thumbnail (PROTOCOL.md §5, "Media"). Messages carry only the upload's description ([`MediaRef`]), so a photo
 //! never travels inside a WebSocket frame, a shard's batch or a node-to-node payload.
 //!
 //! Who may fetch what. The id is random (v4) and is the capability: it reaches other users only
@@ -41,6 +42,10 @@ use crate::error::{quota_message, NodeError};
 /// time per server, so this is several readers' worth.
 pub const DOWNLOADS_IN_FLIGHT: usize = 32;
 
+/// Thumbnails one node makes at once (CPU-bound, one core each; each decode may take up to
+/// `thumbnail::MAX_DECODE_ALLOC_BYTES`). Other uploads wait for a slot, holding their upload slot.
+pub const THUMBNAILS_IN_FLIGHT: usize = 2;
+
 /// How long a download waits for a free slot before it is answered `unavailable`.
 pub const DOWNLOAD_WAIT: Duration = Duration::from_secs(10);
 
@@ -79,6 +84,7 @@ struct Admitted {
 /// The two media routes of a node.
 pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
     let uploads = Arc::new(Semaphore::new(MAX_UPLOADS_IN_FLIGHT));
+    let thumbnails = Arc::new(Semaphore::new(THUMBNAILS_IN_FLIGHT));
     let upload = warp::path!("v1" / "media")
         .and(warp::post())
         .and(authed(ctx.clone()))
@@ -125,7 +131,9 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
         )
         .and(warp::body::content_length_limit(MAX_MEDIA_BYTES))
         .and(warp::body::bytes())
-        .and_then(|admitted: Admitted, bytes: bytes::Bytes| async move {
+        .and(warp::any().map(move || thumbnails.clone()))
+        .and_then(|admitted: Admitted, bytes: bytes::Bytes, thumbnails: Arc<Semaphore>| async move {
+            let thumbnail = thumbnail_of(&thumbnails, &admitted.mime, &bytes).await;
             let record = MediaRecord {
                 media: MediaRef {
                     media_id: MediaId(uuid::Uuid::new_v4()),
@@ -138,8 +146,14 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
                 created_at_ms: now_ms(),
             };
             let quota = admitted.ctx.config.limits.media_quota_bytes;
-            admitted.ctx.stores.directory.put_media(&record, &bytes, quota).await.map_err(NodeError::from)?;
-            tracing::debug!(media = %record.media.media_id, size = record.media.size, "stored an upload");
+            let directory = &admitted.ctx.stores.directory;
+            directory.put_media(&record, &bytes, thumbnail.as_ref(), quota).await.map_err(NodeError::from)?;
+            tracing::debug!(
+                media = %record.media.media_id,
+                size = record.media.size,
+                thumbnail = thumbnail.is_some(),
+                "stored an upload"
+            );
             Ok::<_, Rejection>(json(&record.media, StatusCode::CREATED))
         });
 
@@ -182,6 +196,42 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
             }
         },
     );
+
+    // Thumbnails are small (tens of KB): no download slot. Unlike the upload, a browser must ask
+    // again before showing a cached copy (`no-cache`, answered 304 while it exists): a chat that
+    // shows a deleted upload as gone must not keep showing its thumbnail.
+    let thumbnail = warp::path!("v1" / "media" / String / "thumbnail")
+        .and(warp::get())
+        .and(authed(ctx.clone()))
+        .and(warp::header::optional::<String>("if-none-match"))
+        .and_then(|id: String, ctx: Arc<NodeContext>, _me: UserView, if_none_match: Option<String>| async move {
+            let id: MediaId = id.parse().map_err(|_| reject(ErrorCode::UnknownMedia, "no media with that id"))?;
+            let (record, thumbnail) = ctx
+                .stores
+                .directory
+                .media_thumbnail(id)
+                .await
+                .map_err(NodeError::from)?
+                .ok_or_else(|| reject(ErrorCode::UnknownMedia, format!("no media with id {id}")))?;
+            let thumbnail = thumbnail
+                .ok_or_else(|| reject(ErrorCode::NotFound, "this upload has no thumbnail; fetch the upload"))?;
+            let tag = format!("\"{}.thumbnail\"", record.media.sha256);
+            let fresh = if_none_match.is_some_and(|t| t.trim() == tag);
+            let (status, body) =
+                if fresh { (StatusCode::NOT_MODIFIED, Vec::new()) } else { (StatusCode::OK, thumbnail.bytes) };
+            let length = body.len();
+            let mut res = with_headers(warp::reply::Response::new(body.into()), &record.media, status);
+            let h = res.headers_mut();
+            let mime = if thumbnail.mime == "image/png" { "image/png" } else { "image/jpeg" };
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+            if !fresh {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            h.insert(header::ETAG, HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"t\"")));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
+            h.remove(header::CONTENT_DISPOSITION);
+            Ok::<_, Rejection>(res)
+        });
 
     let downloads = Arc::new(Semaphore::new(DOWNLOADS_IN_FLIGHT));
     let download = warp::path!("v1" / "media" / String)
@@ -228,7 +278,29 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
             },
         );
 
-    upload.or(usage).unify().or(delete).unify().or(download).unify().boxed()
+    upload.or(usage).unify().or(delete).unify().or(thumbnail).unify().or(download).unify().boxed()
+}
+
+/// The thumbnail of an upload that should have one, made on the blocking pool with one of the
+/// node's thumbnail slots; `None` (the upload is stored without one) when it is not a picture or
+/// cannot be made into a thumbnail.
+async fn thumbnail_of(slots: &Semaphore, mime: &str, bytes: &bytes::Bytes) -> Option<parley_storage::Thumbnail> {
+    if !crate::thumbnail::wanted(mime) {
+        return None;
+    }
+    let _slot = slots.acquire().await.ok()?;
+    let (mime, bytes) = (mime.to_string(), bytes.clone());
+    match tokio::task::spawn_blocking(move || crate::thumbnail::make(&mime, &bytes)).await {
+        Ok(Ok(thumbnail)) => Some(thumbnail),
+        Ok(Err(skipped)) => {
+            tracing::debug!(reason = %skipped, "an image upload gets no thumbnail");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "making a thumbnail failed");
+            None
+        }
+    }
 }
 
 /// A `before` cursor (`<created_at_ms>.<media_id>`, as `next` gave it).
