@@ -23,7 +23,8 @@
 //   notifications registers them again for whoever signed in.
 // - Privacy (§5 "Privacy and contacts"): who may see one's last seen and online, chosen in the
 //   Privacy box and stored on the server (`/v1/me/privacy`); "contacts" are the people starred in
-//   People (`/v1/me/contacts`). What others may not see, the server never sends.
+//   People (`/v1/me/contacts`); and who may add one to groups. What others may not see, the server
+//   never sends.
 
 const PROTOCOL_VERSION = 1;
 const HISTORY_PAGE = 50;
@@ -306,6 +307,7 @@ async function loadPrivacy() {
     const p = await api("GET", "/v1/me/privacy");
     $("privacy-last-seen").value = p.last_seen;
     $("privacy-online").value = p.online;
+    $("privacy-groups").value = p.groups;
     $("privacy-form").dataset.loaded = "true";
     $("privacy-status").textContent = "";
   } catch (e) {
@@ -315,7 +317,9 @@ async function loadPrivacy() {
 
 /** Store the Privacy box's choice; on a refusal, show what is really stored. */
 async function savePrivacy() {
-  const settings = { last_seen: $("privacy-last-seen").value, online: $("privacy-online").value };
+  const settings = {
+    last_seen: $("privacy-last-seen").value, online: $("privacy-online").value, groups: $("privacy-groups").value,
+  };
   $("privacy-status").textContent = "saving…";
   try {
     await api("PUT", "/v1/me/privacy", settings);
@@ -1449,6 +1453,7 @@ $("uploads-box").addEventListener("toggle", () => { if ($("uploads-box").open) l
 $("privacy-box").addEventListener("toggle", () => { if ($("privacy-box").open) loadPrivacy(); });
 $("privacy-last-seen").addEventListener("change", savePrivacy);
 $("privacy-online").addEventListener("change", savePrivacy);
+$("privacy-groups").addEventListener("change", savePrivacy);
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);
   if (c) requestHistory(c, Math.min(...c.messages.keys()));

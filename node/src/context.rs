@@ -300,7 +300,7 @@ impl NodeContext {
         all.sort();
         all.dedup();
         self.check_group_size(all.len())?;
-        self.check_users_exist(&all).await?;
+        self.check_addable(owner, &all).await?;
         let record = ConversationRecord {
             id: ConversationId::new_group(),
             kind: ConversationKind::Group,
@@ -347,7 +347,10 @@ impl NodeContext {
                     }
                     self.check_group_size(users.len().min(MAX_GROUP_MEMBERS + 1))?;
                     if !users_checked {
-                        self.check_users_exist(users).await?;
+                        // Only those who are not members yet are being added.
+                        let joining: Vec<UserId> =
+                            users.iter().copied().filter(|u| !current.members.contains(u)).collect();
+                        self.check_addable(user, &joining).await?;
                         users_checked = true;
                     }
                     next.members.extend(users.iter().copied());
@@ -405,10 +408,20 @@ impl NodeContext {
         Ok(())
     }
 
-    async fn check_users_exist(&self, users: &[UserId]) -> NodeResult<()> {
-        let found = self.stores.directory.users_by_id(users).await?;
-        if let Some(missing) = users.iter().find(|u| !found.iter().any(|f| f.id == **u)) {
+    /// Every one of `users` exists and lets `adder` add them to a group (their `groups` privacy
+    /// setting, PROTOCOL.md §5 "Privacy and contacts"); the adder may always add themselves.
+    async fn check_addable(&self, adder: UserId, users: &[UserId]) -> NodeResult<()> {
+        let found = self.stores.directory.presence_view(adder, users).await?;
+        if let Some(missing) = users.iter().find(|u| !found.iter().any(|f| f.user == **u)) {
             return Err(NodeError::client(ErrorCode::UnknownUser, format!("no user {missing}")));
+        }
+        if let Some(refuses) =
+            found.iter().find(|r| r.user != adder && !r.settings.lets_add_to_groups(r.watcher_is_contact))
+        {
+            return Err(NodeError::client(
+                ErrorCode::Forbidden,
+                format!("{} does not let you add them to groups (their privacy settings)", refuses.user),
+            ));
         }
         Ok(())
     }

@@ -644,7 +644,7 @@ fn unwatch_locked(inner: &mut Inner, session: u64, users: &[UserId]) {
 mod tests {
     use std::time::Duration;
 
-    use parley_protocol::privacy::{LastSeenAudience, OnlineAudience};
+    use parley_protocol::privacy::{Audience, OnlineAudience};
     use ractor::{Actor, ActorProcessingErr};
     use tokio::sync::mpsc;
 
@@ -696,8 +696,11 @@ mod tests {
         got
     }
 
-    const HIDDEN: PrivacySettings =
-        PrivacySettings { last_seen: LastSeenAudience::Contacts, online: OnlineAudience::SameAsLastSeen };
+    const HIDDEN: PrivacySettings = PrivacySettings {
+        last_seen: Audience::Contacts,
+        online: OnlineAudience::SameAsLastSeen,
+        groups: Audience::Everyone,
+    };
 
     fn record(user: UserId, settings: PrivacySettings, version: u64, watcher_is_contact: bool) -> PresenceRecord {
         PresenceRecord { user, last_seen_ms: Some(1_000), settings, version, watcher_is_contact }

@@ -1,8 +1,9 @@
 //! Presence privacy (PROTOCOL.md §5, "Privacy and contacts"): who may see that a user is online
 //! and when they were last seen, and the contact list that "contacts" refers to.
 //!
-//! The settings follow WhatsApp's: last seen for everyone, for one's contacts, or for nobody; and
-//! "online" either for everyone or for the same people as last seen. A contact is someone the
+//! The settings follow WhatsApp's: last seen for everyone, for one's contacts, or for nobody;
+//! "online" either for everyone or for the same people as last seen; and who may add one to
+//! groups (everyone, one's contacts, nobody). A contact is someone the
 //! user added to *their own* list (`PUT /v1/me/contacts/:id`): being messaged by a stranger makes
 //! nobody a contact. A watcher who may not see something is told nothing about it — a hidden user
 //! looks exactly like one who is offline and was never seen, so hiding cannot be detected either.
@@ -11,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::UserView;
 
-/// Who may see when a user was last seen.
+/// Who may do something concerning a user: see when they were last seen, add them to a group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LastSeenAudience {
+pub enum Audience {
     #[default]
     Everyone,
     /// Only users on this user's contact list.
@@ -32,11 +33,15 @@ pub enum OnlineAudience {
     SameAsLastSeen,
 }
 
-/// `GET`/`PUT /v1/me/privacy`. A new account's are the defaults: everyone sees both.
+/// `GET`/`PUT /v1/me/privacy`. A new account's are the defaults: everyone sees everything, and
+/// anyone may add them to a group. A `PUT` names every field (nothing is reset by omission).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PrivacySettings {
-    pub last_seen: LastSeenAudience,
+    /// Who may see when the user was last seen.
+    pub last_seen: Audience,
     pub online: OnlineAudience,
+    /// Who may add the user to a group (creating one with them, or adding them to one).
+    pub groups: Audience,
 }
 
 /// What one watcher may see of a user under [`PrivacySettings`].
@@ -52,15 +57,24 @@ impl PrivacySettings {
     /// would freeze a visible "last seen" while the user chats).
     pub fn shown_to(self, is_contact: bool) -> Shown {
         let last_seen = match self.last_seen {
-            LastSeenAudience::Everyone => true,
-            LastSeenAudience::Contacts => is_contact,
-            LastSeenAudience::Nobody => false,
+            Audience::Everyone => true,
+            Audience::Contacts => is_contact,
+            Audience::Nobody => false,
         };
         let online = match self.online {
             OnlineAudience::Everyone => true,
             OnlineAudience::SameAsLastSeen => last_seen,
         };
         Shown { online, last_seen }
+    }
+
+    /// Whether someone may add the user to a group; `is_contact`: they are on the user's list.
+    pub fn lets_add_to_groups(self, is_contact: bool) -> bool {
+        match self.groups {
+            Audience::Everyone => true,
+            Audience::Contacts => is_contact,
+            Audience::Nobody => false,
+        }
     }
 }
 
@@ -76,10 +90,10 @@ mod tests {
 
     #[test]
     fn online_is_never_hidden_from_someone_who_sees_last_seen() {
-        for last_seen in [LastSeenAudience::Everyone, LastSeenAudience::Contacts, LastSeenAudience::Nobody] {
+        for last_seen in [Audience::Everyone, Audience::Contacts, Audience::Nobody] {
             for online in [OnlineAudience::Everyone, OnlineAudience::SameAsLastSeen] {
                 for contact in [false, true] {
-                    let shown = PrivacySettings { last_seen, online }.shown_to(contact);
+                    let shown = PrivacySettings { last_seen, online, groups: Audience::Nobody }.shown_to(contact);
                     assert!(shown.online || !shown.last_seen, "{last_seen:?} {online:?} {contact}");
                 }
             }
@@ -88,8 +102,8 @@ mod tests {
 
     #[test]
     fn each_setting_shows_what_it_says() {
-        let s = |last_seen, online| PrivacySettings { last_seen, online };
-        use LastSeenAudience as L;
+        let s = |last_seen, online| PrivacySettings { last_seen, online, groups: Audience::Everyone };
+        use Audience as L;
         use OnlineAudience as O;
         assert_eq!(s(L::Everyone, O::Everyone).shown_to(false), Shown { online: true, last_seen: true });
         assert_eq!(s(L::Contacts, O::Everyone).shown_to(false), Shown { online: true, last_seen: false });
@@ -101,15 +115,27 @@ mod tests {
     }
 
     #[test]
-    fn settings_are_snake_case_json_and_both_are_required() {
-        let json = r#"{"last_seen":"contacts","online":"same_as_last_seen"}"#;
+    fn settings_are_snake_case_json_and_every_field_is_required() {
+        let json = r#"{"last_seen":"contacts","online":"same_as_last_seen","groups":"nobody"}"#;
         let s: PrivacySettings = serde_json::from_str(json).unwrap();
-        assert_eq!(
-            s,
-            PrivacySettings { last_seen: LastSeenAudience::Contacts, online: OnlineAudience::SameAsLastSeen }
-        );
+        let want = PrivacySettings {
+            last_seen: Audience::Contacts,
+            online: OnlineAudience::SameAsLastSeen,
+            groups: Audience::Nobody,
+        };
+        assert_eq!(s, want);
         assert_eq!(serde_json::to_string(&s).unwrap(), json);
-        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"friends","online":"everyone"}"#).is_err());
-        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"nobody"}"#).is_err());
+        let bad = r#"{"last_seen":"friends","online":"everyone","groups":"everyone"}"#;
+        assert!(serde_json::from_str::<PrivacySettings>(bad).is_err());
+        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"nobody","online":"everyone"}"#).is_err());
+    }
+
+    #[test]
+    fn group_adds_follow_their_audience() {
+        let s = |groups| PrivacySettings { groups, ..PrivacySettings::default() };
+        assert!(s(Audience::Everyone).lets_add_to_groups(false));
+        assert!(!s(Audience::Contacts).lets_add_to_groups(false));
+        assert!(s(Audience::Contacts).lets_add_to_groups(true));
+        assert!(!s(Audience::Nobody).lets_add_to_groups(true));
     }
 }

@@ -76,7 +76,8 @@ pub trait Directory: Send + Sync + 'static {
     async fn record_last_seen(&self, seen: &[(UserId, i64)]) -> Result<()>;
     /// The subset of `ids` that exist (each once), with what `watcher` may learn of their
     /// presence: last seen, privacy settings, rules version and whether `watcher` is their
-    /// contact.
+    /// contact. Also what a group add needs to know of each user to add (their `groups`
+    /// setting, and whether the adder is their contact).
     async fn presence_view(&self, watcher: UserId, ids: &[UserId]) -> Result<Vec<PresenceRecord>>;
     /// A user's privacy settings and rules version (`None`: no such user).
     async fn privacy(&self, user: UserId) -> Result<Option<(PrivacySettings, u64)>>;
@@ -365,10 +366,10 @@ pub(crate) fn media_from_json(column: Option<String>) -> Result<Option<MediaRef>
         .transpose()
 }
 
-/// How both stores keep [`PrivacySettings`]: (last seen, online) as small codes.
-pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16) {
-    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O};
-    let last_seen = match settings.last_seen {
+/// How both stores keep [`PrivacySettings`]: (last seen, online, groups) as small codes.
+pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16, i16) {
+    use parley_protocol::privacy::{Audience as L, OnlineAudience as O};
+    let audience = |a: L| match a {
         L::Everyone => 0,
         L::Contacts => 1,
         L::Nobody => 2,
@@ -377,24 +378,25 @@ pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16) {
         O::Everyone => 0,
         O::SameAsLastSeen => 1,
     };
-    (last_seen, online)
+    (audience(settings.last_seen), online, audience(settings.groups))
 }
 
 /// The inverse of [`privacy_codes`]; an unknown code is corruption, not a default.
-pub(crate) fn privacy_from_codes(last_seen: i16, online: i16) -> Result<PrivacySettings> {
-    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O};
-    let last_seen = match last_seen {
-        0 => L::Everyone,
-        1 => L::Contacts,
-        2 => L::Nobody,
-        other => return Err(StorageError::Corrupt(format!("last seen audience {other}"))),
+pub(crate) fn privacy_from_codes(last_seen: i16, online: i16, groups: i16) -> Result<PrivacySettings> {
+    use parley_protocol::privacy::{Audience as L, OnlineAudience as O};
+    let audience = |code: i16, what: &str| match code {
+        0 => Ok(L::Everyone),
+        1 => Ok(L::Contacts),
+        2 => Ok(L::Nobody),
+        other => Err(StorageError::Corrupt(format!("{what} audience {other}"))),
     };
+    let (last_seen, groups) = (audience(last_seen, "last seen")?, audience(groups, "groups")?);
     let online = match online {
         0 => O::Everyone,
         1 => O::SameAsLastSeen,
         other => return Err(StorageError::Corrupt(format!("online audience {other}"))),
     };
-    Ok(PrivacySettings { last_seen, online })
+    Ok(PrivacySettings { last_seen, online, groups })
 }
 
 /// A stored rules version (never negative).

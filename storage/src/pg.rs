@@ -71,6 +71,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (8, include_str!("pg/0008_media_owner.sql")),
     (9, include_str!("pg/0009_privacy.sql")),
     (10, include_str!("pg/0010_thumbnails.sql")),
+    (11, include_str!("pg/0011_group_adds.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -610,9 +611,10 @@ impl Directory for PgDirectory {
         let stmt = client
             .prepare_cached(
                 "SELECT u.id, u.last_seen_ms, u.last_seen_audience, u.online_audience, u.rules_version,
-                        EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = $2)
+                        EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = $2), u.groups_audience
                  FROM UNNEST($1::uuid[]) AS k(id)
-                 CROSS JOIN LATERAL (SELECT id, last_seen_ms, last_seen_audience, online_audience, rules_version
+                 CROSS JOIN LATERAL (SELECT id, last_seen_ms, last_seen_audience, online_audience, rules_version,
+                                            groups_audience
                                      FROM users WHERE id = k.id LIMIT 1) u",
             )
             .await?;
@@ -624,7 +626,7 @@ impl Directory for PgDirectory {
                 Ok(PresenceRecord {
                     user: UserId(r.try_get(0)?),
                     last_seen_ms: r.try_get(1)?,
-                    settings: privacy_from_codes(r.try_get(2)?, r.try_get(3)?)?,
+                    settings: privacy_from_codes(r.try_get(2)?, r.try_get(3)?, r.try_get(6)?)?,
                     version: version_of(r.try_get(4)?)?,
                     watcher_is_contact: r.try_get(5)?,
                 })
@@ -635,25 +637,31 @@ impl Directory for PgDirectory {
     async fn privacy(&self, user: UserId) -> Result<Option<(PrivacySettings, u64)>> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached("SELECT last_seen_audience, online_audience, rules_version FROM users WHERE id = $1")
+            .prepare_cached(
+                "SELECT last_seen_audience, online_audience, rules_version, groups_audience FROM users WHERE id = $1",
+            )
             .await?;
         match client.query_opt(&stmt, &[&user.0]).await? {
-            Some(r) => Ok(Some((privacy_from_codes(r.try_get(0)?, r.try_get(1)?)?, version_of(r.try_get(2)?)?))),
+            Some(r) => {
+                let settings = privacy_from_codes(r.try_get(0)?, r.try_get(1)?, r.try_get(3)?)?;
+                Ok(Some((settings, version_of(r.try_get(2)?)?)))
+            }
             None => Ok(None),
         }
     }
 
     async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>> {
-        let (last_seen, online) = privacy_codes(settings);
+        let (last_seen, online, groups) = privacy_codes(settings);
         let client = self.pool.get().await?;
         // The row lock orders this against the user's other rule changes on every node.
         let stmt = client
             .prepare_cached(
-                "UPDATE users SET last_seen_audience = $2, online_audience = $3, rules_version = rules_version + 1
+                "UPDATE users SET last_seen_audience = $2, online_audience = $3, groups_audience = $4,
+                     rules_version = rules_version + 1
                  WHERE id = $1 RETURNING rules_version",
             )
             .await?;
-        match client.query_opt(&stmt, &[&user.0, &last_seen, &online]).await? {
+        match client.query_opt(&stmt, &[&user.0, &last_seen, &online, &groups]).await? {
             Some(r) => Ok(Some(version_of(r.try_get(0)?)?)),
             None => Ok(None),
         }

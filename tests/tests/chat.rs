@@ -429,8 +429,8 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
 /// settings or contacts reaches those already watching at once. Bad requests are refused with
 /// their own codes and change nothing.
 async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
-    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O, PrivacySettings};
-    let settings = |last_seen, online| PrivacySettings { last_seen, online };
+    use parley_protocol::privacy::{Audience as L, OnlineAudience as O, PrivacySettings};
+    let settings = |last_seen, online| PrivacySettings { last_seen, online, groups: L::Everyone };
     let backend = Backend::new(pg).await;
     let node = backend.node("").await;
     let http = node.client();
@@ -501,7 +501,13 @@ async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
     // Refusals, each changing nothing.
     let now = settings(L::Contacts, O::Everyone);
     for (method, path, body, status, code) in [
-        ("PUT", "/v1/me/privacy".to_string(), r#"{"last_seen":"friends","online":"everyone"}"#, 400, "bad_json"),
+        (
+            "PUT",
+            "/v1/me/privacy".to_string(),
+            r#"{"last_seen":"friends","online":"everyone","groups":"everyone"}"#,
+            400,
+            "bad_json",
+        ),
         ("PUT", "/v1/me/privacy".to_string(), r#"{"last_seen":"nobody"}"#, 400, "bad_json"),
         ("PUT", format!("/v1/me/contacts/{}", alice.user_id), "", 400, "invalid_field"),
         ("PUT", format!("/v1/me/contacts/{}", UserId::random()), "", 404, "unknown_user"),

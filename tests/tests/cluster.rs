@@ -569,7 +569,7 @@ async fn presence_crosses_nodes_and_a_killed_node_takes_its_users_offline() {
 /// because n2 reads the rules again when n1 lists its users to it anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_privacy_crosses_nodes_and_a_missed_change_is_read_again() {
-    use parley_protocol::privacy::{LastSeenAudience as L, OnlineAudience as O, PrivacySettings};
+    use parley_protocol::privacy::{Audience as L, OnlineAudience as O, PrivacySettings};
     let pg = TestPostgres::start().await.unwrap();
     let cluster = TestCluster::start(2, 2, &Storage::Postgres(pg.url().into()), SHARDS, LEASE_MS).await.unwrap();
     cluster.wait_converged(&[0, 1], T).await.unwrap();
@@ -586,7 +586,7 @@ async fn presence_privacy_crosses_nodes_and_a_missed_change_is_read_again() {
         assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "online, seen from n2");
     }
 
-    let hidden = PrivacySettings { last_seen: L::Contacts, online: O::SameAsLastSeen };
+    let hidden = PrivacySettings { last_seen: L::Contacts, online: O::SameAsLastSeen, groups: L::Everyone };
     n1.set_privacy(&alice.token, hidden).await.unwrap();
     for conn in [&mut b, &mut c] {
         assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "hidden on n2 at once");

@@ -34,6 +34,7 @@ parley_tests::both_backends!(
     group_receipts_reach_the_covered_senders_and_the_readers_devices,
     reconnect_sync_replays_missed_group_messages,
     concurrent_changes_to_one_group_are_all_kept,
+    who_may_add_a_user_to_groups_is_theirs_to_say,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -273,6 +274,50 @@ async fn a_group_of_three_is_created_told_and_chats(pg: bool) {
     assert_eq!((entry.last_seq, entry.unread), (2, 2));
     let list = http.conversations(&alice.token).await.unwrap();
     assert_eq!((list.len(), list[0].unread), (1, 1), "her own message is never unread: {list:?}");
+}
+
+/// A user's `groups` privacy setting decides who may put them in a group, at creation and when
+/// members are added: everyone, their contacts (people on *their* list), or nobody. A refusal is
+/// `forbidden`, names nobody else's choice, and changes nothing; the people already in a group
+/// stay whatever they choose later.
+async fn who_may_add_a_user_to_groups_is_theirs_to_say(pg: bool) {
+    use parley_protocol::privacy::{Audience, PrivacySettings};
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let carol = register(&http, "carol").await;
+    let groups = |groups| PrivacySettings { groups, ..PrivacySettings::default() };
+
+    // Bob: contacts only, and alice is not one yet.
+    http.set_privacy(&bob.token, groups(Audience::Contacts)).await.unwrap();
+    let refused = refusal(http.create_group(&alice.token, "hike", &[bob.user_id, carol.user_id]).await);
+    assert_eq!(refused, (403, ErrorCode::Forbidden), "a creation with bob in it");
+    assert!(http.conversations(&alice.token).await.unwrap().is_empty(), "no group was made");
+    let view = http.create_group(&alice.token, "hike", &[carol.user_id]).await.unwrap();
+    let group = view.conversation_id;
+    assert_eq!(refusal(http.add_members(&alice.token, group, &[bob.user_id]).await), (403, ErrorCode::Forbidden));
+    assert_eq!(http.group(&alice.token, group).await.unwrap().members.len(), 2, "nobody was added");
+    // Once bob lists alice as a contact, she may; carol, not his contact, still may not (in a group
+    // of her own).
+    http.set_contact(&bob.token, alice.user_id, true).await.unwrap();
+    let view = http.add_members(&alice.token, group, &[bob.user_id]).await.unwrap();
+    assert!(view.members.contains(&bob.user_id));
+    let other = refusal(http.create_group(&carol.token, "carol's", &[bob.user_id]).await);
+    assert_eq!(other, (403, ErrorCode::Forbidden), "carol is not bob's contact");
+
+    // Nobody: not even a contact. Being in the group already is not undone.
+    http.set_privacy(&bob.token, groups(Audience::Nobody)).await.unwrap();
+    let refused = refusal(http.create_group(&alice.token, "again", &[bob.user_id]).await);
+    assert_eq!(refused, (403, ErrorCode::Forbidden), "nobody means nobody");
+    assert!(http.group(&alice.token, group).await.unwrap().members.contains(&bob.user_id), "bob stays");
+    // Adding someone who is already a member is not adding them.
+    http.add_members(&alice.token, group, &[bob.user_id]).await.unwrap();
+    // Unknown users are still unknown, checked first; everyone (the default) lets anyone add.
+    assert_eq!(refusal(http.add_members(&alice.token, group, &[UserId::random()]).await).1, ErrorCode::UnknownUser);
+    http.set_privacy(&bob.token, groups(Audience::Everyone)).await.unwrap();
+    http.create_group(&carol.token, "carol's", &[bob.user_id]).await.unwrap();
 }
 
 /// Every refused group request gets its code, and none of them changes anything: non-members see

@@ -324,7 +324,7 @@ async fn last_seen_only_moves_forward_and_survives_a_reopen(f: &Fixture) -> Resu
 /// it comes; a watcher's contact flag is read from the *watched* user's list; a contact list stops
 /// at its limit also when additions race through two nodes, and repeats change nothing.
 async fn privacy_and_contacts_are_versioned_per_user(f: &Fixture) -> Result<()> {
-    use parley_protocol::privacy::{LastSeenAudience, OnlineAudience, PrivacySettings};
+    use parley_protocol::privacy::{Audience, OnlineAudience, PrivacySettings};
     use parley_storage::ContactChange;
     const MAX: usize = 3;
     let d = f.stores.directory.clone();
@@ -340,7 +340,11 @@ async fn privacy_and_contacts_are_versioned_per_user(f: &Fixture) -> Result<()> 
     assert_eq!(d.privacy(ghost).await?, None);
     assert_eq!(d.set_privacy(ghost, defaults).await?, None, "no account, nothing stored");
 
-    let hidden = PrivacySettings { last_seen: LastSeenAudience::Contacts, online: OnlineAudience::SameAsLastSeen };
+    let hidden = PrivacySettings {
+        last_seen: Audience::Contacts,
+        online: OnlineAudience::SameAsLastSeen,
+        groups: Audience::Nobody,
+    };
     assert_eq!(d.set_privacy(alice, hidden).await?, Some(1));
     assert_eq!(other.privacy(alice).await?, Some((hidden, 1)), "another node reads the change");
     // Alice adds bob: bob (watching alice) is her contact; alice (watching bob) is not his.

@@ -560,12 +560,16 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     bob.eval("document.getElementById('privacy-box').open = true;", vec![]).await.unwrap();
     let loaded = "return document.getElementById('privacy-form').dataset.loaded === 'true'
                     && document.getElementById('privacy-last-seen').value === arguments[0]
-                    && document.getElementById('privacy-online').value === arguments[1];";
-    bob.wait_for("the stored settings", loaded, vec![json!("everyone"), json!("everyone")]).await.unwrap();
+                    && document.getElementById('privacy-online').value === arguments[1]
+                    && document.getElementById('privacy-groups').value === arguments[2];";
+    let defaults = vec![json!("everyone"), json!("everyone"), json!("everyone")];
+    bob.wait_for("the stored settings", loaded, defaults).await.unwrap();
     bob.eval(choose, vec![json!("privacy-last-seen"), json!("contacts")]).await.unwrap();
     bob.wait_for("last seen saved", saved, vec![]).await.unwrap();
     bob.eval(choose, vec![json!("privacy-online"), json!("same_as_last_seen")]).await.unwrap();
     bob.wait_for("online saved", saved, vec![]).await.unwrap();
+    bob.eval(choose, vec![json!("privacy-groups"), json!("nobody")]).await.unwrap();
+    bob.wait_for("groups saved", saved, vec![]).await.unwrap();
     let hidden = "const li = document.querySelector(`#people li[data-username='${arguments[0]}']`);
                   return li && li.dataset.online === 'false' && li.querySelector('.presence-dot').title === 'offline'
                       && document.getElementById('thread-presence').textContent === 'offline';";
@@ -579,9 +583,22 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     reload(&bob, &url).await.unwrap();
     bob.wait_for("Alice still starred", starred, vec![json!(alice_name)]).await.unwrap();
     bob.eval("document.getElementById('privacy-box').open = true;", vec![]).await.unwrap();
-    bob.wait_for("the settings after a reload", loaded, vec![json!("contacts"), json!("same_as_last_seen")])
+    let stored = vec![json!("contacts"), json!("same_as_last_seen"), json!("nobody")];
+    bob.wait_for("the settings after a reload", loaded, stored).await.unwrap();
+    // Nobody may add Bob to a group now: Alice's attempt shows the server's refusal.
+    tick_person(&alice, &bob_name).await.unwrap();
+    alice.eval("document.getElementById('group-box').open = true;", vec![]).await.unwrap();
+    alice.type_into("#group-name", "no bob").await.unwrap();
+    alice.click("#create-group").await.unwrap();
+    alice
+        .wait_for(
+            "the refusal",
+            "return document.getElementById('group-error').textContent.includes('forbidden');",
+            vec![],
+        )
         .await
         .unwrap();
+    tick_person(&alice, &bob_name).await.unwrap();
 
     // Bob leaves: Alice, his contact, sees when.
     alice.wait_for("Bob online after his reload", bob_online, vec![json!(bob_name), json!("true")]).await.unwrap();
