@@ -23,7 +23,7 @@
 //   notifications registers them again for whoever signed in.
 // - Privacy (§5 "Privacy and contacts"): who may see one's last seen and online, chosen in the
 //   Privacy box and stored on the server (`/v1/me/privacy`); "contacts" are the people starred in
-//   People (`/v1/me/contacts`); and who may add one to groups. What others may not see, the server
+//   People (`/v1/me/contacts`); who may add one to groups; and read receipts. What others may not see, the server
 //   never sends.
 
 const PROTOCOL_VERSION = 1;
@@ -308,6 +308,7 @@ async function loadPrivacy() {
     $("privacy-last-seen").value = p.last_seen;
     $("privacy-online").value = p.online;
     $("privacy-groups").value = p.groups;
+    $("privacy-read-receipts").checked = p.read_receipts;
     $("privacy-form").dataset.loaded = "true";
     $("privacy-status").textContent = "";
   } catch (e) {
@@ -319,6 +320,7 @@ async function loadPrivacy() {
 async function savePrivacy() {
   const settings = {
     last_seen: $("privacy-last-seen").value, online: $("privacy-online").value, groups: $("privacy-groups").value,
+    read_receipts: $("privacy-read-receipts").checked,
   };
   $("privacy-status").textContent = "saving…";
   try {
@@ -1454,6 +1456,7 @@ $("privacy-box").addEventListener("toggle", () => { if ($("privacy-box").open) l
 $("privacy-last-seen").addEventListener("change", savePrivacy);
 $("privacy-online").addEventListener("change", savePrivacy);
 $("privacy-groups").addEventListener("change", savePrivacy);
+$("privacy-read-receipts").addEventListener("change", savePrivacy);
 $("older").addEventListener("click", () => {
   const c = state.convs.get(state.current);
   if (c) requestHistory(c, Math.min(...c.messages.keys()));

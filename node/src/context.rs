@@ -2,7 +2,7 @@
 //! request logic that is the same for WebSocket and HTTP clients (authenticate, resolve a
 //! conversation, send, read). Keeping it here means the two transports cannot drift apart.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -546,9 +546,32 @@ impl NodeContext {
         .await
     }
 
+    /// Whether everyone of `members` (a direct chat's two) shares read receipts: a read in that
+    /// chat is told to the others only then (PROTOCOL.md §5, "Privacy and contacts"). Read from
+    /// the directory, so a change of the setting holds from the next read on, on every node.
+    pub async fn read_receipts_shared(&self, user: UserId, members: &[UserId]) -> NodeResult<bool> {
+        let found = self.stores.directory.presence_view(user, members).await?;
+        Ok(found.iter().all(|r| r.settings.read_receipts))
+    }
+
     /// The user's conversations with last message and unread count, newest activity first.
     pub async fn conversations(&self, user: UserId) -> NodeResult<Vec<ConversationSummary>> {
         let records = self.stores.directory.user_conversations(user).await?;
+        // Direct chats whose read position is not shared (either side turned read receipts off):
+        // the peer's read cursor is not shown, only how far their devices have received.
+        let mut people: Vec<UserId> = records
+            .iter()
+            .filter(|r| r.kind == ConversationKind::Direct)
+            .flat_map(|r| r.members.iter().copied())
+            .collect();
+        people.sort();
+        people.dedup();
+        let no_receipts: HashSet<UserId> = if people.is_empty() {
+            HashSet::new()
+        } else {
+            let found = self.stores.directory.presence_view(user, &people).await?;
+            found.iter().filter(|r| !r.settings.read_receipts).map(|r| r.user).collect()
+        };
         let muted: HashMap<ConversationId, i64> =
             self.stores.directory.muted(user, now_ms()).await?.into_iter().collect();
         let mut by_shard: HashMap<ShardId, Vec<ConversationRecord>> = HashMap::new();
@@ -583,7 +606,11 @@ impl NodeContext {
                         .map_or((0, 0), |f| (f.delivered_seq.min(last_seq), f.read_seq.min(last_seq))),
                     // The store reports the one other user's cursor: in a direct chat, the peer's
                     // (its membership never changes).
-                    ConversationKind::Direct => s.and_then(|s| s.peer_cursor).unwrap_or((0, 0)),
+                    ConversationKind::Direct => {
+                        let (delivered, read) = s.and_then(|s| s.peer_cursor).unwrap_or((0, 0));
+                        let hidden = record.members.iter().any(|m| no_receipts.contains(m));
+                        (delivered, if hidden { 0 } else { read })
+                    }
                 };
                 out.push(ConversationSummary {
                     conversation_id: record.id,

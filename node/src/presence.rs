@@ -700,6 +700,7 @@ mod tests {
         last_seen: Audience::Contacts,
         online: OnlineAudience::SameAsLastSeen,
         groups: Audience::Everyone,
+        read_receipts: true,
     };
 
     fn record(user: UserId, settings: PrivacySettings, version: u64, watcher_is_contact: bool) -> PresenceRecord {

@@ -2,8 +2,9 @@
 //! and when they were last seen, and the contact list that "contacts" refers to.
 //!
 //! The settings follow WhatsApp's: last seen for everyone, for one's contacts, or for nobody;
-//! "online" either for everyone or for the same people as last seen; and who may add one to
-//! groups (everyone, one's contacts, nobody). A contact is someone the
+//! "online" either for everyone or for the same people as last seen; who may add one to groups
+//! (everyone, one's contacts, nobody); and read receipts, which in a direct chat go both ways or
+//! neither (a user who sends none sees none). A contact is someone the
 //! user added to *their own* list (`PUT /v1/me/contacts/:id`): being messaged by a stranger makes
 //! nobody a contact. A watcher who may not see something is told nothing about it — a hidden user
 //! looks exactly like one who is offline and was never seen, so hiding cannot be detected either.
@@ -33,15 +34,31 @@ pub enum OnlineAudience {
     SameAsLastSeen,
 }
 
-/// `GET`/`PUT /v1/me/privacy`. A new account's are the defaults: everyone sees everything, and
-/// anyone may add them to a group. A `PUT` names every field (nothing is reset by omission).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// `GET`/`PUT /v1/me/privacy`. A new account's are the defaults: everyone sees everything, anyone
+/// may add them to a group, read receipts on. A `PUT` names every field (nothing is reset by
+/// omission).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PrivacySettings {
     /// Who may see when the user was last seen.
     pub last_seen: Audience,
     pub online: OnlineAudience,
     /// Who may add the user to a group (creating one with them, or adding them to one).
     pub groups: Audience,
+    /// Whether the user's direct-chat partners learn how far they have read (and, the same
+    /// either way, whether the user learns how far those partners have read). Groups always
+    /// share read receipts, as in WhatsApp.
+    pub read_receipts: bool,
+}
+
+impl Default for PrivacySettings {
+    fn default() -> Self {
+        PrivacySettings {
+            last_seen: Audience::Everyone,
+            online: OnlineAudience::Everyone,
+            groups: Audience::Everyone,
+            read_receipts: true,
+        }
+    }
 }
 
 /// What one watcher may see of a user under [`PrivacySettings`].
@@ -93,7 +110,7 @@ mod tests {
         for last_seen in [Audience::Everyone, Audience::Contacts, Audience::Nobody] {
             for online in [OnlineAudience::Everyone, OnlineAudience::SameAsLastSeen] {
                 for contact in [false, true] {
-                    let shown = PrivacySettings { last_seen, online, groups: Audience::Nobody }.shown_to(contact);
+                    let shown = PrivacySettings { last_seen, online, ..PrivacySettings::default() }.shown_to(contact);
                     assert!(shown.online || !shown.last_seen, "{last_seen:?} {online:?} {contact}");
                 }
             }
@@ -102,7 +119,7 @@ mod tests {
 
     #[test]
     fn each_setting_shows_what_it_says() {
-        let s = |last_seen, online| PrivacySettings { last_seen, online, groups: Audience::Everyone };
+        let s = |last_seen, online| PrivacySettings { last_seen, online, ..PrivacySettings::default() };
         use Audience as L;
         use OnlineAudience as O;
         assert_eq!(s(L::Everyone, O::Everyone).shown_to(false), Shown { online: true, last_seen: true });
@@ -116,18 +133,21 @@ mod tests {
 
     #[test]
     fn settings_are_snake_case_json_and_every_field_is_required() {
-        let json = r#"{"last_seen":"contacts","online":"same_as_last_seen","groups":"nobody"}"#;
+        let json = r#"{"last_seen":"contacts","online":"same_as_last_seen","groups":"nobody","read_receipts":false}"#;
         let s: PrivacySettings = serde_json::from_str(json).unwrap();
         let want = PrivacySettings {
             last_seen: Audience::Contacts,
             online: OnlineAudience::SameAsLastSeen,
             groups: Audience::Nobody,
+            read_receipts: false,
         };
         assert_eq!(s, want);
         assert_eq!(serde_json::to_string(&s).unwrap(), json);
-        let bad = r#"{"last_seen":"friends","online":"everyone","groups":"everyone"}"#;
+        let bad = r#"{"last_seen":"friends","online":"everyone","groups":"everyone","read_receipts":true}"#;
         assert!(serde_json::from_str::<PrivacySettings>(bad).is_err());
-        assert!(serde_json::from_str::<PrivacySettings>(r#"{"last_seen":"nobody","online":"everyone"}"#).is_err());
+        let partial = r#"{"last_seen":"nobody","online":"everyone","groups":"everyone"}"#;
+        assert!(serde_json::from_str::<PrivacySettings>(partial).is_err(), "nothing is reset by omission");
+        assert!(PrivacySettings::default().read_receipts, "on for a new account");
     }
 
     #[test]

@@ -366,8 +366,9 @@ pub(crate) fn media_from_json(column: Option<String>) -> Result<Option<MediaRef>
         .transpose()
 }
 
-/// How both stores keep [`PrivacySettings`]: (last seen, online, groups) as small codes.
-pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16, i16) {
+/// How both stores keep [`PrivacySettings`]: (last seen, online, groups) as small codes, and
+/// read receipts as a flag.
+pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16, i16, bool) {
     use parley_protocol::privacy::{Audience as L, OnlineAudience as O};
     let audience = |a: L| match a {
         L::Everyone => 0,
@@ -378,11 +379,16 @@ pub(crate) fn privacy_codes(settings: PrivacySettings) -> (i16, i16, i16) {
         O::Everyone => 0,
         O::SameAsLastSeen => 1,
     };
-    (audience(settings.last_seen), online, audience(settings.groups))
+    (audience(settings.last_seen), online, audience(settings.groups), settings.read_receipts)
 }
 
 /// The inverse of [`privacy_codes`]; an unknown code is corruption, not a default.
-pub(crate) fn privacy_from_codes(last_seen: i16, online: i16, groups: i16) -> Result<PrivacySettings> {
+pub(crate) fn privacy_from_codes(
+    last_seen: i16,
+    online: i16,
+    groups: i16,
+    read_receipts: bool,
+) -> Result<PrivacySettings> {
     use parley_protocol::privacy::{Audience as L, OnlineAudience as O};
     let audience = |code: i16, what: &str| match code {
         0 => Ok(L::Everyone),
@@ -396,7 +402,7 @@ pub(crate) fn privacy_from_codes(last_seen: i16, online: i16, groups: i16) -> Re
         1 => O::SameAsLastSeen,
         other => return Err(StorageError::Corrupt(format!("online audience {other}"))),
     };
-    Ok(PrivacySettings { last_seen, online, groups })
+    Ok(PrivacySettings { last_seen, online, groups, read_receipts })
 }
 
 /// A stored rules version (never negative).

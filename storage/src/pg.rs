@@ -72,6 +72,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (9, include_str!("pg/0009_privacy.sql")),
     (10, include_str!("pg/0010_thumbnails.sql")),
     (11, include_str!("pg/0011_group_adds.sql")),
+    (12, include_str!("pg/0012_read_receipts.sql")),
 ];
 
 /// Advisory-lock class ("parl") of the per-shard session locks; the second key is the shard number.
@@ -611,10 +612,11 @@ impl Directory for PgDirectory {
         let stmt = client
             .prepare_cached(
                 "SELECT u.id, u.last_seen_ms, u.last_seen_audience, u.online_audience, u.rules_version,
-                        EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = $2), u.groups_audience
+                        EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = $2), u.groups_audience,
+                        u.read_receipts
                  FROM UNNEST($1::uuid[]) AS k(id)
                  CROSS JOIN LATERAL (SELECT id, last_seen_ms, last_seen_audience, online_audience, rules_version,
-                                            groups_audience
+                                            groups_audience, read_receipts
                                      FROM users WHERE id = k.id LIMIT 1) u",
             )
             .await?;
@@ -626,7 +628,7 @@ impl Directory for PgDirectory {
                 Ok(PresenceRecord {
                     user: UserId(r.try_get(0)?),
                     last_seen_ms: r.try_get(1)?,
-                    settings: privacy_from_codes(r.try_get(2)?, r.try_get(3)?, r.try_get(6)?)?,
+                    settings: privacy_from_codes(r.try_get(2)?, r.try_get(3)?, r.try_get(6)?, r.try_get(7)?)?,
                     version: version_of(r.try_get(4)?)?,
                     watcher_is_contact: r.try_get(5)?,
                 })
@@ -638,12 +640,13 @@ impl Directory for PgDirectory {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT last_seen_audience, online_audience, rules_version, groups_audience FROM users WHERE id = $1",
+                "SELECT last_seen_audience, online_audience, rules_version, groups_audience, read_receipts
+                 FROM users WHERE id = $1",
             )
             .await?;
         match client.query_opt(&stmt, &[&user.0]).await? {
             Some(r) => {
-                let settings = privacy_from_codes(r.try_get(0)?, r.try_get(1)?, r.try_get(3)?)?;
+                let settings = privacy_from_codes(r.try_get(0)?, r.try_get(1)?, r.try_get(3)?, r.try_get(4)?)?;
                 Ok(Some((settings, version_of(r.try_get(2)?)?)))
             }
             None => Ok(None),
@@ -651,17 +654,17 @@ impl Directory for PgDirectory {
     }
 
     async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>> {
-        let (last_seen, online, groups) = privacy_codes(settings);
+        let (last_seen, online, groups, read_receipts) = privacy_codes(settings);
         let client = self.pool.get().await?;
         // The row lock orders this against the user's other rule changes on every node.
         let stmt = client
             .prepare_cached(
                 "UPDATE users SET last_seen_audience = $2, online_audience = $3, groups_audience = $4,
-                     rules_version = rules_version + 1
+                     read_receipts = $5, rules_version = rules_version + 1
                  WHERE id = $1 RETURNING rules_version",
             )
             .await?;
-        match client.query_opt(&stmt, &[&user.0, &last_seen, &online, &groups]).await? {
+        match client.query_opt(&stmt, &[&user.0, &last_seen, &online, &groups, &read_receipts]).await? {
             Some(r) => Ok(Some(version_of(r.try_get(0)?)?)),
             None => Ok(None),
         }

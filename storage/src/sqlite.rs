@@ -121,7 +121,8 @@ CREATE TABLE IF NOT EXISTS users (
     last_seen_audience INTEGER NOT NULL DEFAULT 0,
     online_audience INTEGER NOT NULL DEFAULT 0,
     rules_version INTEGER NOT NULL DEFAULT 0,
-    groups_audience INTEGER NOT NULL DEFAULT 0
+    groups_audience INTEGER NOT NULL DEFAULT 0,
+    read_receipts INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS contacts (
     owner BLOB NOT NULL REFERENCES users(id),
@@ -247,6 +248,7 @@ fn upgrade_directory(conn: &Connection) -> Result<()> {
         ("users", "online_audience", "ALTER TABLE users ADD COLUMN online_audience INTEGER NOT NULL DEFAULT 0"),
         ("users", "rules_version", "ALTER TABLE users ADD COLUMN rules_version INTEGER NOT NULL DEFAULT 0"),
         ("users", "groups_audience", "ALTER TABLE users ADD COLUMN groups_audience INTEGER NOT NULL DEFAULT 0"),
+        ("users", "read_receipts", "ALTER TABLE users ADD COLUMN read_receipts INTEGER NOT NULL DEFAULT 1"),
     ] {
         add_missing_column(conn, table, column, ddl)?;
     }
@@ -666,7 +668,8 @@ impl Directory for SqliteDirectory {
             {
                 let mut stmt = tx.prepare_cached(
                     "SELECT u.last_seen_ms, u.last_seen_audience, u.online_audience, u.rules_version,
-                            EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = ?2), u.groups_audience
+                            EXISTS (SELECT 1 FROM contacts c WHERE c.owner = u.id AND c.contact = ?2), u.groups_audience,
+                            u.read_receipts
                      FROM users u WHERE u.id = ?1",
                 )?;
                 for id in ids {
@@ -677,17 +680,17 @@ impl Directory for SqliteDirectory {
                         .query_row(params![id.0.as_bytes().to_vec(), watcher.0.as_bytes().to_vec()], |r| {
                             Ok((
                                 r.get::<_, Option<i64>>(0)?,
-                                (r.get(1)?, r.get(2)?, r.get(5)?),
+                                (r.get(1)?, r.get(2)?, r.get(5)?, r.get(6)?),
                                 r.get::<_, i64>(3)?,
                                 r.get(4)?,
                             ))
                         })
                         .optional()?;
-                    if let Some((last_seen_ms, (last_seen, online, groups), version, watcher_is_contact)) = row {
+                    if let Some((last_seen_ms, (last_seen, online, groups, receipts), version, watcher_is_contact)) = row {
                         out.push(PresenceRecord {
                             user: id,
                             last_seen_ms,
-                            settings: privacy_from_codes(last_seen, online, groups)?,
+                            settings: privacy_from_codes(last_seen, online, groups, receipts)?,
                             version: version_of(version)?,
                             watcher_is_contact,
                         });
@@ -704,14 +707,15 @@ impl Directory for SqliteDirectory {
         with(&self.conn, move |c| {
             let row = c
                 .query_row(
-                    "SELECT last_seen_audience, online_audience, rules_version, groups_audience FROM users WHERE id = ?1",
+                    "SELECT last_seen_audience, online_audience, rules_version, groups_audience, read_receipts
+                     FROM users WHERE id = ?1",
                     params![user.0.as_bytes().to_vec()],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?, r.get(4)?)),
                 )
                 .optional()?;
             match row {
-                Some((last_seen, online, version, groups)) => {
-                    Ok(Some((privacy_from_codes(last_seen, online, groups)?, version_of(version)?)))
+                Some((last_seen, online, version, groups, receipts)) => {
+                    Ok(Some((privacy_from_codes(last_seen, online, groups, receipts)?, version_of(version)?)))
                 }
                 None => Ok(None),
             }
@@ -720,14 +724,14 @@ impl Directory for SqliteDirectory {
     }
 
     async fn set_privacy(&self, user: UserId, settings: PrivacySettings) -> Result<Option<u64>> {
-        let (last_seen, online, groups) = privacy_codes(settings);
+        let (last_seen, online, groups, read_receipts) = privacy_codes(settings);
         with(&self.conn, move |c| {
             let version = c
                 .query_row(
                     "UPDATE users SET last_seen_audience = ?2, online_audience = ?3, groups_audience = ?4,
-                         rules_version = rules_version + 1
+                         read_receipts = ?5, rules_version = rules_version + 1
                      WHERE id = ?1 RETURNING rules_version",
-                    params![user.0.as_bytes().to_vec(), last_seen, online, groups],
+                    params![user.0.as_bytes().to_vec(), last_seen, online, groups, read_receipts],
                     |r| r.get::<_, i64>(0),
                 )
                 .optional()?;

@@ -26,6 +26,7 @@ parley_tests::both_backends!(
     logout_and_expiry_end_open_sessions,
     presence_online_offline_and_last_seen,
     presence_privacy_hides_what_the_settings_say,
+    read_receipts_are_shared_both_ways_or_not_at_all,
     media_is_uploaded_sent_and_downloaded,
     media_quota_refuses_what_does_not_fit_and_deleting_frees_room,
     pictures_get_thumbnails_and_nothing_else_does,
@@ -430,7 +431,7 @@ async fn presence_online_offline_and_last_seen(pg: bool) {
 /// their own codes and change nothing.
 async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
     use parley_protocol::privacy::{Audience as L, OnlineAudience as O, PrivacySettings};
-    let settings = |last_seen, online| PrivacySettings { last_seen, online, groups: L::Everyone };
+    let settings = |last_seen, online| PrivacySettings { last_seen, online, ..PrivacySettings::default() };
     let backend = Backend::new(pg).await;
     let node = backend.node("").await;
     let http = node.client();
@@ -504,7 +505,7 @@ async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
         (
             "PUT",
             "/v1/me/privacy".to_string(),
-            r#"{"last_seen":"friends","online":"everyone","groups":"everyone"}"#,
+            r#"{"last_seen":"friends","online":"everyone","groups":"everyone","read_receipts":true}"#,
             400,
             "bad_json",
         ),
@@ -529,6 +530,85 @@ async fn presence_privacy_hides_what_the_settings_say(pg: bool) {
         http.set_contact(&alice.token, carol.user_id, true).await.unwrap();
     }
     assert_eq!(http.contacts(&alice.token).await.unwrap().len(), 1);
+}
+
+/// How long a connection is watched for a frame that must not come, once a later frame through
+/// the same shard has arrived (so it is not merely slow).
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Read receipts in a direct chat go both ways or not at all: once bob turns them off, alice gets
+/// no live read receipt of his and her conversation list hides how far he read, and bob likewise
+/// learns nothing of hers; delivered receipts still flow, and bob's own devices still hear of his
+/// reads. Turning them on again shows the stored positions. Absence is asserted against a message
+/// sent afterwards through the same shard, and for a quiet while after it.
+async fn read_receipts_are_shared_both_ways_or_not_at_all(pg: bool) {
+    use parley_protocol::privacy::PrivacySettings;
+    let backend = Backend::new(pg).await;
+    let node = backend.node("").await;
+    let http = node.client();
+    let alice = register(&http, "alice").await;
+    let bob = register(&http, "bob").await;
+    let mut a = http.connect(&alice.token, "a").await.unwrap();
+    let mut b = http.connect(&bob.token, "b").await.unwrap();
+    let mut b2 = http.connect(&bob.token, "b2").await.unwrap();
+    for conn in [&mut a, &mut b, &mut b2] {
+        conn.expect(T, |f| matches!(f, ServerFrame::SyncDone { .. })).await.unwrap();
+    }
+    let conversation_id = ConversationId::direct(alice.user_id, bob.user_id);
+    let read = |user_id, seq| ServerFrame::Receipt { conversation_id, user_id, kind: ReceiptKind::Read, seq };
+    // Reads by the other member (each connection also hears of its own user's reads).
+    let read_by = |who: UserId| move |f: &ServerFrame| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, user_id, .. } if *user_id == who);
+
+    // On (the default): bob's read reaches alice.
+    a.send_message(bob.user_id, "one", "rr-1").await.unwrap();
+    b.send(&ClientFrame::Read { conversation_id, seq: 1 }).await.unwrap();
+    assert_eq!(a.expect(T, read_by(bob.user_id)).await.unwrap(), read(bob.user_id, 1));
+
+    http.set_privacy(&bob.token, PrivacySettings { read_receipts: false, ..PrivacySettings::default() }).await.unwrap();
+    a.send_message(bob.user_id, "two", "rr-2").await.unwrap();
+    b.send(&ClientFrame::Delivered { conversation_id, seq: 2 }).await.unwrap();
+    b.send(&ClientFrame::Read { conversation_id, seq: 2 }).await.unwrap();
+    let own = b2.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Read, seq: 2, .. })).await;
+    assert_eq!(own.unwrap(), read(bob.user_id, 2), "bob's other device hears of it");
+    let delivered = a.expect(T, |f| matches!(f, ServerFrame::Receipt { kind: ReceiptKind::Delivered, .. })).await;
+    assert_eq!(
+        delivered.unwrap(),
+        ServerFrame::Receipt { conversation_id, user_id: bob.user_id, kind: ReceiptKind::Delivered, seq: 2 },
+        "delivered receipts still flow"
+    );
+    b.send_message(alice.user_id, "three", "rr-3").await.unwrap();
+    a.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == "three")).await.unwrap();
+    assert!(!a.buffered().any(read_by(bob.user_id)), "bob's read of 2 did not reach alice");
+    assert!(a.expect(QUIET, read_by(bob.user_id)).await.is_err(), "nor does it come later");
+    // Both ways: alice's read does not reach bob either.
+    a.send(&ClientFrame::Read { conversation_id, seq: 3 }).await.unwrap();
+    a.send_message(bob.user_id, "four", "rr-4").await.unwrap();
+    b.expect(T, |f| matches!(f, ServerFrame::Message { message } if message.body == "four")).await.unwrap();
+    assert!(!b.buffered().any(read_by(alice.user_id)), "alice's read did not reach bob");
+    assert!(b.expect(QUIET, read_by(alice.user_id)).await.is_err(), "nor does it come later");
+
+    // The conversation lists hide the other's read position (the own one is kept).
+    let list = |token: String| {
+        let http = http.clone();
+        async move {
+            http.conversations(&token)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.conversation_id == conversation_id)
+                .unwrap()
+        }
+    };
+    let (mine, theirs) = (list(alice.token.clone()).await, list(bob.token.clone()).await);
+    assert_eq!((mine.read_seq, mine.others_read_seq, mine.others_delivered_seq), (3, 0, 2));
+    assert_eq!((theirs.read_seq, theirs.others_read_seq), (2, 0));
+
+    // On again: the stored positions show, and live reads flow.
+    http.set_privacy(&bob.token, PrivacySettings::default()).await.unwrap();
+    assert_eq!(list(alice.token.clone()).await.others_read_seq, 2);
+    assert_eq!(list(bob.token.clone()).await.others_read_seq, 3);
+    b.send(&ClientFrame::Read { conversation_id, seq: 4 }).await.unwrap();
+    assert_eq!(a.expect(T, read_by(bob.user_id)).await.unwrap(), read(bob.user_id, 4));
 }
 
 /// A token's WebSocket sessions end when it is logged out or expires; other tokens' sessions stay.

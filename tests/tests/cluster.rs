@@ -586,7 +586,7 @@ async fn presence_privacy_crosses_nodes_and_a_missed_change_is_read_again() {
         assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (true, None), "online, seen from n2");
     }
 
-    let hidden = PrivacySettings { last_seen: L::Contacts, online: O::SameAsLastSeen, groups: L::Everyone };
+    let hidden = PrivacySettings { last_seen: L::Contacts, online: O::SameAsLastSeen, ..PrivacySettings::default() };
     n1.set_privacy(&alice.token, hidden).await.unwrap();
     for conn in [&mut b, &mut c] {
         assert_eq!(conn.expect_presence(alice.user_id, T).await.unwrap(), (false, None), "hidden on n2 at once");

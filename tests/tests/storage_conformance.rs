@@ -344,6 +344,7 @@ async fn privacy_and_contacts_are_versioned_per_user(f: &Fixture) -> Result<()> 
         last_seen: Audience::Contacts,
         online: OnlineAudience::SameAsLastSeen,
         groups: Audience::Nobody,
+        read_receipts: false,
     };
     assert_eq!(d.set_privacy(alice, hidden).await?, Some(1));
     assert_eq!(other.privacy(alice).await?, Some((hidden, 1)), "another node reads the change");

@@ -561,8 +561,9 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     let loaded = "return document.getElementById('privacy-form').dataset.loaded === 'true'
                     && document.getElementById('privacy-last-seen').value === arguments[0]
                     && document.getElementById('privacy-online').value === arguments[1]
-                    && document.getElementById('privacy-groups').value === arguments[2];";
-    let defaults = vec![json!("everyone"), json!("everyone"), json!("everyone")];
+                    && document.getElementById('privacy-groups').value === arguments[2]
+                    && document.getElementById('privacy-read-receipts').checked === arguments[3];";
+    let defaults = vec![json!("everyone"), json!("everyone"), json!("everyone"), json!(true)];
     bob.wait_for("the stored settings", loaded, defaults).await.unwrap();
     bob.eval(choose, vec![json!("privacy-last-seen"), json!("contacts")]).await.unwrap();
     bob.wait_for("last seen saved", saved, vec![]).await.unwrap();
@@ -570,6 +571,8 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     bob.wait_for("online saved", saved, vec![]).await.unwrap();
     bob.eval(choose, vec![json!("privacy-groups"), json!("nobody")]).await.unwrap();
     bob.wait_for("groups saved", saved, vec![]).await.unwrap();
+    bob.click("#privacy-read-receipts").await.unwrap();
+    bob.wait_for("read receipts saved", saved, vec![]).await.unwrap();
     let hidden = "const li = document.querySelector(`#people li[data-username='${arguments[0]}']`);
                   return li && li.dataset.online === 'false' && li.querySelector('.presence-dot').title === 'offline'
                       && document.getElementById('thread-presence').textContent === 'offline';";
@@ -583,7 +586,7 @@ async fn refusals_escaping_and_groups_in_the_browser() {
     reload(&bob, &url).await.unwrap();
     bob.wait_for("Alice still starred", starred, vec![json!(alice_name)]).await.unwrap();
     bob.eval("document.getElementById('privacy-box').open = true;", vec![]).await.unwrap();
-    let stored = vec![json!("contacts"), json!("same_as_last_seen"), json!("nobody")];
+    let stored = vec![json!("contacts"), json!("same_as_last_seen"), json!("nobody"), json!(false)];
     bob.wait_for("the settings after a reload", loaded, stored).await.unwrap();
     // Nobody may add Bob to a group now: Alice's attempt shows the server's refusal.
     tick_person(&alice, &bob_name).await.unwrap();

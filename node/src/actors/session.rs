@@ -374,8 +374,19 @@ impl SessionState {
         let device = auth.device.clone();
         let result = async {
             let record = self.ctx.member_conversation(user, conversation_id).await?;
-            // A group's shard picks who hears of it (the reader's devices and the senders it covers).
-            let members = if record.kind == ConversationKind::Group { Vec::new() } else { record.members.clone() };
+            let members = match record.kind {
+                // A group's shard picks who hears of it (the reader's devices and the senders it
+                // covers); groups always share read receipts.
+                ConversationKind::Group => Vec::new(),
+                // Unless both sides share read receipts, a read is stored (the reader's devices
+                // keep their unread counts) and told to the reader's own devices only.
+                ConversationKind::Direct
+                    if kind == ReceiptKind::Read && !self.ctx.read_receipts_shared(user, &record.members).await? =>
+                {
+                    vec![user]
+                }
+                ConversationKind::Direct => record.members.clone(),
+            };
             let cmd = ReceiptCommand { user, members, device, conversation_id, kind, seq };
             self.ctx.receipt(cmd).await
         }
