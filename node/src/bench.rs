@@ -15,7 +15,8 @@
 //!   it at fixed rates; deliveries per second and send→deliver percentiles over every member;
 //! - `failover` — open loop while nodes are killed with SIGKILL in turn (the drill's fault cycle,
 //!   [`crate::drill::faults`]): time until every shard is served again, longest client gap;
-//! - `history` — page reads of the seeded conversation.
+//! - `history` — page reads of the seeded conversation;
+//! - `media` — photo uploads with and without the thumbnail the server makes ([`media`]).
 //!
 //! Load comes from `parley bench-load` children ([`load`]), each with its share of the clients and
 //! a source address of its own (127.0.0.x), so no process nears its open-file limit. They report
@@ -25,6 +26,7 @@
 
 mod load;
 mod machine;
+mod media;
 mod plot;
 mod relay;
 mod seed;
@@ -140,6 +142,12 @@ pub struct BenchArgs {
     /// Concurrent history readers (closed loop, one page request in flight each).
     #[arg(long, default_value_t = 8)]
     pub history_readers: u32,
+    /// Uploads of the `media` scenario's photo, of each kind (picture, opaque bytes).
+    #[arg(long, default_value_t = 24)]
+    pub media_uploads: u32,
+    /// Uploads in flight at once in the `media` scenario.
+    #[arg(long, default_value_t = 4)]
+    pub media_concurrency: u32,
     /// First port of the cluster (HTTP ports from here, node-to-node ports from here + 100, the
     /// relay at here + 99); 0 picks free ports.
     #[arg(long, default_value_t = 0)]
@@ -155,11 +163,14 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Most uploads of each kind in the `media` scenario (it runs bounded in count, not time).
+const MAX_MEDIA_UPLOADS: u32 = 200;
+
 /// Every scenario, in the order they run: sessions first (their users have no conversations yet,
 /// so a session's reconnect sync is empty), relay right before durable so the two share the
 /// machine's state, group fan-out after the 1:1 loops, failover after the steady-state numbers,
-/// history last.
-const SCENARIOS: &[&str] = &["sessions", "relay", "durable", "open", "group", "failover", "history"];
+/// history, then media (uploads, which the other phases never make).
+const SCENARIOS: &[&str] = &["sessions", "relay", "durable", "open", "group", "failover", "history", "media"];
 /// Traffic clients per run: beyond this the load processes, not the nodes, are the subject.
 const MAX_CLIENTS: u32 = 20_000;
 const MAX_LOAD_PROCESSES: u32 = 32;
@@ -238,7 +249,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut plot_series = Vec::new();
     let mut kills_for_plot = Vec::new();
 
-    let needs_cluster = ["sessions", "durable", "open", "group", "failover", "history"].iter().any(|s| has(s));
+    let needs_cluster = ["sessions", "durable", "open", "group", "failover", "history", "media"].iter().any(|s| has(s));
     let seeded = if has("history") {
         say(format!("seeding {} history messages through the storage crate", args.history_messages));
         let s = seed::history(&store, args.shards, args.history_messages, args.body_bytes, say).await?;
@@ -421,6 +432,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let r = history_phase(&ctx, &args, &node_urls, s).await?;
         report.history = Some(r);
     }
+    if has("media") {
+        let c = cluster.as_ref().context("media needs the cluster")?;
+        let user = users.first().context("media needs a user")?;
+        let clients: Vec<Client> = c.nodes.iter().map(|n| n.client()).collect();
+        let r = media::phase(&clients, &user.token, args.media_uploads, args.media_concurrency).await?;
+        report.media = Some(r);
+    }
 
     machine.finish(&snapshot);
     if let Some(mut c) = cluster.take() {
@@ -476,6 +494,14 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<Vec<String>> {
     }
     if args.history_messages == 0 || args.history_messages > MAX_HISTORY_MESSAGES {
         bail!("--history-messages must be in 1..={MAX_HISTORY_MESSAGES}");
+    }
+    // Bounded in count: each upload is a 12-megapixel photo held in memory until it is sent.
+    if args.media_uploads == 0
+        || args.media_uploads > MAX_MEDIA_UPLOADS
+        || args.media_concurrency == 0
+        || args.media_concurrency > 16
+    {
+        bail!("--media-uploads must be in 1..={MAX_MEDIA_UPLOADS} and --media-concurrency in 1..=16");
     }
     if wanted.iter().any(|s| s == "group") {
         let max = parley_protocol::limits::MAX_GROUP_MEMBERS as u32;
@@ -1520,6 +1546,7 @@ struct Report {
     sessions: Option<SessionsReport>,
     failover: Option<FailoverReport>,
     history: Option<HistoryReport>,
+    media: Option<media::MediaReport>,
     plot: Option<String>,
     run_dir: String,
 }
@@ -1660,6 +1687,24 @@ impl Report {
             out.push_str(&format!(
                 "history  {} msgs stored, {}-message pages p50 {} ms p99 {} ms ({} pages/s, {} errors)\n",
                 h.messages, h.page, h.latency.p50_ms, h.latency.p99_ms, h.pages_per_s, h.page_errors
+            ));
+        }
+        if let Some(m) = &self.media {
+            out.push_str(&format!(
+                "media    {} uploads of a {} JPEG ({} B), {} at a time: as a picture p50 {} ms p99 {} ms ({}/s), \
+                 as bytes p50 {} ms p99 {} ms ({}/s); thumbnail {} B; {} errors\n",
+                m.uploads,
+                m.photo_pixels,
+                m.photo_bytes,
+                m.concurrency,
+                m.picture.latency.p50_ms,
+                m.picture.latency.p99_ms,
+                m.picture.uploads_per_s,
+                m.opaque.latency.p50_ms,
+                m.opaque.latency.p99_ms,
+                m.opaque.uploads_per_s,
+                m.thumbnail_bytes.map_or("-".into(), |b| b.to_string()),
+                m.picture.errors + m.opaque.errors
             ));
         }
         match &self.group_fanout {

@@ -1,7 +1,8 @@
 //! End-to-end test of `parley bench` in a tiny configuration: the real binary runs the relay, a
 //! durable closed loop, an open loop, a few idle sessions, a group fan-out (every message sent into
 //! the group must reach every other member), a failover phase (a node killed with
-//! SIGKILL and restarted) and history reads against a two-node cluster on the embedded store, and
+//! SIGKILL and restarted), history reads and photo uploads against a two-node cluster on the
+//! embedded store, and
 //! its JSON report must carry the keys the benchmark promises with sane, non-zero values — and
 //! every message the failover phase sent must have been acked, through the kill (the load client
 //! resends on `unavailable`; when it could not parse error frames, sends that met a moving shard
@@ -41,7 +42,7 @@ async fn bench_reports_every_key_with_sane_values() {
     cmd.arg("bench").arg("--work-dir").arg(dir.path().join("work")).arg("--plot").arg(&plot);
     cmd.args([
         "--scenarios",
-        "relay,durable,open,sessions,group,failover,history",
+        "relay,durable,open,sessions,group,failover,history,media",
         "--nodes",
         "2",
         "--shards",
@@ -78,6 +79,11 @@ async fn bench_reports_every_key_with_sane_values() {
         "3",
         "--failover-rate",
         "200",
+        // Two photos each way: the scenario's numbers are the bench's business, not this test's.
+        "--media-uploads",
+        "2",
+        "--media-concurrency",
+        "2",
         "--json",
     ]);
     // The bench must use the embedded store it generates, whatever the test environment exports.
@@ -178,6 +184,14 @@ async fn bench_reports_every_key_with_sane_values() {
     }
     if history["page_errors"].as_u64() != Some(0) {
         problems.push(format!("history page errors = {}", history["page_errors"]));
+    }
+    // Both kinds of upload stored every photo, and the pictures got a thumbnail.
+    let media = &report["media"];
+    let all_stored = ["picture", "opaque"]
+        .iter()
+        .all(|k| media[k]["latency"]["count"].as_u64() == Some(2) && media[k]["errors"].as_u64() == Some(0));
+    if !all_stored || !positive(&media["thumbnail_bytes"]) || !positive(&media["photo_bytes"]) {
+        problems.push(format!("media = {media}"));
     }
     let svg = std::fs::read_to_string(&plot).unwrap_or_default();
     if !svg.starts_with("<svg") || !svg.contains("<polyline") {
