@@ -877,25 +877,36 @@ async function attachFile(file) {
   renderThread();
 }
 
+/** GET `path` with the token (media is not JSON, so not through `request`); a network failure is
+ * `unavailable`. */
+async function fetchAuthed(path) {
+  try {
+    return await fetch(apiBase() + path, { headers: { Authorization: "Bearer " + state.auth.token } });
+  } catch (e) {
+    throw new ApiError("unavailable", "the server cannot be reached", 0);
+  }
+}
+
+/** `cache`'s promise for `key`, made by `load` the first time; a failed one is forgotten, so it is
+ * tried again at the next render. */
+function fetchedOnce(cache, key, load) {
+  if (!cache.has(key)) {
+    const p = load();
+    p.catch(() => cache.delete(key));
+    cache.set(key, p);
+  }
+  return cache.get(key);
+}
+
 // media_id -> Promise of a blob: URL (uploads never change, so each is fetched once per page).
 const mediaUrls = new Map();
 
 function mediaUrl(media) {
-  if (!mediaUrls.has(media.media_id)) {
-    const p = (async () => {
-      let res;
-      try {
-        res = await fetch(apiBase() + "/v1/media/" + media.media_id, { headers: { Authorization: "Bearer " + state.auth.token } });
-      } catch (e) {
-        throw new ApiError("unavailable", "the server cannot be reached", 0);
-      }
-      if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
-      return URL.createObjectURL(await res.blob());
-    })();
-    p.catch(() => mediaUrls.delete(media.media_id)); // a failed fetch is tried again next render
-    mediaUrls.set(media.media_id, p);
-  }
-  return mediaUrls.get(media.media_id);
+  return fetchedOnce(mediaUrls, media.media_id, async () => {
+    const res = await fetchAuthed("/v1/media/" + media.media_id);
+    if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
+    return URL.createObjectURL(await res.blob());
+  });
 }
 
 // media_id -> Promise of a blob: URL of the picture shown inline: the upload's thumbnail
@@ -904,25 +915,15 @@ function mediaUrl(media) {
 const thumbUrls = new Map();
 
 function thumbUrl(media) {
-  if (!thumbUrls.has(media.media_id)) {
-    const p = (async () => {
-      let res;
-      try {
-        res = await fetch(apiBase() + "/v1/media/" + media.media_id + "/thumbnail", { headers: { Authorization: "Bearer " + state.auth.token } });
-      } catch (e) {
-        throw new ApiError("unavailable", "the server cannot be reached", 0);
-      }
-      if (res.status === 404) {
-        const body = await res.json().catch(() => ({}));
-        if (body.error === "not_found") return { url: await mediaUrl(media), shows: "full" };
-      }
-      if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
-      return { url: URL.createObjectURL(await res.blob()), shows: "thumbnail" };
-    })();
-    p.catch(() => thumbUrls.delete(media.media_id));
-    thumbUrls.set(media.media_id, p);
-  }
-  return thumbUrls.get(media.media_id);
+  return fetchedOnce(thumbUrls, media.media_id, async () => {
+    const res = await fetchAuthed("/v1/media/" + media.media_id + "/thumbnail");
+    if (res.status === 404) {
+      const body = await res.json().catch(() => ({}));
+      if (body.error === "not_found") return { url: await mediaUrl(media), shows: "full" };
+    }
+    if (!res.ok) throw new ApiError("http_" + res.status, res.statusText, res.status);
+    return { url: URL.createObjectURL(await res.blob()), shows: "thumbnail" };
+  });
 }
 
 function formatSize(n) {
