@@ -220,11 +220,11 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         .count()
         .await;
 
-    let (views, settled) = verify::settle(&nodes, config.cluster.shard_count).await;
+    let (views, settled, ownership) =
+        verify::audit_ownership(&nodes, &shard_stores, config.cluster.shard_count).await?;
     if !settled {
-        say("the cluster did not settle on one owner per shard; checking the last view".to_string());
+        say("the cluster did not settle on one owner per shard; the last view was checked".to_string());
     }
-    let ownership = verify::ownership(&views, &shard_stores).await?;
 
     let conversations: Vec<verify::Conversation> = outcomes
         .chunks(2)
