@@ -760,6 +760,75 @@ mod tests {
         assert!(matches!(got[1], (false, Some(t)) if t > 1_000), "{got:?}");
     }
 
+    /// Stands in for a peer's gateway: takes every frame and drops it.
+    struct Sink;
+
+    impl Actor for Sink {
+        type Msg = GatewayMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<GatewayMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// Whether the refresher was woken (a permit is waiting), taking the permit.
+    async fn woken(presence: &Presence) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), presence.peers_arrived.notified()).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_peer_arriving_or_sending_its_full_list_wakes_the_refresher() {
+        let presence = Presence::new("n1".into());
+        let (gateway, _) = Actor::spawn(None, Sink, ()).await.expect("spawn");
+        presence.set_peers(&[("n2".to_string(), gateway.clone())]);
+        assert!(woken(&presence).await, "a peer arrived");
+        presence.set_peers(&[("n2".to_string(), gateway)]);
+        assert!(!woken(&presence).await, "the same peer again is no news");
+        presence.from_peer("n2", false, false, vec![UserId::random()], Vec::new());
+        assert!(!woken(&presence).await, "a change is not a full list");
+        // n2 saw this node arrive (it never saw it leave): it cast nothing here meanwhile.
+        presence.from_peer("n2", true, false, Vec::new(), Vec::new());
+        assert!(woken(&presence).await, "a full list wakes it");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_takes_in_rules_that_changed_unseen() {
+        let dir = std::env::temp_dir().join(format!("parley-presence-{}", uuid::Uuid::new_v4().simple()));
+        let stores = parley_storage::open(&parley_storage::StoreConfig::Embedded { dir: dir.clone() }).await.unwrap();
+        let directory = stores.directory.clone();
+        let user = |name: &str| parley_storage::UserRecord {
+            id: UserId::random(),
+            username: name.into(),
+            password_hash: "x".into(),
+            created_at_ms: 0,
+        };
+        let (alice, bob) = (user("alice"), user("bob"));
+        directory.create_user(&alice).await.unwrap();
+        directory.create_user(&bob).await.unwrap();
+        directory.record_last_seen(&[(alice.id, 1_000)]).await.unwrap();
+
+        let presence = Presence::new("n1".into());
+        let (actor, mut rx) = recorder().await;
+        let records = directory.presence_view(bob.id, &[alice.id]).await.unwrap();
+        let now = presence.watch(presence.rules_ticket(), 1, bob.id, &actor, &[], &records).unwrap();
+        assert_eq!(now, vec![(alice.id, Status { online: false, last_seen_ms: Some(1_000) })]);
+        // Alice hides on a node whose cast never came here; a refresh reads it from the directory.
+        directory.set_privacy(alice.id, HIDDEN).await.unwrap();
+        assert_eq!(drain(&mut rx).await, vec![], "nothing was cast");
+        presence.refresh_rules(&*directory).await.unwrap();
+        assert_eq!(drain(&mut rx).await, vec![(false, None)], "hidden after the refresh");
+        // She lists bob as a contact: the next refresh shows him her last seen again.
+        directory.set_contact(alice.id, bob.id, true, 10).await.unwrap();
+        presence.refresh_rules(&*directory).await.unwrap();
+        assert_eq!(drain(&mut rx).await, vec![(false, Some(1_000))]);
+        presence.refresh_rules(&*directory).await.unwrap();
+        assert_eq!(drain(&mut rx).await, vec![], "nothing newer, nothing sent");
+        drop(stores);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[tokio::test]
     async fn a_hidden_user_coming_and_going_reaches_only_those_allowed_to_see() {
         let presence = Presence::new("n1".into());
