@@ -560,14 +560,7 @@ impl Presence {
     /// ([`Presence::set_peers`]), until the task is aborted. A failed read is retried every
     /// second.
     pub async fn run_refresher(&self, directory: Arc<dyn Directory>) {
-        loop {
-            self.peers_arrived.notified().await;
-            if let Err(e) = self.refresh_rules(&*directory).await {
-                tracing::warn!(error = %e, "reading presence rules again failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                self.peers_arrived.notify_one();
-            }
-        }
+        on_each_wake(&self.peers_arrived, "reading presence rules again", || self.refresh_rules(&*directory)).await
     }
 
     /// Users online on this node, and on each live peer (for `/v1/cluster`).
@@ -599,13 +592,24 @@ impl Presence {
     /// aborted (the node's drain calls [`Presence::write_pending`] once more itself). A store
     /// that fails is retried every second; meanwhile the times wait in memory (one per user).
     pub async fn run_writer(&self, directory: Arc<dyn Directory>) {
-        loop {
-            self.wake.notified().await;
-            if let Err(e) = self.write_pending(&*directory).await {
-                tracing::warn!(error = %e, "recording last-seen times failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                self.wake.notify_one();
-            }
+        on_each_wake(&self.wake, "recording last-seen times", || self.write_pending(&*directory)).await
+    }
+}
+
+/// Run `work` each time `wake` is notified, until the task is aborted. A failure (the store is
+/// down) is logged and retried a second later: the work is still owed, and wakes that came
+/// meanwhile are folded into the retry.
+async fn on_each_wake<F, Fut>(wake: &tokio::sync::Notify, what: &str, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), parley_storage::StorageError>>,
+{
+    loop {
+        wake.notified().await;
+        if let Err(e) = work().await {
+            tracing::warn!(error = %e, "{what} failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            wake.notify_one();
         }
     }
 }
