@@ -220,16 +220,11 @@ pub fn routes(ctx: Arc<NodeContext>) -> warp::filters::BoxedFilter<(warp::reply:
             let (status, body) =
                 if fresh { (StatusCode::NOT_MODIFIED, Vec::new()) } else { (StatusCode::OK, thumbnail.bytes) };
             let length = body.len();
-            let mut res = with_headers(warp::reply::Response::new(body.into()), &record.media, status);
-            let h = res.headers_mut();
-            let mime = if thumbnail.mime == "image/png" { "image/png" } else { "image/jpeg" };
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+            let mut res =
+                served(warp::reply::Response::new(body.into()), status, &thumbnail.mime, &tag, "private, no-cache");
             if !fresh {
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                res.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
             }
-            h.insert(header::ETAG, HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"t\"")));
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
-            h.remove(header::CONTENT_DISPOSITION);
             Ok::<_, Rejection>(res)
         });
 
@@ -314,25 +309,42 @@ fn etag(media: &MediaRef) -> String {
     format!("\"{}\"", media.sha256)
 }
 
-/// The headers of a download. The bytes are whatever a user uploaded, so the browser is told not
-/// to sniff another type from them, not to run them as a page of this origin (`sandbox`), and to
-/// save rather than show them when opened directly (`attachment`).
-fn with_headers(mut res: warp::reply::Response, media: &MediaRef, status: StatusCode) -> warp::reply::Response {
+/// A header value from text the server made or checked (a stored media type, a tag, a file name
+/// already percent-encoded); the fallback is never expected.
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+}
+
+/// The headers of anything served from an upload (the upload, its thumbnail): its type, its tag,
+/// how it may be cached, and — the bytes come from a user — that the browser must not sniff
+/// another type from them nor run them as a page of this origin (`sandbox`).
+fn served(
+    mut res: warp::reply::Response,
+    status: StatusCode,
+    mime: &str,
+    tag: &str,
+    cache_control: &'static str,
+) -> warp::reply::Response {
     *res.status_mut() = status;
     let h = res.headers_mut();
-    let value =
-        |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
-    h.insert(header::CONTENT_TYPE, value(&media.mime));
-    h.insert(header::ETAG, value(&etag(media)));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    h.insert(header::CONTENT_TYPE, header_value(mime));
+    h.insert(header::ETAG, header_value(tag));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache_control));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
+    res
+}
+
+/// The headers of a download: [`served`], immutable (an upload never changes), and to be saved
+/// rather than shown when opened directly (`attachment`).
+fn with_headers(res: warp::reply::Response, media: &MediaRef, status: StatusCode) -> warp::reply::Response {
+    let mut res = served(res, status, &media.mime, &etag(media), "private, max-age=31536000, immutable");
     let disposition = match &media.name {
         Some(name) => format!("attachment; filename*=UTF-8''{}", percent_encode(name)),
         None => "attachment".to_string(),
     };
-    h.insert(header::CONTENT_DISPOSITION, value(&disposition));
-    res.into_response()
+    res.headers_mut().insert(header::CONTENT_DISPOSITION, header_value(&disposition));
+    res
 }
 
 /// RFC 8187 `attr-char` encoding of a file name for `filename*`.
